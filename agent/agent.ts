@@ -1,0 +1,387 @@
+// The device agent: wires the connection, the durable store, the scheduler and the outbox
+// together and speaks the delivery protocol of DESIGN.md §4.
+import { createHash, createPublicKey, type KeyObject } from "node:crypto";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import type { AbstractLevel } from "abstract-level";
+import { ClassicLevel } from "classic-level";
+import type { MqttClient } from "mqtt";
+import type { Logger } from "pino";
+import { builtinHandlers } from "../firmware-tasks/index.js";
+import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
+import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
+import { decodeJobSpec, type JobAssignment, pb, TaskState, type TaskStatus } from "../proto/index.js";
+import { specDigest } from "../proto/signing.js";
+import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
+import { systemTime, type TimeSource, TrustedClock } from "./clock.js";
+import { type AgentConfig, rootPath } from "./config.js";
+import { Connection } from "./connection.js";
+import { Counters } from "./counters.js";
+import type { Facts } from "./facts.js";
+import { createLogger } from "./log.js";
+import { OutboxSender } from "./outbox.js";
+import { Scheduler } from "./scheduler.js";
+import { AgentStore, type JobRecord } from "./store.js";
+import { collectFacts, collectTelemetry } from "./telemetry.js";
+import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
+import { AGENT_VERSION } from "./version.js";
+
+const STATE_MIN_INTERVAL_MS = 2000;
+const FACTS_REFRESH_MS = 60_000;
+
+export interface AgentOptions {
+  config: AgentConfig;
+  log?: Logger;
+  time?: TimeSource;
+  /** A database to use instead of LevelDB in `dataDir` (e.g. a sublevel per simulated device). */
+  db?: AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
+  handlers?: readonly TaskHandler[];
+  /** Facts merged over the measured ones (tests, simulation). */
+  extraFacts?: Facts;
+  /** Skip systeminformation (simulated devices share the host's facts). */
+  measureFacts?: boolean;
+}
+
+export class Agent {
+  readonly counters = new Counters();
+  readonly store: AgentStore;
+  readonly clock: TrustedClock;
+  readonly log: Logger;
+  readonly scheduler: Scheduler;
+  private readonly cfg: AgentConfig;
+  private readonly handlers: Map<string, TaskHandler>;
+  private readonly trustedKeys: Map<string, KeyObject>;
+  private readonly policy: TaskPolicy;
+  private readonly connection: Connection;
+  private readonly outbox: OutboxSender;
+  private facts: Facts;
+  private accepting: Promise<unknown> = Promise.resolve();
+  private timers: NodeJS.Timeout[] = [];
+  private stateTimer: NodeJS.Timeout | undefined;
+  private lastStateAt = 0;
+  private readonly startedAt = Date.now();
+
+  constructor(private readonly o: AgentOptions) {
+    this.cfg = o.config;
+    this.log = (o.log ?? createLogger()).child({ component: "agent", deviceId: o.config.deviceId });
+    const dataDir = rootPath(this.cfg, this.cfg.dataDir);
+    if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    this.store = new AgentStore(o.db ?? new ClassicLevel(join(dataDir, "db")));
+    this.clock = new TrustedClock(o.time ?? systemTime, 0);
+    this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
+    this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
+    this.policy = { allowShell: this.cfg.allowShell, outputLimitBytes: this.cfg.outputLimitBytes };
+    this.facts = this.baseFacts();
+    this.scheduler = new Scheduler({
+      store: this.store,
+      clock: this.clock,
+      handlers: this.handlers,
+      policy: this.policy,
+      root: this.cfg.root,
+      log: this.log.child({ component: "scheduler" }),
+      counters: this.counters,
+      facts: () => this.facts,
+      maxConcurrency: this.cfg.maxConcurrency,
+      typeConcurrency: this.cfg.typeConcurrency,
+      onStatuses: () => {
+        this.outbox.flush();
+        this.publishStateSoon();
+      },
+    });
+    this.outbox = new OutboxSender({
+      store: this.store,
+      log: this.log.child({ component: "outbox" }),
+      publish: (payload) => this.publish("status", payload, 1),
+    });
+    this.connection = new Connection({
+      brokers: this.cfg.brokers,
+      clientId: this.cfg.deviceId,
+      username: this.cfg.username ?? this.cfg.deviceId,
+      password: this.cfg.password,
+      caCertFile: this.cfg.caCert && rootPath(this.cfg, this.cfg.caCert),
+      certFile: this.cfg.cert && rootPath(this.cfg, this.cfg.cert),
+      keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
+      will: { topic: this.topic("state"), payload: Buffer.from(this.stateEnvelope(false)) },
+      backoff: this.cfg.reconnect,
+      log: this.log.child({ component: "connection" }),
+      counters: this.counters,
+      onMessage: (topic, payload) => this.onMessage(topic, payload),
+    });
+    this.connection.on("up", (client) => {
+      this.onUp(client).catch((err) => this.log.error({ err }, "session setup failed"));
+    });
+    this.connection.on("down", () => this.outbox.onDisconnected());
+  }
+
+  get deviceId(): string {
+    return this.cfg.deviceId;
+  }
+
+  get connected(): boolean {
+    return this.connection.connected;
+  }
+
+  async start(): Promise<void> {
+    await this.store.open();
+    const floor = (await this.store.getMeta<number>("timeFloor")) ?? 0;
+    if (floor) this.clock.observe(floor);
+    await this.scheduler.load((r) => this.decodeRecord(r));
+    await this.refreshFacts();
+    this.scheduler.start();
+    this.outbox.start();
+    this.connection.start();
+    this.timers.push(setInterval(() => void this.refreshFacts(), FACTS_REFRESH_MS));
+    if (this.cfg.telemetryIntervalS > 0) {
+      this.timers.push(setInterval(() => void this.sendTelemetry(), this.cfg.telemetryIntervalS * 1000));
+    }
+    this.log.info({ version: AGENT_VERSION, jobs: this.scheduler.jobIds().length }, "agent started");
+  }
+
+  async stop(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    if (this.stateTimer) clearTimeout(this.stateTimer);
+    this.outbox.stop();
+    await this.scheduler.stop();
+    await this.connection.stop(async (client) => {
+      await client.publishAsync(this.topic("state"), Buffer.from(this.stateEnvelope(false)), { qos: 1, retain: true });
+    });
+    await this.accepting.catch(() => {});
+    await this.store.close();
+    this.log.info("agent stopped");
+  }
+
+  // ---- MQTT session -------------------------------------------------------------------------
+
+  private topic(channel: Parameters<typeof deviceTopic>[2]): string {
+    return deviceTopic(this.cfg.topicPrefix, this.cfg.deviceId, channel);
+  }
+
+  private publish(channel: Parameters<typeof deviceTopic>[2], payload: Uint8Array, qos: 0 | 1, retain = false) {
+    const client = this.connection.current;
+    if (!client) return false;
+    client.publish(this.topic(channel), Buffer.from(payload), { qos, retain }, (err) => {
+      if (err) this.log.debug({ err: err.message, channel }, "publish not completed");
+    });
+    return true;
+  }
+
+  private async onUp(client: MqttClient): Promise<void> {
+    await client.subscribeAsync([this.topic("job"), this.topic("ctl")], { qos: 1 });
+    this.publishState();
+    const ids = this.scheduler.jobIds().sort();
+    const digest = createHash("sha256").update(ids.join("\n")).digest();
+    this.publish(
+      "sync",
+      encodeEnvelope({
+        syncRequest: {
+          lastAckedSeq: this.store.lastAckedSeq,
+          knownJobsDigest: digest,
+          knownJobCount: ids.length,
+          agentVersion: AGENT_VERSION,
+        },
+      }),
+      1,
+    );
+    this.outbox.onConnected();
+    void this.sendTelemetry();
+  }
+
+  private async onMessage(topic: string, payload: Buffer): Promise<void> {
+    const t = parseDeviceTopic(this.cfg.topicPrefix, topic);
+    if (!t || t.deviceId !== this.cfg.deviceId || (t.channel !== "job" && t.channel !== "ctl")) {
+      this.drop("unexpected_topic", `message on ${topic}`);
+      return;
+    }
+    let env: ReturnType<typeof decodeEnvelope>;
+    try {
+      env = decodeEnvelope(payload, this.cfg.maxPayloadBytes);
+    } catch (err) {
+      if (err instanceof PayloadError) return this.drop(err.reason, `${topic}: ${err.message}`);
+      throw err;
+    }
+    if (t.channel === "job") {
+      if (env.body !== "jobAssignment" || !env.jobAssignment) return this.drop("unexpected_body", `${env.body} on job topic`);
+      return this.serialAccept(env.jobAssignment);
+    }
+    switch (env.body) {
+      case "cancel":
+        await this.scheduler.cancel(env.cancel!.jobId ?? "", env.cancel!.reason || "canceled by operator");
+        return;
+      case "statusAck":
+        await this.outbox.onAck(env.statusAck!.upToSeq ?? 0);
+        return;
+      case "timeHint":
+        this.observeTime(env.timeHint!.nowMs ?? 0, true);
+        return;
+      case "syncResponse": {
+        const r = env.syncResponse!;
+        if (r.nowMs) this.observeTime(r.nowMs, true);
+        for (const a of r.assignments ?? []) await this.serialAccept(a);
+        for (const c of r.cancels ?? []) await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
+        return;
+      }
+      default:
+        return this.drop("unexpected_body", `${env.body} on ctl topic`);
+    }
+  }
+
+  private drop(reason: string, detail: string): void {
+    this.counters.inc(`dropped_${reason}`);
+    this.log.warn({ reason, detail }, "dropped a payload");
+  }
+
+  private observeTime(ts: number, authoritative: boolean): void {
+    if (this.clock.observe(ts, authoritative)) {
+      this.store.putMeta("timeFloor", this.clock.floor).catch((err) => this.log.warn({ err }, "cannot save time floor"));
+    }
+  }
+
+  // ---- accepting jobs ----------------------------------------------------------------------
+
+  /** One assignment at a time, so two deliveries of one job cannot both pass the duplicate check. */
+  private serialAccept(a: JobAssignment): Promise<void> {
+    const p = this.accepting.then(() => this.accept(a));
+    this.accepting = p.catch(() => {});
+    return p;
+  }
+
+  private verifyContext(): VerifyContext {
+    return {
+      deviceId: this.cfg.deviceId,
+      labels: this.cfg.labels,
+      trustedKeys: this.trustedKeys,
+      clock: this.clock,
+      maxSkewMs: this.cfg.maxClockSkewS * 1000,
+      handlers: this.handlers,
+      allowTaskTypes: this.cfg.allowTaskTypes,
+      policy: this.policy,
+    };
+  }
+
+  private async accept(a: JobAssignment): Promise<void> {
+    const sig = checkSignature(a, { trustedKeys: this.trustedKeys });
+    if (!sig.ok) return this.reject(unverifiedJobId(a), sig.reason, sig.message);
+    const spec = sig.spec;
+    const digest = specDigest(a.job!);
+    const existing = this.scheduler.hasJob(spec.jobId);
+    if (existing) {
+      if (existing.digest !== digest) {
+        return this.reject(spec.jobId, "id_reused", "job id already used by a job with different content");
+      }
+      this.counters.inc("duplicate_deliveries");
+      await this.store.commit({ statuses: [this.scheduler.currentJobStatus(spec.jobId)] }, false);
+      this.outbox.flush();
+      return;
+    }
+    const v = checkSpec(a, spec, this.verifyContext());
+    if (!v.ok) return this.reject(spec.jobId, v.reason, v.message);
+    this.observeTime(spec.issuedAtMs, false);
+    const record: JobRecord = {
+      jobId: spec.jobId,
+      digest,
+      signed: Buffer.from(pb.SignedJob.encode(a.job!).finish()).toString("base64"),
+      receivedAt: this.clock.now(),
+      expiresAt: spec.expiresAtMs,
+      ...(a.rolloutId ? { rolloutId: a.rolloutId } : {}),
+    };
+    await this.scheduler.accept(record, spec, v.params);
+    this.counters.inc("jobs_accepted");
+  }
+
+  private async reject(jobId: string, reason: string, message: string): Promise<void> {
+    this.counters.inc(`rejected_${reason}`);
+    this.log.warn({ jobId, reason, message }, "job rejected");
+    const status: TaskStatus = { jobId, taskId: "", state: TaskState.REJECTED, reason, message, atMs: this.clock.now() };
+    await this.store.commit({ statuses: [status] }, true);
+    this.outbox.flush();
+  }
+
+  /** Re-reads a stored job (its signature was checked when it was accepted). */
+  private decodeRecord(r: JobRecord): { spec: Spec; params: Map<string, unknown> } | undefined {
+    try {
+      const signed = pb.SignedJob.decode(Buffer.from(r.signed, "base64"));
+      const spec = decodeJobSpec(signed.spec);
+      const params = new Map<string, unknown>();
+      for (const t of spec.tasks) {
+        const h = this.handlers.get(t.type);
+        if (!h) return undefined;
+        params.set(t.id, h.paramsSchema.parse(t.paramsJson ? JSON.parse(t.paramsJson) : {}));
+      }
+      return { spec, params };
+    } catch {
+      return undefined;
+    }
+  }
+
+  // ---- state, facts, telemetry ---------------------------------------------------------------
+
+  private baseFacts(): Facts {
+    const f: Facts = { "agent.version": AGENT_VERSION, "os.arch": process.arch, "os.platform": process.platform };
+    for (const [k, v] of Object.entries(this.cfg.labels)) f[`labels.${k}`] = v;
+    return { ...f, ...this.o.extraFacts };
+  }
+
+  private async refreshFacts(): Promise<void> {
+    if (this.o.measureFacts === false) return;
+    try {
+      this.facts = await collectFacts({
+        dataDir: rootPath(this.cfg, this.cfg.dataDir),
+        agentVersion: AGENT_VERSION,
+        labels: this.cfg.labels,
+        extra: this.o.extraFacts,
+      });
+      this.scheduler.kick();
+    } catch (err) {
+      this.log.warn({ err }, "cannot collect facts");
+    }
+  }
+
+  private stateEnvelope(online: boolean): Uint8Array {
+    return encodeEnvelope({
+      deviceState: {
+        online,
+        agentVersion: AGENT_VERSION,
+        labels: this.cfg.labels,
+        queueDepth: online ? this.scheduler.queueDepth : 0,
+        running: online ? this.scheduler.runningCount : 0,
+        startedAtMs: this.startedAt,
+        factsJson: online ? JSON.stringify(this.facts) : "",
+        counters: online ? this.counters.toObject() : {},
+      },
+    });
+  }
+
+  private publishState(): void {
+    this.lastStateAt = Date.now();
+    this.publish("state", this.stateEnvelope(true), 1, true);
+  }
+
+  /** Queue depth changes are reported, at most every 2 s. */
+  private publishStateSoon(): void {
+    if (this.stateTimer) return;
+    const wait = Math.max(0, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
+    this.stateTimer = setTimeout(() => {
+      this.stateTimer = undefined;
+      this.publishState();
+    }, wait);
+  }
+
+  private async sendTelemetry(): Promise<void> {
+    if (!this.connection.connected || this.cfg.telemetryIntervalS <= 0) return;
+    try {
+      const t = await collectTelemetry(rootPath(this.cfg, this.cfg.dataDir), this.clock.now());
+      this.publish("telemetry", encodeEnvelope({ telemetry: t }), 0);
+    } catch (err) {
+      this.log.warn({ err }, "cannot collect telemetry");
+    }
+  }
+}
+
+/** The job id of a job whose signature did not verify, for the REJECTED status only. */
+function unverifiedJobId(a: JobAssignment): string {
+  try {
+    return a.job?.spec ? decodeJobSpec(a.job.spec).jobId : "";
+  } catch {
+    return "";
+  }
+}

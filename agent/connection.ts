@@ -1,0 +1,138 @@
+// The agent's MQTT connection: one broker URL at a time, tried in turn, with exponential
+// backoff and full jitter between attempts (MQTT.js alone retries every second, which turns
+// a broker restart into a reconnect storm).
+import { EventEmitter } from "node:events";
+import { readFileSync } from "node:fs";
+import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import type { Logger } from "pino";
+import type { Counters } from "./counters.js";
+
+export interface BackoffOptions {
+  minMs: number;
+  maxMs: number;
+  random?: () => number;
+}
+
+/** Full jitter: a uniform delay in [0, min(max, min * 2^attempt)). */
+export function backoffDelay(attempt: number, o: BackoffOptions): number {
+  const cap = Math.min(o.maxMs, o.minMs * 2 ** Math.min(attempt, 30));
+  return Math.floor((o.random ?? Math.random)() * cap);
+}
+
+export interface ConnectionOptions {
+  brokers: string[];
+  clientId: string;
+  username?: string;
+  password?: string;
+  caCertFile?: string;
+  certFile?: string;
+  keyFile?: string;
+  will: { topic: string; payload: Buffer };
+  backoff: BackoffOptions;
+  log: Logger;
+  counters: Counters;
+  /** Called for every incoming PUBLISH; the PUBACK is sent when the promise settles. */
+  onMessage: (topic: string, payload: Buffer) => Promise<void>;
+}
+
+export interface ConnectionEvents {
+  up: [client: MqttClient, sessionPresent: boolean];
+  down: [];
+}
+
+export class Connection extends EventEmitter<ConnectionEvents> {
+  private client: MqttClient | undefined;
+  private attempt = 0;
+  private brokerIndex = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private isUp = false;
+
+  constructor(private readonly o: ConnectionOptions) {
+    super();
+  }
+
+  get connected(): boolean {
+    return this.isUp && Boolean(this.client?.connected);
+  }
+
+  get current(): MqttClient | undefined {
+    return this.connected ? this.client : undefined;
+  }
+
+  start(): void {
+    this.stopped = false;
+    this.connectNext();
+  }
+
+  private connectNext(): void {
+    if (this.stopped) return;
+    const url = this.o.brokers[this.brokerIndex % this.o.brokers.length]!;
+    this.brokerIndex++;
+    this.o.counters.inc("connect_attempts");
+    const opts: IClientOptions = {
+      clientId: this.o.clientId,
+      username: this.o.username ?? this.o.clientId,
+      password: this.o.password,
+      clean: false,
+      protocolVersion: 4,
+      reconnectPeriod: 0, // we schedule reconnects ourselves
+      connectTimeout: 10_000,
+      keepalive: 30,
+      will: { topic: this.o.will.topic, payload: this.o.will.payload, qos: 1, retain: true },
+      ...(this.o.caCertFile ? { ca: readFileSync(this.o.caCertFile) } : {}),
+      ...(this.o.certFile && this.o.keyFile
+        ? { cert: readFileSync(this.o.certFile), key: readFileSync(this.o.keyFile) }
+        : {}),
+    };
+    const client = mqtt.connect(url, opts);
+    this.client = client;
+    // Acknowledge a QoS 1 message only after our handler has stored it (DESIGN.md §4.2).
+    client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
+      this.o
+        .onMessage(packet.topic, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload))
+        .then(
+          () => done(),
+          (err: Error) => {
+            // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
+            this.o.counters.inc("message_not_acked");
+            this.o.log.error({ err, topic: packet.topic }, "could not handle message; not acknowledging it");
+            done(err);
+          },
+        );
+    };
+    client.on("connect", (connack) => {
+      this.attempt = 0;
+      this.isUp = true;
+      this.o.log.info({ broker: url, sessionPresent: connack.sessionPresent }, "connected");
+      this.emit("up", client, connack.sessionPresent);
+    });
+    client.on("error", (err) => {
+      this.o.counters.inc("connection_errors");
+      this.o.log.warn({ broker: url, err: err.message }, "connection error");
+    });
+    client.on("close", () => {
+      if (this.client !== client) return;
+      if (this.isUp) {
+        this.isUp = false;
+        this.emit("down");
+      }
+      client.removeAllListeners("close");
+      client.end(true);
+      if (this.stopped) return;
+      const delay = backoffDelay(this.attempt++, this.o.backoff);
+      this.o.log.info({ delayMs: delay, attempt: this.attempt }, "disconnected; reconnecting after backoff");
+      this.timer = setTimeout(() => this.connectNext(), delay);
+    });
+  }
+
+  async stop(beforeClose?: (client: MqttClient) => Promise<void>): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    const c = this.client;
+    if (!c) return;
+    if (c.connected && beforeClose) await beforeClose(c).catch(() => {});
+    await new Promise<void>((resolve) => c.end(false, {}, () => resolve()));
+    this.isUp = false;
+  }
+}

@@ -1,0 +1,171 @@
+// The agent's durable state on LevelDB (any abstract-level database: a ClassicLevel on
+// disk, or a sublevel of a shared one for simulated devices).
+//
+// Write classes and LevelDB `sync` (what a power cut may lose):
+//  - accepting a job (job record + QUEUED status):          sync  — a PUBACK follows it.
+//  - RUNNING and terminal task states (+ their statuses):   sync  — crash recovery relies on them
+//                                                                   (persist, then act).
+//  - WAITING/progress states:                               async — losing one re-derives it on start.
+//  - outbox deletions after a StatusAck, facts, time floor: async — losing one only re-sends or
+//                                                                   re-measures; sends are idempotent.
+import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
+import { pb, type TaskStatus } from "../proto/index.js";
+import type { KeyValue } from "../firmware-tasks/types.js";
+
+export interface TaskRun {
+  state: number; // pb TaskState
+  attempt: number;
+  progress: number;
+  message: string;
+  reason: string;
+  output?: string;
+  startedAt?: number;
+  finishedAt?: number;
+  nextAttemptAt?: number;
+}
+
+export interface ExecutionRecord {
+  jobId: string;
+  execId: string; // "" for one-shot jobs, the occurrence (ISO time) for recurring ones
+  createdAt: number;
+  done: boolean;
+  jobState?: number;
+  tasks: Record<string, TaskRun>;
+}
+
+export interface JobRecord {
+  jobId: string;
+  digest: string;
+  signed: string; // base64 of the serialized SignedJob, kept verbatim
+  receivedAt: number;
+  expiresAt: number;
+  rolloutId?: string;
+  cancelled?: { reason: string; at: number };
+  lastSlot?: number; // recurring: the last occurrence started
+}
+
+type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
+type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
+
+export interface Commit {
+  jobs?: JobRecord[];
+  executions?: ExecutionRecord[];
+  statuses?: TaskStatus[];
+  deleteJobs?: string[];
+  deleteExecutions?: Array<{ jobId: string; execId: string }>;
+}
+
+const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
+const execKey = (jobId: string, execId: string) => `${jobId}!${execId}`;
+
+export class AgentStore {
+  readonly jobs: Sub<JobRecord>;
+  readonly executions: Sub<ExecutionRecord>;
+  readonly outbox: Sub<Uint8Array>;
+  readonly meta: Sub<unknown>;
+  readonly kvs: Sub<unknown>;
+  private nextSeq = 1;
+  private ackedSeq = 0;
+  private chain: Promise<unknown> = Promise.resolve();
+
+  constructor(readonly db: Db) {
+    this.jobs = db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
+    this.executions = db.sublevel<string, ExecutionRecord>("exec", { valueEncoding: "json" }) as Sub<ExecutionRecord>;
+    this.outbox = db.sublevel<string, Uint8Array>("out", { valueEncoding: "view" }) as Sub<Uint8Array>;
+    this.meta = db.sublevel<string, unknown>("meta", { valueEncoding: "json" }) as Sub<unknown>;
+    this.kvs = db.sublevel<string, unknown>("kv", { valueEncoding: "json" }) as Sub<unknown>;
+  }
+
+  async open(): Promise<void> {
+    await this.db.open();
+    this.ackedSeq = ((await this.meta.get("ackedSeq")) as number | undefined) ?? 0;
+    // The next seq is derived from what is on disk, so an unflushed counter can never reuse a seq.
+    let last = this.ackedSeq;
+    for await (const key of this.outbox.keys({ reverse: true, limit: 1 })) last = Math.max(last, Number.parseInt(key, 16));
+    const stored = ((await this.meta.get("seq")) as number | undefined) ?? 0;
+    this.nextSeq = Math.max(last, stored) + 1;
+  }
+
+  async close(): Promise<void> {
+    await this.chain.catch(() => {});
+    await this.db.close();
+  }
+
+  get lastAckedSeq(): number {
+    return this.ackedSeq;
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  /** Writes everything in one atomic batch; statuses get their seq here. Commits are serialized. */
+  commit(c: Commit, sync: boolean): Promise<TaskStatus[]> {
+    const statuses = (c.statuses ?? []).map((s) => ({ ...s, seq: this.nextSeq++ }));
+    const ops: AbstractBatchOperation<Db, string, unknown>[] = [];
+    for (const j of c.jobs ?? []) ops.push({ type: "put", sublevel: this.jobs, key: j.jobId, value: j });
+    for (const e of c.executions ?? [])
+      ops.push({ type: "put", sublevel: this.executions, key: execKey(e.jobId, e.execId), value: e });
+    for (const id of c.deleteJobs ?? []) ops.push({ type: "del", sublevel: this.jobs, key: id });
+    for (const e of c.deleteExecutions ?? [])
+      ops.push({ type: "del", sublevel: this.executions, key: execKey(e.jobId, e.execId) });
+    for (const s of statuses)
+      ops.push({ type: "put", sublevel: this.outbox, key: seqKey(s.seq!), value: pb.TaskStatus.encode(s).finish() });
+    if (statuses.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
+    const p = this.chain.then(() => this.db.batch(ops, { sync } as never));
+    this.chain = p.catch(() => {});
+    return p.then(() => statuses);
+  }
+
+  /** Drops outbox entries up to `upTo` (a cumulative StatusAck). */
+  async ack(upTo: number): Promise<number> {
+    if (upTo <= this.ackedSeq) return 0;
+    const upper = Math.min(upTo, this.lastSeq);
+    const ops: AbstractBatchOperation<Db, string, unknown>[] = [];
+    for await (const key of this.outbox.keys({ lte: seqKey(upper) }))
+      ops.push({ type: "del", sublevel: this.outbox, key });
+    this.ackedSeq = Math.max(this.ackedSeq, upper);
+    ops.push({ type: "put", sublevel: this.meta, key: "ackedSeq", value: this.ackedSeq });
+    const p = this.chain.then(() => this.db.batch(ops));
+    this.chain = p.catch(() => {});
+    await p;
+    return ops.length - 1;
+  }
+
+  /** Un-acked statuses with seq > `after`, oldest first. */
+  async pending(after: number, limit: number): Promise<TaskStatus[]> {
+    const out: TaskStatus[] = [];
+    for await (const value of this.outbox.values({ gt: seqKey(Math.max(after, this.ackedSeq)), limit }))
+      out.push(pb.TaskStatus.decode(value));
+    return out;
+  }
+
+  async pendingCount(): Promise<number> {
+    let n = 0;
+    for await (const _ of this.outbox.keys()) n++;
+    return n;
+  }
+
+  async loadJobs(): Promise<JobRecord[]> {
+    return this.jobs.values().all();
+  }
+
+  async loadExecutions(): Promise<ExecutionRecord[]> {
+    return this.executions.values().all();
+  }
+
+  async getMeta<T>(key: string): Promise<T | undefined> {
+    return (await this.meta.get(key)) as T | undefined;
+  }
+
+  putMeta(key: string, value: unknown): Promise<void> {
+    return this.meta.put(key, value);
+  }
+
+  /** The key-value store handlers get in their context. */
+  readonly kv: KeyValue = {
+    get: async <T>(key: string) => (await this.kvs.get(key)) as T | undefined,
+    put: (key, value) => this.kvs.put(key, value),
+    del: (key) => this.kvs.del(key),
+  };
+}

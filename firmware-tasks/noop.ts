@@ -1,0 +1,11 @@
+import { z } from "zod";
+import { defineHandler } from "./types.js";
+
+export default defineHandler({
+  type: "noop",
+  paramsSchema: z.object({}).strict(),
+  idempotent: true,
+  async run() {
+    return { message: "ok" };
+  },
+});

@@ -1,0 +1,40 @@
+/** Keeps the last `limit` bytes written, and counts what it dropped. */
+export class OutputTail {
+  private chunks: Buffer[] = [];
+  private size = 0;
+  private dropped = 0;
+
+  constructor(private readonly limit: number) {}
+
+  write(chunk: Buffer | string): void {
+    const buf = typeof chunk === "string" ? Buffer.from(chunk) : chunk;
+    this.chunks.push(buf);
+    this.size += buf.length;
+    while (this.size > this.limit && this.chunks.length > 0) {
+      const first = this.chunks[0]!;
+      const excess = this.size - this.limit;
+      if (first.length <= excess) {
+        this.chunks.shift();
+        this.size -= first.length;
+        this.dropped += first.length;
+      } else {
+        this.chunks[0] = first.subarray(excess);
+        this.size -= excess;
+        this.dropped += excess;
+      }
+    }
+  }
+
+  toString(): string {
+    const body = Buffer.concat(this.chunks).toString("utf8");
+    return this.dropped > 0 ? `[... ${this.dropped} bytes truncated]\n${body}` : body;
+  }
+}
+
+/** Truncates a string to its last `limit` bytes, marking the cut. */
+export function truncateOutput(s: string, limit: number): string {
+  if (Buffer.byteLength(s) <= limit) return s;
+  const t = new OutputTail(limit);
+  t.write(s);
+  return t.toString();
+}

@@ -1,0 +1,54 @@
+// The task handler contract (DESIGN.md §5): one file per task type exports a TaskHandler.
+import type { Logger } from "pino";
+import type { z } from "zod";
+
+export type FactValue = string | number | boolean;
+
+/** The agent's durable key-value store, as handlers see it. */
+export interface KeyValue {
+  get<T = unknown>(key: string): Promise<T | undefined>;
+  put(key: string, value: unknown): Promise<void>;
+  del(key: string): Promise<void>;
+}
+
+export interface TaskPolicy {
+  /** Absolute paths of executables the `shell` task may run. */
+  allowShell: readonly string[];
+  /** Output kept per task run, in bytes (the tail is kept). */
+  outputLimitBytes: number;
+}
+
+export interface TaskContext {
+  jobId: string;
+  taskId: string;
+  executionId: string;
+  attempt: number;
+  /** The agent's root; paths in params are resolved under it. */
+  root: string;
+  /** A directory for this run only; removed after the run. */
+  scratchDir: string;
+  facts: Readonly<Record<string, FactValue>>;
+  kv: KeyValue;
+  log: Logger;
+  policy: TaskPolicy;
+  progress(percent: number, message?: string): void;
+}
+
+export interface TaskResult {
+  message?: string;
+  output?: string;
+}
+
+export interface TaskHandler<P = unknown> {
+  type: string;
+  paramsSchema: z.ZodType<P>;
+  /** Safe to run again after a crash mid-run (DESIGN.md §4.5). */
+  idempotent: boolean;
+  /** Extra checks at accept time against the device's policy; returns a problem or undefined. */
+  check?(params: P, policy: TaskPolicy): string | undefined;
+  run(ctx: TaskContext, params: P, signal: AbortSignal): Promise<TaskResult | undefined>;
+}
+
+export function defineHandler<P>(h: TaskHandler<P>): TaskHandler<unknown> {
+  return h as TaskHandler<unknown>;
+}

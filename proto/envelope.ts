@@ -1,0 +1,60 @@
+import { randomBytes } from "node:crypto";
+import { type Envelope, pb } from "./index.js";
+
+export const PROTOCOL_VERSION = 1;
+export const DEFAULT_MAX_PAYLOAD = 256 * 1024;
+
+export type BodyKind = NonNullable<ReturnType<typeof bodyKind>>;
+function bodyKind(e: InstanceType<typeof pb.Envelope>) {
+  return e.body;
+}
+
+/** Why a payload was dropped; each has a counter on the receiving side. */
+export type DropReason = "oversized" | "undecodable" | "wrong_version" | "empty_body" | "unexpected_body";
+
+export class PayloadError extends Error {
+  constructor(
+    readonly reason: DropReason,
+    detail: string,
+  ) {
+    super(`${reason}: ${detail}`);
+    this.name = "PayloadError";
+  }
+}
+
+export function newMsgId(): string {
+  return randomBytes(8).toString("hex");
+}
+
+export function encodeEnvelope(body: Omit<Envelope, "protocolVersion" | "msgId" | "sentAtMs">, nowMs = Date.now()) {
+  return pb.Envelope.encode({
+    protocolVersion: PROTOCOL_VERSION,
+    msgId: newMsgId(),
+    sentAtMs: nowMs,
+    ...body,
+  }).finish();
+}
+
+/**
+ * Decodes and checks an Envelope. Throws PayloadError (never anything else) so that
+ * callers can count the reason and drop the message.
+ */
+export function decodeEnvelope(
+  payload: Uint8Array,
+  maxBytes = DEFAULT_MAX_PAYLOAD,
+): InstanceType<typeof pb.Envelope> & { body: BodyKind } {
+  if (payload.length > maxBytes) {
+    throw new PayloadError("oversized", `${payload.length} bytes > limit ${maxBytes}`);
+  }
+  let env: InstanceType<typeof pb.Envelope>;
+  try {
+    env = pb.Envelope.decode(payload);
+  } catch (err) {
+    throw new PayloadError("undecodable", (err as Error).message);
+  }
+  if (env.protocolVersion !== PROTOCOL_VERSION) {
+    throw new PayloadError("wrong_version", `protocol_version ${env.protocolVersion}, expected ${PROTOCOL_VERSION}`);
+  }
+  if (!env.body) throw new PayloadError("empty_body", "envelope carries no body");
+  return env as InstanceType<typeof pb.Envelope> & { body: BodyKind };
+}

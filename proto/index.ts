@@ -1,0 +1,52 @@
+// The wire types, generated from fleet.proto by protobufjs-cli at build time.
+import { fleet } from "./gen/fleet.js";
+
+export const pb = fleet.v1;
+export type Envelope = fleet.v1.IEnvelope;
+export type JobSpec = fleet.v1.IJobSpec;
+export type TaskSpec = fleet.v1.ITaskSpec;
+export type SignedJob = fleet.v1.ISignedJob;
+export type JobAssignment = fleet.v1.IJobAssignment;
+export type TaskStatus = fleet.v1.ITaskStatus;
+export type DeviceState = fleet.v1.IDeviceState;
+export type Telemetry = fleet.v1.ITelemetry;
+export type SyncRequest = fleet.v1.ISyncRequest;
+export type SyncResponse = fleet.v1.ISyncResponse;
+export type Cancel = fleet.v1.ICancel;
+export type Requirement = fleet.v1.IRequirement;
+export const TaskState = fleet.v1.TaskState;
+export type TaskState = fleet.v1.TaskState;
+export const Trigger = fleet.v1.Trigger;
+export type Trigger = fleet.v1.Trigger;
+export const OnUnmet = fleet.v1.OnUnmet;
+export type OnUnmet = fleet.v1.OnUnmet;
+
+export const TERMINAL_STATES: ReadonlySet<TaskState> = new Set([
+  TaskState.SUCCEEDED,
+  TaskState.FAILED,
+  TaskState.TIMED_OUT,
+  TaskState.CANCELED,
+  TaskState.REJECTED,
+  TaskState.SKIPPED,
+]);
+
+/** States that count as a failure for `all_success` / `one_failed` triggers. */
+export const FAILED_STATES: ReadonlySet<TaskState> = new Set([
+  TaskState.FAILED,
+  TaskState.TIMED_OUT,
+  TaskState.CANCELED,
+  TaskState.REJECTED,
+  TaskState.SKIPPED,
+]);
+
+export function stateName(s: TaskState | null | undefined): string {
+  return TaskState[s ?? TaskState.TASK_STATE_UNSPECIFIED] ?? String(s);
+}
+
+/** Messages as decoded: every scalar field has its default, unlike the optional `I*` shapes. */
+export type DecodedTask = InstanceType<typeof pb.TaskSpec>;
+export type DecodedJobSpec = Omit<InstanceType<typeof pb.JobSpec>, "tasks"> & { tasks: DecodedTask[] };
+
+export function decodeJobSpec(bytes: Uint8Array): DecodedJobSpec {
+  return pb.JobSpec.decode(bytes) as DecodedJobSpec;
+}

@@ -1,0 +1,60 @@
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from "node:crypto";
+import { type DecodedJobSpec, decodeJobSpec, type JobSpec, pb, type SignedJob } from "./index.js";
+
+export function generateSigningKey(): { privateKeyPem: string; publicKeyPem: string; keyId: string } {
+  const { privateKey, publicKey } = generateKeyPairSync("ed25519");
+  return {
+    privateKeyPem: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
+    publicKeyPem: publicKey.export({ type: "spki", format: "pem" }).toString(),
+    keyId: keyIdOf(publicKey),
+  };
+}
+
+/** A short, stable id of an ed25519 public key: the first 16 hex digits of sha256(SPKI DER). */
+export function keyIdOf(publicKey: KeyObject | string): string {
+  const key = typeof publicKey === "string" ? createPublicKey(publicKey) : publicKey;
+  return createHash("sha256").update(key.export({ type: "spki", format: "der" })).digest("hex").slice(0, 16);
+}
+
+export function loadPrivateKey(pem: string): KeyObject {
+  return createPrivateKey(pem);
+}
+
+/** Signs the exact serialized bytes of the spec (DESIGN.md §5). */
+export function signJob(spec: JobSpec, privateKey: KeyObject | string, keyId: string): SignedJob {
+  const key = typeof privateKey === "string" ? createPrivateKey(privateKey) : privateKey;
+  const bytes = pb.JobSpec.encode(spec).finish();
+  return { spec: bytes, signature: sign(null, bytes, key), keyId };
+}
+
+export type SignatureCheck =
+  | { ok: true; spec: DecodedJobSpec }
+  | { ok: false; reason: "unsigned" | "unknown_key" | "bad_signature" | "malformed"; message: string };
+
+export function verifySignedJob(signed: SignedJob, trustedKeys: ReadonlyMap<string, KeyObject>): SignatureCheck {
+  const specBytes = signed.spec ?? new Uint8Array();
+  if (!signed.signature || signed.signature.length === 0 || !signed.keyId) {
+    return { ok: false, reason: "unsigned", message: "job carries no signature" };
+  }
+  const key = trustedKeys.get(signed.keyId);
+  if (!key) return { ok: false, reason: "unknown_key", message: `signed by unknown key ${signed.keyId}` };
+  let valid = false;
+  try {
+    valid = verify(null, specBytes, key, signed.signature);
+  } catch {
+    valid = false;
+  }
+  if (!valid) return { ok: false, reason: "bad_signature", message: `signature does not verify with key ${signed.keyId}` };
+  try {
+    return { ok: true, spec: decodeJobSpec(specBytes) };
+  } catch (err) {
+    return { ok: false, reason: "malformed", message: `spec does not decode: ${(err as Error).message}` };
+  }
+}
+
+/** sha256 of the signed spec bytes: two deliveries of one job id are "the same job" iff these match. */
+export function specDigest(signed: SignedJob): string {
+  return createHash("sha256")
+    .update(signed.spec ?? new Uint8Array())
+    .digest("hex");
+}
