@@ -1,4 +1,5 @@
 // The wire types, generated from fleet.proto by protobufjs-cli at build time.
+import "./numbers.js";
 import { fleet } from "./gen/fleet.js";
 
 export const pb = fleet.v1;

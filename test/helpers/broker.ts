@@ -1,0 +1,64 @@
+// A real aedes broker on an ephemeral loopback port (no auth: that is the server's job).
+import { createServer, type Server } from "node:net";
+import { Aedes } from "aedes";
+
+export interface TestBroker {
+  port: number;
+  url: string;
+  aedes: Aedes;
+  /** CONNECT attempts seen (counted in preConnect), with their times. */
+  connectAttempts: number[];
+  close(): Promise<void>;
+  /** Stops listening and drops every client; `start()` brings it back on the same port. */
+  restart(downMs?: number): Promise<void>;
+  stop(): Promise<void>;
+  start(): Promise<void>;
+}
+
+export async function startBroker(port = 0): Promise<TestBroker> {
+  const attempts: number[] = [];
+  let aedes!: Aedes;
+  let server!: Server;
+  const boot = async (p: number) => {
+    aedes = await Aedes.createBroker({
+      preConnect: (_client, _packet, done) => {
+        attempts.push(Date.now());
+        done(null, true);
+      },
+    });
+    server = createServer(aedes.handle);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(p, "127.0.0.1", () => resolve());
+    });
+    const addr = server.address();
+    return typeof addr === "object" && addr ? addr.port : p;
+  };
+  const stop = async () => {
+    await new Promise<void>((resolve) => aedes.close(() => resolve()));
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      // close() waits for open sockets; aedes.close() has ended them already.
+    });
+  };
+  const actualPort = await boot(port);
+  const b: TestBroker = {
+    port: actualPort,
+    url: `mqtt://127.0.0.1:${actualPort}`,
+    get aedes() {
+      return aedes;
+    },
+    connectAttempts: attempts,
+    close: stop,
+    stop,
+    start: async () => {
+      await boot(actualPort);
+    },
+    restart: async (downMs = 0) => {
+      await stop();
+      if (downMs) await new Promise((r) => setTimeout(r, downMs));
+      await boot(actualPort);
+    },
+  };
+  return b;
+}
