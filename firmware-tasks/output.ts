@@ -25,10 +25,15 @@ export class OutputTail {
     }
   }
 
+  /** At most `limit` bytes, the truncation marker included. */
   toString(): string {
-    const body = Buffer.concat(this.chunks).toString("utf8");
-    return this.dropped > 0 ? `[... ${this.dropped} bytes truncated]\n${body}` : body;
+    const all = Buffer.concat(this.chunks);
+    if (this.dropped === 0) return all.toString("utf8");
+    const markerMax = `[... ${this.dropped + this.limit} bytes truncated]\n`.length;
+    const cut = Math.min(all.length, Math.max(0, markerMax - (this.limit - all.length)));
+    return `[... ${this.dropped + cut} bytes truncated]\n${all.subarray(cut).toString("utf8")}`;
   }
+
 }
 
 /** Truncates a string to its last `limit` bytes, marking the cut. */
