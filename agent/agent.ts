@@ -24,7 +24,7 @@ import { Scheduler } from "./scheduler.js";
 import { AgentStore, type JobRecord } from "./store.js";
 import { collectFacts, collectTelemetry } from "./telemetry.js";
 import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
-import { AGENT_VERSION } from "./version.js";
+import { AGENT_VERSION, BUILD_TIME_FLOOR } from "./version.js";
 
 const STATE_MIN_INTERVAL_MS = 2000;
 const FACTS_REFRESH_MS = 60_000;
@@ -67,7 +67,7 @@ export class Agent {
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
     if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     this.store = new AgentStore(o.db ?? new ClassicLevel(join(dataDir, "db")));
-    this.clock = new TrustedClock(o.time ?? systemTime, 0);
+    this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
     this.policy = { allowShell: this.cfg.allowShell, outputLimitBytes: this.cfg.outputLimitBytes };
@@ -119,6 +119,15 @@ export class Agent {
 
   get connected(): boolean {
     return this.connection.connected;
+  }
+
+  get config(): AgentConfig {
+    return this.cfg;
+  }
+
+  /** When the last connection attempts started (for observing backoff). */
+  get connectAttemptTimes(): readonly number[] {
+    return this.connection.attemptTimes;
   }
 
   async start(): Promise<void> {

@@ -47,6 +47,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
   private isUp = false;
+  readonly attemptTimes: number[] = [];
 
   constructor(private readonly o: ConnectionOptions) {
     super();
@@ -70,6 +71,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const url = this.o.brokers[this.brokerIndex % this.o.brokers.length]!;
     this.brokerIndex++;
     this.o.counters.inc("connect_attempts");
+    this.attemptTimes.push(Date.now());
+    if (this.attemptTimes.length > 100) this.attemptTimes.shift();
     const opts: IClientOptions = {
       clientId: this.o.clientId,
       username: this.o.username ?? this.o.clientId,
@@ -131,8 +134,20 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (this.timer) clearTimeout(this.timer);
     const c = this.client;
     if (!c) return;
-    if (c.connected && beforeClose) await beforeClose(c).catch(() => {});
-    await new Promise<void>((resolve) => c.end(false, {}, () => resolve()));
+    if (c.connected && beforeClose) await withTimeout(beforeClose(c).catch(() => {}), 2000);
+    // A graceful end waits for in-flight QoS 1 publishes, which never finish while offline.
+    await withTimeout(new Promise<void>((resolve) => c.end(!c.connected, {}, () => resolve())), 2000);
+    if (c.connected || !c.disconnected) c.end(true);
     this.isUp = false;
   }
+}
+
+function withTimeout(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.then(() => {}),
+    new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
 }

@@ -17,6 +17,6 @@ await build({
   target: "node20",
   packages: "external",
   sourcemap: true,
-  define: { __FLEET_VERSION__: JSON.stringify(pkg.version) },
+  define: { __FLEET_VERSION__: JSON.stringify(pkg.version), __FLEET_BUILD_TIME__: String(Date.now()) },
   logLevel: "warning",
 });

@@ -10,9 +10,11 @@ export const quietLog = pino({ level: process.env.TEST_LOG_LEVEL ?? "silent" });
 export interface Harness {
   broker: TestBroker;
   ctl: TestController;
-  dirs: Array<() => void>;
   agents: Agent[];
   newAgent(deviceId: string, over?: Partial<AgentConfigInput>, opts?: Partial<AgentOptions>): Promise<Agent>;
+  /** Stops an agent and starts a new one on the same data (a process restart, in-process). */
+  restartAgent(agent: Agent, opts?: { waitSync?: boolean }): Promise<Agent>;
+  waitSynced(agent: Agent, syncsBefore: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -20,31 +22,39 @@ export async function harness(): Promise<Harness> {
   const broker = await startBroker();
   const ctl = new TestController(broker.url);
   await ctl.start();
+  const dirs: Array<() => void> = [];
+  const options = new Map<Agent, AgentOptions>();
+  const launch = async (o: AgentOptions, waitSync: boolean) => {
+    const agent = new Agent(o);
+    options.set(agent, o);
+    h.agents.push(agent);
+    const syncs = ctl.syncs.get(agent.deviceId) ?? 0;
+    await agent.start();
+    if (waitSync) await h.waitSynced(agent, syncs);
+    return agent;
+  };
   const h: Harness = {
     broker,
     ctl,
-    dirs: [],
     agents: [],
     async newAgent(deviceId, over = {}, opts = {}) {
       const { dir, cleanup } = tempDir();
-      h.dirs.push(cleanup);
-      const agent = new Agent({
-        config: agentConfig(dir, deviceId, [broker.url], over),
-        log: quietLog,
-        measureFacts: false,
-        ...opts,
-      });
-      h.agents.push(agent);
-      await agent.start();
-      const syncs = ctl.syncs.get(deviceId) ?? 0;
-      await ctl.waitFor(`${deviceId} synced`, () => agent.connected && (ctl.syncs.get(deviceId) ?? 0) > syncs);
-      return agent;
+      dirs.push(cleanup);
+      return launch({ config: agentConfig(dir, deviceId, [broker.url], over), log: quietLog, measureFacts: false, ...opts }, true);
+    },
+    async restartAgent(agent, { waitSync = true } = {}) {
+      await agent.stop();
+      h.agents.splice(h.agents.indexOf(agent), 1);
+      return launch(options.get(agent)!, waitSync);
+    },
+    async waitSynced(agent, syncsBefore) {
+      await ctl.waitFor(`${agent.deviceId} synced`, () => agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore, 60_000);
     },
     async close() {
       for (const a of h.agents) await a.stop().catch(() => {});
       await ctl.stop();
       await broker.close();
-      for (const d of h.dirs) d();
+      for (const d of dirs) d();
     },
   };
   return h;

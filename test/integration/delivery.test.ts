@@ -1,0 +1,74 @@
+// Delivery and durability (DESIGN.md §4): sync after offline periods, the outbox across
+// broker outages and agent restarts, idempotent application of statuses.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TaskState as S } from "../../proto/index.js";
+import { type Harness, harness } from "../helpers/harness.js";
+import { jobSpec } from "../helpers/keys.js";
+
+let h: Harness;
+beforeAll(async () => {
+  h = await harness();
+});
+afterAll(() => h.close());
+
+/** Every seq from 1 to the last applied exactly once: nothing lost, nothing applied twice. */
+function expectContiguous(deviceId: string) {
+  const seqs = h.ctl.statuses(deviceId).map((s) => s.seq!);
+  expect(seqs).toEqual(seqs.map((_, i) => i + 1));
+}
+
+describe("delivery", () => {
+  it("a job published while the agent is offline (and the broker lost its session) arrives through sync", async () => {
+    const agent = await h.newAgent("dlv-offline");
+    await agent.stop();
+    h.agents.splice(h.agents.indexOf(agent), 1);
+    await h.broker.restart(); // in-memory broker: the device's persistent session is gone
+    await h.ctl.waitFor("controller reconnected", () => (h.ctl as unknown as { client: { connected: boolean } }).client.connected);
+    const jobId = await h.ctl.assign("dlv-offline", jobSpec([{ id: "a", type: "noop" }]));
+    const again = await h.restartAgent(agent);
+    expect((await h.ctl.waitJob("dlv-offline", jobId)).state).toBe(S.SUCCEEDED);
+    expect(again.counters.get("jobs_accepted")).toBe(1);
+    expectContiguous("dlv-offline");
+  });
+
+  it("statuses produced while the broker is down arrive after it returns, across an agent restart, none twice", async () => {
+    let agent = await h.newAgent("dlv-outage");
+    const tasks = Array.from({ length: 6 }, (_, i) => ({ id: `t${i}`, type: "sleep", params: { seconds: 0.15 }, dependsOn: i ? [`t${i - 1}`] : [] }));
+    const jobId = await h.ctl.assign("dlv-outage", jobSpec(tasks));
+    await h.ctl.waitFor("t0 running", () => h.ctl.latest("dlv-outage", jobId, "t0")?.state === S.RUNNING);
+    await h.broker.stop();
+    // The job goes on while the broker is down; restart the agent in the middle of it.
+    await new Promise((r) => setTimeout(r, 400));
+    agent = await h.restartAgent(agent, { waitSync: false });
+    await new Promise((r) => setTimeout(r, 600));
+    expect(await agent.store.pendingCount()).toBeGreaterThan(3);
+    const syncs = h.ctl.syncs.get("dlv-outage") ?? 0;
+    await h.broker.start();
+    await h.waitSynced(agent, syncs);
+    expect((await h.ctl.waitJob("dlv-outage", jobId)).state).toBe(S.SUCCEEDED);
+    for (const t of tasks) expect(h.ctl.latest("dlv-outage", jobId, t.id)?.state).toBe(S.SUCCEEDED);
+    expectContiguous("dlv-outage");
+    await h.ctl.waitFor("outbox empty", async () => (await agent.store.pendingCount()) === 0);
+  });
+
+  it("without acks the outbox keeps everything; a later ack releases it", async () => {
+    const agent = await h.newAgent("dlv-noack");
+    h.ctl.ackStatuses = false;
+    try {
+      const jobId = await h.ctl.assign("dlv-noack", jobSpec([{ id: "a", type: "noop" }]));
+      await h.ctl.waitJob("dlv-noack", jobId);
+      const pending = await agent.store.pendingCount();
+      expect(pending).toBe(4);
+      // Restart: everything is re-sent on sync, and the controller ignores what it already applied.
+      const dup = h.ctl.duplicatesIgnored;
+      const again = await h.restartAgent(agent);
+      await h.ctl.waitFor("re-sent", () => h.ctl.duplicatesIgnored >= dup + 4);
+      h.ctl.ackStatuses = true;
+      await h.ctl.ctl("dlv-noack", { statusAck: { upToSeq: h.ctl.lastSeq.get("dlv-noack")! } });
+      await h.ctl.waitFor("released", async () => (await again.store.pendingCount()) === 0);
+      expectContiguous("dlv-noack");
+    } finally {
+      h.ctl.ackStatuses = true;
+    }
+  });
+});
