@@ -634,19 +634,14 @@ export class Scheduler {
         this.o.log.warn({ jobId: plan.record.jobId }, "previous occurrence still running; skipping this one");
         continue;
       }
-      let execId = new Date(slot).toISOString();
-      for (let n = 2; this.execution(plan.record.jobId, execId) || this.hasStoredOccurrence(plan.record.jobId, execId); n++)
-        execId = `${new Date(slot).toISOString()}~${n}`;
-      const e = this.newExecution(plan, execId);
+      // The slot alone is not unique: the clock may come back to it. The counter is.
+      plan.record.occurrences = (plan.record.occurrences ?? 0) + 1;
       plan.record.lastSlot = slot;
+      const e = this.newExecution(plan, `${new Date(slot).toISOString()}#${plan.record.occurrences}`);
       this.track(e);
       const old = this.pruneOccurrences(plan.record.jobId);
       this.commit({ jobs: [plan.record], executions: [e], deleteExecutions: old }, true).catch(() => {});
     }
-  }
-
-  private hasStoredOccurrence(jobId: string, execId: string): boolean {
-    return this.occurrences.get(jobId)?.includes(execId) ?? false;
   }
 
   /** The oldest occurrence ids beyond the history limit, to delete. */

@@ -42,6 +42,7 @@ export interface JobRecord {
   rolloutId?: string;
   cancelled?: { reason: string; at: number };
   lastSlot?: number; // recurring: the last occurrence started
+  occurrences?: number; // recurring: how many were started
 }
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
