@@ -152,7 +152,10 @@ export class Agent {
     this.outbox.stop();
     await this.scheduler.stop();
     await this.connection.stop(async (client) => {
-      await client.publishAsync(this.topic("state"), Buffer.from(this.stateEnvelope(false)), { qos: 1, retain: true });
+      await client.publishAsync(this.topic("state"), Buffer.from(this.stateEnvelope(false)), {
+        qos: 1,
+        retain: true,
+      });
     });
     await this.accepting.catch(() => {});
     await this.store.close();
@@ -165,7 +168,12 @@ export class Agent {
     return deviceTopic(this.cfg.topicPrefix, this.cfg.deviceId, channel);
   }
 
-  private publish(channel: Parameters<typeof deviceTopic>[2], payload: Uint8Array, qos: 0 | 1, retain = false) {
+  private publish(
+    channel: Parameters<typeof deviceTopic>[2],
+    payload: Uint8Array,
+    qos: 0 | 1,
+    retain = false,
+  ) {
     const client = this.connection.current;
     if (!client) return false;
     client.publish(this.topic(channel), Buffer.from(payload), { qos, retain }, (err) => {
@@ -209,7 +217,8 @@ export class Agent {
       throw err;
     }
     if (t.channel === "job") {
-      if (env.body !== "jobAssignment" || !env.jobAssignment) return this.drop("unexpected_body", `${env.body} on job topic`);
+      if (env.body !== "jobAssignment" || !env.jobAssignment)
+        return this.drop("unexpected_body", `${env.body} on job topic`);
       return this.serialAccept(env.jobAssignment);
     }
     switch (env.body) {
@@ -226,7 +235,8 @@ export class Agent {
         const r = env.syncResponse!;
         if (r.nowMs) this.observeTime(r.nowMs, true);
         for (const a of r.assignments ?? []) await this.serialAccept(a);
-        for (const c of r.cancels ?? []) await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
+        for (const c of r.cancels ?? [])
+          await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
         return;
       }
       default:
@@ -241,7 +251,9 @@ export class Agent {
 
   private observeTime(ts: number, authoritative: boolean): void {
     if (this.clock.observe(ts, authoritative)) {
-      this.store.putMeta("timeFloor", this.clock.floor).catch((err) => this.log.warn({ err }, "cannot save time floor"));
+      this.store
+        .putMeta("timeFloor", this.clock.floor)
+        .catch((err) => this.log.warn({ err }, "cannot save time floor"));
     }
   }
 
@@ -300,7 +312,14 @@ export class Agent {
   private async reject(jobId: string, reason: string, message: string): Promise<void> {
     this.counters.inc(`rejected_${reason}`);
     this.log.warn({ jobId, reason, message }, "job rejected");
-    const status: TaskStatus = { jobId, taskId: "", state: TaskState.REJECTED, reason, message, atMs: this.clock.now() };
+    const status: TaskStatus = {
+      jobId,
+      taskId: "",
+      state: TaskState.REJECTED,
+      reason,
+      message,
+      atMs: this.clock.now(),
+    };
     await this.store.commit({ statuses: [status] }, true);
     this.outbox.flush();
   }
@@ -325,7 +344,11 @@ export class Agent {
   // ---- state, facts, telemetry ---------------------------------------------------------------
 
   private baseFacts(): Facts {
-    const f: Facts = { "agent.version": AGENT_VERSION, "os.arch": process.arch, "os.platform": process.platform };
+    const f: Facts = {
+      "agent.version": AGENT_VERSION,
+      "os.arch": process.arch,
+      "os.platform": process.platform,
+    };
     for (const [k, v] of Object.entries(this.cfg.labels)) f[`labels.${k}`] = v;
     return { ...f, ...this.o.extraFacts };
   }

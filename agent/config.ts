@@ -35,7 +35,11 @@ export const agentConfigSchema = z
     topicPrefix: z.string().default(DEFAULT_PREFIX),
     maxConcurrency: z.number().int().min(1).default(2),
     typeConcurrency: z.record(z.string(), z.number().int().min(1)).default({}),
-    outputLimitBytes: z.number().int().min(256).default(64 * 1024),
+    outputLimitBytes: z
+      .number()
+      .int()
+      .min(256)
+      .default(64 * 1024),
     maxPayloadBytes: z.number().int().min(1024).default(DEFAULT_MAX_PAYLOAD),
     reconnect: z
       .object({ minMs: z.number().min(10).default(1000), maxMs: z.number().min(10).default(60_000) })
@@ -49,7 +53,11 @@ export const agentConfigSchema = z
       ctx.addIssue({ code: "custom", path: ["username"], message: "must equal deviceId" });
     }
     if (!c.password && !(c.cert && c.key)) {
-      ctx.addIssue({ code: "custom", path: ["password"], message: "needs a password, or cert and key for mTLS" });
+      ctx.addIssue({
+        code: "custom",
+        path: ["password"],
+        message: "needs a password, or cert and key for mTLS",
+      });
     }
     if (c.reconnect.maxMs < c.reconnect.minMs) {
       ctx.addIssue({ code: "custom", path: ["reconnect", "maxMs"], message: "must be >= reconnect.minMs" });

@@ -93,7 +93,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     // Acknowledge a QoS 1 message only after our handler has stored it (DESIGN.md §4.2).
     client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
       this.o
-        .onMessage(packet.topic, Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload))
+        .onMessage(
+          packet.topic,
+          Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
+        )
         .then(
           () => done(),
           (err: Error) => {
@@ -134,7 +137,11 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (this.timer) clearTimeout(this.timer);
     const c = this.client;
     if (!c) return;
-    if (c.connected && beforeClose) await withTimeout(beforeClose(c).catch(() => {}), 2000);
+    if (c.connected && beforeClose)
+      await withTimeout(
+        beforeClose(c).catch(() => {}),
+        2000,
+      );
     // A graceful end waits for in-flight QoS 1 publishes, which never finish while offline.
     await withTimeout(new Promise<void>((resolve) => c.end(!c.connected, {}, () => resolve())), 2000);
     if (c.connected || !c.disconnected) c.end(true);

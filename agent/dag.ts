@@ -1,9 +1,12 @@
 // Task graph checks and trigger rules (DESIGN.md §5).
-import { FAILED_STATES, TERMINAL_STATES, type TaskSpec, TaskState, Trigger } from "../proto/index.js";
+import { FAILED_STATES, type TaskSpec, TaskState, TERMINAL_STATES, Trigger } from "../proto/index.js";
 
 export const JOB_DEP_PREFIX = "job:";
 
-export type GraphProblem = { reason: "duplicate_task_id" | "unknown_dependency" | "dependency_cycle"; message: string };
+export type GraphProblem = {
+  reason: "duplicate_task_id" | "unknown_dependency" | "dependency_cycle";
+  message: string;
+};
 
 /** Finds duplicate ids, unknown in-job dependencies and cycles. Cross-job deps are not checked here. */
 export function checkGraph(tasks: readonly TaskSpec[]): GraphProblem | undefined {
@@ -17,7 +20,8 @@ export function checkGraph(tasks: readonly TaskSpec[]): GraphProblem | undefined
   for (const t of tasks) {
     const inJob = (t.dependsOn ?? []).filter((d) => !d.startsWith(JOB_DEP_PREFIX));
     for (const d of inJob)
-      if (!ids.has(d)) return { reason: "unknown_dependency", message: `task ${t.id} depends on unknown task ${d}` };
+      if (!ids.has(d))
+        return { reason: "unknown_dependency", message: `task ${t.id} depends on unknown task ${d}` };
     deps.set(t.id!, inJob);
   }
   // Iterative DFS with colors; reports the cycle path.
@@ -44,10 +48,16 @@ export function checkGraph(tasks: readonly TaskSpec[]): GraphProblem | undefined
   return undefined;
 }
 
-export type TriggerDecision = { kind: "ready" } | { kind: "wait"; on: string[] } | { kind: "skip"; message: string };
+export type TriggerDecision =
+  | { kind: "ready" }
+  | { kind: "wait"; on: string[] }
+  | { kind: "skip"; message: string };
 
 /** Decides from the states of a task's dependencies whether it may run. */
-export function evaluateTrigger(trigger: Trigger, depStates: ReadonlyMap<string, TaskState>): TriggerDecision {
+export function evaluateTrigger(
+  trigger: Trigger,
+  depStates: ReadonlyMap<string, TaskState>,
+): TriggerDecision {
   const pending = [...depStates].filter(([, s]) => !TERMINAL_STATES.has(s)).map(([d]) => d);
   const failed = [...depStates].filter(([, s]) => FAILED_STATES.has(s)).map(([d]) => d);
   switch (trigger) {
@@ -55,7 +65,9 @@ export function evaluateTrigger(trigger: Trigger, depStates: ReadonlyMap<string,
       return pending.length ? { kind: "wait", on: pending } : { kind: "ready" };
     case Trigger.TRIGGER_ONE_FAILED:
       if (failed.length) return { kind: "ready" };
-      return pending.length ? { kind: "wait", on: pending } : { kind: "skip", message: "no upstream task failed" };
+      return pending.length
+        ? { kind: "wait", on: pending }
+        : { kind: "skip", message: "no upstream task failed" };
     default:
       if (failed.length) return { kind: "skip", message: `upstream ${failed.join(", ")} did not succeed` };
       return pending.length ? { kind: "wait", on: pending } : { kind: "ready" };

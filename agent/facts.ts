@@ -1,13 +1,25 @@
 // Preconditions (`requires`) checked against device facts (DESIGN.md §5).
-import { OnUnmet, type Requirement } from "../proto/index.js";
+
 import type { FactValue } from "../firmware-tasks/types.js";
+import { OnUnmet, type Requirement } from "../proto/index.js";
 
 export type Facts = Record<string, FactValue>;
 
 const SIZE_RE = /^(\d+(?:\.\d+)?)\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB|K|M|G|T)?$/i;
 const UNITS: Record<string, number> = {
-  B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2,
-  G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4,
+  B: 1,
+  K: 1024,
+  KB: 1024,
+  KIB: 1024,
+  M: 1024 ** 2,
+  MB: 1024 ** 2,
+  MIB: 1024 ** 2,
+  G: 1024 ** 3,
+  GB: 1024 ** 3,
+  GIB: 1024 ** 3,
+  T: 1024 ** 4,
+  TB: 1024 ** 4,
+  TIB: 1024 ** 4,
 };
 const VERSION_RE = /^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[-+].*)?$/;
 
@@ -76,12 +88,13 @@ export function evaluateRequirement(r: Requirement, facts: Facts): { met: boolea
 }
 
 export function describeRequirement(r: Requirement, actual?: FactValue): string {
-  return `${r.fact} ${r.op} ${r.value ?? ""}`.trim() + (actual === undefined ? " (fact unknown)" : ` (is ${actual})`);
+  return (
+    `${r.fact} ${r.op} ${r.value ?? ""}`.trim() +
+    (actual === undefined ? " (fact unknown)" : ` (is ${actual})`)
+  );
 }
 
-export type RequirementOutcome =
-  | { kind: "met" }
-  | { kind: "wait" | "fail" | "skip"; message: string };
+export type RequirementOutcome = { kind: "met" } | { kind: "wait" | "fail" | "skip"; message: string };
 
 /** The first unmet requirement decides: fail beats skip beats wait. */
 export function checkRequirements(reqs: readonly Requirement[], facts: Facts): RequirementOutcome {
@@ -90,8 +103,10 @@ export function checkRequirements(reqs: readonly Requirement[], facts: Facts): R
   for (const r of reqs) {
     const { met, actual } = evaluateRequirement(r, facts);
     if (met) continue;
-    const kind = r.onUnmet === OnUnmet.ON_UNMET_FAIL ? "fail" : r.onUnmet === OnUnmet.ON_UNMET_SKIP ? "skip" : "wait";
-    if (rank[kind] > rank[outcome.kind]) outcome = { kind, message: `precondition ${describeRequirement(r, actual)}` };
+    const kind =
+      r.onUnmet === OnUnmet.ON_UNMET_FAIL ? "fail" : r.onUnmet === OnUnmet.ON_UNMET_SKIP ? "skip" : "wait";
+    if (rank[kind] > rank[outcome.kind])
+      outcome = { kind, message: `precondition ${describeRequirement(r, actual)}` };
   }
   return outcome;
 }

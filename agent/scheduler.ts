@@ -20,7 +20,7 @@ import {
 } from "../firmware-tasks/errors.js";
 import { truncateOutput } from "../firmware-tasks/output.js";
 import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
-import { type DecodedTask as TaskSpec, TERMINAL_STATES, TaskState, type TaskStatus } from "../proto/index.js";
+import { type DecodedTask as TaskSpec, TaskState, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 import type { TrustedClock } from "./clock.js";
 import type { Counters } from "./counters.js";
 import { CronMatcher } from "./cron.js";
@@ -89,7 +89,9 @@ export class Scheduler {
   // ---- lifecycle -------------------------------------------------------------------------
 
   /** Loads jobs and executions and applies crash recovery (DESIGN.md §4.5). */
-  async load(decode: (r: JobRecord) => { spec: Spec; params: Map<string, unknown> } | undefined): Promise<void> {
+  async load(
+    decode: (r: JobRecord) => { spec: Spec; params: Map<string, unknown> } | undefined,
+  ): Promise<void> {
     for (const r of await this.o.store.loadJobs()) {
       const d = decode(r);
       if (!d) {
@@ -111,16 +113,27 @@ export class Scheduler {
         const t = plan?.tasks.get(taskId);
         const h = t && this.o.handlers.get(t.spec.type);
         if (h?.idempotent) {
-          recovered.push(this.patch(e, taskId, { state: TaskState.QUEUED, message: "re-running after interruption", reason: "interrupted" }));
+          recovered.push(
+            this.patch(e, taskId, {
+              state: TaskState.QUEUED,
+              message: "re-running after interruption",
+              reason: "interrupted",
+            }),
+          );
         } else {
-          recovered.push(...this.failure(e, taskId, "interrupted by an agent restart", "interrupted", now, run.output));
+          recovered.push(
+            ...this.failure(e, taskId, "interrupted by an agent restart", "interrupted", now, run.output),
+          );
         }
         changed.push(e);
       }
       recovered.push(...this.settle(e));
     }
     if (recovered.length) {
-      this.o.log.warn({ count: recovered.length }, "recovered tasks that were running when the agent stopped");
+      this.o.log.warn(
+        { count: recovered.length },
+        "recovered tasks that were running when the agent stopped",
+      );
       await this.commit({ executions: changed, statuses: recovered }, true);
     }
   }
@@ -175,7 +188,11 @@ export class Scheduler {
   currentJobStatus(jobId: string): TaskStatus {
     const plan = this.jobs.get(jobId);
     const e = this.latest.get(jobId);
-    const state = e ? (e.jobState ?? this.jobStateOf(e)) : plan?.record.cancelled ? TaskState.CANCELED : TaskState.QUEUED;
+    const state = e
+      ? (e.jobState ?? this.jobStateOf(e))
+      : plan?.record.cancelled
+        ? TaskState.CANCELED
+        : TaskState.QUEUED;
     return {
       jobId,
       taskId: "",
@@ -219,12 +236,20 @@ export class Scheduler {
         const r = this.running.get(runKey(jobId, e.execId, taskId));
         if (r) r.controller.abort(new TaskCanceledError(reason));
         else if (!TERMINAL_STATES.has(run.state))
-          statuses.push(this.patch(e, taskId, { state: TaskState.CANCELED, message: reason, reason: "canceled" }));
+          statuses.push(
+            this.patch(e, taskId, { state: TaskState.CANCELED, message: reason, reason: "canceled" }),
+          );
       }
       statuses.push(...this.settle(e));
       changed.push(e);
     }
-    if (!changed.length) statuses.push({ ...this.currentJobStatus(jobId), state: TaskState.CANCELED, message: reason, reason: "canceled" });
+    if (!changed.length)
+      statuses.push({
+        ...this.currentJobStatus(jobId),
+        state: TaskState.CANCELED,
+        message: reason,
+        reason: "canceled",
+      });
     await this.commit({ jobs: [plan.record], executions: changed, statuses }, true);
     this.kick();
     return true;
@@ -327,7 +352,8 @@ export class Scheduler {
     e.jobState = this.jobStateOf(e);
     this.track(e);
     const counts = new Map<string, number>();
-    for (const t of Object.values(e.tasks)) counts.set(TaskState[t.state]!, (counts.get(TaskState[t.state]!) ?? 0) + 1);
+    for (const t of Object.values(e.tasks))
+      counts.set(TaskState[t.state]!, (counts.get(TaskState[t.state]!) ?? 0) + 1);
     return [
       {
         jobId: e.jobId,
@@ -370,11 +396,20 @@ export class Scheduler {
         }),
       ];
     }
-    return [this.patch(e, taskId, { state, message, reason, output: output ?? "", finishedAt: now }), ...this.settle(e)];
+    return [
+      this.patch(e, taskId, { state, message, reason, output: output ?? "", finishedAt: now }),
+      ...this.settle(e),
+    ];
   }
 
   private async commit(
-    c: { jobs?: JobRecord[]; executions?: ExecutionRecord[]; statuses?: TaskStatus[]; deleteJobs?: string[]; deleteExecutions?: Array<{ jobId: string; execId: string }> },
+    c: {
+      jobs?: JobRecord[];
+      executions?: ExecutionRecord[];
+      statuses?: TaskStatus[];
+      deleteJobs?: string[];
+      deleteExecutions?: Array<{ jobId: string; execId: string }>;
+    },
     sync: boolean,
   ): Promise<void> {
     const executions = c.executions ? [...new Set(c.executions)] : undefined;
@@ -398,7 +433,8 @@ export class Scheduler {
     const statuses: TaskStatus[] = [];
     const changed: ExecutionRecord[] = [];
     let sync = false;
-    const ready: Array<{ e: ExecutionRecord; plan: JobPlan; taskId: string; spec: TaskSpec; index: number }> = [];
+    const ready: Array<{ e: ExecutionRecord; plan: JobPlan; taskId: string; spec: TaskSpec; index: number }> =
+      [];
 
     for (const e of this.active.values()) {
       if (e.done) continue;
@@ -417,12 +453,14 @@ export class Scheduler {
         const t = plan.tasks.get(taskId);
         if (!t) continue;
         if (now >= plan.record.expiresAt) {
-          statuses.push(this.patch(e, taskId, {
-            state: TaskState.FAILED,
-            reason: "expired",
-            message: `job expired before the task ran${run.message ? ` (${run.message})` : ""}`,
-            finishedAt: now,
-          }));
+          statuses.push(
+            this.patch(e, taskId, {
+              state: TaskState.FAILED,
+              reason: "expired",
+              message: `job expired before the task ran${run.message ? ` (${run.message})` : ""}`,
+              finishedAt: now,
+            }),
+          );
           continue;
         }
         const deps = new Map<string, TaskState>();
@@ -436,11 +474,22 @@ export class Scheduler {
         }
         const decision = evaluateTrigger(t.spec.trigger ?? 0, deps);
         if (decision.kind === "skip") {
-          statuses.push(this.patch(e, taskId, { state: TaskState.SKIPPED, reason: "trigger", message: decision.message, finishedAt: now }));
+          statuses.push(
+            this.patch(e, taskId, {
+              state: TaskState.SKIPPED,
+              reason: "trigger",
+              message: decision.message,
+              finishedAt: now,
+            }),
+          );
           continue;
         }
         if (missing.length || decision.kind === "wait") {
-          wait(taskId, "dependencies", `waiting for ${[...missing, ...(decision.kind === "wait" ? decision.on : [])].join(", ")}`);
+          wait(
+            taskId,
+            "dependencies",
+            `waiting for ${[...missing, ...(decision.kind === "wait" ? decision.on : [])].join(", ")}`,
+          );
           continue;
         }
         if (plan.spec.notBeforeMs && now < plan.spec.notBeforeMs) {
@@ -449,7 +498,11 @@ export class Scheduler {
         }
         if (run.nextAttemptAt && now < run.nextAttemptAt) continue; // already WAITING retry_backoff
         if (plan.window && !plan.window.windowOpen(now, (plan.spec.window?.durationS ?? 0) * 1000).open) {
-          wait(taskId, "window", `outside maintenance window "${plan.spec.window?.cron}" (${plan.spec.window?.timezone || "UTC"})`);
+          wait(
+            taskId,
+            "window",
+            `outside maintenance window "${plan.spec.window?.cron}" (${plan.spec.window?.timezone || "UTC"})`,
+          );
           continue;
         }
         const pre = checkRequirements(t.spec.requires ?? [], facts);
@@ -458,11 +511,25 @@ export class Scheduler {
           continue;
         }
         if (pre.kind === "fail") {
-          statuses.push(this.patch(e, taskId, { state: TaskState.FAILED, reason: "precondition", message: `unmet ${pre.message}`, finishedAt: now }));
+          statuses.push(
+            this.patch(e, taskId, {
+              state: TaskState.FAILED,
+              reason: "precondition",
+              message: `unmet ${pre.message}`,
+              finishedAt: now,
+            }),
+          );
           continue;
         }
         if (pre.kind === "skip") {
-          statuses.push(this.patch(e, taskId, { state: TaskState.SKIPPED, reason: "precondition", message: `unmet ${pre.message}`, finishedAt: now }));
+          statuses.push(
+            this.patch(e, taskId, {
+              state: TaskState.SKIPPED,
+              reason: "precondition",
+              message: `unmet ${pre.message}`,
+              finishedAt: now,
+            }),
+          );
           continue;
         }
         ready.push({ e, plan, taskId, spec: t.spec, index: t.index });
@@ -486,7 +553,11 @@ export class Scheduler {
     for (const r of ready) {
       if (this.running.size >= this.o.maxConcurrency) break;
       const limit = this.o.typeConcurrency[r.spec.type];
-      if (limit !== undefined && [...this.running.values()].filter((x) => x.type === r.spec.type).length >= limit) continue;
+      if (
+        limit !== undefined &&
+        [...this.running.values()].filter((x) => x.type === r.spec.type).length >= limit
+      )
+        continue;
       this.launch(r.e, r.plan, r.taskId, r.spec);
     }
   }
@@ -527,12 +598,23 @@ export class Scheduler {
       // Cancelled between the decision and the write.
       const reason = entry.controller.signal.reason;
       if (reason instanceof TaskCanceledError) {
-        await this.finish(e, [this.patch(e, taskId, { state: TaskState.CANCELED, message: reason.message, reason: "canceled", finishedAt: startedAt }), ...this.settle(e)]);
+        await this.finish(e, [
+          this.patch(e, taskId, {
+            state: TaskState.CANCELED,
+            message: reason.message,
+            reason: "canceled",
+            finishedAt: startedAt,
+          }),
+          ...this.settle(e),
+        ]);
       }
       return;
     }
     const timeoutS = spec.timeoutS ?? 0;
-    const timer = timeoutS > 0 ? setTimeout(() => entry.controller.abort(new TaskTimeoutError(timeoutS)), timeoutS * 1000) : undefined;
+    const timer =
+      timeoutS > 0
+        ? setTimeout(() => entry.controller.abort(new TaskTimeoutError(timeoutS)), timeoutS * 1000)
+        : undefined;
     const scratchDir = await mkdtemp(join(tmpdir(), "fleet-task-"));
     const signal = entry.controller.signal;
     const aborted = new Promise<never>((_, reject) => {
@@ -585,16 +667,37 @@ export class Scheduler {
       );
       let statuses: TaskStatus[];
       if (reason instanceof TaskCanceledError) {
-        statuses = [this.patch(e, taskId, { state: TaskState.CANCELED, message: reason.message, reason: "canceled", output, finishedAt: now }), ...this.settle(e)];
+        statuses = [
+          this.patch(e, taskId, {
+            state: TaskState.CANCELED,
+            message: reason.message,
+            reason: "canceled",
+            output,
+            finishedAt: now,
+          }),
+          ...this.settle(e),
+        ];
       } else if (reason instanceof TaskTimeoutError) {
         statuses = this.failure(e, taskId, reason.message, "timeout", now, output, TaskState.TIMED_OUT);
       } else {
         const msg = (reason as Error)?.message ?? String(reason);
         const why = reason instanceof TaskFailedError ? (reason.details.reason ?? "failed") : "error";
-        statuses = this.failure(e, taskId, msg, why, now, output, TaskState.FAILED, !(reason instanceof UnrecoverableError));
+        statuses = this.failure(
+          e,
+          taskId,
+          msg,
+          why,
+          now,
+          output,
+          TaskState.FAILED,
+          !(reason instanceof UnrecoverableError),
+        );
       }
       await this.finish(e, statuses);
-      log.warn({ attempt: run.attempt, state: TaskState[e.tasks[taskId]!.state], err: (reason as Error)?.message }, "task did not succeed");
+      log.warn(
+        { attempt: run.attempt, state: TaskState[e.tasks[taskId]!.state], err: (reason as Error)?.message },
+        "task did not succeed",
+      );
     } finally {
       if (timer) clearTimeout(timer);
       await rm(scratchDir, { recursive: true, force: true }).catch(() => {});
@@ -605,7 +708,13 @@ export class Scheduler {
     return this.commit({ executions: [e], statuses }, true);
   }
 
-  private progress(e: ExecutionRecord, taskId: string, entry: Running, percent: number, message?: string): void {
+  private progress(
+    e: ExecutionRecord,
+    taskId: string,
+    entry: Running,
+    percent: number,
+    message?: string,
+  ): void {
     const run = e.tasks[taskId]!;
     if (run.state !== TaskState.RUNNING || entry.controller.signal.aborted) return;
     run.progress = Math.max(0, Math.min(100, Math.round(percent)));
@@ -613,7 +722,10 @@ export class Scheduler {
     const now = this.o.clock.now();
     if (now - entry.lastProgressAt < PROGRESS_EVERY_MS) return;
     entry.lastProgressAt = now;
-    this.commit({ executions: [e], statuses: [this.patch(e, taskId, { state: TaskState.RUNNING })] }, false).catch(() => {});
+    this.commit(
+      { executions: [e], statuses: [this.patch(e, taskId, { state: TaskState.RUNNING })] },
+      false,
+    ).catch(() => {});
   }
 
   // ---- recurring jobs and compaction --------------------------------------------------------
@@ -647,7 +759,8 @@ export class Scheduler {
   /** The oldest occurrence ids beyond the history limit, to delete. */
   private pruneOccurrences(jobId: string): Array<{ jobId: string; execId: string }> {
     const list = this.occurrences.get(jobId) ?? [];
-    const drop = list.length > KEEP_DONE_OCCURRENCES ? list.splice(0, list.length - KEEP_DONE_OCCURRENCES) : [];
+    const drop =
+      list.length > KEEP_DONE_OCCURRENCES ? list.splice(0, list.length - KEEP_DONE_OCCURRENCES) : [];
     return drop.map((execId) => ({ jobId, execId }));
   }
 

@@ -9,8 +9,8 @@
 //  - outbox deletions after a StatusAck, facts, time floor: async — losing one only re-sends or
 //                                                                   re-measures; sends are idempotent.
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
-import { pb, type TaskStatus } from "../proto/index.js";
 import type { KeyValue } from "../firmware-tasks/types.js";
+import { pb, type TaskStatus } from "../proto/index.js";
 
 export interface TaskRun {
   state: number; // pb TaskState
@@ -71,7 +71,9 @@ export class AgentStore {
 
   constructor(readonly db: Db) {
     this.jobs = db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
-    this.executions = db.sublevel<string, ExecutionRecord>("exec", { valueEncoding: "json" }) as Sub<ExecutionRecord>;
+    this.executions = db.sublevel<string, ExecutionRecord>("exec", {
+      valueEncoding: "json",
+    }) as Sub<ExecutionRecord>;
     this.outbox = db.sublevel<string, Uint8Array>("out", { valueEncoding: "view" }) as Sub<Uint8Array>;
     this.meta = db.sublevel<string, unknown>("meta", { valueEncoding: "json" }) as Sub<unknown>;
     this.kvs = db.sublevel<string, unknown>("kv", { valueEncoding: "json" }) as Sub<unknown>;
@@ -82,7 +84,8 @@ export class AgentStore {
     this.ackedSeq = ((await this.meta.get("ackedSeq")) as number | undefined) ?? 0;
     // The next seq is derived from what is on disk, so an unflushed counter can never reuse a seq.
     let last = this.ackedSeq;
-    for await (const key of this.outbox.keys({ reverse: true, limit: 1 })) last = Math.max(last, Number.parseInt(key, 16));
+    for await (const key of this.outbox.keys({ reverse: true, limit: 1 }))
+      last = Math.max(last, Number.parseInt(key, 16));
     const stored = ((await this.meta.get("seq")) as number | undefined) ?? 0;
     this.nextSeq = Math.max(last, stored) + 1;
   }
@@ -111,7 +114,12 @@ export class AgentStore {
     for (const e of c.deleteExecutions ?? [])
       ops.push({ type: "del", sublevel: this.executions, key: execKey(e.jobId, e.execId) });
     for (const s of statuses)
-      ops.push({ type: "put", sublevel: this.outbox, key: seqKey(s.seq!), value: pb.TaskStatus.encode(s).finish() });
+      ops.push({
+        type: "put",
+        sublevel: this.outbox,
+        key: seqKey(s.seq!),
+        value: pb.TaskStatus.encode(s).finish(),
+      });
     if (statuses.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
     const p = this.chain.then(() => this.db.batch(ops, { sync } as never));
     this.chain = p.catch(() => {});

@@ -6,9 +6,7 @@ import type { Facts } from "./facts.js";
 /** The file system holding `path` (the longest mount prefix). */
 async function fsFor(path: string) {
   const all = await si.fsSize().catch(() => []);
-  return all
-    .filter((f) => path.startsWith(f.mount))
-    .sort((a, b) => b.mount.length - a.mount.length)[0];
+  return all.filter((f) => path.startsWith(f.mount)).sort((a, b) => b.mount.length - a.mount.length)[0];
 }
 
 export async function collectFacts(o: {
@@ -24,7 +22,11 @@ export async function collectFacts(o: {
     si.battery().catch(() => undefined),
     fsFor(o.dataDir),
   ]);
-  const facts: Facts = { "agent.version": o.agentVersion, "os.arch": process.arch, "os.platform": process.platform };
+  const facts: Facts = {
+    "agent.version": o.agentVersion,
+    "os.arch": process.arch,
+    "os.platform": process.platform,
+  };
   if (os) {
     facts["os.distro"] = os.distro;
     facts["os.release"] = os.release;

@@ -57,13 +57,18 @@ export function checkSpec(a: JobAssignment, spec: Spec, v: VerifyContext): Verdi
   if (!spec.jobId) return reject("malformed", "job has no id");
   const now = v.clock.now();
   if (!spec.expiresAtMs) return reject("no_expiry", "job has no expiry (expires_at_ms)");
-  if (spec.expiresAtMs <= now) return reject("expired", `job expired at ${new Date(spec.expiresAtMs).toISOString()}`);
+  if (spec.expiresAtMs <= now)
+    return reject("expired", `job expired at ${new Date(spec.expiresAtMs).toISOString()}`);
   if (v.clock.wallTrusted() && spec.issuedAtMs > now + v.maxSkewMs) {
-    return reject("issued_in_future", `issued_at ${new Date(spec.issuedAtMs).toISOString()} is ahead of device time`);
+    return reject(
+      "issued_in_future",
+      `issued_at ${new Date(spec.issuedAtMs).toISOString()} is ahead of device time`,
+    );
   }
   if (a.deviceId && a.deviceId !== v.deviceId) return reject("wrong_target", `assigned to ${a.deviceId}`);
   const ids = spec.target?.deviceIds ?? [];
-  if (ids.length && !ids.includes(v.deviceId)) return reject("wrong_target", `targets ${ids.join(",")}, not this device`);
+  if (ids.length && !ids.includes(v.deviceId))
+    return reject("wrong_target", `targets ${ids.join(",")}, not this device`);
   if (spec.target?.selector) {
     try {
       if (!matchesSelector(parseSelector(spec.target.selector), v.labels)) {
@@ -93,7 +98,10 @@ export function checkSpec(a: JobAssignment, spec: Spec, v: VerifyContext): Verdi
     const h = v.handlers.get(t.type);
     if (!h) return reject("unknown_task_type", `task ${t.id}: this agent has no task type "${t.type}"`);
     if (v.allowTaskTypes && !v.allowTaskTypes.includes(t.type)) {
-      return reject("task_type_not_allowed", `task ${t.id}: task type "${t.type}" is not allowed on this agent`);
+      return reject(
+        "task_type_not_allowed",
+        `task ${t.id}: task type "${t.type}" is not allowed on this agent`,
+      );
     }
     for (const r of t.requires ?? []) {
       if (!r.fact || !(REQUIREMENT_OPS as readonly string[]).includes(r.op ?? "")) {

@@ -33,7 +33,6 @@ export class OutputTail {
     const cut = Math.min(all.length, Math.max(0, markerMax - (this.limit - all.length)));
     return `[... ${this.dropped + cut} bytes truncated]\n${all.subarray(cut).toString("utf8")}`;
   }
-
 }
 
 /** Truncates a string to its last `limit` bytes, marking the cut. */

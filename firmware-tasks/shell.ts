@@ -39,7 +39,12 @@ export default defineHandler({
       // detached: the child leads its own process group, so a timeout kills grandchildren too.
       const child = spawn(p.command, p.args, {
         cwd: p.cwd ? underRoot(ctx.root, p.cwd) : ctx.scratchDir,
-        env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: ctx.scratchDir, FLEET_ROOT: ctx.root, ...p.env },
+        env: {
+          PATH: process.env.PATH ?? "/usr/bin:/bin",
+          HOME: ctx.scratchDir,
+          FLEET_ROOT: ctx.root,
+          ...p.env,
+        },
         detached: true,
         stdio: ["ignore", "pipe", "pipe"],
       });

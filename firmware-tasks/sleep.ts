@@ -4,7 +4,14 @@ import { defineHandler } from "./types.js";
 
 export default defineHandler({
   type: "sleep",
-  paramsSchema: z.object({ seconds: z.number().min(0).max(7 * 24 * 3600) }).strict(),
+  paramsSchema: z
+    .object({
+      seconds: z
+        .number()
+        .min(0)
+        .max(7 * 24 * 3600),
+    })
+    .strict(),
   idempotent: true,
   async run(ctx, params, signal) {
     const step = Math.max(params.seconds / 10, 0.05);

@@ -26,7 +26,10 @@ export function newMsgId(): string {
   return randomBytes(8).toString("hex");
 }
 
-export function encodeEnvelope(body: Omit<Envelope, "protocolVersion" | "msgId" | "sentAtMs">, nowMs = Date.now()) {
+export function encodeEnvelope(
+  body: Omit<Envelope, "protocolVersion" | "msgId" | "sentAtMs">,
+  nowMs = Date.now(),
+) {
   return pb.Envelope.encode({
     protocolVersion: PROTOCOL_VERSION,
     msgId: newMsgId(),
@@ -53,7 +56,10 @@ export function decodeEnvelope(
     throw new PayloadError("undecodable", (err as Error).message);
   }
   if (env.protocolVersion !== PROTOCOL_VERSION) {
-    throw new PayloadError("wrong_version", `protocol_version ${env.protocolVersion}, expected ${PROTOCOL_VERSION}`);
+    throw new PayloadError(
+      "wrong_version",
+      `protocol_version ${env.protocolVersion}, expected ${PROTOCOL_VERSION}`,
+    );
   }
   if (!env.body) throw new PayloadError("empty_body", "envelope carries no body");
   return env as InstanceType<typeof pb.Envelope> & { body: BodyKind };

@@ -16,7 +16,7 @@ export class SelectorError extends Error {
   }
 }
 
-const WORD = /[A-Za-z0-9._\/-]/;
+const WORD = /[A-Za-z0-9._/-]/;
 
 export function parseSelector(input: string): Requirement[] {
   const reqs: Requirement[] = [];
@@ -76,7 +76,10 @@ export function parseSelector(input: string): Requirement[] {
   }
 }
 
-export function matchesSelector(reqs: readonly Requirement[], labels: Readonly<Record<string, string>>): boolean {
+export function matchesSelector(
+  reqs: readonly Requirement[],
+  labels: Readonly<Record<string, string>>,
+): boolean {
   return reqs.every((r) => {
     const v = Object.hasOwn(labels, r.key) ? labels[r.key] : undefined;
     switch (r.op) {
@@ -92,6 +95,8 @@ export function matchesSelector(reqs: readonly Requirement[], labels: Readonly<R
         return v !== undefined;
       case "!exists":
         return v === undefined;
+      default:
+        return false;
     }
   });
 }

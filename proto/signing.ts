@@ -1,4 +1,12 @@
-import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from "node:crypto";
+import {
+  createHash,
+  createPrivateKey,
+  createPublicKey,
+  generateKeyPairSync,
+  type KeyObject,
+  sign,
+  verify,
+} from "node:crypto";
 import { type DecodedJobSpec, decodeJobSpec, type JobSpec, pb, type SignedJob } from "./index.js";
 
 export function generateSigningKey(): { privateKeyPem: string; publicKeyPem: string; keyId: string } {
@@ -13,7 +21,10 @@ export function generateSigningKey(): { privateKeyPem: string; publicKeyPem: str
 /** A short, stable id of an ed25519 public key: the first 16 hex digits of sha256(SPKI DER). */
 export function keyIdOf(publicKey: KeyObject | string): string {
   const key = typeof publicKey === "string" ? createPublicKey(publicKey) : publicKey;
-  return createHash("sha256").update(key.export({ type: "spki", format: "der" })).digest("hex").slice(0, 16);
+  return createHash("sha256")
+    .update(key.export({ type: "spki", format: "der" }))
+    .digest("hex")
+    .slice(0, 16);
 }
 
 export function loadPrivateKey(pem: string): KeyObject {
@@ -31,7 +42,10 @@ export type SignatureCheck =
   | { ok: true; spec: DecodedJobSpec }
   | { ok: false; reason: "unsigned" | "unknown_key" | "bad_signature" | "malformed"; message: string };
 
-export function verifySignedJob(signed: SignedJob, trustedKeys: ReadonlyMap<string, KeyObject>): SignatureCheck {
+export function verifySignedJob(
+  signed: SignedJob,
+  trustedKeys: ReadonlyMap<string, KeyObject>,
+): SignatureCheck {
   const specBytes = signed.spec ?? new Uint8Array();
   if (!signed.signature || signed.signature.length === 0 || !signed.keyId) {
     return { ok: false, reason: "unsigned", message: "job carries no signature" };
@@ -44,7 +58,12 @@ export function verifySignedJob(signed: SignedJob, trustedKeys: ReadonlyMap<stri
   } catch {
     valid = false;
   }
-  if (!valid) return { ok: false, reason: "bad_signature", message: `signature does not verify with key ${signed.keyId}` };
+  if (!valid)
+    return {
+      ok: false,
+      reason: "bad_signature",
+      message: `signature does not verify with key ${signed.keyId}`,
+    };
   try {
     return { ok: true, spec: decodeJobSpec(specBytes) };
   } catch (err) {

@@ -9,7 +9,10 @@ export function deviceTopic(prefix: string, deviceId: string, channel: DeviceCha
 }
 
 /** Parses `{prefix}/d/{id}/{channel}`; undefined for anything else. */
-export function parseDeviceTopic(prefix: string, topic: string): { deviceId: string; channel: string } | undefined {
+export function parseDeviceTopic(
+  prefix: string,
+  topic: string,
+): { deviceId: string; channel: string } | undefined {
   if (!topic.startsWith(`${prefix}/d/`)) return undefined;
   const rest = topic.slice(prefix.length + 3).split("/");
   if (rest.length !== 2 || !rest[0] || !rest[1]) return undefined;

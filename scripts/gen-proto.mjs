@@ -13,8 +13,23 @@ const bin = join(root, "node_modules", "protobufjs-cli", "bin");
 const js = join(outDir, "fleet.js");
 execFileSync(
   process.execPath,
-  [join(bin, "pbjs"), "-t", "static-module", "-w", "es6", "--es6", "--dependency", "protobufjs/minimal.js",
-   "--no-beautify", "--force-number", "-o", js, join(root, "proto", "fleet.proto")],
+  [
+    join(bin, "pbjs"),
+    "-t",
+    "static-module",
+    "-w",
+    "es6",
+    "--es6",
+    "--dependency",
+    "protobufjs/minimal.js",
+    "--no-beautify",
+    "--force-number",
+    "-o",
+    js,
+    join(root, "proto", "fleet.proto"),
+  ],
   { stdio: "inherit" },
 );
-execFileSync(process.execPath, [join(bin, "pbts"), "-o", join(outDir, "fleet.d.ts"), js], { stdio: "inherit" });
+execFileSync(process.execPath, [join(bin, "pbts"), "-o", join(outDir, "fleet.d.ts"), js], {
+  stdio: "inherit",
+});

@@ -1,7 +1,7 @@
 // Real agent processes killed with SIGKILL at the worst moments (DESIGN.md §4.2, §4.5).
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TaskState as S } from "../../proto/index.js";
-import { type TestBroker, startBroker } from "../helpers/broker.js";
+import { startBroker, type TestBroker } from "../helpers/broker.js";
 import { TestController } from "../helpers/controller.js";
 import { jobSpec } from "../helpers/keys.js";
 import { type AgentProcess, flashRoot, spawnAgent } from "../helpers/process.js";
@@ -42,10 +42,27 @@ describe("agent process crash recovery", () => {
     const { root, cleanup } = flashRoot(id, [broker.url], { allowShell: ["/bin/sleep"], maxConcurrency: 4 });
     cleanups.push(cleanup);
     let p = await start(root, id);
-    const shell = await ctl.assign(id, jobSpec([{ id: "sh", type: "shell", params: { command: "/bin/sleep", args: ["30"] } }]));
-    const retried = await ctl.assign(id, jobSpec([{ id: "sh", type: "shell", params: { command: "/bin/sleep", args: ["1"] }, retry: { maxAttempts: 2, backoffS: 0 } }]));
+    const shell = await ctl.assign(
+      id,
+      jobSpec([{ id: "sh", type: "shell", params: { command: "/bin/sleep", args: ["30"] } }]),
+    );
+    const retried = await ctl.assign(
+      id,
+      jobSpec([
+        {
+          id: "sh",
+          type: "shell",
+          params: { command: "/bin/sleep", args: ["1"] },
+          retry: { maxAttempts: 2, backoffS: 0 },
+        },
+      ]),
+    );
     const idem = await ctl.assign(id, jobSpec([{ id: "nap", type: "sleep", params: { seconds: 1.5 } }]));
-    await ctl.waitFor("all running", () => [shell, retried, idem].every((j) => ctl.statuses(id).some((s) => s.jobId === j && s.state === S.RUNNING)));
+    await ctl.waitFor("all running", () =>
+      [shell, retried, idem].every((j) =>
+        ctl.statuses(id).some((s) => s.jobId === j && s.state === S.RUNNING),
+      ),
+    );
     await kill9(p);
     p = await start(root, id);
     const sh = await ctl.waitJob(id, shell);
@@ -53,10 +70,15 @@ describe("agent process crash recovery", () => {
     expect(ctl.latest(id, shell, "sh")).toMatchObject({ state: S.FAILED, reason: "interrupted", attempt: 1 });
     // With a retry policy the interrupted attempt is followed by a second one, visibly.
     expect((await ctl.waitJob(id, retried)).state).toBe(S.SUCCEEDED);
-    expect(ctl.statuses(id).filter((s) => s.jobId === retried && s.taskId === "sh").map((s) => `${S[s.state!]}#${s.attempt}`)).toEqual([
-      "RUNNING#1", "WAITING#1", "RUNNING#2", "SUCCEEDED#2",
-    ]);
-    expect(ctl.statuses(id).find((s) => s.jobId === retried && s.state === S.WAITING)?.reason).toBe("retry_backoff");
+    expect(
+      ctl
+        .statuses(id)
+        .filter((s) => s.jobId === retried && s.taskId === "sh")
+        .map((s) => `${S[s.state!]}#${s.attempt}`),
+    ).toEqual(["RUNNING#1", "WAITING#1", "RUNNING#2", "SUCCEEDED#2"]);
+    expect(ctl.statuses(id).find((s) => s.jobId === retried && s.state === S.WAITING)?.reason).toBe(
+      "retry_backoff",
+    );
     // The idempotent task ran again and succeeded.
     expect((await ctl.waitJob(id, idem)).state).toBe(S.SUCCEEDED);
     const nap = ctl.statuses(id).filter((s) => s.jobId === idem && s.taskId === "nap");
@@ -85,7 +107,9 @@ describe("agent process crash recovery", () => {
     ctl.assignments.get(id)!.delete(jobId);
     p = await start(root, id);
     expect((await ctl.waitJob(id, jobId)).state).toBe(S.SUCCEEDED);
-    expect(ctl.statuses(id).filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === S.SUCCEEDED)).toHaveLength(1);
+    expect(
+      ctl.statuses(id).filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === S.SUCCEEDED),
+    ).toHaveLength(1);
     p.child.kill("SIGTERM");
     await p.exited;
   });

@@ -25,9 +25,20 @@ export class TestController {
   ) {}
 
   async start(): Promise<void> {
-    this.client = await mqtt.connectAsync(this.url, { clientId: `controller-${Math.random().toString(16).slice(2)}`, reconnectPeriod: 100 });
+    this.client = await mqtt.connectAsync(this.url, {
+      clientId: `controller-${Math.random().toString(16).slice(2)}`,
+      reconnectPeriod: 100,
+    });
     this.client.on("message", (topic, payload) => this.onMessage(topic, payload));
-    await this.client.subscribeAsync([`${this.prefix}/d/+/status`, `${this.prefix}/d/+/sync`, `${this.prefix}/d/+/state`, `${this.prefix}/d/+/telemetry`], { qos: 1 });
+    await this.client.subscribeAsync(
+      [
+        `${this.prefix}/d/+/status`,
+        `${this.prefix}/d/+/sync`,
+        `${this.prefix}/d/+/state`,
+        `${this.prefix}/d/+/telemetry`,
+      ],
+      { qos: 1 },
+    );
   }
 
   async stop(): Promise<void> {
@@ -41,25 +52,38 @@ export class TestController {
   /** The latest status of a task ("" = the job itself). */
   latest(deviceId: string, jobId: string, taskId = "", executionId?: string): TaskStatus | undefined {
     const all = this.statuses(deviceId).filter(
-      (s) => s.jobId === jobId && s.taskId === taskId && (executionId === undefined || s.executionId === executionId),
+      (s) =>
+        s.jobId === jobId &&
+        s.taskId === taskId &&
+        (executionId === undefined || s.executionId === executionId),
     );
     return all[all.length - 1];
   }
 
-  async assign(deviceId: string, spec: JobSpec, opts: { publish?: boolean; raw?: JobAssignment } = {}): Promise<string> {
+  async assign(
+    deviceId: string,
+    spec: JobSpec,
+    opts: { publish?: boolean; raw?: JobAssignment } = {},
+  ): Promise<string> {
     const a = opts.raw ?? { job: sign(spec), deviceId };
     const jobId = spec.jobId!;
-    let m = this.assignments.get(deviceId);
-    if (!m) this.assignments.set(deviceId, (m = new Map()));
+    const m = this.assignments.get(deviceId) ?? new Map<string, JobAssignment>();
+    this.assignments.set(deviceId, m);
     m.set(jobId, a);
     if (opts.publish !== false) {
-      await this.client.publishAsync(deviceTopic(this.prefix, deviceId, "job"), Buffer.from(encodeEnvelope({ jobAssignment: a })), { qos: 1 });
+      await this.client.publishAsync(
+        deviceTopic(this.prefix, deviceId, "job"),
+        Buffer.from(encodeEnvelope({ jobAssignment: a })),
+        { qos: 1 },
+      );
     }
     return jobId;
   }
 
   async publishRaw(deviceId: string, channel: "job" | "ctl", payload: Buffer | Uint8Array): Promise<void> {
-    await this.client.publishAsync(deviceTopic(this.prefix, deviceId, channel), Buffer.from(payload), { qos: 1 });
+    await this.client.publishAsync(deviceTopic(this.prefix, deviceId, channel), Buffer.from(payload), {
+      qos: 1,
+    });
   }
 
   async ctl(deviceId: string, body: Parameters<typeof encodeEnvelope>[0]): Promise<void> {
@@ -100,7 +124,9 @@ export class TestController {
     } else if (env.body === "syncRequest") {
       this.syncRequests++;
       this.syncs.set(t.deviceId, (this.syncs.get(t.deviceId) ?? 0) + 1);
-      void this.ctl(t.deviceId, { syncResponse: { assignments: this.unacked(t.deviceId), nowMs: Date.now() } });
+      void this.ctl(t.deviceId, {
+        syncResponse: { assignments: this.unacked(t.deviceId), nowMs: Date.now() },
+      });
     } else if (env.body === "deviceState") {
       this.states.set(t.deviceId, { online: Boolean(env.deviceState!.online) });
     } else if (env.body === "telemetry") {

@@ -40,7 +40,15 @@ export async function harness(): Promise<Harness> {
     async newAgent(deviceId, over = {}, opts = {}) {
       const { dir, cleanup } = tempDir();
       dirs.push(cleanup);
-      return launch({ config: agentConfig(dir, deviceId, [broker.url], over), log: quietLog, measureFacts: false, ...opts }, true);
+      return launch(
+        {
+          config: agentConfig(dir, deviceId, [broker.url], over),
+          log: quietLog,
+          measureFacts: false,
+          ...opts,
+        },
+        true,
+      );
     },
     async restartAgent(agent, { waitSync = true } = {}) {
       await agent.stop();
@@ -48,7 +56,11 @@ export async function harness(): Promise<Harness> {
       return launch(options.get(agent)!, waitSync);
     },
     async waitSynced(agent, syncsBefore) {
-      await ctl.waitFor(`${agent.deviceId} synced`, () => agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore, 60_000);
+      await ctl.waitFor(
+        `${agent.deviceId} synced`,
+        () => agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore,
+        60_000,
+      );
     },
     async close() {
       for (const a of h.agents) await a.stop().catch(() => {});

@@ -14,7 +14,12 @@ export function tempDir(prefix = "fleet-test-"): { dir: string; cleanup: () => v
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-export function agentConfig(root: string, deviceId: string, brokers: string[], over: Partial<AgentConfigInput> = {}): AgentConfig {
+export function agentConfig(
+  root: string,
+  deviceId: string,
+  brokers: string[],
+  over: Partial<AgentConfigInput> = {},
+): AgentConfig {
   return parseAgentConfig(
     {
       deviceId,
@@ -46,7 +51,11 @@ export function jobSpec(tasks: TaskInput[], over: Partial<JobSpec> = {}): JobSpe
       ...t,
       paramsJson: JSON.stringify(params ?? {}),
       trigger:
-        trigger === "all_done" ? Trigger.TRIGGER_ALL_DONE : trigger === "one_failed" ? Trigger.TRIGGER_ONE_FAILED : Trigger.TRIGGER_ALL_SUCCESS,
+        trigger === "all_done"
+          ? Trigger.TRIGGER_ALL_DONE
+          : trigger === "one_failed"
+            ? Trigger.TRIGGER_ONE_FAILED
+            : Trigger.TRIGGER_ALL_SUCCESS,
     })),
     ...over,
   };

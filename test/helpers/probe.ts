@@ -36,4 +36,8 @@ const probe = (type: string, idempotent: boolean) =>
     },
   });
 
-export const testHandlers: TaskHandler[] = [...builtinHandlers, probe("probe", false), probe("probe-idem", true)];
+export const testHandlers: TaskHandler[] = [
+  ...builtinHandlers,
+  probe("probe", false),
+  probe("probe-idem", true),
+];

@@ -19,7 +19,9 @@ export function flashRoot(deviceId: string, brokers: string[], over: Partial<Age
     reconnect: { minMs: 50, maxMs: 500 },
     ...over,
   };
-  writeFileSync(join(dir, "etc", "fleet-agent", "config.json"), JSON.stringify(config, null, 2), { mode: 0o600 });
+  writeFileSync(join(dir, "etc", "fleet-agent", "config.json"), JSON.stringify(config, null, 2), {
+    mode: 0o600,
+  });
   return { root: dir, cleanup };
 }
 

@@ -15,7 +15,10 @@ describe("agent basics", () => {
     const jobId = await h.ctl.assign("dev-basic", jobSpec([{ id: "a", type: "noop" }]));
     const done = await h.ctl.waitJob("dev-basic", jobId);
     expect(done.state).toBe(TaskState.SUCCEEDED);
-    const states = h.ctl.statuses("dev-basic").filter((s) => s.jobId === jobId).map((s) => `${s.taskId}:${TaskState[s.state!]}`);
+    const states = h.ctl
+      .statuses("dev-basic")
+      .filter((s) => s.jobId === jobId)
+      .map((s) => `${s.taskId}:${TaskState[s.state!]}`);
     expect(states).toEqual([":QUEUED", "a:RUNNING", "a:SUCCEEDED", ":SUCCEEDED"]);
     expect(a.counters.get("jobs_accepted")).toBe(1);
     // Every status was acknowledged, so the outbox is empty.

@@ -33,10 +33,18 @@ describe("device clock", () => {
     const time: TimeSource = { wall: () => Date.now() + offset, mono: () => performance.now() };
     const id = "clock-jump";
     let agent = await h.newAgent(id, {}, { time });
-    const jobId = await h.ctl.assign(id, jobSpec([{ id: "a", type: "noop" }], { schedule: { cron: "* * * * * *", timezone: "UTC" } }));
+    const jobId = await h.ctl.assign(
+      id,
+      jobSpec([{ id: "a", type: "noop" }], { schedule: { cron: "* * * * * *", timezone: "UTC" } }),
+    );
     const runs = () => {
       const ids = new Set(
-        h.ctl.statuses(id).filter((s) => s.jobId === jobId && s.taskId === "" && s.executionId && TERMINAL_STATES.has(s.state!)).map((s) => s.executionId),
+        h.ctl
+          .statuses(id)
+          .filter(
+            (s) => s.jobId === jobId && s.taskId === "" && s.executionId && TERMINAL_STATES.has(s.state!),
+          )
+          .map((s) => s.executionId),
       );
       return ids.size;
     };
@@ -56,12 +64,16 @@ describe("device clock", () => {
     await window("clock -5 years", () => {
       offset = -5 * YEAR;
     });
-    await window("controller TimeHint one day back", () => h.ctl.ctl(id, { timeHint: { nowMs: Date.now() - 86_400_000 } }));
+    await window("controller TimeHint one day back", () =>
+      h.ctl.ctl(id, { timeHint: { nowMs: Date.now() - 86_400_000 } }),
+    );
     await window("agent restarted", async () => {
       agent = await h.restartAgent(agent);
     });
     // Each occurrence is its own execution with its own statuses.
-    const occ = h.ctl.statuses(id).filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === S.SUCCEEDED);
+    const occ = h.ctl
+      .statuses(id)
+      .filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === S.SUCCEEDED);
     expect(new Set(occ.map((s) => s.executionId)).size).toBe(occ.length);
     expect(agent.counters.get("occurrence_skipped_overlap")).toBe(0);
   }, 60_000);

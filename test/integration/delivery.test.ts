@@ -23,7 +23,10 @@ describe("delivery", () => {
     await agent.stop();
     h.agents.splice(h.agents.indexOf(agent), 1);
     await h.broker.restart(); // in-memory broker: the device's persistent session is gone
-    await h.ctl.waitFor("controller reconnected", () => (h.ctl as unknown as { client: { connected: boolean } }).client.connected);
+    await h.ctl.waitFor(
+      "controller reconnected",
+      () => (h.ctl as unknown as { client: { connected: boolean } }).client.connected,
+    );
     const jobId = await h.ctl.assign("dlv-offline", jobSpec([{ id: "a", type: "noop" }]));
     const again = await h.restartAgent(agent);
     expect((await h.ctl.waitJob("dlv-offline", jobId)).state).toBe(S.SUCCEEDED);
@@ -33,7 +36,12 @@ describe("delivery", () => {
 
   it("statuses produced while the broker is down arrive after it returns, across an agent restart, none twice", async () => {
     let agent = await h.newAgent("dlv-outage");
-    const tasks = Array.from({ length: 6 }, (_, i) => ({ id: `t${i}`, type: "sleep", params: { seconds: 0.15 }, dependsOn: i ? [`t${i - 1}`] : [] }));
+    const tasks = Array.from({ length: 6 }, (_, i) => ({
+      id: `t${i}`,
+      type: "sleep",
+      params: { seconds: 0.15 },
+      dependsOn: i ? [`t${i - 1}`] : [],
+    }));
     const jobId = await h.ctl.assign("dlv-outage", jobSpec(tasks));
     await h.ctl.waitFor("t0 running", () => h.ctl.latest("dlv-outage", jobId, "t0")?.state === S.RUNNING);
     await h.broker.stop();

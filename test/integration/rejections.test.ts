@@ -11,7 +11,11 @@ let h: Harness;
 const DEV = "rej-1";
 beforeAll(async () => {
   h = await harness();
-  await h.newAgent(DEV, { labels: { env: "prod", region: "eu" }, allowTaskTypes: ["noop", "shell", "probe"], allowShell: ["/bin/true"] });
+  await h.newAgent(DEV, {
+    labels: { env: "prod", region: "eu" },
+    allowTaskTypes: ["noop", "shell", "probe"],
+    allowShell: ["/bin/true"],
+  });
 });
 afterAll(() => h.close());
 
@@ -21,7 +25,12 @@ const stranger = generateSigningKey();
 async function expectRejected(spec: JobSpec, reason: string, raw?: JobAssignment): Promise<string> {
   const before = h.ctl.statuses(DEV).length;
   const jobId = await h.ctl.assign(DEV, spec, raw ? { raw } : {});
-  const s = await h.ctl.waitFor(`status of ${jobId}`, () => h.ctl.statuses(DEV).slice(before).find((x) => x.jobId === jobId && x.taskId === ""));
+  const s = await h.ctl.waitFor(`status of ${jobId}`, () =>
+    h.ctl
+      .statuses(DEV)
+      .slice(before)
+      .find((x) => x.jobId === jobId && x.taskId === ""),
+  );
   expect(TaskState[s.state!]).toBe("REJECTED");
   expect(s.reason).toBe(reason);
   expect(s.message).toBeTruthy();
@@ -30,35 +39,125 @@ async function expectRejected(spec: JobSpec, reason: string, raw?: JobAssignment
 
 describe("rejections", () => {
   it.each<[string, () => { spec: JobSpec; raw?: JobAssignment }, RegExp?]>([
-    ["unsigned", () => { const spec = jobSpec(noop); return { spec, raw: { job: { spec: pb.JobSpec.encode(spec).finish() }, deviceId: DEV } }; }],
-    ["unknown_key", () => { const spec = jobSpec(noop); return { spec, raw: { job: signJob(spec, stranger.privateKeyPem, stranger.keyId), deviceId: DEV } }; }],
-    ["bad_signature", () => { const spec = jobSpec(noop); return { spec, raw: { job: signJob(spec, stranger.privateKeyPem, operator.keyId), deviceId: DEV } }; }, /does not verify/],
-    ["bad_signature", () => {
-      const spec = jobSpec(noop);
-      const job = sign(spec);
-      const tampered = pb.JobSpec.decode(job.spec!);
-      tampered.tasks[0]!.type = "shell";
-      return { spec, raw: { job: { ...job, spec: pb.JobSpec.encode(tampered).finish() }, deviceId: DEV } };
-    }],
-    ["malformed", () => {
-      const bytes = Buffer.from([0x0a, 0xff]);
-      return { spec: { jobId: "" }, raw: { job: { spec: bytes, signature: edSign(null, bytes, operator.privateKeyPem), keyId: operator.keyId } } };
-    }],
+    [
+      "unsigned",
+      () => {
+        const spec = jobSpec(noop);
+        return { spec, raw: { job: { spec: pb.JobSpec.encode(spec).finish() }, deviceId: DEV } };
+      },
+    ],
+    [
+      "unknown_key",
+      () => {
+        const spec = jobSpec(noop);
+        return { spec, raw: { job: signJob(spec, stranger.privateKeyPem, stranger.keyId), deviceId: DEV } };
+      },
+    ],
+    [
+      "bad_signature",
+      () => {
+        const spec = jobSpec(noop);
+        return { spec, raw: { job: signJob(spec, stranger.privateKeyPem, operator.keyId), deviceId: DEV } };
+      },
+      /does not verify/,
+    ],
+    [
+      "bad_signature",
+      () => {
+        const spec = jobSpec(noop);
+        const job = sign(spec);
+        const tampered = pb.JobSpec.decode(job.spec!);
+        tampered.tasks[0]!.type = "shell";
+        return { spec, raw: { job: { ...job, spec: pb.JobSpec.encode(tampered).finish() }, deviceId: DEV } };
+      },
+    ],
+    [
+      "malformed",
+      () => {
+        const bytes = Buffer.from([0x0a, 0xff]);
+        return {
+          spec: { jobId: "" },
+          raw: {
+            job: {
+              spec: bytes,
+              signature: edSign(null, bytes, operator.privateKeyPem),
+              keyId: operator.keyId,
+            },
+          },
+        };
+      },
+    ],
     ["no_expiry", () => ({ spec: jobSpec(noop, { expiresAtMs: 0 }) })],
     ["expired", () => ({ spec: jobSpec(noop, { expiresAtMs: Date.now() - 1000 }) })],
-    ["issued_in_future", () => ({ spec: jobSpec(noop, { issuedAtMs: Date.now() + 86_400_000, expiresAtMs: Date.now() + 2 * 86_400_000 }) })],
+    [
+      "issued_in_future",
+      () => ({
+        spec: jobSpec(noop, {
+          issuedAtMs: Date.now() + 86_400_000,
+          expiresAtMs: Date.now() + 2 * 86_400_000,
+        }),
+      }),
+    ],
     ["wrong_target", () => ({ spec: jobSpec(noop, { target: { deviceIds: ["someone-else"] } }) })],
-    ["wrong_target", () => ({ spec: jobSpec(noop, { target: { selector: "env=prod,region in (us,asia)" } }) }), /labels do not match/],
-    ["wrong_target", () => { const spec = jobSpec(noop); return { spec, raw: { job: sign(spec), deviceId: "other-device" } }; }],
-    ["duplicate_task_id", () => ({ spec: jobSpec([{ id: "a", type: "noop" }, { id: "a", type: "noop" }]) })],
+    [
+      "wrong_target",
+      () => ({ spec: jobSpec(noop, { target: { selector: "env=prod,region in (us,asia)" } }) }),
+      /labels do not match/,
+    ],
+    [
+      "wrong_target",
+      () => {
+        const spec = jobSpec(noop);
+        return { spec, raw: { job: sign(spec), deviceId: "other-device" } };
+      },
+    ],
+    [
+      "duplicate_task_id",
+      () => ({
+        spec: jobSpec([
+          { id: "a", type: "noop" },
+          { id: "a", type: "noop" },
+        ]),
+      }),
+    ],
     ["unknown_dependency", () => ({ spec: jobSpec([{ id: "a", type: "noop", dependsOn: ["ghost"] }]) })],
-    ["dependency_cycle", () => ({ spec: jobSpec([{ id: "a", type: "noop", dependsOn: ["b"] }, { id: "b", type: "noop", dependsOn: ["a"] }]) }), /a -> b -> a|b -> a -> b/],
+    [
+      "dependency_cycle",
+      () => ({
+        spec: jobSpec([
+          { id: "a", type: "noop", dependsOn: ["b"] },
+          { id: "b", type: "noop", dependsOn: ["a"] },
+        ]),
+      }),
+      /a -> b -> a|b -> a -> b/,
+    ],
     ["unknown_task_type", () => ({ spec: jobSpec([{ id: "a", type: "teleport" }]) })],
-    ["task_type_not_allowed", () => ({ spec: jobSpec([{ id: "a", type: "sleep", params: { seconds: 1 } }]) })],
-    ["task_type_not_allowed", () => ({ spec: jobSpec([{ id: "a", type: "shell", params: { command: "/bin/rm", args: ["-rf", "/"] } }]) }), /allowShell/],
-    ["invalid_params", () => ({ spec: jobSpec([{ id: "a", type: "shell", params: { command: "relative/path" } }]) }), /command: must be an absolute path/],
+    [
+      "task_type_not_allowed",
+      () => ({ spec: jobSpec([{ id: "a", type: "sleep", params: { seconds: 1 } }]) }),
+    ],
+    [
+      "task_type_not_allowed",
+      () => ({
+        spec: jobSpec([{ id: "a", type: "shell", params: { command: "/bin/rm", args: ["-rf", "/"] } }]),
+      }),
+      /allowShell/,
+    ],
+    [
+      "invalid_params",
+      () => ({ spec: jobSpec([{ id: "a", type: "shell", params: { command: "relative/path" } }]) }),
+      /command: must be an absolute path/,
+    ],
     ["invalid_params", () => ({ spec: jobSpec([{ id: "a", type: "noop", params: { unexpected: 1 } }]) })],
-    ["invalid_params", () => { const spec = jobSpec(noop); spec.tasks![0]!.paramsJson = "{not json"; return { spec }; }, /not JSON/],
+    [
+      "invalid_params",
+      () => {
+        const spec = jobSpec(noop);
+        spec.tasks![0]!.paramsJson = "{not json";
+        return { spec };
+      },
+      /not JSON/,
+    ],
     ["invalid_schedule", () => ({ spec: jobSpec(noop, { schedule: { cron: "61 * * * *" } }) })],
   ])("%s", async (reason, make, message) => {
     const { spec, raw } = make();
@@ -72,14 +171,28 @@ describe("rejections", () => {
     await h.ctl.waitJob(DEV, jobId, TaskState.SUCCEEDED);
     const before = h.ctl.statuses(DEV).length;
     await h.ctl.assign(DEV, spec); // same bytes, signed again: same spec digest
-    const again = await h.ctl.waitFor("re-ack", () => h.ctl.statuses(DEV).slice(before).find((s) => s.jobId === jobId));
+    const again = await h.ctl.waitFor("re-ack", () =>
+      h.ctl
+        .statuses(DEV)
+        .slice(before)
+        .find((s) => s.jobId === jobId),
+    );
     expect(again).toMatchObject({ state: TaskState.SUCCEEDED, reason: "duplicate_delivery" });
     const changed = { ...spec, name: "something else" };
     await h.ctl.assign(DEV, changed);
-    const rej = await h.ctl.waitFor("reject", () => h.ctl.statuses(DEV).slice(before).find((s) => s.reason === "id_reused"));
+    const rej = await h.ctl.waitFor("reject", () =>
+      h.ctl
+        .statuses(DEV)
+        .slice(before)
+        .find((s) => s.reason === "id_reused"),
+    );
     expect(rej.state).toBe(TaskState.REJECTED);
     // The original job keeps its result.
-    expect(h.ctl.statuses(DEV).filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === TaskState.RUNNING)).toHaveLength(1);
+    expect(
+      h.ctl
+        .statuses(DEV)
+        .filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === TaskState.RUNNING),
+    ).toHaveLength(1);
   });
 });
 
@@ -93,9 +206,16 @@ describe("bad payloads on the agent's topics", () => {
     await h.ctl.publishRaw(DEV, "job", Buffer.alloc(1024 * 1024, 0x41));
     await h.ctl.publishRaw(DEV, "ctl", Buffer.concat([Buffer.from([0x0a, 0x50]), Buffer.alloc(10, 0x41)]));
     await h.ctl.publishRaw(DEV, "ctl", Buffer.alloc(0));
-    await h.ctl.publishRaw(DEV, "ctl", pb.Envelope.encode({ protocolVersion: 2, statusAck: { upToSeq: 99999 } }).finish());
+    await h.ctl.publishRaw(
+      DEV,
+      "ctl",
+      pb.Envelope.encode({ protocolVersion: 2, statusAck: { upToSeq: 99999 } }).finish(),
+    );
     await h.ctl.publishRaw(DEV, "job", encodeEnvelope({ timeHint: { nowMs: 1 } }));
-    const dropped = () => Object.entries(agent.counters.toObject()).filter(([k]) => k.startsWith("dropped_")).reduce((a, [k, v]) => a + v - (before[k] ?? 0), 0);
+    const dropped = () =>
+      Object.entries(agent.counters.toObject())
+        .filter(([k]) => k.startsWith("dropped_"))
+        .reduce((a, [k, v]) => a + v - (before[k] ?? 0), 0);
     await h.ctl.waitFor("7 drops", () => dropped() === 7);
     expect(agent.counters.get("dropped_oversized") - (before.dropped_oversized ?? 0)).toBe(1);
     expect(agent.counters.get("dropped_wrong_version") - (before.dropped_wrong_version ?? 0)).toBe(2);

@@ -27,8 +27,14 @@ interface Case {
   check?: (ctx: { statuses: TaskStatus[]; events: string[] }) => void;
 }
 
-const probe = (id: string, params: object = {}, extra: Partial<TaskInput> = {}): TaskInput => ({ id, type: "probe", params, ...extra });
-const order = (ev: string[], a: string, b: string) => expect(ev.indexOf(a), `${a} before ${b} in ${ev.join(",")}`).toBeLessThan(ev.indexOf(b));
+const probe = (id: string, params: object = {}, extra: Partial<TaskInput> = {}): TaskInput => ({
+  id,
+  type: "probe",
+  params,
+  ...extra,
+});
+const order = (ev: string[], a: string, b: string) =>
+  expect(ev.indexOf(a), `${a} before ${b} in ${ev.join(",")}`).toBeLessThan(ev.indexOf(b));
 const soon = (ms: number) => Date.now() + ms;
 const hourFromNow = (new Date().getUTCHours() + 12) % 24;
 
@@ -38,12 +44,18 @@ const cases: Case[] = [
     tasks: [probe("a"), probe("b", {}, { dependsOn: ["a"] }), probe("c", {}, { dependsOn: ["b"] })],
     expectTasks: { a: S.SUCCEEDED, b: S.SUCCEEDED, c: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
-    check: ({ events: ev }) => expect(ev).toEqual(["start:a", "end:a", "start:b", "end:b", "start:c", "end:c"]),
+    check: ({ events: ev }) =>
+      expect(ev).toEqual(["start:a", "end:a", "start:b", "end:b", "start:c", "end:c"]),
   },
   {
     name: "diamond branches run in parallel",
     config: { maxConcurrency: 2 },
-    tasks: [probe("a"), probe("b", { ms: 300 }, { dependsOn: ["a"] }), probe("c", { ms: 300 }, { dependsOn: ["a"] }), probe("d", {}, { dependsOn: ["b", "c"] })],
+    tasks: [
+      probe("a"),
+      probe("b", { ms: 300 }, { dependsOn: ["a"] }),
+      probe("c", { ms: 300 }, { dependsOn: ["a"] }),
+      probe("d", {}, { dependsOn: ["b", "c"] }),
+    ],
     expectTasks: { a: S.SUCCEEDED, b: S.SUCCEEDED, c: S.SUCCEEDED, d: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
     check: ({ events: ev }) => {
@@ -58,7 +70,10 @@ const cases: Case[] = [
     tasks: [probe("a", { failTimes: 1 }), probe("b", {}, { dependsOn: ["a"] })],
     expectTasks: { a: S.FAILED, b: S.SKIPPED },
     expectJob: S.FAILED,
-    check: ({ statuses }) => expect(statuses.find((s) => s.taskId === "b" && s.state === S.SKIPPED)?.message).toContain("upstream a"),
+    check: ({ statuses }) =>
+      expect(statuses.find((s) => s.taskId === "b" && s.state === S.SKIPPED)?.message).toContain(
+        "upstream a",
+      ),
   },
   {
     name: "all_done runs after a failure",
@@ -80,15 +95,24 @@ const cases: Case[] = [
   {
     name: "priority: higher first under a concurrency limit of 1",
     config: { maxConcurrency: 1 },
-    tasks: [probe("low", {}, { priority: 1 }), probe("high", {}, { priority: 10 }), probe("mid", {}, { priority: 5 })],
+    tasks: [
+      probe("low", {}, { priority: 1 }),
+      probe("high", {}, { priority: 10 }),
+      probe("mid", {}, { priority: 5 }),
+    ],
     expectTasks: { low: S.SUCCEEDED, high: S.SUCCEEDED, mid: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
-    check: ({ events: ev }) => expect(ev.filter((e) => e.startsWith("start"))).toEqual(["start:high", "start:mid", "start:low"]),
+    check: ({ events: ev }) =>
+      expect(ev.filter((e) => e.startsWith("start"))).toEqual(["start:high", "start:mid", "start:low"]),
   },
   {
     name: "per-type limit serializes one type while the global limit allows more",
     config: { maxConcurrency: 4, typeConcurrency: { probe: 1 } },
-    tasks: [probe("p1", { ms: 150 }), probe("p2", { ms: 150 }), { id: "s", type: "sleep", params: { seconds: 0.3 } }],
+    tasks: [
+      probe("p1", { ms: 150 }),
+      probe("p2", { ms: 150 }),
+      { id: "s", type: "sleep", params: { seconds: 0.3 } },
+    ],
     expectTasks: { p1: S.SUCCEEDED, p2: S.SUCCEEDED, s: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
     check: ({ events: ev }) => {
@@ -103,7 +127,14 @@ const cases: Case[] = [
     expectJob: S.SUCCEEDED,
     check: ({ statuses }) => {
       const a = statuses.filter((s) => s.taskId === "a");
-      expect(a.map((s) => `${S[s.state!]}#${s.attempt}`)).toEqual(["RUNNING#1", "WAITING#1", "RUNNING#2", "WAITING#2", "RUNNING#3", "SUCCEEDED#3"]);
+      expect(a.map((s) => `${S[s.state!]}#${s.attempt}`)).toEqual([
+        "RUNNING#1",
+        "WAITING#1",
+        "RUNNING#2",
+        "WAITING#2",
+        "RUNNING#3",
+        "SUCCEEDED#3",
+      ]);
       expect(a[1]?.message).toMatch(/attempt 1\/3 FAILED: planned failure 1; retrying in 0.1s/);
       expect(a[3]?.message).toMatch(/retrying in 0.2s/);
     },
@@ -113,7 +144,8 @@ const cases: Case[] = [
     tasks: [probe("a", { failTimes: 5 }, { retry: { maxAttempts: 2, backoffS: 0 } })],
     expectTasks: { a: S.FAILED },
     expectJob: S.FAILED,
-    check: ({ statuses }) => expect(statuses.filter((s) => s.taskId === "a").at(-1)).toMatchObject({ attempt: 2, output: "out2" }),
+    check: ({ statuses }) =>
+      expect(statuses.filter((s) => s.taskId === "a").at(-1)).toMatchObject({ attempt: 2, output: "out2" }),
   },
   {
     name: "timeout aborts the task",
@@ -133,7 +165,8 @@ const cases: Case[] = [
     tasks: [probe("a", { ms: 10_000 }, { timeoutS: 1, retry: { maxAttempts: 2, backoffS: 0 } })],
     expectTasks: { a: S.TIMED_OUT },
     expectJob: S.TIMED_OUT,
-    check: ({ statuses }) => expect(statuses.filter((s) => s.taskId === "a" && s.state === S.RUNNING)).toHaveLength(2),
+    check: ({ statuses }) =>
+      expect(statuses.filter((s) => s.taskId === "a" && s.state === S.RUNNING)).toHaveLength(2),
   },
   {
     name: "cancel stops the running task and cancels the queued ones",
@@ -144,13 +177,22 @@ const cases: Case[] = [
     },
     expectTasks: { a: S.CANCELED, b: S.CANCELED },
     expectJob: S.CANCELED,
-    check: ({ statuses }) => expect(statuses.find((s) => s.taskId === "a" && s.state === S.CANCELED)?.message).toBe("operator said stop"),
+    check: ({ statuses }) =>
+      expect(statuses.find((s) => s.taskId === "a" && s.state === S.CANCELED)?.message).toBe(
+        "operator said stop",
+      ),
   },
   {
     name: "precondition wait holds the task until the job expires",
     job: () => ({ expiresAtMs: soon(2500) }),
     facts: { "battery.percent": 10 },
-    tasks: [probe("a", {}, { requires: [{ fact: "battery.percent", op: ">=", value: "30", onUnmet: OnUnmet.ON_UNMET_WAIT }] })],
+    tasks: [
+      probe(
+        "a",
+        {},
+        { requires: [{ fact: "battery.percent", op: ">=", value: "30", onUnmet: OnUnmet.ON_UNMET_WAIT }] },
+      ),
+    ],
     expectTasks: { a: S.FAILED },
     expectJob: S.FAILED,
     check: ({ statuses }) => {
@@ -164,17 +206,29 @@ const cases: Case[] = [
     name: "precondition fail and skip",
     facts: { "disk.free": 100 * 1024 ** 2 },
     tasks: [
-      probe("f", {}, { requires: [{ fact: "disk.free", op: ">=", value: "500MB", onUnmet: OnUnmet.ON_UNMET_FAIL }] }),
-      probe("s", {}, { requires: [{ fact: "os.arch", op: "in", value: "sparc,mips", onUnmet: OnUnmet.ON_UNMET_SKIP }] }),
+      probe(
+        "f",
+        {},
+        { requires: [{ fact: "disk.free", op: ">=", value: "500MB", onUnmet: OnUnmet.ON_UNMET_FAIL }] },
+      ),
+      probe(
+        "s",
+        {},
+        { requires: [{ fact: "os.arch", op: "in", value: "sparc,mips", onUnmet: OnUnmet.ON_UNMET_SKIP }] },
+      ),
       probe("ok", {}, { requires: [{ fact: "disk.free", op: ">=", value: "50MB" }] }),
     ],
     expectTasks: { f: S.FAILED, s: S.SKIPPED, ok: S.SUCCEEDED },
     expectJob: S.FAILED,
-    check: ({ statuses }) => expect(statuses.find((x) => x.taskId === "f")?.message).toContain("disk.free >= 500MB"),
+    check: ({ statuses }) =>
+      expect(statuses.find((x) => x.taskId === "f")?.message).toContain("disk.free >= 500MB"),
   },
   {
     name: "outside the maintenance window: WAITING until expiry",
-    job: () => ({ expiresAtMs: soon(2500), window: { cron: `0 ${hourFromNow} * * *`, durationS: 60, timezone: "UTC" } }),
+    job: () => ({
+      expiresAtMs: soon(2500),
+      window: { cron: `0 ${hourFromNow} * * *`, durationS: 60, timezone: "UTC" },
+    }),
     tasks: [probe("a")],
     expectTasks: { a: S.FAILED },
     expectJob: S.FAILED,
@@ -197,21 +251,36 @@ const cases: Case[] = [
     expectTasks: { a: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
     check: ({ statuses }) => {
-      expect(statuses.find((s) => s.taskId === "a")).toMatchObject({ state: S.WAITING, reason: "not_before" });
+      expect(statuses.find((s) => s.taskId === "a")).toMatchObject({
+        state: S.WAITING,
+        reason: "not_before",
+      });
     },
   },
   {
     name: "shell: allowed command succeeds with its output",
     config: { allowShell: ["/bin/sh"] },
-    tasks: [{ id: "sh", type: "shell", params: { command: "/bin/sh", args: ["-c", "echo hello; echo err >&2"] } }],
+    tasks: [
+      { id: "sh", type: "shell", params: { command: "/bin/sh", args: ["-c", "echo hello; echo err >&2"] } },
+    ],
     expectTasks: { sh: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
-    check: ({ statuses }) => expect(statuses.find((s) => s.state === S.SUCCEEDED)?.output).toBe("hello\nerr\n"),
+    check: ({ statuses }) =>
+      expect(statuses.find((s) => s.state === S.SUCCEEDED)?.output).toBe("hello\nerr\n"),
   },
   {
     name: "shell: non-zero exit fails, output truncated to the limit",
     config: { allowShell: ["/bin/sh"], outputLimitBytes: 1024 },
-    tasks: [{ id: "sh", type: "shell", params: { command: "/bin/sh", args: ["-c", "head -c 5000 /dev/zero | tr '\\0' x; echo; echo boom; exit 3"] } }],
+    tasks: [
+      {
+        id: "sh",
+        type: "shell",
+        params: {
+          command: "/bin/sh",
+          args: ["-c", "head -c 5000 /dev/zero | tr '\\0' x; echo; echo boom; exit 3"],
+        },
+      },
+    ],
     expectTasks: { sh: S.FAILED },
     expectJob: S.FAILED,
     check: ({ statuses }) => {
@@ -225,7 +294,14 @@ const cases: Case[] = [
   {
     name: "shell: timeout kills the whole process group",
     config: { allowShell: ["/bin/sh"] },
-    tasks: [{ id: "sh", type: "shell", timeoutS: 1, params: { command: "/bin/sh", args: ["-c", "sleep 47.5 & sleep 47.5; wait"] } }],
+    tasks: [
+      {
+        id: "sh",
+        type: "shell",
+        timeoutS: 1,
+        params: { command: "/bin/sh", args: ["-c", "sleep 47.5 & sleep 47.5; wait"] },
+      },
+    ],
     expectTasks: { sh: S.TIMED_OUT },
     expectJob: S.TIMED_OUT,
     check: () => {
@@ -251,7 +327,9 @@ describe("scheduler", () => {
     if (c.act) await c.act({ deviceId, jobId });
     const done = await h.ctl.waitJob(deviceId, jobId);
     const statuses = h.ctl.statuses(deviceId).filter((s) => s.jobId === jobId);
-    const final = Object.fromEntries(Object.keys(c.expectTasks).map((t) => [t, S[h.ctl.latest(deviceId, jobId, t)?.state ?? 0]]));
+    const final = Object.fromEntries(
+      Object.keys(c.expectTasks).map((t) => [t, S[h.ctl.latest(deviceId, jobId, t)?.state ?? 0]]),
+    );
     expect(final).toEqual(Object.fromEntries(Object.entries(c.expectTasks).map(([t, s]) => [t, S[s]])));
     expect(S[done.state!]).toBe(S[c.expectJob]);
     c.check?.({ statuses, events: [...events] });
@@ -265,12 +343,21 @@ describe("scheduler", () => {
     const failing = jobSpec([probe("bad", { failTimes: 1 })]);
     await h.ctl.assign(deviceId, first);
     await h.ctl.assign(deviceId, failing);
-    const after = await h.ctl.assign(deviceId, jobSpec([probe("after", {}, { dependsOn: [`job:${first.jobId}`] })]));
-    const afterBad = await h.ctl.assign(deviceId, jobSpec([probe("afterBad", {}, { dependsOn: [`job:${failing.jobId}`] })]));
+    const after = await h.ctl.assign(
+      deviceId,
+      jobSpec([probe("after", {}, { dependsOn: [`job:${first.jobId}`] })]),
+    );
+    const afterBad = await h.ctl.assign(
+      deviceId,
+      jobSpec([probe("afterBad", {}, { dependsOn: [`job:${failing.jobId}`] })]),
+    );
     expect((await h.ctl.waitJob(deviceId, after)).state).toBe(S.SUCCEEDED);
     expect((await h.ctl.waitJob(deviceId, afterBad)).state).toBe(S.SUCCEEDED);
     expect(h.ctl.latest(deviceId, afterBad, "afterBad")?.state).toBe(S.SKIPPED);
     order(events, "end:first", "start:after");
-    expect(h.ctl.statuses(deviceId).find((s) => s.jobId === after && s.taskId === "after")).toMatchObject({ state: S.WAITING, reason: "dependencies" });
+    expect(h.ctl.statuses(deviceId).find((s) => s.jobId === after && s.taskId === "after")).toMatchObject({
+      state: S.WAITING,
+      reason: "dependencies",
+    });
   });
 });

@@ -56,8 +56,19 @@ describe("task graph", () => {
 });
 
 describe("preconditions", () => {
-  const facts = { "agent.version": "1.10.0", "os.arch": "arm64", "disk.free": 600 * 1024 ** 2, "battery.percent": 20, "labels.site": "berlin" };
-  const req = (fact: string, op: string, value: string, onUnmet = OnUnmet.ON_UNMET_WAIT) => ({ fact, op, value, onUnmet });
+  const facts = {
+    "agent.version": "1.10.0",
+    "os.arch": "arm64",
+    "disk.free": 600 * 1024 ** 2,
+    "battery.percent": 20,
+    "labels.site": "berlin",
+  };
+  const req = (fact: string, op: string, value: string, onUnmet = OnUnmet.ON_UNMET_WAIT) => ({
+    fact,
+    op,
+    value,
+    onUnmet,
+  });
   it.each([
     [req("agent.version", ">=", "1.2.0"), "met"],
     [req("agent.version", "<", "1.9.9"), "wait"],
@@ -73,7 +84,10 @@ describe("preconditions", () => {
     expect(checkRequirements([r], facts).kind).toBe(kind);
   });
   it("fail beats skip beats wait, and the message names the fact and its value", () => {
-    const out = checkRequirements([req("battery.percent", ">", "50"), req("disk.free", ">", "1TB", OnUnmet.ON_UNMET_FAIL)], facts);
+    const out = checkRequirements(
+      [req("battery.percent", ">", "50"), req("disk.free", ">", "1TB", OnUnmet.ON_UNMET_FAIL)],
+      facts,
+    );
     expect(out).toMatchObject({ kind: "fail" });
     expect(out.kind !== "met" && out.message).toContain("disk.free > 1TB (is");
   });
@@ -149,12 +163,29 @@ describe("reconnect backoff", () => {
 describe("agent config", () => {
   it("reports every problem at once, each with its path", () => {
     try {
-      parseAgentConfig({ deviceId: "bad id!", brokers: ["http://x"], trustedKeys: [], username: "other", telemetryIntervalS: -1, extra: 1 }, "/");
+      parseAgentConfig(
+        {
+          deviceId: "bad id!",
+          brokers: ["http://x"],
+          trustedKeys: [],
+          username: "other",
+          telemetryIntervalS: -1,
+          extra: 1,
+        },
+        "/",
+      );
       expect.unreachable();
     } catch (err) {
       expect(err).toBeInstanceOf(ConfigError);
       const p = (err as ConfigError).problems.join("\n");
-      for (const path of ["deviceId:", "brokers.0:", "trustedKeys:", "telemetryIntervalS:", "(root): Unrecognized key"]) expect(p).toContain(path);
+      for (const path of [
+        "deviceId:",
+        "brokers.0:",
+        "trustedKeys:",
+        "telemetryIntervalS:",
+        "(root): Unrecognized key",
+      ])
+        expect(p).toContain(path);
     }
   });
 });

@@ -7,8 +7,20 @@ import { pb, TaskState } from "../../proto/index.js";
 import { tempDir } from "../helpers/keys.js";
 
 const status = {
-  seq: 7, jobId: "01J", taskId: "t", executionId: "2026-01-01T00:00:00.000Z", state: TaskState.FAILED, attempt: 2,
-  progress: 50, message: "m", reason: "r", output: "o", atMs: 1, startedAtMs: 2, finishedAtMs: 3, taskType: "shell",
+  seq: 7,
+  jobId: "01J",
+  taskId: "t",
+  executionId: "2026-01-01T00:00:00.000Z",
+  state: TaskState.FAILED,
+  attempt: 2,
+  progress: 50,
+  message: "m",
+  reason: "r",
+  output: "o",
+  atMs: 1,
+  startedAtMs: 2,
+  finishedAtMs: 3,
+  taskType: "shell",
 };
 const job = { spec: new Uint8Array([1, 2, 3]), signature: new Uint8Array([4]), keyId: "k" };
 
@@ -20,12 +32,40 @@ const bodies: Record<string, object> = {
   syncResponse: { assignments: [{ job, deviceId: "d" }], cancels: [{ jobId: "j" }], nowMs: 5 },
   timeHint: { nowMs: 1_800_000_000_000 },
   statusBatch: { statuses: [status] },
-  deviceState: { online: true, agentVersion: "1", labels: { a: "b" }, queueDepth: 1, running: 1, startedAtMs: 4, factsJson: "{}", counters: { x: 3 } },
-  telemetry: { cpuLoad: 0.5, memTotal: 10, memUsed: 5, diskTotal: 9, diskFree: 1, temperatureC: 40, uptimeS: 3, netRxBytes: 1, netTxBytes: 2, atMs: 8 },
+  deviceState: {
+    online: true,
+    agentVersion: "1",
+    labels: { a: "b" },
+    queueDepth: 1,
+    running: 1,
+    startedAtMs: 4,
+    factsJson: "{}",
+    counters: { x: 3 },
+  },
+  telemetry: {
+    cpuLoad: 0.5,
+    memTotal: 10,
+    memUsed: 5,
+    diskTotal: 9,
+    diskFree: 1,
+    temperatureC: 40,
+    uptimeS: 3,
+    netRxBytes: 1,
+    netTxBytes: 2,
+    atMs: 8,
+  },
   syncRequest: { lastAckedSeq: 3, knownJobsDigest: new Uint8Array([9]), knownJobCount: 1, agentVersion: "1" },
   rpcRequest: { call: new Uint8Array([1]), signature: new Uint8Array([2]), keyId: "k" },
   rpcResponse: { requestId: "r", ok: true, resultJson: "{}", error: "", errorCode: 0 },
-  fleetEvent: { kind: "task.status", deviceId: "d", jobId: "j", rolloutId: "r", status, detailJson: "{}", atMs: 1 },
+  fleetEvent: {
+    kind: "task.status",
+    deviceId: "d",
+    jobId: "j",
+    rolloutId: "r",
+    status,
+    detailJson: "{}",
+    atMs: 1,
+  },
 };
 
 describe("wire schema", () => {
@@ -36,16 +76,35 @@ describe("wire schema", () => {
     expect(env.protocolVersion).toBe(PROTOCOL_VERSION);
     expect(env.sentAtMs).toBe(42);
     const back = pb.Envelope.toObject(env, { defaults: false, bytes: Array })[name];
-    const expected = pb.Envelope.toObject(pb.Envelope.fromObject({ [name]: body }), { defaults: false, bytes: Array })[name];
+    const expected = pb.Envelope.toObject(pb.Envelope.fromObject({ [name]: body }), {
+      defaults: false,
+      bytes: Array,
+    })[name];
     expect(back).toEqual(expected);
   });
 
   it("round-trips a full JobSpec with tasks, requirements, window and schedule", () => {
     const spec = {
-      jobId: "01HZ", name: "n", issuedAtMs: 1, expiresAtMs: 2, notBeforeMs: 3, allowDowngrade: true,
+      jobId: "01HZ",
+      name: "n",
+      issuedAtMs: 1,
+      expiresAtMs: 2,
+      notBeforeMs: 3,
+      allowDowngrade: true,
       target: { deviceIds: ["a"], selector: "env=prod" },
-      tasks: [{ id: "t", type: "shell", paramsJson: "{}", dependsOn: ["job:x"], trigger: 2, priority: -3, timeoutS: 4,
-        retry: { maxAttempts: 3, backoffS: 1.5, factor: 2 }, requires: [{ fact: "disk.free", op: ">=", value: "1MB", onUnmet: 1 }] }],
+      tasks: [
+        {
+          id: "t",
+          type: "shell",
+          paramsJson: "{}",
+          dependsOn: ["job:x"],
+          trigger: 2,
+          priority: -3,
+          timeoutS: 4,
+          retry: { maxAttempts: 3, backoffS: 1.5, factor: 2 },
+          requires: [{ fact: "disk.free", op: ">=", value: "1MB", onUnmet: 1 }],
+        },
+      ],
       window: { cron: "0 2 * * *", durationS: 7200, timezone: "Europe/Berlin" },
       schedule: { cron: "*/5 * * * *", timezone: "UTC" },
     };
@@ -69,7 +128,9 @@ describe("wire schema", () => {
     };
     expect(reasons(new Uint8Array(300 * 1024))).toBe("oversized");
     expect(reasons(Buffer.from("\xff\xff\xff\xff\xff garbage"))).toBe("undecodable");
-    expect(reasons(pb.Envelope.encode({ protocolVersion: 99, timeHint: { nowMs: 1 } }).finish())).toBe("wrong_version");
+    expect(reasons(pb.Envelope.encode({ protocolVersion: 99, timeHint: { nowMs: 1 } }).finish())).toBe(
+      "wrong_version",
+    );
     expect(reasons(pb.Envelope.encode({ protocolVersion: 1 }).finish())).toBe("empty_body");
     expect(reasons(encodeEnvelope({ timeHint: { nowMs: 1 } }).subarray(0, 5))).toBe("undecodable");
   });
