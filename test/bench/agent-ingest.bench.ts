@@ -34,7 +34,9 @@ it(`B2: ${N} jobs into one agent`, async () => {
     };
     await sub.subscribeAsync("raw/in", { qos: 1 });
     const pub = await mqtt.connectAsync(h.broker.url, { clientId: "raw-pub" });
-    const payloads = Array.from({ length: N }, () => encodeEnvelope({ jobAssignment: { job: sign(jobSpec([{ id: "a", type: "noop" }])) } }));
+    const payloads = Array.from({ length: N }, () =>
+      encodeEnvelope({ jobAssignment: { job: sign(jobSpec([{ id: "a", type: "noop" }])) } }),
+    );
     let t = performance.now();
     await Promise.all(payloads.map((p) => pub.publishAsync("raw/in", Buffer.from(p), { qos: 1 })));
     await rawFinished;
@@ -47,14 +49,20 @@ it(`B2: ${N} jobs into one agent`, async () => {
     // EdgeFleet: signed jobs verified and stored by the agent, QUEUED statuses back through the outbox.
     const agent = await h.newAgent("bench-ingest");
     const specs = Array.from({ length: N }, () => jobSpec([{ id: "a", type: "noop" }]));
-    const envs = specs.map((s) => Buffer.from(encodeEnvelope({ jobAssignment: { job: sign(s), deviceId: "bench-ingest" } })));
+    const envs = specs.map((s) =>
+      Buffer.from(encodeEnvelope({ jobAssignment: { job: sign(s), deviceId: "bench-ingest" } })),
+    );
     const topic = deviceTopic("fleet/v1", "bench-ingest", "job");
     const client = await mqtt.connectAsync(h.broker.url, { clientId: "bench-pub" });
     t = performance.now();
     await Promise.all(envs.map((e) => client.publishAsync(topic, e, { qos: 1 })));
     await h.ctl.waitFor(
       "all queued",
-      () => h.ctl.statuses("bench-ingest").filter((s) => s.taskId === "" && (s.state === TaskState.QUEUED || s.state === TaskState.REJECTED)).length >= N,
+      () =>
+        h.ctl
+          .statuses("bench-ingest")
+          .filter((s) => s.taskId === "" && (s.state === TaskState.QUEUED || s.state === TaskState.REJECTED))
+          .length >= N,
       600_000,
     );
     const fleetMs = performance.now() - t;

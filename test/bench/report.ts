@@ -25,5 +25,8 @@ export function report(bench: string, figures: Figure[]): void {
     })),
   );
   mkdirSync("bench-results", { recursive: true });
-  writeFileSync(join("bench-results", `${bench}.json`), JSON.stringify({ bench, machine, at: new Date().toISOString(), figures }, null, 2));
+  writeFileSync(
+    join("bench-results", `${bench}.json`),
+    JSON.stringify({ bench, machine, at: new Date().toISOString(), figures }, null, 2),
+  );
 }
