@@ -1,18 +1,37 @@
 import { Command, CommanderError } from "commander";
 import { AGENT_VERSION } from "../agent/version.js";
 import { registerAgent } from "./agent.js";
+import { registerDevice } from "./device.js";
 import { CliError, EXIT } from "./exit.js";
+import { registerFlash } from "./flash.js";
+import { registerInit } from "./init.js";
+import { registerJobs } from "./jobs.js";
+import { registerRun } from "./run.js";
+import { registerServer } from "./server.js";
+import { registerWatch } from "./watch.js";
 
 export async function main(argv: string[]): Promise<number> {
   const program = new Command("fleet")
     .description("EdgeFleet: fleet manager for IoT and edge devices")
     .version(AGENT_VERSION)
     .exitOverride()
+    .showHelpAfterError("(add --help for usage)")
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  registerInit(program);
+  registerServer(program);
+  registerDevice(program);
+  registerFlash(program);
   registerAgent(program);
+  registerRun(program);
+  registerJobs(program);
+  registerWatch(program);
+  for (const c of program.commands) {
+    c.exitOverride();
+    for (const sub of c.commands) sub.exitOverride();
+  }
   try {
     await program.parseAsync(argv);
-    return EXIT.OK;
+    return typeof process.exitCode === "number" ? process.exitCode : EXIT.OK;
   } catch (err) {
     if (err instanceof CommanderError) {
       return err.exitCode === 0 ? EXIT.OK : EXIT.USAGE;

@@ -1,0 +1,87 @@
+// The fleet server's data directory (`fleet init` writes it; `fleet server` reads it).
+//
+//   D/server.json     controller credentials, operator accounts, limits        (0600)
+//   D/operator.json   the operator context for the CLI (DESIGN.md §7)          (0600)
+//   D/operator.key    the operator's ed25519 signing key                        (0600)
+//   D/tls/            fleet CA and server certificate (keys 0600)
+//   D/db/             the controller's LevelDB
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { z } from "zod";
+import { formatIssues } from "../agent/config.js";
+import { DEFAULT_PREFIX } from "../proto/topics.js";
+
+export const serverConfigSchema = z
+  .object({
+    prefix: z.string().default(DEFAULT_PREFIX),
+    controller: z.object({ username: z.string(), password: z.string() }),
+    operators: z
+      .array(
+        z.object({
+          username: z.string(),
+          passwordHash: z.string(),
+          keyId: z.string(),
+          publicKey: z.string(),
+        }),
+      )
+      .min(1),
+    historyRetentionDays: z.number().min(1).default(30),
+    limits: z
+      .object({
+        maxConnections: z.number().int().min(1).default(20_000),
+        connectsPerSecondPerAddress: z.number().min(1).default(50),
+        maxPayloadBytes: z
+          .number()
+          .int()
+          .min(1024)
+          .default(256 * 1024),
+      })
+      .default({ maxConnections: 20_000, connectsPerSecondPerAddress: 50, maxPayloadBytes: 256 * 1024 }),
+    /** Hosts the server certificate is valid for. */
+    hosts: z.array(z.string()).default(["localhost", "127.0.0.1"]),
+  })
+  .strict();
+
+export type ServerConfig = z.output<typeof serverConfigSchema>;
+
+export const operatorContextSchema = z.object({
+  server: z.string(),
+  username: z.string(),
+  password: z.string(),
+  keyId: z.string(),
+  signingKey: z.string(),
+  caCert: z.string().optional(),
+  prefix: z.string().default(DEFAULT_PREFIX),
+});
+export type OperatorContext = z.output<typeof operatorContextSchema>;
+
+export const paths = (dir: string) => ({
+  server: join(dir, "server.json"),
+  operator: join(dir, "operator.json"),
+  operatorKey: join(dir, "operator.key"),
+  caCert: join(dir, "tls", "ca.pem"),
+  caKey: join(dir, "tls", "ca.key"),
+  serverCert: join(dir, "tls", "server.pem"),
+  serverKey: join(dir, "tls", "server.key"),
+  db: join(dir, "db"),
+});
+
+export class BadConfigError extends Error {}
+
+export function readJsonFile<T>(file: string, schema: z.ZodType<T>): T {
+  if (!existsSync(file)) throw new BadConfigError(`${file} does not exist`);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(file, "utf8"));
+  } catch (err) {
+    throw new BadConfigError(`${file}: not valid JSON: ${(err as Error).message}`);
+  }
+  const r = schema.safeParse(raw);
+  if (!r.success)
+    throw new BadConfigError(
+      `${file}:\n${formatIssues(r.error.issues)
+        .map((p) => `  - ${p}`)
+        .join("\n")}`,
+    );
+  return r.data;
+}

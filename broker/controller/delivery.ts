@@ -1,0 +1,312 @@
+// Job store and delivery (DESIGN.md §4): store the assignment, then publish it; re-send what
+// a device has not acknowledged on every SyncRequest; apply StatusBatches idempotently by seq,
+// persist, then StatusAck; aggregate task and job states per device and per job.
+import type { Logger } from "pino";
+import type { Counters } from "../../agent/counters.js";
+import { encodeEnvelope } from "../../proto/envelope.js";
+import { pb, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
+import { deviceTopic, eventsTopic } from "../../proto/topics.js";
+import type { Registry } from "./registry.js";
+import { type Assignment, asgKey, type ControllerStore, type JobRecord, type Op } from "./store.js";
+
+export interface DeliveryContext {
+  store: ControllerStore;
+  registry: Registry;
+  prefix: string;
+  log: Logger;
+  counters: Counters;
+  publish(topic: string, payload: Uint8Array, qos: 0 | 1): void;
+  now(): number;
+}
+
+export const stateName = (s: number): string =>
+  s === TaskState.TASK_STATE_UNSPECIFIED ? "PENDING" : (TaskState[s] ?? String(s));
+
+export function assignmentJson(a: Assignment, job?: JobRecord) {
+  const order = job?.tasks.map((t) => t.id) ?? Object.keys(a.tasks);
+  return {
+    deviceId: a.deviceId,
+    state: stateName(a.state),
+    ...(a.reason ? { reason: a.reason } : {}),
+    ...(a.message ? { message: a.message } : {}),
+    tasks: order.map((id) => {
+      const t = a.tasks[id];
+      return {
+        id,
+        type: t?.type ?? job?.tasks.find((x) => x.id === id)?.type ?? "",
+        state: stateName(t?.state ?? TaskState.TASK_STATE_UNSPECIFIED),
+        attempt: t?.attempt ?? 0,
+        message: t?.message ?? "",
+        ...(t?.reason ? { reason: t.reason } : {}),
+        ...(t?.output ? { output: t.output } : {}),
+      };
+    }),
+  };
+}
+
+/** A job's state across its devices. */
+export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
+  if (asgs.some((a) => !TERMINAL_STATES.has(a.state))) {
+    if (job.cancelled) return "CANCELING";
+    return asgs.some((a) => a.acked) ? "RUNNING" : "PENDING";
+  }
+  if (job.cancelled) return "CANCELED";
+  return asgs.every((a) => a.state === TaskState.SUCCEEDED) ? "SUCCEEDED" : "FAILED";
+}
+
+export function jobJson(job: JobRecord, asgs: readonly Assignment[]) {
+  return {
+    id: job.id,
+    name: job.name,
+    state: jobState(job, asgs),
+    createdAt: new Date(job.createdAt).toISOString(),
+    ...(job.cancelled ? { cancelled: job.cancelled.reason } : {}),
+    devices: asgs.map((a) => assignmentJson(a, job)),
+  };
+}
+
+export class Delivery {
+  /** Per-device chains so one device's batches apply in order while devices run in parallel. */
+  private readonly chains = new Map<string, Promise<void>>();
+  private readonly jobCache = new Map<string, JobRecord>();
+
+  constructor(private readonly c: DeliveryContext) {}
+
+  async job(jobId: string): Promise<JobRecord | undefined> {
+    const cached = this.jobCache.get(jobId);
+    if (cached) return cached;
+    const j = await this.c.store.jobs.get(jobId);
+    if (j && this.jobCache.size < 10_000) this.jobCache.set(jobId, j);
+    return j;
+  }
+
+  private assignmentPayload(job: JobRecord, deviceId: string): Uint8Array {
+    return encodeEnvelope({
+      jobAssignment: { job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId },
+    });
+  }
+
+  /** Stores the job and its assignments (one synced batch), then publishes to online devices. */
+  async submit(job: JobRecord): Promise<void> {
+    const now = this.c.now();
+    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job)];
+    for (const d of job.devices) {
+      const a: Assignment = {
+        jobId: job.id,
+        deviceId: d,
+        acked: false,
+        state: TaskState.TASK_STATE_UNSPECIFIED,
+        reason: "",
+        message: "",
+        execId: "",
+        tasks: {},
+        updatedAt: now,
+        runs: 0,
+      };
+      ops.push(this.c.store.put(this.c.store.assignments, asgKey(d, job.id), a));
+    }
+    await this.c.store.batch(ops);
+    this.jobCache.set(job.id, job);
+    for (const d of job.devices) {
+      if (this.c.registry.get(d)?.online) {
+        this.c.publish(deviceTopic(this.c.prefix, d, "job"), this.assignmentPayload(job, d), 1);
+      }
+    }
+    this.event({
+      kind: "job.created",
+      jobId: job.id,
+      detailJson: JSON.stringify({ name: job.name, devices: job.devices.length }),
+    });
+  }
+
+  /** Re-sends every assignment the device has not acknowledged, pending cancels, and the time. */
+  async onSync(deviceId: string): Promise<void> {
+    const assignments: Array<{ job: ReturnType<typeof pb.SignedJob.decode>; deviceId: string }> = [];
+    const cancels: Array<{ jobId: string; reason: string }> = [];
+    for (const a of await this.c.store.deviceAssignments(deviceId)) {
+      if (TERMINAL_STATES.has(a.state)) continue;
+      const job = await this.job(a.jobId);
+      if (!job) continue;
+      if (job.cancelled) {
+        if (a.acked) cancels.push({ jobId: job.id, reason: job.cancelled.reason });
+      } else if (!a.acked && job.expiresAt > this.c.now()) {
+        assignments.push({ job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId });
+      }
+    }
+    this.c.publish(
+      deviceTopic(this.c.prefix, deviceId, "ctl"),
+      encodeEnvelope({ syncResponse: { assignments, cancels, nowMs: this.c.now() } }),
+      1,
+    );
+    if (assignments.length) this.c.counters.inc("assignments_resent", assignments.length);
+  }
+
+  onStatusBatch(deviceId: string, statuses: TaskStatus[]): Promise<void> {
+    const prev = this.chains.get(deviceId) ?? Promise.resolve();
+    const next = prev
+      .then(() => this.apply(deviceId, statuses))
+      .catch((err) => {
+        this.c.counters.inc("status_apply_failed");
+        this.c.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
+      });
+    this.chains.set(deviceId, next);
+    void next.then(() => {
+      if (this.chains.get(deviceId) === next) this.chains.delete(deviceId);
+    });
+    return next;
+  }
+
+  private async apply(deviceId: string, statuses: TaskStatus[]): Promise<void> {
+    const { store } = this.c;
+    let last = (await store.seqs.get(deviceId)) ?? 0;
+    const start = last;
+    const touched = new Map<string, Assignment>();
+    const fresh: TaskStatus[] = [];
+    for (const s of statuses) {
+      const seq = s.seq ?? 0;
+      if (seq <= last) {
+        this.c.counters.inc("statuses_duplicate");
+        continue;
+      }
+      last = seq;
+      fresh.push(s);
+      const key = asgKey(deviceId, s.jobId ?? "");
+      const a = touched.get(key) ?? (await store.assignments.get(key));
+      if (!a) {
+        this.c.counters.inc("statuses_unknown_job");
+        this.c.log.warn(
+          { deviceId, jobId: s.jobId, state: stateName(s.state ?? 0), reason: s.reason },
+          "status for a job this device was not assigned",
+        );
+        continue;
+      }
+      applyStatus(a, s, this.c.now());
+      touched.set(key, a);
+    }
+    if (last > start) {
+      const ops: Op[] = [...touched.values()].map((a) =>
+        store.put(store.assignments, asgKey(a.deviceId, a.jobId), a),
+      );
+      ops.push(store.put(store.seqs, deviceId, last));
+      await store.batch(ops);
+    }
+    this.c.registry.seen(deviceId, this.c.now());
+    // Persisted (or nothing new): acknowledge cumulatively.
+    this.c.publish(
+      deviceTopic(this.c.prefix, deviceId, "ctl"),
+      encodeEnvelope({ statusAck: { upToSeq: last } }),
+      1,
+    );
+    for (const s of fresh) this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
+  }
+
+  /** Cancels a job: withdraws what was not delivered, tells devices to cancel the rest. */
+  async cancel(jobId: string, reason: string): Promise<JobRecord | undefined> {
+    const job = await this.job(jobId);
+    if (!job) return undefined;
+    if (job.cancelled) return job;
+    job.cancelled = { reason, at: this.c.now() };
+    const asgs = await this.c.store.jobAssignments(job);
+    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job)];
+    const notify: string[] = [];
+    for (const a of asgs) {
+      if (TERMINAL_STATES.has(a.state)) continue;
+      if (!a.acked) {
+        a.state = TaskState.CANCELED;
+        a.reason = "withdrawn";
+        a.message = reason;
+        a.updatedAt = this.c.now();
+        ops.push(this.c.store.put(this.c.store.assignments, asgKey(a.deviceId, a.jobId), a));
+      } else notify.push(a.deviceId);
+    }
+    await this.c.store.batch(ops);
+    for (const d of notify) {
+      if (this.c.registry.get(d)?.online) {
+        this.c.publish(
+          deviceTopic(this.c.prefix, d, "ctl"),
+          encodeEnvelope({ cancel: { jobId, reason } }),
+          1,
+        );
+      }
+    }
+    this.event({ kind: "job.canceled", jobId, detailJson: JSON.stringify({ reason }) });
+    return job;
+  }
+
+  async view(jobId: string) {
+    const job = await this.job(jobId);
+    if (!job) return undefined;
+    return jobJson(job, await this.c.store.jobAssignments(job));
+  }
+
+  /** Drops jobs (and their assignments) created before `before` whose assignments are all terminal. */
+  async prune(before: number): Promise<number> {
+    let n = 0;
+    for await (const job of this.c.store.jobs.values()) {
+      if (job.createdAt >= before) continue;
+      const asgs = await this.c.store.jobAssignments(job);
+      if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.c.now()) continue;
+      await this.c.store.batch(
+        [
+          this.c.store.del(this.c.store.jobs, job.id),
+          ...job.devices.map((d) => this.c.store.del(this.c.store.assignments, asgKey(d, job.id))),
+        ],
+        false,
+      );
+      this.jobCache.delete(job.id);
+      n++;
+    }
+    return n;
+  }
+
+  event(e: {
+    kind: string;
+    deviceId?: string;
+    jobId?: string;
+    status?: TaskStatus;
+    detailJson?: string;
+  }): void {
+    this.c.publish(
+      eventsTopic(this.c.prefix),
+      encodeEnvelope({ fleetEvent: { ...e, atMs: this.c.now() } }),
+      0,
+    );
+  }
+}
+
+/** Folds one status into an assignment. */
+export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
+  const state = s.state ?? TaskState.TASK_STATE_UNSPECIFIED;
+  const execId = s.executionId ?? "";
+  a.updatedAt = now;
+  if (execId !== a.execId && execId) {
+    // A new occurrence of a recurring job: its tasks start over.
+    a.execId = execId;
+    a.tasks = {};
+  }
+  if (!s.taskId) {
+    if (state === TaskState.QUEUED || state === TaskState.REJECTED || s.reason === "duplicate_delivery")
+      a.acked = true;
+    if (execId && TERMINAL_STATES.has(state)) {
+      a.runs++; // a recurring occurrence ended; the job itself goes on
+      a.message = `last run ${TaskState[state]}`;
+      return;
+    }
+    if (s.reason === "duplicate_delivery" && !TERMINAL_STATES.has(state)) return;
+    if (TERMINAL_STATES.has(a.state) && !TERMINAL_STATES.has(state)) return;
+    a.state = state;
+    a.reason = s.reason ?? "";
+    a.message = s.message ?? "";
+    return;
+  }
+  a.acked = true;
+  a.tasks[s.taskId] = {
+    type: s.taskType ?? a.tasks[s.taskId]?.type ?? "",
+    state,
+    attempt: s.attempt ?? 0,
+    message: s.message ?? "",
+    reason: s.reason ?? "",
+    ...(s.output ? { output: s.output } : {}),
+  };
+  if (!TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
+}

@@ -1,0 +1,145 @@
+// Device registry: identities, labels, token hashes, presence. Held in memory (the broker's
+// authentication reads it on every CONNECT) and written through to LevelDB; presence and
+// last-seen changes are flushed in one batch per interval, not one write per message.
+
+import type { DeviceState } from "../../proto/index.js";
+import { matchesSelector, type Requirement } from "../../proto/selector.js";
+import { DEVICE_ID_RE } from "../../proto/topics.js";
+import { newToken, tokenHash, tokenMatches } from "../credentials.js";
+import type { ControllerStore, DeviceRecord } from "./store.js";
+
+/** Client ids we use ourselves; a device may not take them (no session takeover). */
+export const RESERVED_PREFIXES = ["op-", "fleet-"];
+
+export class RpcError extends Error {
+  constructor(
+    message: string,
+    readonly code: number = 2,
+  ) {
+    super(message);
+    this.name = "RpcError";
+  }
+}
+
+export function checkDeviceId(id: string): void {
+  if (!DEVICE_ID_RE.test(id)) throw new RpcError(`device id "${id}" must match [A-Za-z0-9._-]{1,64}`);
+  if (RESERVED_PREFIXES.some((p) => id.startsWith(p))) {
+    throw new RpcError(`device id "${id}" uses a reserved prefix (${RESERVED_PREFIXES.join(", ")})`);
+  }
+}
+
+export function deviceJson(d: DeviceRecord) {
+  return {
+    id: d.id,
+    online: d.online,
+    labels: d.labels,
+    agentVersion: d.agentVersion,
+    lastSeen: d.lastSeen ? new Date(d.lastSeen).toISOString() : null,
+  };
+}
+
+export class Registry {
+  private readonly devices = new Map<string, DeviceRecord>();
+  private readonly dirty = new Set<string>();
+
+  constructor(private readonly store: ControllerStore) {}
+
+  async load(): Promise<void> {
+    for await (const d of this.store.devices.values()) {
+      // Presence is re-learned from retained DeviceState after a restart.
+      this.devices.set(d.id, { ...d, online: false });
+    }
+  }
+
+  get size(): number {
+    return this.devices.size;
+  }
+
+  get(id: string): DeviceRecord | undefined {
+    return this.devices.get(id);
+  }
+
+  select(reqs: readonly Requirement[] | undefined): DeviceRecord[] {
+    const all = [...this.devices.values()];
+    return reqs ? all.filter((d) => matchesSelector(reqs, d.labels)) : all;
+  }
+
+  verifyToken(id: string, password: string | Buffer | undefined): boolean {
+    const d = this.devices.get(id);
+    return Boolean(d?.tokenHash && password && tokenMatches(password, d.tokenHash));
+  }
+
+  /** Registers a device (or, with `rotate`, issues a new secret); the secret is returned once. */
+  async add(
+    id: string,
+    labels: Record<string, string>,
+    rotate = false,
+  ): Promise<{ device: DeviceRecord; token: string }> {
+    checkDeviceId(id);
+    const existing = this.devices.get(id);
+    if (existing && !rotate) throw new RpcError(`device ${id} already exists`);
+    const token = newToken();
+    const device: DeviceRecord = existing
+      ? { ...existing, labels: { ...existing.labels, ...labels }, tokenHash: tokenHash(token) }
+      : {
+          id,
+          labels,
+          tokenHash: tokenHash(token),
+          createdAt: Date.now(),
+          lastSeen: 0,
+          online: false,
+          agentVersion: "",
+          queueDepth: 0,
+        };
+    await this.store.batch([this.store.put(this.store.devices, id, device)]);
+    this.devices.set(id, device);
+    return { device, token };
+  }
+
+  async remove(id: string): Promise<boolean> {
+    if (!this.devices.has(id)) return false;
+    await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
+    this.devices.delete(id);
+    this.dirty.delete(id);
+    return true;
+  }
+
+  /** Applies a retained DeviceState; returns the presence change, if any. */
+  observeState(id: string, s: DeviceState, now: number): "online" | "offline" | undefined {
+    const d = this.devices.get(id);
+    if (!d) return undefined;
+    const was = d.online;
+    d.online = Boolean(s.online);
+    if (s.online) {
+      d.agentVersion = s.agentVersion ?? d.agentVersion;
+      d.queueDepth = s.queueDepth ?? 0;
+      if (s.factsJson) {
+        try {
+          d.facts = JSON.parse(s.factsJson) as Record<string, unknown>;
+        } catch {
+          // facts are informational; a bad blob is ignored
+        }
+      }
+    }
+    d.lastSeen = now;
+    this.dirty.add(id);
+    return was === d.online ? undefined : d.online ? "online" : "offline";
+  }
+
+  seen(id: string, now: number): void {
+    const d = this.devices.get(id);
+    if (!d) return;
+    d.lastSeen = now;
+    this.dirty.add(id);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.dirty.size) return;
+    const ops = [...this.dirty].flatMap((id) => {
+      const d = this.devices.get(id);
+      return d ? [this.store.put(this.store.devices, id, d)] : [];
+    });
+    this.dirty.clear();
+    await this.store.batch(ops, false);
+  }
+}

@@ -1,0 +1,112 @@
+// The controller's durable state, one LevelDB: devices, jobs, assignments (one per job and
+// device, carrying the aggregated task states), the last applied status seq per device, and
+// RPC nonces. Devices are cached in memory (a few hundred bytes each); assignments are read
+// from disk when needed.
+import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
+import { ClassicLevel } from "classic-level";
+
+export interface DeviceRecord {
+  id: string;
+  labels: Record<string, string>;
+  tokenHash?: string;
+  createdAt: number;
+  lastSeen: number;
+  online: boolean;
+  agentVersion: string;
+  queueDepth: number;
+  facts?: Record<string, unknown>;
+}
+
+export interface JobRecord {
+  id: string;
+  name: string;
+  signed: string; // base64 SignedJob, as signed by the operator
+  createdAt: number;
+  expiresAt: number;
+  recurring: boolean;
+  tasks: Array<{ id: string; type: string }>;
+  target: { deviceIds: string[]; selector: string };
+  devices: string[];
+  createdBy: string;
+  cancelled?: { reason: string; at: number };
+}
+
+export interface TaskView {
+  type: string;
+  state: number;
+  attempt: number;
+  message: string;
+  reason: string;
+  output?: string;
+}
+
+export interface Assignment {
+  jobId: string;
+  deviceId: string;
+  /** The device acknowledged it (a job-level QUEUED or REJECTED arrived). */
+  acked: boolean;
+  state: number; // job-level pb TaskState on this device
+  reason: string;
+  message: string;
+  execId: string;
+  tasks: Record<string, TaskView>;
+  updatedAt: number;
+  runs: number; // finished executions (recurring jobs have many)
+}
+
+type Db = ClassicLevel<string, unknown>;
+type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
+export type Op = AbstractBatchOperation<Db, string, unknown>;
+
+export const asgKey = (deviceId: string, jobId: string) => `${deviceId}!${jobId}`;
+
+export class ControllerStore {
+  readonly db: Db;
+  readonly devices: Sub<DeviceRecord>;
+  readonly jobs: Sub<JobRecord>;
+  readonly assignments: Sub<Assignment>;
+  readonly seqs: Sub<number>;
+  readonly nonces: Sub<number>;
+
+  constructor(path: string) {
+    this.db = new ClassicLevel<string, unknown>(path, { valueEncoding: "json" });
+    this.devices = this.db.sublevel<string, DeviceRecord>("dev", {
+      valueEncoding: "json",
+    }) as Sub<DeviceRecord>;
+    this.jobs = this.db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
+    this.assignments = this.db.sublevel<string, Assignment>("asg", {
+      valueEncoding: "json",
+    }) as Sub<Assignment>;
+    this.seqs = this.db.sublevel<string, number>("seq", { valueEncoding: "json" }) as Sub<number>;
+    this.nonces = this.db.sublevel<string, number>("nonce", { valueEncoding: "json" }) as Sub<number>;
+  }
+
+  open(): Promise<void> {
+    return this.db.open();
+  }
+
+  close(): Promise<void> {
+    return this.db.close();
+  }
+
+  put<V>(sub: Sub<V>, key: string, value: V): Op {
+    return { type: "put", sublevel: sub as never, key, value };
+  }
+
+  del<V>(sub: Sub<V>, key: string): Op {
+    return { type: "del", sublevel: sub as never, key };
+  }
+
+  batch(ops: Op[], sync = true): Promise<void> {
+    return this.db.batch(ops, { sync } as never);
+  }
+
+  async deviceAssignments(deviceId: string): Promise<Assignment[]> {
+    return this.assignments.values({ gt: `${deviceId}!`, lt: `${deviceId}!\xff` }).all();
+  }
+
+  async jobAssignments(job: JobRecord): Promise<Assignment[]> {
+    const got = await this.assignments.getMany(job.devices.map((d) => asgKey(d, job.id)));
+    return got.filter((a): a is Assignment => a !== undefined);
+  }
+}

@@ -1,0 +1,70 @@
+// `fleet init`: operator signing key, fleet CA + server certificate, controller and operator
+// credentials, and the operator context.
+import { existsSync, readFileSync } from "node:fs";
+import { isAbsolute, join } from "node:path";
+import { generateSigningKey } from "../proto/signing.js";
+import { paths, type ServerConfig } from "./config.js";
+import { hashPassword, newToken } from "./credentials.js";
+import { writeFileAtomic, writeSecretJson } from "./files.js";
+import { createCa, issueServerCert } from "./pki.js";
+
+export interface InitResult {
+  dir: string;
+  created: boolean;
+  operator: { username: string; keyId: string };
+}
+
+export async function initFleet(
+  dir: string,
+  o: { server?: string; hosts?: string[]; force?: boolean } = {},
+): Promise<InitResult> {
+  const p = paths(dir);
+  if (existsSync(p.server) && !o.force) {
+    const cfg = JSON.parse(readFileSync(p.server, "utf8")) as ServerConfig;
+    return {
+      dir,
+      created: false,
+      operator: { username: cfg.operators[0]!.username, keyId: cfg.operators[0]!.keyId },
+    };
+  }
+  const hosts = o.hosts ?? ["localhost", "127.0.0.1"];
+  const key = generateSigningKey();
+  const ca = createCa();
+  const tls = issueServerCert(ca, hosts);
+  const operatorPassword = newToken();
+  writeFileAtomic(p.caCert, ca.certPem);
+  writeFileAtomic(p.caKey, ca.keyPem, 0o600);
+  writeFileAtomic(p.serverCert, tls.certPem);
+  writeFileAtomic(p.serverKey, tls.keyPem, 0o600);
+  writeFileAtomic(p.operatorKey, key.privateKeyPem, 0o600);
+  const server: ServerConfig = {
+    prefix: "fleet/v1",
+    controller: { username: "fleet-controller", password: newToken() },
+    operators: [
+      {
+        username: "admin",
+        passwordHash: await hashPassword(operatorPassword),
+        keyId: key.keyId,
+        publicKey: key.publicKeyPem,
+      },
+    ],
+    historyRetentionDays: 30,
+    limits: { maxConnections: 20_000, connectsPerSecondPerAddress: 50, maxPayloadBytes: 256 * 1024 },
+    hosts,
+  };
+  writeSecretJson(p.server, server);
+  writeSecretJson(p.operator, {
+    server: o.server ?? "mqtt://127.0.0.1:1883",
+    username: "admin",
+    password: operatorPassword,
+    keyId: key.keyId,
+    signingKey: "operator.key",
+    caCert: "tls/ca.pem",
+  });
+  return { dir, created: true, operator: { username: "admin", keyId: key.keyId } };
+}
+
+/** Resolves a path from the operator context, relative to the context file's directory. */
+export function contextPath(contextFile: string, p: string): string {
+  return isAbsolute(p) ? p : join(contextFile, "..", p);
+}

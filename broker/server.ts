@@ -1,0 +1,293 @@
+// The fleet server: embedded aedes (MQTT over TCP, TLS and WebSocket) with authentication
+// and the ACL, the controller as a client of it, and an HTTP port for health and metrics.
+import { readFileSync } from "node:fs";
+import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import { type AddressInfo, createServer as createNetServer, type Server as NetServer } from "node:net";
+import type { TLSSocket } from "node:tls";
+import { createServer as createTlsServer } from "node:tls";
+import { Aedes, type Client } from "aedes";
+import type { Logger } from "pino";
+import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom-client";
+import { createWebSocketStream, WebSocketServer } from "ws";
+import { Counters } from "../agent/counters.js";
+import { DEVICE_ID_RE } from "../proto/topics.js";
+import { canPublish, canSubscribe, type Identity } from "./acl.js";
+import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
+import { Controller } from "./controller/controller.js";
+import { Registry } from "./controller/registry.js";
+import { ControllerStore } from "./controller/store.js";
+import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
+import { initFleet } from "./init.js";
+
+export interface ServerOptions {
+  dir: string;
+  host: string;
+  mqttPort: number;
+  mqttsPort: number;
+  wsPort: number;
+  httpPort: number;
+  log: Logger;
+}
+
+export interface Listening {
+  mqtt: string;
+  mqtts: string;
+  ws: string;
+  http: string;
+}
+
+type FleetClient = Client & { fleet?: Identity };
+
+function authError(message: string, returnCode: number): Error {
+  return Object.assign(new Error(message), { returnCode });
+}
+
+export class FleetServer {
+  readonly counters = new Counters();
+  private aedes!: Aedes;
+  private store!: ControllerStore;
+  private registry!: Registry;
+  private controller!: Controller;
+  private config!: ServerConfig;
+  private controllerHash = "";
+  private servers: Array<NetServer | HttpServer> = [];
+  private wss: WebSocketServer | undefined;
+  private readonly rate = new Map<string, { tokens: number; at: number }>();
+  private rateTimer: NodeJS.Timeout | undefined;
+  private readonly log: Logger;
+  readonly metrics = new Metrics();
+  listening!: Listening;
+
+  constructor(private readonly o: ServerOptions) {
+    this.log = o.log.child({ component: "server" });
+  }
+
+  get controllerInstance(): Controller {
+    return this.controller;
+  }
+
+  async start(): Promise<Listening> {
+    const init = await initFleet(this.o.dir);
+    if (init.created) this.log.info({ dir: this.o.dir }, "initialized a new fleet data directory");
+    const p = paths(this.o.dir);
+    this.config = readJsonFile(p.server, serverConfigSchema);
+    this.controllerHash = tokenHash(this.config.controller.password);
+    this.store = new ControllerStore(p.db);
+    await this.store.open();
+    this.registry = new Registry(this.store);
+    await this.registry.load();
+    this.aedes = await Aedes.createBroker({
+      id: "fleet",
+      preConnect: (client, _packet, done) => this.preConnect(client, done),
+      authenticate: (client, username, password, done) => {
+        this.authenticate(client as FleetClient, username, password).then(
+          (who) => {
+            (client as FleetClient).fleet = who;
+            done(null, true);
+          },
+          (err: Error) => {
+            this.counters.inc("auth_failed");
+            this.log.warn({ clientId: client.id, username, reason: err.message }, "connection refused");
+            done(err as never, false);
+          },
+        );
+      },
+      authorizePublish: (client, packet, done) => {
+        const who = (client as FleetClient | null)?.fleet;
+        if (!who) return done(null); // the broker itself (will messages are checked at connect)
+        if (
+          !canPublish(who, this.config.prefix, packet.topic) ||
+          (packet.retain && !packet.topic.endsWith("/state"))
+        ) {
+          this.counters.inc("acl_publish_denied");
+          this.log.warn(
+            { clientId: client?.id, topic: packet.topic },
+            "publish denied; closing the connection",
+          );
+          return done(new Error(`not authorized to publish to ${packet.topic}`));
+        }
+        if (packet.payload.length > this.config.limits.maxPayloadBytes) {
+          this.counters.inc("payload_too_large");
+          return done(new Error(`payload of ${packet.payload.length} bytes exceeds the limit`));
+        }
+        done(null);
+      },
+      authorizeSubscribe: (client, sub, done) => {
+        const who = (client as FleetClient).fleet;
+        if (who && canSubscribe(who, this.config.prefix, sub.topic)) return done(null, sub);
+        this.counters.inc("acl_subscribe_denied");
+        this.log.warn({ clientId: client.id, topic: sub.topic }, "subscription denied");
+        done(null, null as never);
+      },
+    });
+    const host = this.o.host;
+    const tlsOpts = {
+      key: readFileSync(p.serverKey),
+      cert: readFileSync(p.serverCert),
+      ca: readFileSync(p.caCert),
+      requestCert: true, // a device may present a fleet-CA client certificate instead of a token
+      rejectUnauthorized: false,
+    };
+    const mqttServer = createNetServer((s) => this.aedes.handle(s));
+    const tlsServer = createTlsServer(tlsOpts, (s) => this.aedes.handle(s));
+    const wsHttp = createHttpServer((_req, res) => res.writeHead(426).end("MQTT over WebSocket only\n"));
+    this.wss = new WebSocketServer({ server: wsHttp });
+    this.wss.on("connection", (ws, req) => this.aedes.handle(createWebSocketStream(ws) as never, req));
+    const http = createHttpServer((req, res) => void this.http(req.url ?? "/", res));
+    const ports = await Promise.all([
+      listen(mqttServer, this.o.mqttPort, host),
+      listen(tlsServer, this.o.mqttsPort, host),
+      listen(wsHttp, this.o.wsPort, host),
+      listen(http, this.o.httpPort, host),
+    ]);
+    this.servers = [mqttServer, tlsServer, wsHttp, http];
+    const shown = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+    this.listening = {
+      mqtt: `mqtt://${shown}:${ports[0]}`,
+      mqtts: `mqtts://${shown}:${ports[1]}`,
+      ws: `ws://${shown}:${ports[2]}`,
+      http: `http://${shown}:${ports[3]}`,
+    };
+    this.controller = new Controller({
+      config: this.config,
+      store: this.store,
+      registry: this.registry,
+      brokerUrl: this.listening.mqtt,
+      ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
+      log: this.o.log,
+      counters: this.counters,
+    });
+    await this.controller.start();
+    this.setupMetrics();
+    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
+    this.log.info(this.listening, "fleet server listening");
+    return this.listening;
+  }
+
+  /** Graceful: stop accepting, stop the controller (flushes the registry), close the broker and LevelDB. */
+  async stop(): Promise<void> {
+    if (this.rateTimer) clearInterval(this.rateTimer);
+    for (const s of this.servers) s.close();
+    this.wss?.close();
+    await this.controller?.stop();
+    await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
+    await this.store.close();
+    this.log.info("fleet server stopped");
+  }
+
+  private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
+    if (this.aedes.connectedClients >= this.config.limits.maxConnections) {
+      this.counters.inc("connections_refused_max");
+      return done(new Error("too many connections"), false);
+    }
+    const conn = client.conn as { remoteAddress?: string };
+    const addr =
+      conn.remoteAddress ??
+      (client as unknown as { req?: { socket?: { remoteAddress?: string } } }).req?.socket?.remoteAddress ??
+      "?";
+    const limit = this.config.limits.connectsPerSecondPerAddress;
+    const now = Date.now();
+    const b = this.rate.get(addr) ?? { tokens: limit, at: now };
+    b.tokens = Math.min(limit, b.tokens + ((now - b.at) / 1000) * limit);
+    b.at = now;
+    if (b.tokens < 1) {
+      this.counters.inc("connections_refused_rate");
+      return done(new Error(`connection rate from ${addr} over ${limit}/s`), false);
+    }
+    b.tokens -= 1;
+    this.rate.set(addr, b);
+    done(null, true);
+  }
+
+  private async authenticate(
+    client: FleetClient,
+    username: string | undefined,
+    password: Buffer | undefined,
+  ): Promise<Identity> {
+    const cfg = this.config;
+    if (username === cfg.controller.username) {
+      if (client.id === cfg.controller.username && password && tokenMatches(password, this.controllerHash)) {
+        return { kind: "controller", id: username };
+      }
+      throw authError("bad controller credentials", 4);
+    }
+    const op = cfg.operators.find((x) => x.username === username);
+    if (op) {
+      if (!client.id.startsWith(`op-${op.username}-`))
+        throw authError("operator client id must start with op-<username>-", 2);
+      if (password && (await verifyPassword(password.toString(), op.passwordHash))) {
+        return { kind: "operator", id: op.username, clientId: client.id };
+      }
+      throw authError("bad operator password", 4);
+    }
+    // A device: client id = username = device id (no session takeover of another device).
+    const tls = client.conn as Partial<TLSSocket>;
+    const cn = tls.authorized && tls.getPeerCertificate ? tls.getPeerCertificate().subject?.CN : undefined;
+    const certCn = Array.isArray(cn) ? undefined : cn;
+    const deviceId = username ?? certCn;
+    if (!deviceId || !DEVICE_ID_RE.test(deviceId) || client.id !== deviceId) {
+      throw authError("client id must equal the device id (username)", 2);
+    }
+    if (!this.registry.get(deviceId)) throw authError(`unknown device ${deviceId}`, 5);
+    if (password?.length) {
+      if (this.registry.verifyToken(deviceId, password)) return { kind: "device", id: deviceId };
+      throw authError("bad device credentials", 4);
+    }
+    if (certCn && certCn === deviceId) return { kind: "device", id: deviceId };
+    throw authError("no credentials", 4);
+  }
+
+  private setupMetrics(): void {
+    collectDefaultMetrics({ register: this.metrics });
+    const server = this;
+    new Gauge({
+      name: "fleet_connected_clients",
+      help: "MQTT clients connected to the embedded broker",
+      registers: [this.metrics],
+      collect() {
+        this.set(server.aedes.connectedClients);
+      },
+    });
+    new Gauge({
+      name: "fleet_registered_devices",
+      help: "Devices in the registry",
+      registers: [this.metrics],
+      collect() {
+        this.set(server.registry.size);
+      },
+    });
+    new Counter({
+      name: "fleet_events_total",
+      help: "Server counters by name: auth failures, ACL denials, dropped payloads, ...",
+      labelNames: ["name"],
+      registers: [this.metrics],
+      collect() {
+        this.reset();
+        for (const [name, v] of Object.entries(server.counters.toObject())) this.inc({ name }, v);
+      },
+    });
+  }
+
+  private async http(url: string, res: import("node:http").ServerResponse): Promise<void> {
+    if (url === "/healthz") {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(
+        JSON.stringify({ ok: true, clients: this.aedes.connectedClients, devices: this.registry.size }),
+      );
+      return;
+    }
+    if (url === "/metrics") {
+      res.writeHead(200, { "content-type": this.metrics.contentType });
+      res.end(await this.metrics.metrics());
+      return;
+    }
+    res.writeHead(404).end("not found\n");
+  }
+}
+
+function listen(server: NetServer | HttpServer, port: number, host: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve((server.address() as AddressInfo).port));
+  });
+}

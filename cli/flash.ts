@@ -1,0 +1,140 @@
+// `fleet flash`: registers a device and writes its root (DESIGN.md §7): a self-contained agent
+// (one esbuild bundle plus classic-level's prebuilt binaries), config.json (0600), a systemd
+// unit and the data directory. The root has no absolute symlinks and runs wherever it is moved.
+import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { Command } from "commander";
+import { create as createTar } from "tar";
+import { parseAgentConfig } from "../agent/config.js";
+import { writeFileAtomic, writeSecretJson } from "../broker/files.js";
+import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
+import { CliError, EXIT } from "./exit.js";
+import { collect, parseKv, printJson } from "./format.js";
+import { withRpc } from "./rpc.js";
+
+const RUN_SCRIPT = `#!/bin/sh
+# Starts the EdgeFleet agent of this root: run --root ROOT
+DIR=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
+exec node "$DIR/agent.cjs" agent "$@"
+`;
+
+const UNIT = `[Unit]
+Description=EdgeFleet device agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart=/opt/fleet-agent/run --root /
+Restart=always
+RestartSec=5
+# Stopping the agent also stops what its shell tasks started.
+KillMode=control-group
+TimeoutStopSec=20
+
+[Install]
+WantedBy=multi-user.target
+`;
+
+/** dist/agent, next to the CLI bundle (dist/fleet.js). */
+function agentBundleDir(): string {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const dir = [join(here, "agent"), join(here, "..", "dist", "agent")].find((d) =>
+    existsSync(join(d, "agent.cjs")),
+  );
+  if (!dir) throw new CliError("agent bundle not found: run `npm run build`", EXIT.FAILED);
+  return dir;
+}
+
+interface FlashOptions extends OperatorOptions {
+  root?: string;
+  tar?: string;
+  broker?: string;
+  label: string[];
+  allowShell: string[];
+  mtls?: boolean;
+}
+
+export function registerFlash(program: Command): void {
+  operatorOptions(program.command("flash <id>"))
+    .description(
+      "register a device (if needed) and write its agent root: a directory (--root) or a .tar.gz (--tar)",
+    )
+    .option("--root <dir>", "write the root into this directory")
+    .option("--tar <file>", "write the root as a .tar.gz (for an SD card image)")
+    .option("--broker <url>", "broker URL the device connects to (default: the context's server)")
+    .option("--label <k=v>", "a device label (repeatable)", collect, [])
+    .option("--allow-shell <cmd>", "an absolute path the shell task may run (repeatable)", collect, [])
+    .option("--mtls", "authenticate with a client certificate from the fleet CA instead of a token")
+    .action(async (id: string, o: FlashOptions) => {
+      if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
+      const labels = parseKv(o.label, "--label") as Record<string, string>;
+      const ctx = loadContext(o);
+      const broker = o.broker ?? ctx.server;
+      const bundle = agentBundleDir();
+      const { info, secret, cert } = await withRpc(ctx, async (rpc) => {
+        const info = await rpc.call<{
+          caCert: string;
+          trustedKeys: Array<{ keyId: string; publicKey: string }>;
+          prefix: string;
+        }>("server.info", {});
+        const secret = await rpc.call<{ id: string; password: string }>("device.add", {
+          id,
+          labels,
+          rotate: true,
+        });
+        const cert = o.mtls
+          ? await rpc.call<{ certPem: string; keyPem: string }>("device.cert", { id })
+          : undefined;
+        return { info, secret, cert };
+      });
+      const config = {
+        deviceId: id,
+        brokers: [broker],
+        username: id,
+        ...(cert
+          ? { cert: "etc/fleet-agent/client.pem", key: "etc/fleet-agent/client.key" }
+          : { password: secret.password }),
+        caCert: "etc/fleet-agent/ca.pem",
+        trustedKeys: info.trustedKeys,
+        labels,
+        dataDir: "var/lib/fleet-agent",
+        allowShell: o.allowShell,
+        telemetryIntervalS: 60,
+        topicPrefix: info.prefix,
+      };
+      parseAgentConfig(config, "/"); // what we write must be what the agent accepts
+      const target = o.root ? resolve(o.root) : mkdtempSync(join(tmpdir(), "fleet-flash-"));
+      try {
+        const opt = join(target, "opt", "fleet-agent");
+        mkdirSync(opt, { recursive: true });
+        cpSync(bundle, opt, { recursive: true });
+        writeFileAtomic(join(opt, "run"), RUN_SCRIPT, 0o755);
+        const etc = join(target, "etc", "fleet-agent");
+        writeSecretJson(join(etc, "config.json"), config);
+        writeFileAtomic(join(etc, "ca.pem"), info.caCert);
+        if (cert) {
+          writeFileAtomic(join(etc, "client.pem"), cert.certPem);
+          writeFileAtomic(join(etc, "client.key"), cert.keyPem, 0o600);
+        }
+        writeFileAtomic(join(target, "etc", "systemd", "system", "fleet-agent.service"), UNIT);
+        mkdirSync(join(target, "var", "lib", "fleet-agent"), { recursive: true, mode: 0o700 });
+        chmodSync(join(target, "var", "lib", "fleet-agent"), 0o700);
+        if (o.tar) await createTar({ gzip: true, file: resolve(o.tar), cwd: target, portable: false }, ["."]);
+      } finally {
+        if (o.tar) rmSync(target, { recursive: true, force: true });
+      }
+      const out = {
+        id,
+        root: o.root ? resolve(o.root) : undefined,
+        tar: o.tar ? resolve(o.tar) : undefined,
+        broker,
+        auth: cert ? "mtls" : "token",
+      };
+      if (o.json) return printJson(out);
+      process.stdout.write(
+        `flashed ${id} into ${out.root ?? out.tar}\n  start it with: ${o.root ? `${out.root}/opt/fleet-agent/run --root ${out.root}` : "/opt/fleet-agent/run --root / (systemd unit fleet-agent.service)"}\n`,
+      );
+    });
+}

@@ -1,0 +1,52 @@
+// Parsing and printing helpers for the CLI.
+import { CliError } from "./exit.js";
+
+const UNITS: Record<string, number> = { ms: 0.001, s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 };
+
+/** "90", "30s", "5m", "2h", "7d" -> seconds. */
+export function parseDuration(v: string | number, what = "duration"): number {
+  if (typeof v === "number") return v;
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$/.exec(v.trim());
+  if (!m) throw new CliError(`${what}: "${v}" is not a duration (e.g. 90, 30s, 5m, 2h, 7d)`);
+  return Number(m[1]) * (UNITS[m[2] ?? "s"] ?? 1);
+}
+
+/** `k=v` pairs; a value that parses as JSON is taken as JSON (DESIGN.md §5). */
+export function parseKv(pairs: string[], what: string, json = false): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const p of pairs) {
+    const i = p.indexOf("=");
+    if (i <= 0) throw new CliError(`${what}: "${p}" is not k=v`);
+    const k = p.slice(0, i);
+    const v = p.slice(i + 1);
+    if (!json) out[k] = v;
+    else {
+      try {
+        out[k] = JSON.parse(v);
+      } catch {
+        out[k] = v;
+      }
+    }
+  }
+  return out;
+}
+
+export const collect = (v: string, prev: string[] = []) => [...prev, v];
+
+export function printJson(v: unknown): void {
+  process.stdout.write(`${JSON.stringify(v, null, 2)}\n`);
+}
+
+export function table(rows: Array<Record<string, unknown>>, columns?: string[]): string {
+  if (!rows.length) return "(none)\n";
+  const cols = columns ?? Object.keys(rows[0]!);
+  const cell = (v: unknown) =>
+    v === undefined || v === null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
+  const line = (vals: string[]) =>
+    vals
+      .map((v, i) => v.padEnd(widths[i]!))
+      .join("  ")
+      .trimEnd();
+  return `${[line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n")}\n`;
+}

@@ -1,0 +1,51 @@
+import { resolve } from "node:path";
+import type { Command } from "commander";
+import { createLogger } from "../agent/log.js";
+import { FleetServer } from "../broker/server.js";
+import { CliError } from "./exit.js";
+
+const port = (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new CliError(`"${v}" is not a port`);
+  return n;
+};
+
+export function registerServer(program: Command): void {
+  program
+    .command("server")
+    .description("run the fleet server: embedded MQTT broker (TCP, TLS, WebSocket), controller, HTTP")
+    .option("--dir <dir>", "data directory (initialized on first start)", "fleet-data")
+    .option("--host <host>", "address to listen on", "0.0.0.0")
+    .option("--mqtt-port <port>", "MQTT over TCP", port, 1883)
+    .option("--mqtts-port <port>", "MQTT over TLS", port, 8883)
+    .option("--ws-port <port>", "MQTT over WebSocket", port, 8083)
+    .option("--http-port <port>", "HTTP: /healthz, /metrics", port, 8080)
+    .action(
+      async (o: {
+        dir: string;
+        host: string;
+        mqttPort: number;
+        mqttsPort: number;
+        wsPort: number;
+        httpPort: number;
+      }) => {
+        const log = createLogger();
+        const server = new FleetServer({ ...o, dir: resolve(o.dir), log });
+        const l = await server.start();
+        // One line on stdout for scripts (and tests using port 0); logs go to stderr.
+        process.stdout.write(`fleet server listening ${l.mqtt} ${l.mqtts} ${l.ws} ${l.http}\n`);
+        await new Promise<void>((done) => {
+          const stop = () => {
+            process.removeAllListeners("SIGTERM");
+            process.removeAllListeners("SIGINT");
+            server.stop().then(done, (err) => {
+              log.error({ err }, "shutdown failed");
+              done();
+            });
+          };
+          process.once("SIGTERM", stop);
+          process.once("SIGINT", stop);
+        });
+      },
+    );
+}

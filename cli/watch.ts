@@ -1,0 +1,144 @@
+// `fleet watch`: a live view of devices and task events (on a TTY), or NDJSON events (--json).
+import type { Command } from "commander";
+import { decodeEnvelope } from "../proto/envelope.js";
+import { stateName } from "../proto/index.js";
+import { matchesSelector, parseSelector, type Requirement, SelectorError } from "../proto/selector.js";
+import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
+import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
+import { CliError } from "./exit.js";
+import { table } from "./format.js";
+import { connectOperator } from "./rpc.js";
+
+const REDRAW_MS = 250;
+const RECENT = 12;
+
+interface DeviceView {
+  id: string;
+  online: boolean;
+  labels: Record<string, string>;
+  agentVersion: string;
+  queueDepth: number;
+  running: number;
+}
+
+export function registerWatch(program: Command): void {
+  operatorOptions(program.command("watch"))
+    .description("watch devices and job events live (NDJSON with --json)")
+    .option("--selector <s>", "only devices whose labels match")
+    .action(async (o: OperatorOptions & { selector?: string }) => {
+      let sel: Requirement[] | undefined;
+      try {
+        sel = o.selector ? parseSelector(o.selector) : undefined;
+      } catch (err) {
+        if (err instanceof SelectorError) throw new CliError(err.message);
+        throw err;
+      }
+      const ctx = loadContext(o);
+      const client = await connectOperator(ctx);
+      const devices = new Map<string, DeviceView>();
+      const recent: string[] = [];
+      const tty = process.stdout.isTTY && !o.json;
+      let dirty = true;
+      const visible = (id?: string | null) =>
+        !sel || (id ? Boolean(devices.get(id) && matchesSelector(sel, devices.get(id)!.labels)) : false);
+      const emit = (e: Record<string, unknown>) => {
+        if (o.json) process.stdout.write(`${JSON.stringify(e)}\n`);
+        else {
+          const line =
+            `${String(e.at).slice(11, 23)} ${e.kind} ${e.deviceId ?? ""} ${e.jobId ?? ""}${e.taskId ? `/${e.taskId}` : ""} ${e.state ?? ""} ${e.message ?? ""}`
+              .replace(/\s+/g, " ")
+              .trim();
+          if (tty) {
+            recent.push(line);
+            if (recent.length > RECENT) recent.shift();
+          } else process.stdout.write(`${line}\n`);
+        }
+        dirty = true;
+      };
+      client.on("message", (topic, payload) => {
+        let env: ReturnType<typeof decodeEnvelope>;
+        try {
+          env = decodeEnvelope(payload);
+        } catch {
+          return;
+        }
+        if (env.deviceState) {
+          const t = parseDeviceTopic(ctx.prefix, topic);
+          if (!t) return;
+          const s = env.deviceState;
+          const before = devices.get(t.deviceId);
+          devices.set(t.deviceId, {
+            id: t.deviceId,
+            online: Boolean(s.online),
+            labels: s.online ? ((s.labels as Record<string, string>) ?? {}) : (before?.labels ?? {}),
+            agentVersion: s.agentVersion || before?.agentVersion || "",
+            queueDepth: s.queueDepth ?? 0,
+            running: s.running ?? 0,
+          });
+          if (visible(t.deviceId) && before?.online !== Boolean(s.online)) {
+            emit({
+              kind: s.online ? "device.online" : "device.offline",
+              at: new Date().toISOString(),
+              deviceId: t.deviceId,
+            });
+          }
+          dirty = true;
+        } else if (env.fleetEvent) {
+          const e = env.fleetEvent;
+          if (e.kind === "device.online" || e.kind === "device.offline") return; // seen via DeviceState
+          if (sel && !visible(e.deviceId)) return;
+          emit({
+            kind: e.kind,
+            at: new Date(e.atMs || Date.now()).toISOString(),
+            deviceId: e.deviceId || undefined,
+            jobId: e.jobId || undefined,
+            taskId: e.status?.taskId || undefined,
+            state: e.status ? stateName(e.status.state) : undefined,
+            attempt: e.status?.attempt || undefined,
+            message: e.status?.message || e.status?.reason || undefined,
+            ...(e.detailJson ? { detail: JSON.parse(e.detailJson) } : {}),
+          });
+        }
+      });
+      await client.subscribeAsync([eventsTopic(ctx.prefix), `${ctx.prefix}/d/+/state`], { qos: 0 });
+      const redraw = () => {
+        if (!tty || !dirty) return;
+        dirty = false;
+        const shown = [...devices.values()]
+          .filter((d) => visible(d.id))
+          .sort((a, b) => a.id.localeCompare(b.id));
+        const rows = Math.max(5, (process.stdout.rows ?? 40) - RECENT - 6);
+        const online = shown.filter((d) => d.online).length;
+        let out = `\x1b[H\x1b[2JEdgeFleet watch  ${ctx.server}  ${shown.length} devices, ${online} online${o.selector ? `  [${o.selector}]` : ""}\n\n`;
+        out += table(
+          shown.slice(0, rows).map((d) => ({
+            device: d.id,
+            online: d.online ? "●" : "○",
+            queued: d.queueDepth,
+            running: d.running,
+            agent: d.agentVersion,
+            labels: Object.entries(d.labels)
+              .map(([k, v]) => `${k}=${v}`)
+              .join(","),
+          })),
+        );
+        if (shown.length > rows) out += `... and ${shown.length - rows} more\n`;
+        out += `\nrecent events\n${recent.join("\n")}\n`;
+        process.stdout.write(out);
+      };
+      const timer = setInterval(redraw, REDRAW_MS);
+      await new Promise<void>((resolve) => {
+        const stop = () => resolve();
+        process.once("SIGINT", stop);
+        process.once("SIGTERM", stop);
+        client.once("close", () => {
+          process.stderr.write(`fleet watch: connection to ${ctx.server} closed\n`);
+          process.exitCode = 3;
+          resolve();
+        });
+      });
+      clearInterval(timer);
+      client.removeAllListeners("close");
+      await client.endAsync(true).catch(() => {});
+    });
+}
