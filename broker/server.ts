@@ -178,7 +178,8 @@ export class FleetServer {
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
     if (this.aedes.connectedClients >= this.config.limits.maxConnections) {
       this.counters.inc("connections_refused_max");
-      return done(new Error("too many connections"), false);
+      done(new Error("too many connections"), false);
+      return;
     }
     const conn = client.conn as { remoteAddress?: string };
     const addr =
@@ -192,7 +193,8 @@ export class FleetServer {
     b.at = now;
     if (b.tokens < 1) {
       this.counters.inc("connections_refused_rate");
-      return done(new Error(`connection rate from ${addr} over ${limit}/s`), false);
+      done(new Error(`connection rate from ${addr} over ${limit}/s`), false);
+      return;
     }
     b.tokens -= 1;
     this.rate.set(addr, b);
