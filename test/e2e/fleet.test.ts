@@ -1,0 +1,288 @@
+// The whole loop with real processes: fleet init, fleet server, two flashed agents moved away
+// from where they were flashed, and the CLI.
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  type AgentProc,
+  cli,
+  cliJson,
+  flashMoved,
+  type ServerProcess,
+  setContextServer,
+  startAgent,
+  startServer,
+  waitUntil,
+} from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+
+interface JobJson {
+  id: string;
+  state: string;
+  devices: Array<{
+    deviceId: string;
+    state: string;
+    reason?: string;
+    tasks: Array<{ id: string; state: string; attempt: number; message: string; reason?: string }>;
+  }>;
+}
+
+const data = tempDir("fleet-e2e-");
+let server: ServerProcess;
+let env: Record<string, string>;
+const agents = new Map<string, AgentProc>();
+const roots = new Map<string, string>();
+const cleanups: Array<() => void> = [];
+
+async function online(id: string, want = true) {
+  await waitUntil(`${id} online=${want}`, async () => {
+    const ls = cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env));
+    return ls.find((d) => d.id === id)?.online === want;
+  });
+}
+
+function start(id: string) {
+  agents.set(id, startAgent(roots.get(id)!));
+}
+
+async function stopAgent(id: string, signal: NodeJS.Signals = "SIGTERM") {
+  const a = agents.get(id)!;
+  a.proc.kill(signal);
+  await a.exited;
+}
+
+beforeAll(async () => {
+  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
+  server = await startServer(data.dir);
+  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  for (const [id, labels] of [
+    ["gw-berlin", ["--label", "site=berlin", "--label", "role=gateway"]],
+    ["gw-paris", ["--label", "site=paris"]],
+  ] as const) {
+    const { root, cleanup } = await flashMoved(id, env, [...labels, "--allow-shell", "/bin/sh"]);
+    roots.set(id, root);
+    cleanups.push(cleanup);
+    start(id);
+  }
+  await online("gw-berlin");
+  await online("gw-paris");
+}, 120_000);
+
+afterAll(async () => {
+  for (const a of agents.values()) a.proc.kill("SIGKILL");
+  server?.proc.kill("SIGKILL");
+  for (const c of cleanups) c();
+  data.cleanup();
+});
+
+describe("fleet end to end", () => {
+  it("runs a job by device id and by selector, with --wait", async () => {
+    const byId = await cli(["run", "noop", "--device", "gw-paris", "--wait", "--json"], env);
+    expect(byId.code).toBe(0);
+    expect(cliJson<JobJson>(byId)).toMatchObject({
+      state: "SUCCEEDED",
+      devices: [{ deviceId: "gw-paris", state: "SUCCEEDED" }],
+    });
+    const bySel = await cli(
+      [
+        "run",
+        "shell",
+        "--param",
+        "command=/bin/sh",
+        "--param",
+        'args=["-c","echo from $FLEET_ROOT"]',
+        "--selector",
+        "site=berlin,role in (gateway)",
+        "--wait",
+        "--json",
+      ],
+      env,
+    );
+    expect(bySel.code).toBe(0);
+    const j = cliJson<JobJson>(bySel);
+    expect(j.devices.map((d) => d.deviceId)).toEqual(["gw-berlin"]);
+    expect(j.devices[0]!.tasks[0]).toMatchObject({ state: "SUCCEEDED", message: "exit 0" });
+    const shown = cliJson<JobJson & { devices: Array<{ tasks: Array<{ output?: string }> }> }>(
+      await cli(["jobs", "show", j.id, "--json"], env),
+    );
+    expect(shown.devices[0]!.tasks[0]!.output).toBe(`from ${roots.get("gw-berlin")}\n`);
+  });
+
+  it("a DAG job with a failing task: dependents SKIPPED, all_done ones run, --wait exits 1", async () => {
+    const file = join(data.dir, "dag.yaml");
+    writeFileSync(
+      file,
+      [
+        "name: dag",
+        "tasks:",
+        "  - { id: prepare, type: noop }",
+        "  - { id: break, type: shell, dependsOn: [prepare], params: { command: /bin/sh, args: [-c, 'echo oops; exit 3'] } }",
+        "  - { id: install, type: noop, dependsOn: [break] }",
+        "  - { id: report, type: noop, dependsOn: [break], trigger: all_done }",
+      ].join("\n"),
+    );
+    const r = await cli(
+      ["run", "-f", file, "--device", "gw-berlin", "--device", "gw-paris", "--wait", "--json"],
+      env,
+    );
+    expect(r.code).toBe(1);
+    const j = cliJson<JobJson>(r);
+    expect(j.state).toBe("FAILED");
+    for (const d of j.devices) {
+      expect(Object.fromEntries(d.tasks.map((t) => [t.id, t.state]))).toEqual({
+        prepare: "SUCCEEDED",
+        break: "FAILED",
+        install: "SKIPPED",
+        report: "SUCCEEDED",
+      });
+    }
+    const text = await cli(["run", "-f", file, "--device", "gw-paris", "--wait"], env);
+    expect(text.code).toBe(1);
+    expect(text.stdout).toMatch(/break\s+shell\s+FAILED\s+1\s+\/bin\/sh exit code 3/);
+  });
+
+  it("refuses bad input with exit 2 and a clear message", async () => {
+    const cyc = join(data.dir, "cycle.json");
+    writeFileSync(
+      cyc,
+      JSON.stringify({
+        tasks: [
+          { id: "a", type: "noop", dependsOn: ["b"] },
+          { id: "b", type: "noop", dependsOn: ["a"] },
+        ],
+      }),
+    );
+    const r1 = await cli(["run", "-f", cyc, "--device", "gw-paris"], env);
+    expect(r1.code).toBe(2);
+    expect(r1.stderr).toContain("dependency cycle");
+    const r2 = await cli(["run", "noop", "--selector", "site in (a"], env);
+    expect(r2.code).toBe(2);
+    expect(r2.stderr).toContain("column 11");
+    const r3 = await cli(["run", "noop", "--device", "nobody"], env);
+    expect(r3.code).toBe(2);
+    expect(r3.stderr).toContain("unknown device(s): nobody");
+    const r4 = await cli(["run", "noop"], env);
+    expect(r4.code).toBe(2);
+    const r5 = await cli(["device", "ls", "--bogus"], env);
+    expect(r5.code).toBe(2);
+    const r6 = await cli(["device", "ls", "--server", "mqtt://127.0.0.1:1"], env);
+    expect(r6.code).toBe(3);
+    expect(r6.stderr.trim().split("\n")).toHaveLength(1);
+    expect(r6.stderr).toContain("cannot connect to mqtt://127.0.0.1:1");
+  });
+
+  it("a job sent while a device is offline runs when it comes back", async () => {
+    await stopAgent("gw-paris");
+    await online("gw-paris", false);
+    const waiting = cli(["run", "noop", "--device", "gw-paris", "--wait", "--json"], env);
+    await new Promise((r) => setTimeout(r, 1000));
+    start("gw-paris");
+    const r = await waiting;
+    expect(r.code).toBe(0);
+    expect(cliJson<JobJson>(r).state).toBe("SUCCEEDED");
+  });
+
+  it("an agent SIGKILLed mid-task reports a truthful final state", async () => {
+    const sent = cliJson<JobJson>(
+      await cli(
+        [
+          "run",
+          "shell",
+          "--param",
+          "command=/bin/sh",
+          "--param",
+          'args=["-c","sleep 30"]',
+          "--device",
+          "gw-berlin",
+          "--json",
+        ],
+        env,
+      ),
+    );
+    await waitUntil(
+      "running",
+      async () =>
+        cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env)).devices[0]!.tasks[0]!.state ===
+        "RUNNING",
+    );
+    await stopAgent("gw-berlin", "SIGKILL");
+    start("gw-berlin");
+    const done = await waitUntil("final", async () => {
+      const j = cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env));
+      return j.state === "FAILED" ? j : undefined;
+    });
+    expect(done.devices[0]!.tasks[0]).toMatchObject({ state: "FAILED", reason: "interrupted" });
+  });
+
+  it("the server SIGKILLed mid-job: the job converges after a restart", async () => {
+    await online("gw-berlin");
+    const sent = cliJson<JobJson>(
+      await cli(
+        ["run", "sleep", "--param", "seconds=2", "--device", "gw-berlin", "--device", "gw-paris", "--json"],
+        env,
+      ),
+    );
+    await waitUntil("running", async () =>
+      cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env)).devices.every(
+        (d) => d.state === "RUNNING",
+      ),
+    );
+    server.proc.kill("SIGKILL");
+    await server.exited;
+    await new Promise((r) => setTimeout(r, 2500)); // the tasks finish while the server is down
+    server = await startServer(data.dir, server.ports);
+    const done = await waitUntil(
+      "converged",
+      async () => {
+        const j = cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env));
+        return j.state === "SUCCEEDED" ? j : undefined;
+      },
+      90_000,
+    );
+    expect(done.devices.map((d) => d.tasks[0]!.state)).toEqual(["SUCCEEDED", "SUCCEEDED"]);
+  }, 120_000);
+
+  it("watch --json streams parseable NDJSON events", async () => {
+    const w = cli(["watch", "--json"], env, 6000);
+    await new Promise((r) => setTimeout(r, 1000));
+    await cli(["run", "noop", "--device", "gw-paris", "--wait"], env);
+    const r = await w;
+    const events = r.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { kind: string; state?: string });
+    expect(events.some((e) => e.kind === "job.created")).toBe(true);
+    expect(events.some((e) => e.kind === "task.status" && e.state === "SUCCEEDED")).toBe(true);
+  });
+
+  it("device add / show / rm, and jobs ls / cancel", async () => {
+    const added = cliJson<{ id: string; username: string; password: string }>(
+      await cli(["device", "add", "spare-1", "--label", "site=lab", "--json"], env),
+    );
+    expect(added).toMatchObject({ id: "spare-1", username: "spare-1" });
+    expect(added.password.length).toBeGreaterThanOrEqual(40);
+    expect((await cli(["device", "add", "spare-1"], env)).code).toBe(2);
+    expect((await cli(["device", "add", "op-sneaky"], env)).stderr).toContain("reserved prefix");
+    const shown = cliJson<{ id: string; labels: Record<string, string>; online: boolean }>(
+      await cli(["device", "show", "spare-1", "--json"], env),
+    );
+    expect(shown).toMatchObject({ id: "spare-1", labels: { site: "lab" }, online: false });
+    const sel = cliJson<Array<{ id: string }>>(
+      await cli(["device", "ls", "--selector", "site=lab", "--json"], env),
+    );
+    expect(sel.map((d) => d.id)).toEqual(["spare-1"]);
+    const pending = cliJson<JobJson>(await cli(["run", "noop", "--device", "spare-1", "--json"], env));
+    expect(pending.devices[0]!.state).toBe("PENDING");
+    const canceled = cliJson<JobJson>(await cli(["jobs", "cancel", pending.id, "--json"], env));
+    expect(canceled).toMatchObject({
+      state: "CANCELED",
+      devices: [{ state: "CANCELED", reason: "withdrawn" }],
+    });
+    const ls = cliJson<Array<{ id: string; state: string }>>(
+      await cli(["jobs", "ls", "--device", "spare-1", "--json"], env),
+    );
+    expect(ls).toEqual([expect.objectContaining({ id: pending.id, state: "CANCELED" })]);
+    expect((await cli(["device", "rm", "spare-1"], env)).code).toBe(0);
+    expect((await cli(["device", "show", "spare-1"], env)).code).toBe(1);
+  });
+});

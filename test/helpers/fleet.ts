@@ -1,0 +1,153 @@
+// Real fleet processes for e2e tests: `fleet server`, the `fleet` CLI, flashed agents.
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { readFileSync, renameSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { tempDir } from "./keys.js";
+
+export const FLEET = resolve(import.meta.dirname, "..", "..", "bin", "fleet");
+
+export interface ServerProcess {
+  proc: ChildProcess;
+  urls: { mqtt: string; mqtts: string; ws: string; http: string };
+  ports: number[];
+  stderr: () => string;
+  exited: Promise<number | null>;
+}
+
+export async function startServer(dir: string, ports = [0, 0, 0, 0]): Promise<ServerProcess> {
+  const [m, s, w, h] = ports.map(String);
+  const proc = spawn(
+    process.execPath,
+    [
+      FLEET,
+      "server",
+      "--dir",
+      dir,
+      "--host",
+      "127.0.0.1",
+      "--mqtt-port",
+      m!,
+      "--mqtts-port",
+      s!,
+      "--ws-port",
+      w!,
+      "--http-port",
+      h!,
+    ],
+    {
+      env: { ...process.env, FLEET_LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? "warn" },
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
+  let err = "";
+  proc.stderr!.on("data", (d: Buffer) => {
+    err += d.toString();
+  });
+  const exited = new Promise<number | null>((r) => proc.on("exit", (code) => r(code)));
+  const line = await new Promise<string>((res, rej) => {
+    let out = "";
+    proc.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      const l = out.split("\n").find((x) => x.startsWith("fleet server listening"));
+      if (l) res(l);
+    });
+    void exited.then((code) => rej(new Error(`server exited ${code}: ${err}`)));
+  });
+  const [mqtt, mqtts, ws, http] = line.split(" ").slice(3) as [string, string, string, string];
+  const urls = { mqtt, mqtts, ws, http };
+  return {
+    proc,
+    urls,
+    ports: [mqtt, mqtts, ws, http].map((u) => Number(u.split(":").pop())),
+    stderr: () => err,
+    exited,
+  };
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function cli(
+  args: string[],
+  env: Record<string, string> = {},
+  timeoutMs = 60_000,
+): Promise<CliResult> {
+  return new Promise((res) => {
+    execFile(
+      process.execPath,
+      [FLEET, ...args],
+      { env: { ...process.env, ...env }, timeout: timeoutMs },
+      (err, stdout, stderr) => {
+        const code = err
+          ? typeof (err as { code?: unknown }).code === "number"
+            ? (err as { code: number }).code
+            : 1
+          : 0;
+        res({ code, stdout, stderr });
+      },
+    );
+  });
+}
+
+export function cliJson<T = unknown>(r: CliResult): T {
+  if (r.code !== 0 && !r.stdout.trim()) throw new Error(`fleet exited ${r.code}: ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
+
+/** Points operator.json at the server's (ephemeral) MQTT URL. */
+export function setContextServer(dir: string, url: string): string {
+  const file = join(dir, "operator.json");
+  const ctx = JSON.parse(readFileSync(file, "utf8"));
+  ctx.server = url;
+  writeFileSync(file, JSON.stringify(ctx, null, 2), { mode: 0o600 });
+  return file;
+}
+
+/** Flashes a device into a temp root, then moves the root elsewhere (it must still work). */
+export async function flashMoved(id: string, env: Record<string, string>, args: string[] = []) {
+  const a = tempDir("fleet-flash-");
+  const b = tempDir("fleet-moved-");
+  const r = await cli(["flash", id, "--root", join(a.dir, "root"), "--json", ...args], env);
+  if (r.code !== 0) throw new Error(`flash failed: ${r.stderr}`);
+  const moved = join(b.dir, "device-root");
+  renameSync(join(a.dir, "root"), moved);
+  a.cleanup();
+  return { root: moved, cleanup: b.cleanup };
+}
+
+export interface AgentProc {
+  proc: ChildProcess;
+  exited: Promise<number | null>;
+  stderr: () => string;
+}
+
+/** Starts a flashed agent the way a device does: ROOT/opt/fleet-agent/run --root ROOT, from `/`. */
+export function startAgent(root: string): AgentProc {
+  const proc = spawn(join(root, "opt", "fleet-agent", "run"), ["--root", root], {
+    cwd: "/",
+    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", FLEET_LOG_LEVEL: "info" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let err = "";
+  proc.stderr!.on("data", (d: Buffer) => {
+    err += d.toString();
+  });
+  return { proc, exited: new Promise((r) => proc.on("exit", (code) => r(code))), stderr: () => err };
+}
+
+export async function waitUntil<T>(
+  what: string,
+  fn: () => Promise<T | undefined | false> | T | undefined | false,
+  timeoutMs = 30_000,
+): Promise<T> {
+  const start = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
