@@ -1,0 +1,317 @@
+// The ACL and authentication matrix against a real fleet server, driven by a third-party client
+// (mosquitto_pub / mosquitto_sub from Debian's mosquitto-clients), plus bad payloads on every
+// topic a device may publish.
+import { execFile } from "node:child_process";
+import { generateKeyPairSync } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
+import { signRpcCall } from "../../proto/rpc.js";
+import {
+  type AgentProc,
+  cli,
+  cliJson,
+  flashMoved,
+  type ServerProcess,
+  setContextServer,
+  startAgent,
+  startServer,
+  waitUntil,
+} from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+
+const data = tempDir("fleet-acl-");
+let server: ServerProcess;
+let env: Record<string, string>;
+let port: string;
+const creds: Record<string, string> = {};
+const agents: AgentProc[] = [];
+const cleanups: Array<() => void> = [];
+let operator: { username: string; password: string; keyId: string; key: string };
+
+function mosq(
+  tool: "mosquitto_pub" | "mosquitto_sub",
+  args: string[],
+  timeoutMs = 5000,
+): Promise<{ code: number; out: string }> {
+  return new Promise((res) => {
+    execFile(
+      tool,
+      ["-h", "127.0.0.1", "-p", port, ...args],
+      { timeout: timeoutMs, encoding: "utf8" },
+      (err, stdout, stderr) => {
+        const code = err
+          ? typeof (err as { code?: unknown }).code === "number"
+            ? (err as { code: number }).code
+            : -1
+          : 0;
+        res({ code, out: `${stdout}${stderr}` });
+      },
+    );
+  });
+}
+
+const as = (id: string, clientId = id) => ["-i", clientId, "-u", id, "-P", creds[id]!];
+
+async function counters(): Promise<Record<string, number>> {
+  const text = await (await fetch(`${server.urls.http}/metrics`)).text();
+  const out: Record<string, number> = {};
+  for (const m of text.matchAll(/^fleet_events_total\{name="([^"]+)"\} (\d+)/gm)) out[m[1]!] = Number(m[2]);
+  return out;
+}
+
+async function counterGrew(name: string, before: Record<string, number>, by = 1) {
+  return waitUntil(
+    `counter ${name} +${by}`,
+    async () => ((await counters())[name] ?? 0) >= (before[name] ?? 0) + by,
+    10_000,
+  );
+}
+
+beforeAll(async () => {
+  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
+  server = await startServer(data.dir);
+  port = server.urls.mqtt.split(":").pop()!;
+  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  for (const id of ["dev-a", "dev-b"]) {
+    const { root, cleanup } = await flashMoved(id, env);
+    cleanups.push(cleanup);
+    creds[id] = JSON.parse(readFileSync(join(root, "etc", "fleet-agent", "config.json"), "utf8")).password;
+    if (id === "dev-b") agents.push(startAgent(root));
+  }
+  const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+  operator = {
+    username: ctx.username,
+    password: ctx.password,
+    keyId: ctx.keyId,
+    key: readFileSync(join(data.dir, "operator.key"), "utf8"),
+  };
+  creds[operator.username] = operator.password;
+  await waitUntil(
+    "dev-b online",
+    async () =>
+      cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
+        (d) => d.id === "dev-b",
+      )?.online,
+  );
+}, 120_000);
+
+afterAll(async () => {
+  for (const a of agents) a.proc.kill("SIGKILL");
+  server?.proc.kill("SIGKILL");
+  for (const c of cleanups) c();
+  data.cleanup();
+});
+
+describe("authentication", () => {
+  it.each([
+    [
+      "wrong password",
+      ["-i", "dev-a", "-u", "dev-a", "-P", "not-the-token"],
+      /bad user name or password|not authori[sz]ed/i,
+    ],
+    ["no credentials", ["-i", "dev-a"], /refused/i],
+    [
+      "another device's client id (session takeover)",
+      ["-i", "dev-b", "-u", "dev-a", "-P", "@A"],
+      /identifier rejected|refused/i,
+    ],
+    ["an unregistered device", ["-i", "ghost", "-u", "ghost", "-P", "x"], /refused/i],
+    ["an operator client id for a device", ["-i", "op-admin-x", "-u", "dev-a", "-P", "@A"], /refused/i],
+  ])("refuses %s", async (_name, args, msg) => {
+    const before = await counters();
+    const a = args.map((x) => (x === "@A" ? creds["dev-a"]! : x));
+    const r = await mosq("mosquitto_pub", [...a, "-t", "fleet/v1/d/dev-a/status", "-m", "x"]);
+    expect(r.code).not.toBe(0);
+    expect(r.out).toMatch(msg);
+    await counterGrew("auth_failed", before);
+  });
+});
+
+describe("ACL: what device A gets for reaching beyond its own topics", () => {
+  it.each([
+    "fleet/v1/d/dev-b/job",
+    "fleet/v1/d/dev-b/ctl",
+    "fleet/v1/d/dev-b/status",
+    "fleet/v1/d/+/job",
+    "fleet/v1/#",
+    "#",
+    "+/+/+/+/+",
+    "$SYS/#",
+    "fleet/v1/rpc/req",
+    "fleet/v1/rpc/res/op-admin-1",
+    "fleet/v1/events",
+    "fleet/v1/d/dev-a/status",
+  ])("subscribing to %s is refused (SUBACK 0x80)", async (topic) => {
+    const before = await counters();
+    const r = await mosq("mosquitto_sub", [...as("dev-a"), "-t", topic, "-W", "2"]);
+    expect(r.out).toContain("All subscription requests were denied");
+    await counterGrew("acl_subscribe_denied", before);
+  });
+
+  it.each([
+    "fleet/v1/d/dev-b/status",
+    "fleet/v1/d/dev-b/state",
+    "fleet/v1/d/dev-b/sync",
+    "fleet/v1/d/dev-a/job",
+    "fleet/v1/d/dev-a/ctl",
+    "fleet/v1/rpc/req",
+    "fleet/v1/events",
+    "$SYS/broker/x",
+    "elsewhere/topic",
+  ])("publishing to %s closes the connection", async (topic) => {
+    const before = await counters();
+    const r = await mosq("mosquitto_pub", [...as("dev-a"), "-t", topic, "-q", "1", "-m", "x"]);
+    expect(r.code).not.toBe(0);
+    expect(r.out).toMatch(/connection was lost|error/i);
+    await counterGrew("acl_publish_denied", before);
+  });
+
+  it("its own job and ctl topics are allowed", async () => {
+    const r = await mosq("mosquitto_sub", [
+      ...as("dev-a"),
+      "-t",
+      "fleet/v1/d/dev-a/job",
+      "-t",
+      "fleet/v1/d/dev-a/ctl",
+      "-W",
+      "1",
+    ]);
+    expect(r.out).not.toContain("denied");
+  });
+});
+
+describe("operator RPC", () => {
+  const publishReq = async (file: string, clientId: string) =>
+    mosq("mosquitto_pub", [
+      "-i",
+      `op-admin-pub-${clientId}`,
+      "-u",
+      operator.username,
+      "-P",
+      operator.password,
+      "-t",
+      "fleet/v1/rpc/req",
+      "-q",
+      "1",
+      "-f",
+      file,
+    ]);
+
+  it("refuses unsigned and forged requests, and answers a replay with an error", async () => {
+    const dir = tempDir();
+    cleanups.push(dir.cleanup);
+    const clientId = "op-admin-listener";
+    const listener = mosq(
+      "mosquitto_sub",
+      [
+        "-i",
+        clientId,
+        "-u",
+        operator.username,
+        "-P",
+        operator.password,
+        "-t",
+        `fleet/v1/rpc/res/${clientId}`,
+        "-F",
+        "%x",
+        "-W",
+        "6",
+      ],
+      8000,
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    const before = await counters();
+    const call = { requestId: "r1", clientId, method: "device.ls", params: {} };
+    const unsigned = join(dir.dir, "unsigned.bin");
+    writeFileSync(
+      unsigned,
+      encodeEnvelope({ rpcRequest: { call: signRpcCall(call, operator.key, operator.keyId).call } }),
+    );
+    const stranger = generateKeyPairSync("ed25519").privateKey;
+    const forged = join(dir.dir, "forged.bin");
+    writeFileSync(
+      forged,
+      encodeEnvelope({ rpcRequest: signRpcCall({ ...call, requestId: "r2" }, stranger, operator.keyId) }),
+    );
+    const valid = join(dir.dir, "valid.bin");
+    writeFileSync(
+      valid,
+      encodeEnvelope({ rpcRequest: signRpcCall({ ...call, requestId: "r3" }, operator.key, operator.keyId) }),
+    );
+    for (const [f, n] of [
+      [unsigned, "1"],
+      [forged, "2"],
+      [valid, "3"],
+      [valid, "4"],
+    ] as const)
+      expect((await publishReq(f, n)).code).toBe(0);
+    await counterGrew("rpc_rejected", before, 2);
+    await counterGrew("rpc_replayed", before, 1);
+    const responses = (await listener).out
+      .trim()
+      .split("\n")
+      .filter((l) => /^[0-9a-f]+$/.test(l))
+      .map((hex) => decodeEnvelope(Buffer.from(hex, "hex")).rpcResponse!);
+    expect(responses.map((r) => [r.requestId, r.ok, r.error || ""])).toEqual([
+      ["r3", true, ""],
+      ["r3", false, "replayed request"],
+    ]);
+  }, 30_000);
+});
+
+describe("bad payloads from a device", () => {
+  it("garbage, truncated and oversized payloads on every device topic: the server keeps serving everyone", async () => {
+    const dir = tempDir();
+    cleanups.push(dir.cleanup);
+    const before = await counters();
+    const good = encodeEnvelope({ syncRequest: { lastAckedSeq: 0 } });
+    const files = {
+      garbage: Buffer.alloc(64, 0xff),
+      truncated: Buffer.from(good.subarray(0, good.length - 2)),
+      empty: Buffer.alloc(0),
+      wrongBody: Buffer.from(encodeEnvelope({ timeHint: { nowMs: 1 } })),
+    };
+    for (const [name, bytes] of Object.entries(files)) writeFileSync(join(dir.dir, name), bytes);
+    for (const channel of ["status", "state", "telemetry", "sync"]) {
+      for (const name of Object.keys(files)) {
+        const r = await mosq("mosquitto_pub", [
+          ...as("dev-a"),
+          "-t",
+          `fleet/v1/d/dev-a/${channel}`,
+          "-q",
+          "1",
+          "-f",
+          join(dir.dir, name),
+        ]);
+        expect(r.code, `${channel}/${name}: ${r.out}`).toBe(0);
+      }
+    }
+    const big = join(dir.dir, "big");
+    writeFileSync(big, Buffer.alloc(300 * 1024, 0x41));
+    const r = await mosq("mosquitto_pub", [
+      ...as("dev-a"),
+      "-t",
+      "fleet/v1/d/dev-a/status",
+      "-q",
+      "1",
+      "-f",
+      big,
+    ]);
+    expect(r.code).not.toBe(0);
+    await counterGrew("payload_too_large", before);
+    const after = await waitUntil("drops counted", async () => {
+      const c = await counters();
+      const dropped = Object.entries(c)
+        .filter(([k]) => k.startsWith("dropped_"))
+        .reduce((a, [k, v]) => a + v - (before[k] ?? 0), 0);
+      return dropped >= 9 ? c : undefined;
+    });
+    expect((after.dropped_undecodable ?? 0) - (before.dropped_undecodable ?? 0)).toBeGreaterThanOrEqual(2);
+    // Still serving: a job on the other device runs end to end.
+    const job = await cli(["run", "noop", "--device", "dev-b", "--wait", "--json"], env);
+    expect(job.code).toBe(0);
+    expect((await fetch(`${server.urls.http}/healthz`)).status).toBe(200);
+  }, 60_000);
+});
