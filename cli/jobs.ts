@@ -1,4 +1,6 @@
 import type { Command } from "commander";
+import { decodeEnvelope } from "../proto/envelope.js";
+import { eventsTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { printJson, table } from "./format.js";
 import { type RpcClient, withRpc } from "./rpc.js";
@@ -12,7 +14,14 @@ export interface JobJson {
     state: string;
     reason?: string;
     message?: string;
-    tasks: Array<{ id: string; type: string; state: string; attempt: number; message: string }>;
+    tasks: Array<{
+      id: string;
+      type: string;
+      state: string;
+      attempt: number;
+      message: string;
+      output?: string;
+    }>;
   }>;
 }
 
@@ -45,24 +54,58 @@ export function printJob(j: JobJson): void {
           ],
   );
   process.stdout.write(table(rows));
+  for (const d of j.devices) {
+    for (const t of d.tasks) {
+      if (t.output)
+        process.stdout.write(
+          `--- ${d.deviceId}/${t.id} output ---\n${t.output}${t.output.endsWith("\n") ? "" : "\n"}`,
+        );
+    }
+  }
 }
 
-/** Polls until the job is terminal on every target. */
-export async function waitForJob(
-  rpc: RpcClient,
-  id: string,
-  onChange?: (j: JobJson) => void,
-): Promise<JobJson> {
-  let last = "";
-  for (;;) {
-    const j = await rpc.call<JobJson>("jobs.show", { id });
-    const sig = JSON.stringify(j.devices.map((d) => [d.state, d.tasks.map((t) => t.state)]));
-    if (sig !== last) {
-      last = sig;
-      onChange?.(j);
+/**
+ * Waits for jobs to be terminal on every target: re-reads a job on each of its events, and at
+ * least every 2 s. Subscribe (create it) before submitting, so no event is missed.
+ */
+export class JobWaiter {
+  private readonly seen = new Map<string, number>();
+  private wake: (() => void) | undefined;
+
+  private constructor(private readonly rpc: RpcClient) {}
+
+  static async open(rpc: RpcClient, prefix: string): Promise<JobWaiter> {
+    const w = new JobWaiter(rpc);
+    rpc.client.on("message", (topic, payload) => {
+      if (topic !== eventsTopic(prefix)) return;
+      try {
+        const id = decodeEnvelope(payload).fleetEvent?.jobId;
+        if (!id) return;
+        w.seen.set(id, (w.seen.get(id) ?? 0) + 1);
+        w.wake?.();
+      } catch {
+        // not ours to judge; the poll catches up
+      }
+    });
+    await rpc.client.subscribeAsync(eventsTopic(prefix), { qos: 0 });
+    return w;
+  }
+
+  async wait(id: string): Promise<JobJson> {
+    for (;;) {
+      const before = this.seen.get(id) ?? 0;
+      const j = await this.rpc.call<JobJson>("jobs.show", { id });
+      if (TERMINAL_JOB_STATES.has(j.state)) return j;
+      if ((this.seen.get(id) ?? 0) !== before) continue;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 2000);
+        this.wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.wake = undefined;
     }
-    if (TERMINAL_JOB_STATES.has(j.state)) return j;
-    await new Promise((r) => setTimeout(r, 250));
   }
 }
 

@@ -7,7 +7,7 @@ import { loadContext, type OperatorOptions, operatorOptions } from "./context.js
 import { CliError, EXIT } from "./exit.js";
 import { collect, parseDuration, parseKv, printJson } from "./format.js";
 import { buildSpec, type JobFile, parseJob, readJobFile } from "./jobfile.js";
-import { type JobJson, printJob, waitForJob } from "./jobs.js";
+import { type JobJson, JobWaiter, printJob } from "./jobs.js";
 import { withRpc } from "./rpc.js";
 
 interface RunOptions extends OperatorOptions {
@@ -94,13 +94,14 @@ export function registerRun(program: Command): void {
       ).toString("base64");
       const started = performance.now();
       const result = await withRpc(ctx, async (rpc) => {
+        const waiter = o.wait ? await JobWaiter.open(rpc, ctx.prefix) : undefined;
         const submitted = await rpc.call<JobJson>("job.submit", { signedJob: signed, ...target });
-        if (!o.wait) return submitted;
+        if (!waiter) return submitted;
         if (!o.json)
           process.stderr.write(
             `job ${submitted.id} sent to ${submitted.devices.length} device(s); waiting\n`,
           );
-        return waitForJob(rpc, submitted.id);
+        return waiter.wait(submitted.id);
       });
       if (o.json) printJson(result);
       else if (o.wait) {

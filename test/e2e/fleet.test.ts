@@ -1,6 +1,7 @@
 // The whole loop with real processes: fleet init, fleet server, two flashed agents moved away
 // from where they were flashed, and the CLI.
-import { writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -241,6 +242,47 @@ describe("fleet end to end", () => {
     );
     expect(done.devices.map((d) => d.tasks[0]!.state)).toEqual(["SUCCEEDED", "SUCCEEDED"]);
   }, 120_000);
+
+  it("agents connect over TLS with a fleet-CA client certificate (--mtls) and over WebSocket", async () => {
+    const tls = await flashMoved("gw-tls", env, ["--mtls", "--broker", server.urls.mqtts]);
+    const ws = await flashMoved("gw-ws", env, ["--broker", server.urls.ws]);
+    cleanups.push(tls.cleanup, ws.cleanup);
+    roots.set("gw-tls", tls.root);
+    roots.set("gw-ws", ws.root);
+    start("gw-tls");
+    start("gw-ws");
+    await online("gw-tls");
+    await online("gw-ws");
+    const r = await cli(["run", "noop", "--device", "gw-tls", "--device", "gw-ws", "--wait", "--json"], env);
+    expect(r.code).toBe(0);
+    expect(cliJson<JobJson>(r).devices.map((d) => d.state)).toEqual(["SUCCEEDED", "SUCCEEDED"]);
+    await stopAgent("gw-tls");
+    await stopAgent("gw-ws");
+  });
+
+  it("flash --tar writes the same root as a .tar.gz: config 0600, no absolute symlinks, and it runs", async () => {
+    const t = tempDir("fleet-tar-");
+    cleanups.push(t.cleanup);
+    const tarFile = join(t.dir, "gw-tar.tar.gz");
+    expect((await cli(["flash", "gw-tar", "--tar", tarFile, "--label", "site=sdcard"], env)).code).toBe(0);
+    const root = join(t.dir, "sdcard");
+    mkdirSync(root);
+    execFileSync("tar", ["xzf", tarFile, "-C", root]);
+    const listing = execFileSync("tar", ["tzvf", tarFile]).toString();
+    expect(listing).not.toMatch(/^l.* -> \//m);
+    expect(statSync(join(root, "etc", "fleet-agent", "config.json")).mode & 0o777).toBe(0o600);
+    expect(statSync(join(root, "opt", "fleet-agent", "run")).mode & 0o111).toBeTruthy();
+    expect(readFileSync(join(root, "etc", "systemd", "system", "fleet-agent.service"), "utf8")).toContain(
+      "ExecStart=/opt/fleet-agent/run --root /",
+    );
+    for (const arch of ["linux-x64", "linux-arm64", "linux-arm"])
+      expect(existsSync(join(root, "opt", "fleet-agent", "prebuilds", arch))).toBe(true);
+    roots.set("gw-tar", root);
+    start("gw-tar");
+    await online("gw-tar");
+    expect((await cli(["run", "noop", "--device", "gw-tar", "--wait"], env)).code).toBe(0);
+    await stopAgent("gw-tar");
+  });
 
   it("watch --json streams parseable NDJSON events", async () => {
     const w = cli(["watch", "--json"], env, 6000);

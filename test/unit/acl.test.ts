@@ -18,7 +18,16 @@ describe("ACL", () => {
       expect(canSubscribe(dev, P, deviceTopic(P, "a", ch))).toBe(true);
       expect(canSubscribe(dev, P, deviceTopic(P, "b", ch))).toBe(false);
     }
-    for (const t of ["#", `${P}/#`, `${P}/d/+/job`, `${P}/d/a/#`, "$SYS/#", `${P}/rpc/req`, `${P}/events`, `${P}/d/a/+`]) {
+    for (const t of [
+      "#",
+      `${P}/#`,
+      `${P}/d/+/job`,
+      `${P}/d/a/#`,
+      "$SYS/#",
+      `${P}/rpc/req`,
+      `${P}/events`,
+      `${P}/d/a/+`,
+    ]) {
       expect(canSubscribe(dev, P, t), t).toBe(false);
     }
   });
