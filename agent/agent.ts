@@ -10,7 +10,14 @@ import type { Logger } from "pino";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
-import { decodeJobSpec, type JobAssignment, pb, TaskState, type TaskStatus } from "../proto/index.js";
+import {
+  decodeJobSpec,
+  type JobAssignment,
+  pb,
+  TaskState,
+  type TaskStatus,
+  type Telemetry,
+} from "../proto/index.js";
 import { specDigest } from "../proto/signing.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import { systemTime, type TimeSource, TrustedClock } from "./clock.js";
@@ -40,6 +47,8 @@ export interface AgentOptions {
   extraFacts?: Facts;
   /** Skip systeminformation (simulated devices share the host's facts). */
   measureFacts?: boolean;
+  /** Telemetry source instead of systeminformation (simulated devices). */
+  telemetry?: () => Promise<Telemetry>;
 }
 
 export class Agent {
@@ -401,7 +410,9 @@ export class Agent {
   private async sendTelemetry(): Promise<void> {
     if (!this.connection.connected || this.cfg.telemetryIntervalS <= 0) return;
     try {
-      const t = await collectTelemetry(rootPath(this.cfg, this.cfg.dataDir), this.clock.now());
+      const t = this.o.telemetry
+        ? await this.o.telemetry()
+        : await collectTelemetry(rootPath(this.cfg, this.cfg.dataDir), this.clock.now());
       this.publish("telemetry", encodeEnvelope({ telemetry: t }), 0);
     } catch (err) {
       this.log.warn({ err }, "cannot collect telemetry");

@@ -6,8 +6,10 @@ import { CliError, EXIT } from "./exit.js";
 import { registerFlash } from "./flash.js";
 import { registerInit } from "./init.js";
 import { registerJobs } from "./jobs.js";
+import { registerRollout } from "./rollout.js";
 import { registerRun } from "./run.js";
 import { registerServer } from "./server.js";
+import { registerSimulate } from "./simulate.js";
 import { registerWatch } from "./watch.js";
 
 export async function main(argv: string[]): Promise<number> {
@@ -24,7 +26,9 @@ export async function main(argv: string[]): Promise<number> {
   registerAgent(program);
   registerRun(program);
   registerJobs(program);
+  registerRollout(program);
   registerWatch(program);
+  registerSimulate(program);
   for (const c of program.commands) {
     c.exitOverride();
     for (const sub of c.commands) sub.exitOverride();

@@ -23,6 +23,7 @@ interface RunOptions extends OperatorOptions {
   name?: string;
   expiresIn?: string;
   wait?: boolean;
+  any?: string;
 }
 
 function jobFromOptions(type: string | undefined, o: RunOptions): JobFile {
@@ -64,6 +65,10 @@ export function registerRun(program: Command): void {
     .option("--params-file <file>", "task parameters from a JSON file")
     .option("--device <id>", "a target device (repeatable)", collect, [])
     .option("--selector <s>", "target every device whose labels match")
+    .option(
+      "--any <n>",
+      "work-queue: any N matching online devices, least loaded first, re-dispatched on failure",
+    )
     .option("--priority <n>", "task priority (higher runs first)")
     .option("--timeout <d>", "per-task timeout, e.g. 30s, 5m")
     .option("--retries <n>", "retries after a failure (exponential backoff from 5 s)")
@@ -95,7 +100,16 @@ export function registerRun(program: Command): void {
       const started = performance.now();
       const result = await withRpc(ctx, async (rpc) => {
         const waiter = o.wait ? await JobWaiter.open(rpc, ctx.prefix) : undefined;
-        const submitted = await rpc.call<JobJson>("job.submit", { signedJob: signed, ...target });
+        const any = o.any === undefined ? undefined : Number.parseInt(o.any, 10);
+        if (any !== undefined && !(any >= 1)) throw new CliError("--any wants a number >= 1");
+        if (any !== undefined && !o.selector) throw new CliError("--any needs --selector");
+        // The controller re-dispatches a device's work after the task timeout plus a grace period.
+        const timeoutS = o.timeout ? parseDuration(o.timeout, "--timeout") + 10 : 0;
+        const submitted = await rpc.call<JobJson>("job.submit", {
+          signedJob: signed,
+          ...target,
+          ...(any ? { any, timeoutS } : {}),
+        });
         if (!waiter) return submitted;
         if (!o.json)
           process.stderr.write(

@@ -4,9 +4,11 @@
 import { createPublicKey, type KeyObject } from "node:crypto";
 import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
+import { ulid } from "ulid";
 import { z } from "zod";
 import { Counters } from "../../agent/counters.js";
 import { checkGraph } from "../../agent/dag.js";
+import type { Spec } from "../../agent/verify.js";
 import { AGENT_VERSION } from "../../agent/version.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
 import { pb } from "../../proto/index.js";
@@ -17,7 +19,9 @@ import { parseDeviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto
 import type { ServerConfig } from "../config.js";
 import { type CertPair, issueDeviceCert } from "../pki.js";
 import { Delivery, jobJson, jobState, stateName } from "./delivery.js";
+import { WorkQueue } from "./dispatch.js";
 import { deviceJson, type Registry, RpcError } from "./registry.js";
+import { Rollouts, type TelemetrySample } from "./rollouts.js";
 import type { ControllerStore, JobRecord } from "./store.js";
 
 const RPC_WINDOW_MS = 5 * 60_000;
@@ -37,6 +41,10 @@ type Handler = (params: unknown, operator: string) => Promise<unknown>;
 export class Controller {
   readonly counters: Counters;
   readonly delivery: Delivery;
+  readonly rollouts: Rollouts;
+  readonly workQueue: WorkQueue;
+  /** Latest telemetry per device, for health-gated rollout waves. */
+  private readonly telemetry = new Map<string, TelemetrySample>();
   private client: MqttClient | undefined;
   private readonly log: Logger;
   private readonly prefix: string;
@@ -60,6 +68,13 @@ export class Controller {
       publish: (topic, payload, qos) => this.publish(topic, payload, qos),
       now: () => Date.now(),
     });
+    const parts = { store: o.store, registry: o.registry, delivery: this.delivery, now: () => Date.now() };
+    this.rollouts = new Rollouts({
+      ...parts,
+      log: this.log.child({ component: "rollouts" }),
+      telemetry: (d) => this.telemetry.get(d),
+    });
+    this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
     this.handlers = this.rpcHandlers();
   }
 
@@ -87,9 +102,18 @@ export class Controller {
       client.once("error", reject);
     });
     const p = this.prefix;
+    await this.rollouts.load();
+    await this.workQueue.load();
     await client.subscribeAsync([`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)], {
       qos: 1,
     });
+    await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
+    this.timers.push(
+      setInterval(() => {
+        void this.rollouts.tick();
+        void this.workQueue.tick();
+      }, 1000),
+    );
     this.timers.push(
       setInterval(
         () => void this.o.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed")),
@@ -136,7 +160,12 @@ export class Controller {
       throw err;
     }
     if (!this.o.registry.get(t.deviceId)) return this.drop("unknown_device", topic);
-    const expected = { status: "statusBatch", sync: "syncRequest", state: "deviceState" }[t.channel];
+    const expected = {
+      status: "statusBatch",
+      sync: "syncRequest",
+      state: "deviceState",
+      telemetry: "telemetry",
+    }[t.channel];
     if (env.body !== expected) return this.drop("unexpected_body", `${env.body} on ${topic}`);
     switch (env.body) {
       case "statusBatch":
@@ -144,6 +173,21 @@ export class Controller {
       case "syncRequest":
         this.o.registry.seen(t.deviceId, Date.now());
         return this.delivery.onSync(t.deviceId);
+      case "telemetry": {
+        const m = env.telemetry!;
+        const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
+        this.telemetry.set(t.deviceId, {
+          at: Date.now(),
+          values: {
+            "cpu.load": m.cpuLoad ?? 0,
+            "mem.used_pct": memPct,
+            "disk.free": m.diskFree ?? 0,
+            temperature: m.temperatureC ?? Number.NaN,
+            uptime: m.uptimeS ?? 0,
+          },
+        });
+        return;
+      }
       case "deviceState": {
         const change = this.o.registry.observeState(t.deviceId, env.deviceState!, Date.now());
         if (change) this.delivery.event({ kind: `device.${change}`, deviceId: t.deviceId });
@@ -264,6 +308,33 @@ export class Controller {
         return { ...issueDeviceCert(this.o.ca, devId), caPem: this.o.ca.certPem };
       },
       "job.submit": async (p, operator) => this.submit(p, operator),
+      "rollout.create": async (p, operator) => this.createRollout(p, operator),
+      "rollout.ls": async () => this.rollouts.list(),
+      "rollout.show": async (p) => {
+        const r = await this.rollouts.get(id.parse(p).id);
+        if (!r) throw new RpcError(`no rollout ${id.parse(p).id}`, 1);
+        return this.rollouts.view(r);
+      },
+      "rollout.pause": async (p) => this.rollouts.view(await this.rollouts.setState(id.parse(p).id, "pause")),
+      "rollout.resume": async (p) =>
+        this.rollouts.view(await this.rollouts.setState(id.parse(p).id, "resume")),
+      "rollout.abort": async (p) => {
+        const a = z
+          .object({ id: z.string(), reason: z.string().optional(), force: z.boolean().optional() })
+          .parse(p);
+        return this.rollouts.view(
+          await this.rollouts.setState(a.id, "abort", a.reason ?? "aborted by operator", a.force),
+        );
+      },
+      "device.addMany": async (p) => {
+        const a = z
+          .object({
+            devices: z.array(z.object({ id: z.string(), labels })).max(5000),
+            rotate: z.boolean().default(true),
+          })
+          .parse(p);
+        return registry.addMany(a.devices, a.rotate);
+      },
       "jobs.ls": async (p) => {
         const a = z
           .object({ device: z.string().optional(), limit: z.number().int().min(1).default(100) })
@@ -298,15 +369,9 @@ export class Controller {
     };
   }
 
-  private async submit(p: unknown, operator: string) {
-    const a = z
-      .object({
-        signedJob: z.string(),
-        deviceIds: z.array(z.string()).default([]),
-        selector: z.string().default(""),
-      })
-      .parse(p);
-    const signed = pb.SignedJob.decode(Buffer.from(a.signedJob, "base64"));
+  /** Checks a signed job from an operator and makes its record (no devices yet). */
+  private async jobRecord(signedJob: string, operator: string): Promise<{ job: JobRecord; spec: Spec }> {
+    const signed = pb.SignedJob.decode(Buffer.from(signedJob, "base64"));
     const v = verifySignedJob(signed, this.operatorKeys);
     if (!v.ok) throw new RpcError(`job signature: ${v.message}`);
     const spec = v.spec;
@@ -315,33 +380,77 @@ export class Controller {
     const graph = checkGraph(spec.tasks);
     if (graph) throw new RpcError(graph.message);
     if (spec.expiresAtMs <= Date.now()) throw new RpcError("job has already expired");
-    const targetIds = spec.target?.deviceIds ?? [];
-    const selector = spec.target?.selector ?? "";
-    if (a.deviceIds.join(",") !== targetIds.join(",") || a.selector !== selector) {
-      throw new RpcError("targets in the request differ from the signed job's target");
-    }
-    let devices: string[];
-    if (targetIds.length) {
-      const unknown = targetIds.filter((d) => !this.o.registry.get(d));
-      if (unknown.length) throw new RpcError(`unknown device(s): ${unknown.join(", ")}`);
-      devices = [...new Set(targetIds)];
-    } else if (selector) {
-      devices = this.o.registry.select(this.selector(selector)).map((d) => d.id);
-      if (!devices.length) throw new RpcError(`no device matches selector "${selector}"`);
-    } else throw new RpcError("job has no target (device ids or selector)");
     const job: JobRecord = {
       id: spec.jobId,
       name: spec.name || spec.tasks.map((t) => t.type).join("+"),
-      signed: a.signedJob,
+      signed: signedJob,
       createdAt: Date.now(),
       expiresAt: spec.expiresAtMs,
       recurring: Boolean(spec.schedule?.cron),
       tasks: spec.tasks.map((t) => ({ id: t.id, type: t.type })),
-      target: { deviceIds: targetIds, selector },
-      devices,
+      target: { deviceIds: spec.target?.deviceIds ?? [], selector: spec.target?.selector ?? "" },
+      devices: [],
       createdBy: operator,
     };
-    await this.delivery.submit(job);
+    return { job, spec };
+  }
+
+  private async submit(p: unknown, operator: string) {
+    const a = z
+      .object({
+        signedJob: z.string(),
+        deviceIds: z.array(z.string()).default([]),
+        selector: z.string().default(""),
+        any: z.number().int().min(1).optional(),
+        timeoutS: z.number().min(0).default(0),
+      })
+      .parse(p);
+    const { job } = await this.jobRecord(a.signedJob, operator);
+    const { deviceIds: targetIds, selector } = job.target;
+    if (a.deviceIds.join(",") !== targetIds.join(",") || a.selector !== selector) {
+      throw new RpcError("targets in the request differ from the signed job's target");
+    }
+    if (a.any) {
+      if (!selector) throw new RpcError("--any needs --selector");
+      job.any = { need: a.any, selector, timeoutS: a.timeoutS };
+      await this.workQueue.create(job);
+    } else {
+      if (targetIds.length) {
+        const unknown = targetIds.filter((d) => !this.o.registry.get(d));
+        if (unknown.length) throw new RpcError(`unknown device(s): ${unknown.join(", ")}`);
+        job.devices = [...new Set(targetIds)];
+      } else if (selector) {
+        job.devices = this.o.registry.select(this.selector(selector)).map((d) => d.id);
+        if (!job.devices.length) throw new RpcError(`no device matches selector "${selector}"`);
+      } else throw new RpcError("job has no target (device ids or selector)");
+      await this.delivery.submit(job);
+    }
     return jobJson(job, await this.o.store.jobAssignments(job));
+  }
+
+  private async createRollout(p: unknown, operator: string) {
+    const a = z
+      .object({
+        signedJob: z.string(),
+        selector: z.string().min(1),
+        waves: z.string().optional(),
+        exponential: z.string().optional(),
+        maxFailuresPct: z.number().min(0).max(100).default(100),
+        minFinished: z.number().int().min(1).default(1),
+        bakeS: z.number().min(0).default(0),
+        timeoutS: z.number().min(0).default(0),
+        gate: z.string().optional(),
+        continuous: z.boolean().default(false),
+        force: z.boolean().default(false),
+      })
+      .parse(p);
+    this.selector(a.selector);
+    const { job } = await this.jobRecord(a.signedJob, operator);
+    if (job.target.selector !== a.selector || job.target.deviceIds.length) {
+      throw new RpcError("the signed job must target the rollout's selector (and no device ids)");
+    }
+    job.rolloutId = ulid();
+    const r = await this.rollouts.create(job, a);
+    return this.rollouts.view(r);
   }
 }

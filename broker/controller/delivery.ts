@@ -46,6 +46,14 @@ export function assignmentJson(a: Assignment, job?: JobRecord) {
 
 /** A job's state across its devices. */
 export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
+  if (job.any) {
+    // Work-queue: done when `need` devices succeeded; failed when nobody is left to try.
+    const ok = asgs.filter((a) => a.state === TaskState.SUCCEEDED).length;
+    if (ok >= job.any.need) return "SUCCEEDED";
+    if (asgs.some((a) => !TERMINAL_STATES.has(a.state))) return job.cancelled ? "CANCELING" : "RUNNING";
+    if (job.cancelled) return "CANCELED";
+    return job.any.exhausted ? "FAILED" : "RUNNING";
+  }
   if (asgs.some((a) => !TERMINAL_STATES.has(a.state))) {
     if (job.cancelled) return "CANCELING";
     return asgs.some((a) => a.acked) ? "RUNNING" : "PENDING";
@@ -87,10 +95,29 @@ export class Delivery {
   }
 
   /** Stores the job and its assignments (one synced batch), then publishes to online devices. */
-  async submit(job: JobRecord): Promise<void> {
+  async submit(job: JobRecord, extra: Op[] = []): Promise<void> {
+    const devices = job.devices;
+    job.devices = [];
+    await this.addDevices(job, devices, extra);
+    this.event({
+      kind: "job.created",
+      jobId: job.id,
+      detailJson: JSON.stringify({ name: job.name, devices: devices.length, rolloutId: job.rolloutId }),
+    });
+  }
+
+  /**
+   * Assigns the job to more devices (rollout waves, work-queue re-dispatch): the new assignments
+   * and the job record in one synced batch, then a publish to those online. A device already
+   * assigned is skipped, so a repeated call (after a restart) never delivers twice.
+   */
+  async addDevices(job: JobRecord, deviceIds: readonly string[], extra: Op[] = []): Promise<string[]> {
     const now = this.c.now();
-    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job)];
-    for (const d of job.devices) {
+    const known = new Set(job.devices);
+    const fresh = [...new Set(deviceIds)].filter((d) => !known.has(d));
+    job.devices.push(...fresh);
+    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job), ...extra];
+    for (const d of fresh) {
       const a: Assignment = {
         jobId: job.id,
         deviceId: d,
@@ -102,21 +129,58 @@ export class Delivery {
         tasks: {},
         updatedAt: now,
         runs: 0,
+        assignedAt: now,
       };
       ops.push(this.c.store.put(this.c.store.assignments, asgKey(d, job.id), a));
     }
     await this.c.store.batch(ops);
     this.jobCache.set(job.id, job);
-    for (const d of job.devices) {
+    for (const d of fresh) {
       if (this.c.registry.get(d)?.online) {
         this.c.publish(deviceTopic(this.c.prefix, d, "job"), this.assignmentPayload(job, d), 1);
       }
     }
-    this.event({
-      kind: "job.created",
-      jobId: job.id,
-      detailJson: JSON.stringify({ name: job.name, devices: job.devices.length }),
-    });
+    return fresh;
+  }
+
+  /**
+   * Ends assignments on the controller's side (timeout, abort, re-dispatch): undelivered ones
+   * are withdrawn, delivered ones get a Cancel. Later reports from the device do not change them.
+   */
+  async close(
+    job: JobRecord,
+    asgs: readonly Assignment[],
+    state: TaskState,
+    reason: string,
+    message: string,
+  ): Promise<void> {
+    if (!asgs.length) return;
+    const now = this.c.now();
+    const ops: Op[] = [];
+    for (const a of asgs) {
+      a.state = state;
+      a.reason = a.acked ? reason : "withdrawn";
+      a.message = message;
+      a.closed = true;
+      a.updatedAt = now;
+      ops.push(this.c.store.put(this.c.store.assignments, asgKey(a.deviceId, a.jobId), a));
+    }
+    await this.c.store.batch(ops);
+    for (const a of asgs) {
+      if (a.acked && this.c.registry.get(a.deviceId)?.online) {
+        this.c.publish(
+          deviceTopic(this.c.prefix, a.deviceId, "ctl"),
+          encodeEnvelope({ cancel: { jobId: job.id, reason: message } }),
+          1,
+        );
+      }
+      this.event({
+        kind: "job.device_closed",
+        deviceId: a.deviceId,
+        jobId: job.id,
+        detailJson: JSON.stringify({ state: TaskState[state], reason: a.reason, message }),
+      });
+    }
   }
 
   /** Re-sends every assignment the device has not acknowledged, pending cancels, and the time. */
@@ -124,6 +188,13 @@ export class Delivery {
     const assignments: Array<{ job: ReturnType<typeof pb.SignedJob.decode>; deviceId: string }> = [];
     const cancels: Array<{ jobId: string; reason: string }> = [];
     for (const a of await this.c.store.deviceAssignments(deviceId)) {
+      if (a.closed) {
+        // Ended by the controller: make sure the device stops too (it may have missed the Cancel).
+        if (a.acked && Object.values(a.tasks).some((t) => !TERMINAL_STATES.has(t.state))) {
+          cancels.push({ jobId: a.jobId, reason: a.message || "canceled by the controller" });
+        }
+        continue;
+      }
       if (TERMINAL_STATES.has(a.state)) continue;
       const job = await this.job(a.jobId);
       if (!job) continue;
@@ -287,6 +358,7 @@ export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
   if (!s.taskId) {
     if (state === TaskState.QUEUED || state === TaskState.REJECTED || s.reason === "duplicate_delivery")
       a.acked = true;
+    if (a.closed) return; // the controller already decided this device's outcome
     if (execId && TERMINAL_STATES.has(state)) {
       a.runs++; // a recurring occurrence ended; the job itself goes on
       a.message = `last run ${TaskState[state]}`;
@@ -308,5 +380,5 @@ export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
     reason: s.reason ?? "",
     ...(s.output ? { output: s.output } : {}),
   };
-  if (!TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
+  if (!a.closed && !TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
 }

@@ -75,25 +75,42 @@ export class Registry {
     labels: Record<string, string>,
     rotate = false,
   ): Promise<{ device: DeviceRecord; token: string }> {
-    checkDeviceId(id);
-    const existing = this.devices.get(id);
-    if (existing && !rotate) throw new RpcError(`device ${id} already exists`);
-    const token = newToken();
-    const device: DeviceRecord = existing
-      ? { ...existing, labels: { ...existing.labels, ...labels }, tokenHash: tokenHash(token) }
-      : {
-          id,
-          labels,
-          tokenHash: tokenHash(token),
-          createdAt: Date.now(),
-          lastSeen: 0,
-          online: false,
-          agentVersion: "",
-          queueDepth: 0,
-        };
-    await this.store.batch([this.store.put(this.store.devices, id, device)]);
-    this.devices.set(id, device);
-    return { device, token };
+    const [made] = await this.addMany([{ id, labels }], rotate);
+    return { device: this.devices.get(id)!, token: made!.password };
+  }
+
+  /** Registers (or re-keys) many devices in one batch; secrets are returned once. */
+  async addMany(
+    list: ReadonlyArray<{ id: string; labels: Record<string, string> }>,
+    rotate: boolean,
+  ): Promise<Array<{ id: string; username: string; password: string }>> {
+    const out: Array<{ id: string; username: string; password: string }> = [];
+    const ops = [];
+    const made: DeviceRecord[] = [];
+    for (const { id, labels } of list) {
+      checkDeviceId(id);
+      const existing = this.devices.get(id);
+      if (existing && !rotate) throw new RpcError(`device ${id} already exists`);
+      const token = newToken();
+      const device: DeviceRecord = existing
+        ? { ...existing, labels: { ...existing.labels, ...labels }, tokenHash: tokenHash(token) }
+        : {
+            id,
+            labels,
+            tokenHash: tokenHash(token),
+            createdAt: Date.now(),
+            lastSeen: 0,
+            online: false,
+            agentVersion: "",
+            queueDepth: 0,
+          };
+      ops.push(this.store.put(this.store.devices, id, device));
+      made.push(device);
+      out.push({ id, username: id, password: token });
+    }
+    await this.store.batch(ops);
+    for (const d of made) this.devices.set(d.id, d);
+    return out;
   }
 
   async remove(id: string): Promise<boolean> {

@@ -29,6 +29,44 @@ export interface JobRecord {
   devices: string[];
   createdBy: string;
   cancelled?: { reason: string; at: number };
+  /** Delivered by a rollout: devices are added wave by wave. */
+  rolloutId?: string;
+  /** Work-queue mode: done when this many devices succeeded. */
+  any?: { need: number; selector: string; timeoutS: number; exhausted?: boolean };
+}
+
+export interface WaveRecord {
+  /** Devices in this and all earlier waves (cumulative target). */
+  target: number;
+  devices: string[];
+  startedAt?: number;
+  finishedAt?: number;
+  bakeUntil?: number;
+}
+
+export type RolloutState = "RUNNING" | "PAUSED" | "SUCCEEDED" | "ABORTED";
+
+export interface RolloutRecord {
+  id: string;
+  jobId: string;
+  name: string;
+  selector: string;
+  createdAt: number;
+  state: RolloutState;
+  reason?: string;
+  /** Matching devices, in delivery order; waves take consecutive slices. */
+  pool: string[];
+  waveSpecs: string[];
+  waves: WaveRecord[];
+  current: number;
+  maxFailuresPct: number;
+  minFinished: number;
+  bakeS: number;
+  timeoutS: number;
+  gate?: string;
+  continuous: boolean;
+  force: boolean;
+  finishedAt?: number;
 }
 
 export interface TaskView {
@@ -52,6 +90,9 @@ export interface Assignment {
   tasks: Record<string, TaskView>;
   updatedAt: number;
   runs: number; // finished executions (recurring jobs have many)
+  assignedAt?: number;
+  /** Ended by the controller (timeout, withdrawal): later device reports do not change the outcome. */
+  closed?: boolean;
 }
 
 type Db = ClassicLevel<string, unknown>;
@@ -67,6 +108,7 @@ export class ControllerStore {
   readonly assignments: Sub<Assignment>;
   readonly seqs: Sub<number>;
   readonly nonces: Sub<number>;
+  readonly rollouts: Sub<RolloutRecord>;
 
   constructor(path: string) {
     this.db = new ClassicLevel<string, unknown>(path, { valueEncoding: "json" });
@@ -79,6 +121,9 @@ export class ControllerStore {
     }) as Sub<Assignment>;
     this.seqs = this.db.sublevel<string, number>("seq", { valueEncoding: "json" }) as Sub<number>;
     this.nonces = this.db.sublevel<string, number>("nonce", { valueEncoding: "json" }) as Sub<number>;
+    this.rollouts = this.db.sublevel<string, RolloutRecord>("rollout", {
+      valueEncoding: "json",
+    }) as Sub<RolloutRecord>;
   }
 
   open(): Promise<void> {

@@ -1,0 +1,127 @@
+// Work-queue dispatch (DESIGN.md §6): a job for "any N" matching devices goes to the least
+// loaded online ones (queue depth from DeviceState) and is re-dispatched elsewhere when a
+// device fails, times out or goes offline, until N succeeded or no candidate is left.
+import type { Logger } from "pino";
+import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
+import { parseSelector } from "../../proto/selector.js";
+import type { Delivery } from "./delivery.js";
+import { type Registry, RpcError } from "./registry.js";
+import type { ControllerStore, JobRecord } from "./store.js";
+
+export interface DispatchContext {
+  store: ControllerStore;
+  registry: Registry;
+  delivery: Delivery;
+  log: Logger;
+  now(): number;
+}
+
+export class WorkQueue {
+  private readonly active = new Map<string, JobRecord>();
+  private busy = false;
+
+  constructor(private readonly c: DispatchContext) {}
+
+  async load(): Promise<void> {
+    for await (const j of this.c.store.jobs.values())
+      if (j.any && !j.any.exhausted && !j.cancelled) this.active.set(j.id, j);
+  }
+
+  private candidates(job: JobRecord, n: number): string[] {
+    if (n <= 0) return [];
+    const tried = new Set(job.devices);
+    return this.c.registry
+      .select(parseSelector(job.any!.selector))
+      .filter((d) => d.online && !tried.has(d.id))
+      .sort((a, b) => a.queueDepth - b.queueDepth || a.id.localeCompare(b.id))
+      .slice(0, n)
+      .map((d) => d.id);
+  }
+
+  async create(job: JobRecord): Promise<void> {
+    const first = this.candidates(job, job.any!.need);
+    if (!first.length) throw new RpcError(`no online device matches selector "${job.any!.selector}"`);
+    job.devices = first;
+    await this.c.delivery.submit(job);
+    this.active.set(job.id, job);
+  }
+
+  async tick(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      for (const job of [...this.active.values()]) {
+        try {
+          await this.step(job);
+        } catch (err) {
+          this.c.log.error({ err, jobId: job.id }, "work-queue step failed");
+        }
+      }
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private async step(job: JobRecord): Promise<void> {
+    const current = await this.c.delivery.job(job.id);
+    if (!current || current.cancelled) {
+      this.active.delete(job.id);
+      return;
+    }
+    const any = current.any!;
+    const now = this.c.now();
+    let asgs = await this.c.store.jobAssignments(current);
+    const open = asgs.filter((a) => !TERMINAL_STATES.has(a.state));
+    const gone = open.filter((a) => !this.c.registry.get(a.deviceId)?.online);
+    if (gone.length)
+      await this.c.delivery.close(
+        current,
+        gone,
+        TaskState.CANCELED,
+        "device_offline",
+        "device went offline; re-dispatched",
+      );
+    const late =
+      any.timeoutS > 0
+        ? open.filter((a) => !gone.includes(a) && now - (a.assignedAt ?? 0) > any.timeoutS * 1000)
+        : [];
+    if (late.length)
+      await this.c.delivery.close(
+        current,
+        late,
+        TaskState.TIMED_OUT,
+        "timeout",
+        `no result within ${any.timeoutS}s; re-dispatched`,
+      );
+    if (gone.length || late.length) asgs = await this.c.store.jobAssignments(current);
+    const ok = asgs.filter((a) => a.state === TaskState.SUCCEEDED).length;
+    const running = asgs.filter((a) => !TERMINAL_STATES.has(a.state)).length;
+    if (ok >= any.need) {
+      this.active.delete(job.id);
+      this.c.delivery.event({
+        kind: "job.dispatch_done",
+        jobId: job.id,
+        detailJson: JSON.stringify({ succeeded: ok }),
+      });
+      return;
+    }
+    const more = this.candidates(current, any.need - ok - running);
+    if (more.length) {
+      await this.c.delivery.addDevices(current, more);
+      this.c.delivery.event({
+        kind: "job.redispatched",
+        jobId: job.id,
+        detailJson: JSON.stringify({ devices: more }),
+      });
+    } else if (running === 0) {
+      any.exhausted = true;
+      await this.c.store.batch([this.c.store.put(this.c.store.jobs, current.id, current)]);
+      this.active.delete(job.id);
+      this.c.delivery.event({
+        kind: "job.dispatch_exhausted",
+        jobId: job.id,
+        detailJson: JSON.stringify({ succeeded: ok, need: any.need }),
+      });
+    }
+  }
+}

@@ -1,0 +1,435 @@
+// Rollouts (DESIGN.md §6): one signed job delivered to a selector in waves. Each wave waits
+// until its devices are terminal, then bakes (optionally health-gated), then the next starts.
+// Failures above a threshold abort. State lives in LevelDB and every step is persisted before
+// it acts, so a controller restart resumes each rollout where it was and no device receives
+// the job twice (assignments are keyed by device and job). One global tick drives them all.
+import type { Logger } from "pino";
+import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
+import { matchesSelector, parseSelector } from "../../proto/selector.js";
+import type { Delivery } from "./delivery.js";
+import type { Registry } from "./registry.js";
+import { RpcError } from "./registry.js";
+import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
+
+export const FAILED = new Set<number>([TaskState.FAILED, TaskState.TIMED_OUT, TaskState.REJECTED]);
+
+export interface TelemetrySample {
+  at: number;
+  values: Record<string, number>;
+}
+
+export interface RolloutContext {
+  store: ControllerStore;
+  registry: Registry;
+  delivery: Delivery;
+  log: Logger;
+  now(): number;
+  telemetry(deviceId: string): TelemetrySample | undefined;
+}
+
+/** Cumulative wave targets: "1,10%,50%,100%" or exponential "base,factor"; the last reaches everyone. */
+export function planWaves(
+  total: number,
+  o: { waves?: string; exponential?: string },
+): { specs: string[]; targets: number[] } {
+  const targets: number[] = [];
+  let specs: string[];
+  if (o.exponential) {
+    const [b, f] = o.exponential.split(",").map(Number);
+    if (!b || !f || b < 1 || f <= 1)
+      throw new RpcError(`--exponential "${o.exponential}": want base,factor with base >= 1 and factor > 1`);
+    specs = [];
+    for (let n = b; ; n *= f) {
+      const t = Math.min(total, Math.ceil(n));
+      specs.push(String(t));
+      targets.push(t);
+      if (t >= total) break;
+    }
+  } else {
+    specs = (o.waves ?? "100%")
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean);
+    if (!specs.length) throw new RpcError("--waves is empty");
+    for (const s of specs) {
+      const m = /^(\d+(?:\.\d+)?)(%?)$/.exec(s);
+      if (!m) throw new RpcError(`--waves: "${s}" is neither a count nor a percentage`);
+      const n = m[2] ? Math.ceil((Number(m[1]) / 100) * total) : Number(m[1]);
+      if (m[2] && Number(m[1]) > 100) throw new RpcError(`--waves: "${s}" is over 100%`);
+      targets.push(Math.min(total, Math.max(n, targets.at(-1) ?? 0)));
+    }
+    if ((targets.at(-1) ?? 0) < total) {
+      specs.push("100%");
+      targets.push(total);
+    }
+  }
+  // Drop waves that would add nobody (e.g. "1,1%" on a small fleet).
+  const keep = targets.map((t, i) => i === 0 || t > targets[i - 1]!);
+  return { specs: specs.filter((_, i) => keep[i]), targets: targets.filter((_, i) => keep[i]) };
+}
+
+/** `cpu.load<0.9`, `mem.used_pct<=80`, `temperature>=0` */
+export function parseGate(gate: string | undefined): {
+  online: boolean;
+  metric?: { name: string; op: string; value: number };
+} {
+  if (!gate) return { online: false };
+  if (gate === "online") return { online: true };
+  const m = /^telemetry:([a-z_.]+)\s*(<=|>=|<|>|==|!=)\s*(-?\d+(?:\.\d+)?)$/.exec(gate);
+  if (!m)
+    throw new RpcError(
+      `--gate "${gate}": want "online" or "telemetry:<metric><op><value>", e.g. telemetry:cpu.load<0.9`,
+    );
+  return { online: true, metric: { name: m[1]!, op: m[2]!, value: Number(m[3]) } };
+}
+
+function holds(v: number, op: string, want: number): boolean {
+  switch (op) {
+    case "<":
+      return v < want;
+    case "<=":
+      return v <= want;
+    case ">":
+      return v > want;
+    case ">=":
+      return v >= want;
+    case "==":
+      return v === want;
+    default:
+      return v !== want;
+  }
+}
+
+export function counts(r: RolloutRecord, asgs: readonly Assignment[]) {
+  let pending = r.pool.length - asgs.length;
+  let running = 0;
+  let succeeded = 0;
+  let failed = 0;
+  let canceled = 0;
+  let timedOut = 0;
+  for (const a of asgs) {
+    if (a.state === TaskState.SUCCEEDED) succeeded++;
+    else if (FAILED.has(a.state)) {
+      failed++;
+      if (a.state === TaskState.TIMED_OUT) timedOut++;
+    } else if (a.state === TaskState.CANCELED) canceled++;
+    else if (a.acked) running++;
+    else pending++;
+  }
+  return { total: r.pool.length, pending, running, succeeded, failed, canceled, timedOut };
+}
+
+export class Rollouts {
+  private readonly active = new Map<string, RolloutRecord>();
+  private busy = false;
+
+  constructor(private readonly c: RolloutContext) {}
+
+  async load(): Promise<void> {
+    for await (const r of this.c.store.rollouts.values()) if (this.isLive(r)) this.active.set(r.id, r);
+  }
+
+  private isLive(r: RolloutRecord): boolean {
+    return r.state === "RUNNING" || r.state === "PAUSED" || (r.state === "SUCCEEDED" && r.continuous);
+  }
+
+  async create(
+    job: JobRecord,
+    o: {
+      selector: string;
+      waves?: string;
+      exponential?: string;
+      maxFailuresPct: number;
+      minFinished: number;
+      bakeS: number;
+      timeoutS: number;
+      gate?: string;
+      continuous: boolean;
+      force: boolean;
+    },
+  ): Promise<RolloutRecord> {
+    parseGate(o.gate);
+    const pool = this.c.registry.select(parseSelector(o.selector)).map((d) => d.id);
+    if (!pool.length && !o.continuous) throw new RpcError(`no device matches selector "${o.selector}"`);
+    const { specs, targets } = planWaves(pool.length, o);
+    const r: RolloutRecord = {
+      id: job.rolloutId!,
+      jobId: job.id,
+      name: job.name,
+      selector: o.selector,
+      createdAt: this.c.now(),
+      state: "RUNNING",
+      pool,
+      waveSpecs: specs,
+      waves: targets.map((t) => ({ target: t, devices: [] })),
+      current: 0,
+      maxFailuresPct: o.maxFailuresPct,
+      minFinished: o.minFinished,
+      bakeS: o.bakeS,
+      timeoutS: o.timeoutS,
+      gate: o.gate,
+      continuous: o.continuous,
+      force: o.force,
+    };
+    job.devices = [];
+    await this.c.delivery.submit(job, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    this.active.set(r.id, r);
+    this.c.delivery.event({
+      kind: "rollout.created",
+      jobId: job.id,
+      detailJson: JSON.stringify({ rolloutId: r.id, devices: pool.length, waves: specs }),
+    });
+    return r;
+  }
+
+  get(id: string): Promise<RolloutRecord | undefined> {
+    return Promise.resolve(this.active.get(id) ?? this.c.store.rollouts.get(id));
+  }
+
+  async setState(
+    id: string,
+    op: "pause" | "resume" | "abort",
+    reason?: string,
+    force?: boolean,
+  ): Promise<RolloutRecord> {
+    const r = await this.get(id);
+    if (!r) throw new RpcError(`no rollout ${id}`, 1);
+    if (op === "pause") {
+      if (r.state !== "RUNNING") throw new RpcError(`rollout ${id} is ${r.state}, not RUNNING`);
+      r.state = "PAUSED";
+      await this.save(r, "rollout.paused");
+    } else if (op === "resume") {
+      if (r.state !== "PAUSED") throw new RpcError(`rollout ${id} is ${r.state}, not PAUSED`);
+      r.state = "RUNNING";
+      await this.save(r, "rollout.resumed");
+    } else {
+      if (r.state === "ABORTED") return r;
+      if (force !== undefined) r.force = force;
+      await this.abort(r, reason ?? "aborted by operator");
+    }
+    return r;
+  }
+
+  private async save(r: RolloutRecord, event?: string, detail: object = {}): Promise<void> {
+    await this.c.store.batch([this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    if (!this.isLive(r)) this.active.delete(r.id);
+    if (event)
+      this.c.delivery.event({
+        kind: event,
+        jobId: r.jobId,
+        detailJson: JSON.stringify({ rolloutId: r.id, state: r.state, ...detail }),
+      });
+  }
+
+  /** Withdraws what was not delivered, cancels what is queued; running ones finish unless forced. */
+  private async abort(r: RolloutRecord, reason: string): Promise<void> {
+    r.state = "ABORTED";
+    r.reason = reason;
+    r.finishedAt = this.c.now();
+    await this.save(r, "rollout.aborted", { reason });
+    const job = await this.c.delivery.job(r.jobId);
+    if (!job) return;
+    const open = (await this.c.store.jobAssignments(job)).filter((a) => !TERMINAL_STATES.has(a.state));
+    const stop = open.filter((a) => r.force || a.state !== TaskState.RUNNING);
+    await this.c.delivery.close(
+      job,
+      stop,
+      TaskState.CANCELED,
+      "rollout_aborted",
+      `rollout aborted: ${reason}`,
+    );
+    this.c.log.warn({ rolloutId: r.id, reason, canceled: stop.length }, "rollout aborted");
+  }
+
+  /** Advances every live rollout; called once a second. */
+  async tick(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      for (const r of [...this.active.values()]) {
+        try {
+          await this.step(r);
+        } catch (err) {
+          this.c.log.error({ err, rolloutId: r.id }, "rollout step failed");
+        }
+      }
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private async step(r: RolloutRecord): Promise<void> {
+    const job = await this.c.delivery.job(r.jobId);
+    if (!job) return;
+    const now = this.c.now();
+    if (r.continuous && r.state !== "PAUSED") await this.includeNewDevices(r, job);
+    if (r.state !== "RUNNING") return;
+    const wave = r.waves[r.current];
+    if (!wave) return;
+    if (wave.startedAt === undefined) {
+      // Persist the wave's membership with the assignments (one batch), then deliver.
+      const from = r.current === 0 ? 0 : r.waves[r.current - 1]!.target;
+      wave.devices = r.pool.slice(from, wave.target);
+      wave.startedAt = now;
+      await this.c.delivery.addDevices(job, wave.devices, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+      this.c.delivery.event({
+        kind: "rollout.wave_started",
+        jobId: r.jobId,
+        detailJson: JSON.stringify({ rolloutId: r.id, wave: r.current + 1, devices: wave.devices.length }),
+      });
+      return;
+    }
+    const asgs = await this.c.store.jobAssignments(job);
+    // Per-device timeout: a device that has not finished in time ends TIMED_OUT.
+    if (r.timeoutS > 0) {
+      const late = asgs.filter(
+        (a) => !TERMINAL_STATES.has(a.state) && now - (a.assignedAt ?? wave.startedAt!) > r.timeoutS * 1000,
+      );
+      if (late.length)
+        await this.c.delivery.close(
+          job,
+          late,
+          TaskState.TIMED_OUT,
+          "timeout",
+          `no result within ${r.timeoutS}s`,
+        );
+    }
+    const c = counts(r, asgs);
+    const finished = c.succeeded + c.failed;
+    if (finished >= Math.max(1, r.minFinished) && (c.failed * 100) / finished > r.maxFailuresPct) {
+      return this.abort(
+        r,
+        `failure rate ${Math.round((c.failed * 1000) / finished) / 10}% (${c.failed} of ${finished} finished) is above ${r.maxFailuresPct}%`,
+      );
+    }
+    const inWave = new Set(wave.devices);
+    const waveAsgs = asgs.filter((a) => inWave.has(a.deviceId));
+    if (waveAsgs.length < wave.devices.length || waveAsgs.some((a) => !TERMINAL_STATES.has(a.state))) return;
+    if (wave.bakeUntil === undefined) {
+      wave.finishedAt = now;
+      wave.bakeUntil = now + r.bakeS * 1000;
+      await this.save(r, "rollout.wave_baking", { wave: r.current + 1, bakeS: r.bakeS });
+    }
+    const gateProblem = this.checkGate(r, waveAsgs, wave.finishedAt ?? now);
+    if (gateProblem) return this.abort(r, gateProblem);
+    if (now < wave.bakeUntil) return;
+    const ok = waveAsgs.filter((a) => a.state === TaskState.SUCCEEDED);
+    if (r.gate && parseGate(r.gate).metric) {
+      const silent = ok
+        .filter((a) => (this.c.telemetry(a.deviceId)?.at ?? 0) < wave.finishedAt!)
+        .map((a) => a.deviceId);
+      if (silent.length)
+        return this.abort(
+          r,
+          `gate ${r.gate}: no telemetry after the wave from ${silent.slice(0, 10).join(", ")}`,
+        );
+    }
+    r.current++;
+    if (r.current >= r.waves.length) {
+      r.state = "SUCCEEDED";
+      r.finishedAt = now;
+      await this.save(r, "rollout.succeeded");
+    } else await this.save(r, "rollout.wave_done", { wave: r.current });
+  }
+
+  /** Health gate through the bake: succeeded devices stay online (and keep their telemetry in bounds). */
+  private checkGate(r: RolloutRecord, waveAsgs: readonly Assignment[], since: number): string | undefined {
+    const gate = parseGate(r.gate);
+    if (!gate.online) return undefined;
+    const ok = waveAsgs.filter((a) => a.state === TaskState.SUCCEEDED).map((a) => a.deviceId);
+    const offline = ok.filter((d) => !this.c.registry.get(d)?.online);
+    if (offline.length)
+      return `gate ${r.gate}: device(s) went offline during the bake: ${offline.slice(0, 10).join(", ")}`;
+    if (!gate.metric) return undefined;
+    const { name, op, value } = gate.metric;
+    const bad = ok.filter((d) => {
+      const t = this.c.telemetry(d);
+      return t && t.at >= since && t.values[name] !== undefined && !holds(t.values[name]!, op, value);
+    });
+    if (bad.length) {
+      const show = bad.slice(0, 10).map((d) => `${d} (${name}=${this.c.telemetry(d)?.values[name]})`);
+      return `gate ${r.gate}: violated by ${show.join(", ")}`;
+    }
+    return undefined;
+  }
+
+  /** --continuous: devices that match later join the wave in progress (or the last one). */
+  private async includeNewDevices(r: RolloutRecord, job: JobRecord): Promise<void> {
+    const known = new Set(r.pool);
+    const reqs = parseSelector(r.selector);
+    const fresh = this.c.registry
+      .select(undefined)
+      .filter((d) => !known.has(d.id) && matchesSelector(reqs, d.labels))
+      .map((d) => d.id);
+    if (!fresh.length) return;
+    r.pool.push(...fresh);
+    const started = r.waves.filter((w) => w.startedAt !== undefined);
+    const wave = started.at(-1);
+    for (const w of r.waves) w.target = Math.max(w.target, 0);
+    r.waves.at(-1)!.target = r.pool.length;
+    if (wave && (r.state === "SUCCEEDED" || wave === r.waves.at(-1))) {
+      wave.devices.push(...fresh);
+      await this.c.delivery.addDevices(job, fresh, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    } else await this.save(r);
+    this.c.delivery.event({
+      kind: "rollout.devices_added",
+      jobId: r.jobId,
+      detailJson: JSON.stringify({ rolloutId: r.id, devices: fresh }),
+    });
+  }
+
+  async view(r: RolloutRecord) {
+    const job = await this.c.delivery.job(r.jobId);
+    const asgs = job ? await this.c.store.jobAssignments(job) : [];
+    const byDevice = new Map(asgs.map((a) => [a.deviceId, a]));
+    return {
+      id: r.id,
+      jobId: r.jobId,
+      name: r.name,
+      selector: r.selector,
+      state: r.state,
+      ...(r.reason ? { reason: r.reason } : {}),
+      createdAt: new Date(r.createdAt).toISOString(),
+      currentWave: Math.min(r.current + 1, r.waves.length),
+      waves: r.waves.map((w, i) => {
+        const a = w.devices.map((d) => byDevice.get(d)).filter((x): x is Assignment => x !== undefined);
+        return {
+          wave: i + 1,
+          spec: r.waveSpecs[i],
+          devices: i === 0 ? w.target : w.target - r.waves[i - 1]!.target,
+          state:
+            w.startedAt === undefined
+              ? "PENDING"
+              : i < r.current || r.state === "SUCCEEDED"
+                ? "DONE"
+                : w.bakeUntil !== undefined
+                  ? "BAKING"
+                  : "RUNNING",
+          succeeded: a.filter((x) => x.state === TaskState.SUCCEEDED).length,
+          failed: a.filter((x) => FAILED.has(x.state)).length,
+        };
+      }),
+      counts: counts(r, asgs),
+      failures: asgs
+        .filter((a) => FAILED.has(a.state))
+        .sort((x, y) => y.updatedAt - x.updatedAt)
+        .slice(0, 10)
+        .map((a) => {
+          const task = Object.entries(a.tasks).find(([, t]) => FAILED.has(t.state));
+          return {
+            deviceId: a.deviceId,
+            state: TaskState[a.state] ?? String(a.state),
+            reason: a.reason || task?.[1].reason || "",
+            message: task ? `${task[0]}: ${task[1].message}` : a.message,
+          };
+        }),
+    };
+  }
+
+  async list() {
+    const out = [];
+    for await (const r of this.c.store.rollouts.values({ reverse: true }))
+      out.push(await this.view(this.active.get(r.id) ?? r));
+    return out;
+  }
+}
