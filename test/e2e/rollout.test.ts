@@ -1,0 +1,283 @@
+// Rollouts, work-queue dispatch and watch with simulated devices (real `fleet simulate`
+// processes running the real agent code) against a real `fleet server`.
+import { type ChildProcess, spawn } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  cli,
+  cliJson,
+  FLEET,
+  type ServerProcess,
+  setContextServer,
+  startServer,
+  waitUntil,
+} from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+
+interface RolloutJson {
+  id: string;
+  jobId: string;
+  state: string;
+  reason?: string;
+  currentWave: number;
+  waves: Array<{ wave: number; devices: number; state: string; succeeded: number; failed: number }>;
+  counts: {
+    total: number;
+    pending: number;
+    running: number;
+    succeeded: number;
+    failed: number;
+    canceled: number;
+    timedOut: number;
+  };
+}
+interface JobJson {
+  id: string;
+  state: string;
+  devices: Array<{
+    deviceId: string;
+    state: string;
+    reason?: string;
+    tasks: Array<{ state: string; attempt: number }>;
+  }>;
+}
+
+const data = tempDir("fleet-rollout-");
+let server: ServerProcess;
+let env: Record<string, string>;
+const sims: ChildProcess[] = [];
+const noop = join(data.dir, "noop.yaml");
+const nap = join(data.dir, "nap.yaml");
+
+async function simulate(args: string[]): Promise<ChildProcess> {
+  const p = spawn(process.execPath, [FLEET, "simulate", "--connect-rate", "2000", ...args], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  sims.push(p);
+  await new Promise<void>((res, rej) => {
+    let out = "";
+    let err = "";
+    p.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes("simulating")) res();
+    });
+    p.stderr!.on("data", (d: Buffer) => {
+      err += d.toString();
+    });
+    p.on("exit", (code) => rej(new Error(`simulate exited ${code}: ${err.slice(-500)}`)));
+  });
+  return p;
+}
+
+const show = async (id: string) => cliJson<RolloutJson>(await cli(["rollout", "show", id, "--json"], env));
+
+beforeAll(async () => {
+  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
+  const cfgFile = join(data.dir, "server.json");
+  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
+  cfg.limits = { ...cfg.limits, connectsPerSecondPerAddress: 5000 }; // simulated fleets connect from one address
+  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+  server = await startServer(data.dir);
+  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  writeFileSync(noop, "name: noop-rollout\ntasks:\n  - { id: a, type: noop }\n");
+  writeFileSync(nap, "name: nap-rollout\ntasks:\n  - { id: a, type: sleep, params: { seconds: 0.5 } }\n");
+  await simulate(["--devices", "200", "--prefix", "ok-", "--label", "pool=ok"]);
+  await simulate(["--devices", "100", "--prefix", "bad-", "--label", "pool=bad", "--fail-rate", "0.5"]);
+}, 120_000);
+
+afterAll(async () => {
+  for (const s of sims) s.kill("SIGKILL");
+  server?.proc.kill("SIGKILL");
+  data.cleanup();
+});
+
+describe("rollouts", () => {
+  it("rolls out to 200 devices in waves 10%,50%,100%, in order, while watch --json streams NDJSON", async () => {
+    const watch = cli(["watch", "--json"], env, 9000);
+    await new Promise((r) => setTimeout(r, 800));
+    const r = await cli(
+      [
+        "rollout",
+        "create",
+        "-f",
+        noop,
+        "--selector",
+        "pool=ok",
+        "--waves",
+        "10%,50%,100%",
+        "--wait",
+        "--json",
+      ],
+      env,
+    );
+    expect(r.code).toBe(0);
+    const done = cliJson<RolloutJson>(r);
+    expect(done).toMatchObject({ state: "SUCCEEDED", counts: { total: 200, succeeded: 200, failed: 0 } });
+    expect(done.waves.map((w) => [w.devices, w.state, w.succeeded])).toEqual([
+      [20, "DONE", 20],
+      [80, "DONE", 80],
+      [100, "DONE", 100],
+    ]);
+    const lines = (await watch).stdout.trim().split("\n");
+    const events = lines.map(
+      (l) =>
+        JSON.parse(l) as {
+          kind: string;
+          jobId?: string;
+          state?: string;
+          taskId?: string;
+          detail?: { wave?: number };
+        },
+    );
+    const mine = events.filter((e) => e.jobId === done.jobId);
+    const starts = mine.filter((e) => e.kind === "rollout.wave_started").map((e) => e.detail?.wave);
+    expect(starts).toEqual([1, 2, 3]);
+    // Every device of a wave finished before the next wave started.
+    const at = (wave: number) =>
+      mine.findIndex((e) => e.kind === "rollout.wave_started" && e.detail?.wave === wave);
+    const succeededBefore = (i: number) =>
+      mine.slice(0, i).filter((e) => e.kind === "task.status" && !e.taskId && e.state === "SUCCEEDED").length;
+    expect(succeededBefore(at(2))).toBe(20);
+    expect(succeededBefore(at(3))).toBe(100);
+  }, 60_000);
+
+  it("aborts on 50% failures with --max-failures 20%, touching at most the first two waves, with a reason", async () => {
+    const r = await cli(
+      [
+        "rollout",
+        "create",
+        "-f",
+        noop,
+        "--selector",
+        "pool=bad",
+        "--waves",
+        "10%,50%,100%",
+        "--max-failures",
+        "20%",
+        "--min-finished",
+        "5",
+        "--wait",
+        "--json",
+      ],
+      env,
+    );
+    expect(r.code).toBe(1);
+    const ro = cliJson<RolloutJson>(r);
+    expect(ro.state).toBe("ABORTED");
+    expect(ro.reason).toMatch(/failure rate \d+(\.\d)?% \(\d+ of \d+ finished\) is above 20%/);
+    expect(ro.waves[2]!.state).toBe("PENDING");
+    expect(
+      ro.counts.succeeded + ro.counts.failed + ro.counts.running + ro.counts.canceled,
+    ).toBeLessThanOrEqual(50);
+  }, 60_000);
+
+  it("pause holds, resume completes", async () => {
+    const created = cliJson<RolloutJson>(
+      await cli(
+        ["rollout", "create", "-f", nap, "--selector", "pool=ok", "--waves", "10%,100%", "--json"],
+        env,
+      ),
+    );
+    const paused = cliJson<RolloutJson>(await cli(["rollout", "pause", created.id, "--json"], env));
+    expect(paused.state).toBe("PAUSED");
+    await new Promise((r) => setTimeout(r, 3000));
+    const held = await show(created.id);
+    expect(held.state).toBe("PAUSED");
+    expect(held.waves[1]!.state).toBe("PENDING");
+    expect(held.counts.succeeded).toBeLessThanOrEqual(20);
+    expect((await cli(["rollout", "resume", created.id], env)).code).toBe(0);
+    const done = await waitUntil(
+      "succeeded",
+      async () => {
+        const r = await show(created.id);
+        return r.state === "SUCCEEDED" ? r : undefined;
+      },
+      60_000,
+    );
+    expect(done.counts).toMatchObject({ total: 200, succeeded: 200 });
+  }, 90_000);
+
+  it("--timeout ends a silent device TIMED_OUT and counts it as failed", async () => {
+    expect((await cli(["device", "add", "silent-1", "--label", "pool=silent"], env)).code).toBe(0);
+    await simulate(["--devices", "2", "--prefix", "quiet-", "--label", "pool=silent"]);
+    const r = cliJson<RolloutJson>(
+      await cli(
+        ["rollout", "create", "-f", noop, "--selector", "pool=silent", "--timeout", "3s", "--wait", "--json"],
+        env,
+      ),
+    );
+    expect(r.counts).toMatchObject({ total: 3, succeeded: 2, failed: 1, timedOut: 1 });
+    const job = cliJson<JobJson>(await cli(["jobs", "show", r.jobId, "--json"], env));
+    expect(job.devices.find((d) => d.deviceId === "silent-1")).toMatchObject({ state: "TIMED_OUT" });
+  }, 60_000);
+
+  it("--continuous reaches a device that joins afterwards", async () => {
+    await simulate(["--devices", "1", "--prefix", "early-", "--label", "pool=late"]);
+    const r = cliJson<RolloutJson>(
+      await cli(
+        ["rollout", "create", "-f", noop, "--selector", "pool=late", "--continuous", "--wait", "--json"],
+        env,
+      ),
+    );
+    expect(r.counts).toMatchObject({ total: 1, succeeded: 1 });
+    await simulate(["--devices", "1", "--prefix", "late-", "--label", "pool=late"]);
+    const later = await waitUntil("late device done", async () => {
+      const x = await show(r.id);
+      return x.counts.succeeded === 2 ? x : undefined;
+    });
+    expect(later.counts.total).toBe(2);
+  }, 60_000);
+
+  it("--any 5 over devices of which several fail: exactly 5 successes", async () => {
+    const r = await cli(["run", "noop", "--selector", "pool=bad", "--any", "5", "--wait", "--json"], env);
+    expect(r.code).toBe(0);
+    const j = cliJson<JobJson>(r);
+    expect(j.state).toBe("SUCCEEDED");
+    expect(j.devices.filter((d) => d.state === "SUCCEEDED")).toHaveLength(5);
+    expect(j.devices.length).toBeGreaterThanOrEqual(5);
+  }, 60_000);
+
+  it("the server SIGKILLed mid-rollout and restarted: the rollout completes, every device exactly once", async () => {
+    const created = cliJson<RolloutJson>(
+      await cli(
+        [
+          "rollout",
+          "create",
+          "-f",
+          nap,
+          "--selector",
+          "pool=ok",
+          "--waves",
+          "10%,50%,100%",
+          "--bake",
+          "2s",
+          "--json",
+        ],
+        env,
+      ),
+    );
+    await waitUntil(
+      "wave 1 done",
+      async () => (await show(created.id)).waves[0]!.state !== "RUNNING" || undefined,
+    );
+    server.proc.kill("SIGKILL");
+    await server.exited;
+    server = await startServer(data.dir, server.ports);
+    const done = await waitUntil(
+      "rollout done",
+      async () => {
+        const r = await show(created.id);
+        return r.state === "SUCCEEDED" ? r : undefined;
+      },
+      90_000,
+    );
+    expect(done.counts).toMatchObject({ total: 200, succeeded: 200, failed: 0 });
+    const job = cliJson<JobJson>(await cli(["jobs", "show", done.jobId, "--json"], env));
+    expect(new Set(job.devices.map((d) => d.deviceId)).size).toBe(200);
+    expect(job.devices.every((d) => d.tasks[0]!.attempt === 1 && d.tasks[0]!.state === "SUCCEEDED")).toBe(
+      true,
+    );
+  }, 120_000);
+});
