@@ -7,7 +7,8 @@ import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
 import { table } from "./format.js";
-import { connectOperator } from "./rpc.js";
+import { type RolloutJson, renderRollout } from "./rollout.js";
+import { RpcClient } from "./rpc.js";
 
 const REDRAW_MS = 250;
 const RECENT = 12;
@@ -25,7 +26,8 @@ export function registerWatch(program: Command): void {
   operatorOptions(program.command("watch"))
     .description("watch devices and job events live (NDJSON with --json)")
     .option("--selector <s>", "only devices whose labels match")
-    .action(async (o: OperatorOptions & { selector?: string }) => {
+    .option("--rollout <id>", "only this rollout and its devices' events")
+    .action(async (o: OperatorOptions & { selector?: string; rollout?: string }) => {
       let sel: Requirement[] | undefined;
       try {
         sel = o.selector ? parseSelector(o.selector) : undefined;
@@ -34,7 +36,20 @@ export function registerWatch(program: Command): void {
         throw err;
       }
       const ctx = loadContext(o);
-      const client = await connectOperator(ctx);
+      const rpc = await RpcClient.open(ctx);
+      const client = rpc.client;
+      // Rollouts shown (and their job ids, to filter and to know what to refresh).
+      const rollouts = new Map<string, RolloutJson>();
+      const rolloutOfJob = new Map<string, string>();
+      const stale = new Set<string>();
+      const track = (r: RolloutJson) => {
+        rollouts.set(r.id, r);
+        rolloutOfJob.set(r.jobId, r.id);
+      };
+      if (o.rollout) track(await rpc.call<RolloutJson>("rollout.show", { id: o.rollout }));
+      else
+        for (const r of await rpc.call<RolloutJson[]>("rollout.ls", {}))
+          if (r.state === "RUNNING" || r.state === "PAUSED") track(r);
       const devices = new Map<string, DeviceView>();
       const recent: string[] = [];
       const tty = process.stdout.isTTY && !o.json;
@@ -86,6 +101,11 @@ export function registerWatch(program: Command): void {
         } else if (env.fleetEvent) {
           const e = env.fleetEvent;
           if (e.kind === "device.online" || e.kind === "device.offline") return; // seen via DeviceState
+          const detail = e.detailJson ? (JSON.parse(e.detailJson) as { rolloutId?: string }) : {};
+          if (detail.rolloutId && !rollouts.has(detail.rolloutId) && !o.rollout) stale.add(detail.rolloutId);
+          const rid = detail.rolloutId ?? (e.jobId ? rolloutOfJob.get(e.jobId) : undefined);
+          if (rid && rollouts.has(rid)) stale.add(rid);
+          if (o.rollout && rid !== o.rollout) return;
           if (sel && !visible(e.deviceId)) return;
           emit({
             kind: e.kind,
@@ -96,7 +116,7 @@ export function registerWatch(program: Command): void {
             state: e.status ? stateName(e.status.state) : undefined,
             attempt: e.status?.attempt || undefined,
             message: e.status?.message || e.status?.reason || undefined,
-            ...(e.detailJson ? { detail: JSON.parse(e.detailJson) } : {}),
+            ...(e.detailJson ? { detail } : {}),
           });
         }
       });
@@ -123,10 +143,26 @@ export function registerWatch(program: Command): void {
           })),
         );
         if (shown.length > rows) out += `... and ${shown.length - rows} more\n`;
+        for (const r of rollouts.values()) out += `\n${renderRollout(r)}`;
         out += `\nrecent events\n${recent.join("\n")}\n`;
         process.stdout.write(out);
       };
       const timer = setInterval(redraw, REDRAW_MS);
+      // Rollout views are re-read at most once a second, only those that had events.
+      let refreshing = false;
+      const refresher = setInterval(() => {
+        if (refreshing || !stale.size || !tty) return;
+        refreshing = true;
+        const ids = [...stale];
+        stale.clear();
+        Promise.all(ids.map((id) => rpc.call<RolloutJson>("rollout.show", { id }).then(track, () => {})))
+          .then(() => {
+            dirty = true;
+          })
+          .finally(() => {
+            refreshing = false;
+          });
+      }, 1000);
       await new Promise<void>((resolve) => {
         const stop = () => resolve();
         process.once("SIGINT", stop);
@@ -138,6 +174,7 @@ export function registerWatch(program: Command): void {
         });
       });
       clearInterval(timer);
+      clearInterval(refresher);
       client.removeAllListeners("close");
       await client.endAsync(true).catch(() => {});
     });

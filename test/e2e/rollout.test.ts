@@ -230,6 +230,64 @@ describe("rollouts", () => {
     expect(later.counts.total).toBe(2);
   }, 60_000);
 
+  it("health gates: telemetry within bounds passes, out of bounds aborts naming the devices", async () => {
+    await simulate(["--devices", "3", "--prefix", "tele-", "--label", "pool=tele", "--telemetry", "1"]);
+    const args = [
+      "rollout",
+      "create",
+      "-f",
+      noop,
+      "--selector",
+      "pool=tele",
+      "--bake",
+      "2s",
+      "--wait",
+      "--json",
+    ];
+    const ok = cliJson<RolloutJson>(await cli([...args, "--gate", "telemetry:cpu.load<0.9"], env));
+    expect(ok.state).toBe("SUCCEEDED");
+    const bad = await cli([...args, "--gate", "telemetry:cpu.load<0.05"], env);
+    expect(bad.code).toBe(1);
+    const r = cliJson<RolloutJson>(bad);
+    expect(r.state).toBe("ABORTED");
+    expect(r.reason).toMatch(/gate telemetry:cpu\.load<0\.05: violated by tele-000\d \(cpu\.load=0\.\d+/);
+    const usage = await cli(
+      ["rollout", "create", "-f", noop, "--selector", "pool=tele", "--gate", "cpu<1"],
+      env,
+    );
+    expect(usage.code).toBe(2);
+    expect(usage.stderr).toContain("--gate");
+  }, 60_000);
+
+  it("health gate online: a device going offline during the bake aborts the rollout", async () => {
+    const sim = await simulate(["--devices", "2", "--prefix", "flaky-", "--label", "pool=flaky"]);
+    const created = cliJson<RolloutJson>(
+      await cli(
+        [
+          "rollout",
+          "create",
+          "-f",
+          noop,
+          "--selector",
+          "pool=flaky",
+          "--bake",
+          "20s",
+          "--gate",
+          "online",
+          "--json",
+        ],
+        env,
+      ),
+    );
+    await waitUntil("baking", async () => (await show(created.id)).waves[0]!.state === "BAKING" || undefined);
+    sim.kill("SIGKILL"); // the broker publishes the devices' last will: offline
+    const r = await waitUntil("aborted", async () => {
+      const x = await show(created.id);
+      return x.state === "ABORTED" ? x : undefined;
+    });
+    expect(r.reason).toMatch(/gate online: device\(s\) went offline during the bake: flaky-000[12]/);
+  }, 60_000);
+
   it("--any 5 over devices of which several fail: exactly 5 successes", async () => {
     const r = await cli(["run", "noop", "--selector", "pool=bad", "--any", "5", "--wait", "--json"], env);
     expect(r.code).toBe(0);
