@@ -173,7 +173,8 @@ export class Rollouts {
     };
     job.devices = [];
     await this.c.delivery.submit(job, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
-    this.active.set(r.id, r);
+    await this.step(r); // the first wave starts now, not at the next tick
+    if (this.isLive(r)) this.active.set(r.id, r); // only now: the tick must not step it concurrently
     this.c.delivery.event({
       kind: "rollout.created",
       jobId: job.id,
@@ -390,6 +391,9 @@ export class Rollouts {
       state: r.state,
       ...(r.reason ? { reason: r.reason } : {}),
       createdAt: new Date(r.createdAt).toISOString(),
+      ...(r.finishedAt
+        ? { finishedAt: new Date(r.finishedAt).toISOString(), durationMs: r.finishedAt - r.createdAt }
+        : {}),
       currentWave: Math.min(r.current + 1, r.waves.length),
       waves: r.waves.map((w, i) => {
         const a = w.devices.map((d) => byDevice.get(d)).filter((x): x is Assignment => x !== undefined);

@@ -1,0 +1,107 @@
+// B1 rollout fan-out: a noop job rolled out in one wave to N simulated devices through the full
+// stack (auth, ACL, signature check, device store, controller LevelDB), against a bare MQTT.js
+// QoS 1 echo round trip to N clients through a bare aedes, measured in the same run.
+import { type ChildProcess, spawn } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import mqtt, { type MqttClient } from "mqtt";
+import { it } from "vitest";
+import { startBroker } from "../helpers/broker.js";
+import { cli, cliJson, FLEET, setContextServer, startServer } from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+import { report } from "./report.js";
+
+const N = Number(process.env.BENCH_DEVICES ?? 2000);
+
+async function bareEcho(n: number): Promise<number> {
+  const broker = await startBroker();
+  const clients: MqttClient[] = [];
+  try {
+    for (let i = 0; i < n; i++) {
+      const c = await mqtt.connectAsync(broker.url, { clientId: `echo-${i}`, reconnectPeriod: 0 });
+      c.on("message", (_t, p) => c.publish(`echo/${i}/out`, p, { qos: 1 }));
+      await c.subscribeAsync(`echo/${i}/in`, { qos: 1 });
+      clients.push(c);
+    }
+    const ctl = await mqtt.connectAsync(broker.url, { clientId: "echo-ctl" });
+    await ctl.subscribeAsync("echo/+/out", { qos: 1 });
+    let got = 0;
+    const done = new Promise<void>((r) => ctl.on("message", () => ++got === n && r()));
+    const t = performance.now();
+    for (let i = 0; i < n; i++) ctl.publish(`echo/${i}/in`, Buffer.alloc(200), { qos: 1 });
+    await done;
+    const ms = performance.now() - t;
+    await ctl.endAsync();
+    return ms;
+  } finally {
+    await Promise.all(clients.map((c) => c.endAsync(true)));
+    await broker.close();
+  }
+}
+
+it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round trips`, async () => {
+  const rawMs = await bareEcho(N);
+  const data = tempDir("fleet-bench-");
+  let sim: ChildProcess | undefined;
+  const server = await (async () => {
+    await cli(["init", "--dir", data.dir]);
+    const f = join(data.dir, "server.json");
+    const cfg = JSON.parse(readFileSync(f, "utf8"));
+    cfg.limits = { ...cfg.limits, connectsPerSecondPerAddress: 100_000 };
+    writeFileSync(f, JSON.stringify(cfg), { mode: 0o600 });
+    return startServer(data.dir);
+  })();
+  try {
+    const env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+    const simulated = spawn(
+      process.execPath,
+      [
+        FLEET,
+        "simulate",
+        "--devices",
+        String(N),
+        "--prefix",
+        "b-",
+        "--label",
+        "pool=bench",
+        "--connect-rate",
+        "2000",
+      ],
+      {
+        env: { ...process.env, ...env },
+        stdio: ["ignore", "pipe", "ignore"],
+      },
+    );
+    sim = simulated;
+    await new Promise<void>((res) => {
+      let out = "";
+      simulated.stdout!.on("data", (d: Buffer) => {
+        out += d.toString();
+        if (out.includes("simulating")) res();
+      });
+    });
+    const job = join(data.dir, "noop.yaml");
+    writeFileSync(job, "name: bench\ntasks:\n  - { id: a, type: noop }\n");
+    const r = cliJson<{ durationMs: number; counts: { succeeded: number } }>(
+      await cli(
+        ["rollout", "create", "-f", job, "--selector", "pool=bench", "--waves", "100%", "--wait", "--json"],
+        env,
+        600_000,
+      ),
+    );
+    report("B1-rollout-fanout", [
+      {
+        name: `${N} devices, one wave: created -> every device SUCCEEDED (${r.counts.succeeded} ok)`,
+        value: r.durationMs,
+        unit: "ms",
+        baseline: rawMs,
+        ratio: r.durationMs / rawMs,
+        goal: "<= 2x bare aedes round trips",
+      },
+    ]);
+  } finally {
+    sim?.kill("SIGKILL");
+    server.proc.kill("SIGKILL");
+    data.cleanup();
+  }
+});
