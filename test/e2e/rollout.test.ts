@@ -199,6 +199,39 @@ describe("rollouts", () => {
     expect(done.counts).toMatchObject({ total: 200, succeeded: 200 });
   }, 90_000);
 
+  it("an operator abort withdraws the waves not yet delivered", async () => {
+    const created = cliJson<RolloutJson>(
+      await cli(
+        [
+          "rollout",
+          "create",
+          "-f",
+          nap,
+          "--selector",
+          "pool=ok",
+          "--waves",
+          "10%,100%",
+          "--bake",
+          "30s",
+          "--json",
+        ],
+        env,
+      ),
+    );
+    const r = await cli(
+      ["rollout", "abort", created.id, "--force", "--reason", "changed my mind", "--json"],
+      env,
+    );
+    expect(r.code).toBe(0);
+    const aborted = cliJson<RolloutJson>(r);
+    expect(aborted).toMatchObject({ state: "ABORTED", reason: "changed my mind" });
+    await new Promise((res) => setTimeout(res, 1500));
+    const later = await show(created.id);
+    expect(later.waves[1]!.state).toBe("PENDING");
+    expect(later.counts.succeeded + later.counts.failed + later.counts.canceled).toBeLessThanOrEqual(20);
+    expect((await cli(["rollout", "resume", created.id], env)).code).toBe(2);
+  }, 60_000);
+
   it("--timeout ends a silent device TIMED_OUT and counts it as failed", async () => {
     expect((await cli(["device", "add", "silent-1", "--label", "pool=silent"], env)).code).toBe(0);
     await simulate(["--devices", "2", "--prefix", "quiet-", "--label", "pool=silent"]);
@@ -228,6 +261,10 @@ describe("rollouts", () => {
       return x.counts.succeeded === 2 ? x : undefined;
     });
     expect(later.counts.total).toBe(2);
+    // Ctrl-C stops a simulator cleanly.
+    const last = sims.at(-1)!;
+    last.kill("SIGINT");
+    expect(await new Promise((res) => last.on("exit", (code) => res(code)))).toBe(0);
   }, 60_000);
 
   it("health gates: telemetry within bounds passes, out of bounds aborts naming the devices", async () => {
