@@ -72,9 +72,14 @@ export class ConfigError extends Error {
     readonly file: string,
     readonly problems: string[],
   ) {
-    super(`invalid agent config ${file}:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+    super(`invalid agent config ${file}:\n${bullets(problems)}`);
     this.name = "ConfigError";
   }
+}
+
+/** Problems as an indented list, one per line. */
+export function bullets(problems: readonly string[]): string {
+  return problems.map((p) => `  - ${p}`).join("\n");
 }
 
 /** Every problem in one list, each as `path: message`. */

@@ -8,7 +8,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { z } from "zod";
-import { formatIssues } from "../agent/config.js";
+import { bullets, formatIssues } from "../agent/config.js";
 import { DEFAULT_PREFIX } from "../proto/topics.js";
 
 export const serverConfigSchema = z
@@ -77,11 +77,6 @@ export function readJsonFile<T>(file: string, schema: z.ZodType<T>): T {
     throw new BadConfigError(`${file}: not valid JSON: ${(err as Error).message}`);
   }
   const r = schema.safeParse(raw);
-  if (!r.success)
-    throw new BadConfigError(
-      `${file}:\n${formatIssues(r.error.issues)
-        .map((p) => `  - ${p}`)
-        .join("\n")}`,
-    );
+  if (!r.success) throw new BadConfigError(`${file}:\n${bullets(formatIssues(r.error.issues))}`);
   return r.data;
 }

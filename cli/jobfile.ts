@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 import { ulid } from "ulid";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
-import { formatIssues } from "../agent/config.js";
+import { bullets, formatIssues } from "../agent/config.js";
 import { checkGraph } from "../agent/dag.js";
 import { type JobSpec, OnUnmet, Trigger } from "../proto/index.js";
 import { CliError, EXIT } from "./exit.js";
@@ -79,13 +79,7 @@ export function readJobFile(path: string): JobFile {
 
 export function parseJob(raw: unknown, what = "job"): JobFile {
   const r = jobFileSchema.safeParse(raw);
-  if (!r.success)
-    throw new CliError(
-      `${what}:\n${formatIssues(r.error.issues)
-        .map((p) => `  - ${p}`)
-        .join("\n")}`,
-      EXIT.USAGE,
-    );
+  if (!r.success) throw new CliError(`${what}:\n${bullets(formatIssues(r.error.issues))}`, EXIT.USAGE);
   return r.data;
 }
 

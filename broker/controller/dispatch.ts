@@ -7,6 +7,7 @@ import { parseSelector } from "../../proto/selector.js";
 import type { Delivery } from "./delivery.js";
 import { type Registry, RpcError } from "./registry.js";
 import type { ControllerStore, JobRecord } from "./store.js";
+import { Ticker } from "./ticker.js";
 
 export interface DispatchContext {
   store: ControllerStore;
@@ -18,7 +19,7 @@ export interface DispatchContext {
 
 export class WorkQueue {
   private readonly active = new Map<string, JobRecord>();
-  private busy = false;
+  private readonly ticker = new Ticker();
 
   constructor(private readonly c: DispatchContext) {}
 
@@ -46,20 +47,12 @@ export class WorkQueue {
     this.active.set(job.id, job);
   }
 
-  async tick(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
-    try {
-      for (const job of [...this.active.values()]) {
-        try {
-          await this.step(job);
-        } catch (err) {
-          this.c.log.error({ err, jobId: job.id }, "work-queue step failed");
-        }
-      }
-    } finally {
-      this.busy = false;
-    }
+  tick(): Promise<void> {
+    return this.ticker.run(
+      this.active.values(),
+      (job) => this.step(job),
+      (job, err) => this.c.log.error({ err, jobId: job.id }, "work-queue step failed"),
+    );
   }
 
   private async step(job: JobRecord): Promise<void> {

@@ -10,6 +10,7 @@ import type { Delivery } from "./delivery.js";
 import type { Registry } from "./registry.js";
 import { RpcError } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
+import { Ticker } from "./ticker.js";
 
 export const FAILED = new Set<number>([TaskState.FAILED, TaskState.TIMED_OUT, TaskState.REJECTED]);
 
@@ -121,7 +122,7 @@ export function counts(r: RolloutRecord, asgs: readonly Assignment[]) {
 
 export class Rollouts {
   private readonly active = new Map<string, RolloutRecord>();
-  private busy = false;
+  private readonly ticker = new Ticker();
 
   constructor(private readonly c: RolloutContext) {}
 
@@ -135,17 +136,12 @@ export class Rollouts {
 
   async create(
     job: JobRecord,
-    o: {
-      selector: string;
+    o: Pick<
+      RolloutRecord,
+      "selector" | "maxFailuresPct" | "minFinished" | "bakeS" | "timeoutS" | "gate" | "continuous" | "force"
+    > & {
       waves?: string;
       exponential?: string;
-      maxFailuresPct: number;
-      minFinished: number;
-      bakeS: number;
-      timeoutS: number;
-      gate?: string;
-      continuous: boolean;
-      force: boolean;
     },
   ): Promise<RolloutRecord> {
     parseGate(o.gate);
@@ -243,20 +239,12 @@ export class Rollouts {
   }
 
   /** Advances every live rollout; called once a second. */
-  async tick(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
-    try {
-      for (const r of [...this.active.values()]) {
-        try {
-          await this.step(r);
-        } catch (err) {
-          this.c.log.error({ err, rolloutId: r.id }, "rollout step failed");
-        }
-      }
-    } finally {
-      this.busy = false;
-    }
+  tick(): Promise<void> {
+    return this.ticker.run(
+      this.active.values(),
+      (r) => this.step(r),
+      (r, err) => this.c.log.error({ err, rolloutId: r.id }, "rollout step failed"),
+    );
   }
 
   private async step(r: RolloutRecord): Promise<void> {
