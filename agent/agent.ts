@@ -8,7 +8,7 @@ import { ClassicLevel } from "classic-level";
 import type { MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import { builtinHandlers } from "../firmware-tasks/index.js";
-import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
+import type { SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
 import {
   decodeJobSpec,
@@ -29,6 +29,7 @@ import { createLogger } from "./log.js";
 import { OutboxSender } from "./outbox.js";
 import { Scheduler } from "./scheduler.js";
 import { AgentStore, type JobRecord } from "./store.js";
+import { dryRunSystem, realSystem } from "./system.js";
 import { collectFacts, collectTelemetry } from "./telemetry.js";
 import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
 import { AGENT_VERSION, BUILD_TIME_FLOOR } from "./version.js";
@@ -47,6 +48,8 @@ export interface AgentOptions {
   extraFacts?: Facts;
   /** Skip systeminformation (simulated devices share the host's facts). */
   measureFacts?: boolean;
+  /** The machine (reboot, boot id); default from the config (real, or dry-run). */
+  system?: SystemPort;
   /** Telemetry source instead of systeminformation (simulated devices). */
   telemetry?: () => Promise<Telemetry>;
 }
@@ -87,9 +90,13 @@ export class Agent {
       handlers: this.handlers,
       policy: this.policy,
       root: this.cfg.root,
+      dataDir: rootPath(this.cfg, this.cfg.dataDir),
       log: this.log.child({ component: "scheduler" }),
       counters: this.counters,
       facts: () => this.facts,
+      system:
+        o.system ??
+        (this.cfg.systemDryRun ? dryRunSystem(this.log) : realSystem(this.cfg.rebootCommand, this.log)),
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,
       onStatuses: () => {

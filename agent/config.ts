@@ -44,6 +44,10 @@ export const agentConfigSchema = z
     reconnect: z
       .object({ minMs: z.number().min(10).default(1000), maxMs: z.number().min(10).default(60_000) })
       .default({ minMs: 1000, maxMs: 60_000 }),
+    /** How the `reboot` task (and updates that need one) reboot the machine. */
+    rebootCommand: z.array(z.string()).min(1).default(["/bin/systemctl", "reboot"]),
+    /** Reboots are only logged and "boot" means agent start (tests, demos, simulations). */
+    systemDryRun: z.boolean().default(false),
     /** Seconds a job's issued_at may be ahead of a trusted device clock. */
     maxClockSkewS: z.number().min(0).default(600),
   })

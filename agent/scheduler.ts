@@ -19,7 +19,7 @@ import {
   UnrecoverableError,
 } from "../firmware-tasks/errors.js";
 import { truncateOutput } from "../firmware-tasks/output.js";
-import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
+import type { SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { type DecodedTask as TaskSpec, TaskState, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 import type { TrustedClock } from "./clock.js";
 import type { Counters } from "./counters.js";
@@ -41,9 +41,11 @@ export interface SchedulerOptions {
   handlers: ReadonlyMap<string, TaskHandler>;
   policy: TaskPolicy;
   root: string;
+  dataDir: string;
   log: Logger;
   counters: Counters;
   facts: () => Facts;
+  system: SystemPort;
   maxConcurrency: number;
   typeConcurrency: Readonly<Record<string, number>>;
   /** Called after statuses are on disk (the outbox picks them up). */
@@ -112,7 +114,16 @@ export class Scheduler {
         if (run.state !== TaskState.RUNNING) continue;
         const t = plan?.tasks.get(taskId);
         const h = t && this.o.handlers.get(t.spec.type);
-        if (h?.idempotent) {
+        if (h?.resumable) {
+          recovered.push(
+            this.patch(e, taskId, {
+              state: TaskState.QUEUED,
+              message: "resuming after a restart",
+              reason: "resuming",
+              resume: true,
+            }),
+          );
+        } else if (h?.idempotent) {
           recovered.push(
             this.patch(e, taskId, {
               state: TaskState.QUEUED,
@@ -579,12 +590,14 @@ export class Scheduler {
   private async execute(e: ExecutionRecord, plan: JobPlan, taskId: string, spec: TaskSpec, entry: Running) {
     const handler = this.o.handlers.get(spec.type)!;
     const run = e.tasks[taskId]!;
+    const resumed = Boolean(run.resume);
     const startedAt = this.o.clock.now();
     const log = this.o.log.child({ jobId: e.jobId, taskId, execId: e.execId || undefined, type: spec.type });
     // Persist RUNNING before acting: after a crash this is what tells us the task was interrupted.
     const started = this.patch(e, taskId, {
       state: TaskState.RUNNING,
-      attempt: run.attempt + 1,
+      attempt: run.resume ? Math.max(1, run.attempt) : run.attempt + 1,
+      resume: undefined,
       progress: 0,
       message: "",
       reason: "",
@@ -631,11 +644,14 @@ export class Scheduler {
             executionId: e.execId,
             attempt: run.attempt,
             root: this.o.root,
+            dataDir: this.o.dataDir,
             scratchDir,
             facts: this.o.facts(),
             kv: this.o.store.kv,
             log,
             policy: this.o.policy,
+            system: this.o.system,
+            resumed,
             progress: (percent, message) => this.progress(e, taskId, entry, percent, message),
           },
           plan.params.get(taskId),

@@ -22,6 +22,8 @@ export interface TaskRun {
   startedAt?: number;
   finishedAt?: number;
   nextAttemptAt?: number;
+  /** The next run continues this attempt (a resumable task after a restart). */
+  resume?: boolean;
 }
 
 export interface ExecutionRecord {

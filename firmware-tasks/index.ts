@@ -1,8 +1,12 @@
+import backup from "./backup.js";
+import config from "./config.js";
 import noop from "./noop.js";
+import reboot from "./reboot.js";
+import scan from "./scan.js";
 import shell from "./shell.js";
 import sleep from "./sleep.js";
 import type { TaskHandler } from "./types.js";
 
-export const builtinHandlers: readonly TaskHandler[] = [noop, sleep, shell];
+export const builtinHandlers: readonly TaskHandler[] = [noop, sleep, shell, config, reboot, scan, backup];
 
 export type { TaskContext, TaskHandler, TaskPolicy, TaskResult } from "./types.js";

@@ -18,6 +18,14 @@ export interface TaskPolicy {
   outputLimitBytes: number;
 }
 
+/** What a task may do to the machine itself; injectable so that tests run it dry. */
+export interface SystemPort {
+  /** Identifies this boot (a dry-run system: this agent process). */
+  bootId(): Promise<string>;
+  /** Asks the machine to reboot; the agent is expected to be stopped by it. */
+  reboot(): Promise<void>;
+}
+
 export interface TaskContext {
   jobId: string;
   taskId: string;
@@ -25,12 +33,17 @@ export interface TaskContext {
   attempt: number;
   /** The agent's root; paths in params are resolved under it. */
   root: string;
+  /** The agent's data directory (absolute); handlers keep files under their own subdirectory. */
+  dataDir: string;
   /** A directory for this run only; removed after the run. */
   scratchDir: string;
   facts: Readonly<Record<string, FactValue>>;
   kv: KeyValue;
   log: Logger;
   policy: TaskPolicy;
+  system: SystemPort;
+  /** True when a resumable task continues after an agent restart. */
+  resumed: boolean;
   progress(percent: number, message?: string): void;
 }
 
@@ -44,6 +57,11 @@ export interface TaskHandler<P = unknown> {
   paramsSchema: z.ZodType<P>;
   /** Safe to run again after a crash mid-run (DESIGN.md §4.5). */
   idempotent: boolean;
+  /**
+   * Continues after a crash or restart from the state it saved in ctx.kv (same attempt):
+   * a reboot, a software update. Takes precedence over `idempotent` in crash recovery.
+   */
+  resumable?: boolean;
   /** Extra checks at accept time against the device's policy; returns a problem or undefined. */
   check?(params: P, policy: TaskPolicy): string | undefined;
   run(ctx: TaskContext, params: P, signal: AbortSignal): Promise<TaskResult | undefined>;

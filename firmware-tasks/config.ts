@@ -1,0 +1,101 @@
+// `config {path, content, mode?, validate?: [argv], reload?: [argv]}` (DESIGN.md §5): writes a
+// file under the agent's root atomically (temp file, fsync, rename, fsync of the directory),
+// runs `validate` and restores the previous content if it fails, then runs `reload`.
+// "{path}" in an argv stands for the file. Commands must be in allowShell.
+import { randomBytes } from "node:crypto";
+import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
+import { basename, dirname, isAbsolute, join } from "node:path";
+import { z } from "zod";
+import { TaskFailedError } from "./errors.js";
+import { taskEnv, underRoot } from "./paths.js";
+import { describeExit, runCommand } from "./process.js";
+import { defineHandler, type TaskContext } from "./types.js";
+
+const argv = z
+  .array(z.string())
+  .min(1)
+  .refine((a) => isAbsolute(a[0]!), "the command must be an absolute path");
+
+const params = z
+  .object({
+    path: z.string().min(1),
+    content: z.string(),
+    mode: z
+      .union([z.number().int(), z.string().regex(/^0?[0-7]{3,4}$/, "an octal mode like 0644")])
+      .transform((m) => (typeof m === "number" ? m : Number.parseInt(m, 8)))
+      .optional(),
+    validate: argv.optional(),
+    reload: argv.optional(),
+  })
+  .strict();
+
+export async function writeAtomic(path: string, data: string | Buffer, mode: number): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const tmp = join(dirname(path), `.${basename(path)}.fleet-${randomBytes(4).toString("hex")}`);
+  const fh = await open(tmp, "w", mode);
+  try {
+    await fh.writeFile(data);
+    await fh.chmod(mode);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+  const dir = await open(dirname(path), "r");
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+async function runStep(ctx: TaskContext, what: string, cmd: string[], file: string, signal: AbortSignal) {
+  const [command, ...args] = cmd.map((a) => a.replaceAll("{path}", file));
+  const r = await runCommand(command!, args, {
+    cwd: dirname(file),
+    env: taskEnv(ctx.root, ctx.scratchDir, { FLEET_CONFIG_PATH: file }),
+    signal,
+    outputLimit: ctx.policy.outputLimitBytes,
+  });
+  return { ok: r.code === 0, why: `${what}: ${describeExit(command!, r)}`, output: r.output };
+}
+
+export default defineHandler({
+  type: "config",
+  paramsSchema: params,
+  idempotent: true,
+  check(p, policy) {
+    for (const c of [p.validate, p.reload]) {
+      if (c && !policy.allowShell.includes(c[0]!))
+        return `command ${c[0]} is not in this agent's allowShell list`;
+    }
+    return undefined;
+  },
+  async run(ctx, p, signal) {
+    const file = underRoot(ctx.root, p.path);
+    const before = await stat(file).catch(() => undefined);
+    const previous = before ? await readFile(file) : undefined;
+    const mode = p.mode ?? (before ? before.mode & 0o7777 : 0o644);
+    await writeAtomic(file, p.content, mode);
+    ctx.progress(40, "written");
+    if (p.validate) {
+      const v = await runStep(ctx, "validate", p.validate, file, signal);
+      if (!v.ok) {
+        if (previous) await writeAtomic(file, previous, before!.mode & 0o7777);
+        else await rm(file, { force: true });
+        throw new TaskFailedError(`${v.why}; previous content restored`, {
+          reason: "validation_failed",
+          output: v.output,
+        });
+      }
+    }
+    ctx.progress(70, "validated");
+    if (p.reload) {
+      const r = await runStep(ctx, "reload", p.reload, file, signal);
+      if (!r.ok) throw new TaskFailedError(r.why, { reason: "reload_failed", output: r.output });
+    }
+    return {
+      message: `wrote ${p.path} (${Buffer.byteLength(p.content)} bytes, mode ${mode.toString(8).padStart(4, "0")})`,
+    };
+  },
+});
