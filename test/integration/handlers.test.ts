@@ -21,7 +21,7 @@ const root = () => agent.config.root;
 async function run(task: TaskInput, over = {}): Promise<{ job: TaskStatus; task: TaskStatus | undefined }> {
   const jobId = await h.ctl.assign(agent.deviceId, jobSpec([task], over));
   const job = await h.ctl.waitJob(agent.deviceId, jobId);
-  return { job, task: h.ctl.latest(agent.deviceId, jobId, task.id) };
+  return { job, task: h.ctl.latest(agent.deviceId, jobId, task.id ?? "") };
 }
 
 describe("config", () => {
