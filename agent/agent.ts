@@ -8,7 +8,7 @@ import { ClassicLevel } from "classic-level";
 import type { MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import { builtinHandlers } from "../firmware-tasks/index.js";
-import type { SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
+import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
 import {
   decodeJobSpec,
@@ -20,6 +20,7 @@ import {
 } from "../proto/index.js";
 import { specDigest } from "../proto/signing.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
+import { httpArtifactSource } from "./artifacts.js";
 import { systemTime, type TimeSource, TrustedClock } from "./clock.js";
 import { type AgentConfig, rootPath } from "./config.js";
 import { Connection } from "./connection.js";
@@ -50,6 +51,8 @@ export interface AgentOptions {
   measureFacts?: boolean;
   /** The machine (reboot, boot id); default from the config (real, or dry-run). */
   system?: SystemPort;
+  /** Where software updates come from; default: the server in `artifactsUrl`. */
+  artifacts?: ArtifactSource;
   /** Telemetry source instead of systeminformation (simulated devices). */
   telemetry?: () => Promise<Telemetry>;
 }
@@ -97,6 +100,9 @@ export class Agent {
       system:
         o.system ??
         (this.cfg.systemDryRun ? dryRunSystem(this.log) : realSystem(this.cfg.rebootCommand, this.log)),
+      artifacts:
+        o.artifacts ?? httpArtifactSource(this.cfg.artifactsUrl, this.cfg.deviceId, this.cfg.password),
+      trustedKeys: this.trustedKeys,
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,
       onStatuses: () => {

@@ -44,6 +44,8 @@ export const agentConfigSchema = z
     reconnect: z
       .object({ minMs: z.number().min(10).default(1000), maxMs: z.number().min(10).default(60_000) })
       .default({ minMs: 1000, maxMs: 60_000 }),
+    /** The server's HTTP URL, for software artifacts. */
+    artifactsUrl: z.string().url().optional(),
     /** How the `reboot` task (and updates that need one) reboot the machine. */
     rebootCommand: z.array(z.string()).min(1).default(["/bin/systemctl", "reboot"]),
     /** Reboots are only logged and "boot" means agent start (tests, demos, simulations). */

@@ -8,6 +8,7 @@
 //           │                attempts left -> WAITING "retry_backoff")
 //           └─> SKIPPED (trigger rule, skip precondition) | FAILED (expired, fail precondition)
 //                        | CANCELED (job cancelled)
+import type { KeyObject } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -19,7 +20,7 @@ import {
   UnrecoverableError,
 } from "../firmware-tasks/errors.js";
 import { truncateOutput } from "../firmware-tasks/output.js";
-import type { SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
+import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { type DecodedTask as TaskSpec, TaskState, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 import type { TrustedClock } from "./clock.js";
 import type { Counters } from "./counters.js";
@@ -46,6 +47,8 @@ export interface SchedulerOptions {
   counters: Counters;
   facts: () => Facts;
   system: SystemPort;
+  artifacts: ArtifactSource;
+  trustedKeys: ReadonlyMap<string, KeyObject>;
   maxConcurrency: number;
   typeConcurrency: Readonly<Record<string, number>>;
   /** Called after statuses are on disk (the outbox picks them up). */
@@ -651,6 +654,8 @@ export class Scheduler {
             log,
             policy: this.o.policy,
             system: this.o.system,
+            artifacts: this.o.artifacts,
+            trustedKeys: this.o.trustedKeys,
             resumed,
             progress: (percent, message) => this.progress(e, taskId, entry, percent, message),
           },

@@ -1,7 +1,14 @@
 // The fleet server: embedded aedes (MQTT over TCP, TLS and WebSocket) with authentication
 // and the ACL, the controller as a client of it, and an HTTP port for health and metrics.
+
+import { createPublicKey } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import {
+  createServer as createHttpServer,
+  type Server as HttpServer,
+  type IncomingMessage,
+  type ServerResponse,
+} from "node:http";
 import { type AddressInfo, createServer as createNetServer, type Server as NetServer } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { createServer as createTlsServer } from "node:tls";
@@ -12,6 +19,7 @@ import { createWebSocketStream, WebSocketServer } from "ws";
 import { Counters } from "../agent/counters.js";
 import { DEVICE_ID_RE } from "../proto/topics.js";
 import { canPublish, canSubscribe, type Identity } from "./acl.js";
+import { ArtifactStore } from "./artifacts.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { Controller } from "./controller/controller.js";
 import { Registry } from "./controller/registry.js";
@@ -48,6 +56,7 @@ export class FleetServer {
   private store!: ControllerStore;
   private registry!: Registry;
   private controller!: Controller;
+  private artifacts!: ArtifactStore;
   private config!: ServerConfig;
   private controllerHash = "";
   private servers: Array<NetServer | HttpServer> = [];
@@ -133,7 +142,7 @@ export class FleetServer {
     const wsHttp = createHttpServer((_req, res) => res.writeHead(426).end("MQTT over WebSocket only\n"));
     this.wss = new WebSocketServer({ server: wsHttp });
     this.wss.on("connection", (ws, req) => this.aedes.handle(createWebSocketStream(ws) as never, req));
-    const http = createHttpServer((req, res) => void this.http(req.url ?? "/", res));
+    const http = createHttpServer((req, res) => void this.http(req, res));
     const ports = await Promise.all([
       listen(mqttServer, this.o.mqttPort, host),
       listen(tlsServer, this.o.mqttsPort, host),
@@ -148,6 +157,15 @@ export class FleetServer {
       ws: `ws://${shown}:${ports[2]}`,
       http: `http://${shown}:${ports[3]}`,
     };
+    this.artifacts = new ArtifactStore({
+      dir: this.o.dir,
+      store: this.store,
+      registry: this.registry,
+      config: this.config,
+      operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
+      log: this.o.log.child({ component: "artifacts" }),
+      counters: this.counters,
+    });
     this.controller = new Controller({
       config: this.config,
       store: this.store,
@@ -156,6 +174,7 @@ export class FleetServer {
       ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
       log: this.o.log,
       counters: this.counters,
+      httpUrl: this.listening.http,
     });
     await this.controller.start();
     this.setupMetrics();
@@ -270,7 +289,9 @@ export class FleetServer {
     });
   }
 
-  private async http(url: string, res: import("node:http").ServerResponse): Promise<void> {
+  private async http(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    if (await this.artifacts.handle(req, res)) return;
+    const url = req.url ?? "/";
     if (url === "/healthz") {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(

@@ -54,6 +54,8 @@ interface FlashOptions extends OperatorOptions {
   label: string[];
   allowShell: string[];
   mtls?: boolean;
+  artifactsUrl?: string;
+  dryRunSystem?: boolean;
 }
 
 export function registerFlash(program: Command): void {
@@ -67,6 +69,11 @@ export function registerFlash(program: Command): void {
     .option("--label <k=v>", "a device label (repeatable)", collect, [])
     .option("--allow-shell <cmd>", "an absolute path the shell task may run (repeatable)", collect, [])
     .option("--mtls", "authenticate with a client certificate from the fleet CA instead of a token")
+    .option(
+      "--artifacts-url <url>",
+      "the server's HTTP URL as the device sees it (default: the server's own)",
+    )
+    .option("--dry-run-system", "the device's reboots are only logged (demos, tests)")
     .action(async (id: string, o: FlashOptions) => {
       if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
       const labels = parseKv(o.label, "--label") as Record<string, string>;
@@ -78,6 +85,7 @@ export function registerFlash(program: Command): void {
           caCert: string;
           trustedKeys: Array<{ keyId: string; publicKey: string }>;
           prefix: string;
+          http?: string;
         }>("server.info", {});
         const secret = await rpc.call<{ id: string; password: string }>("device.add", {
           id,
@@ -102,7 +110,13 @@ export function registerFlash(program: Command): void {
         dataDir: "var/lib/fleet-agent",
         allowShell: o.allowShell,
         telemetryIntervalS: 60,
+        ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,
+        ...(info.http
+          ? { artifactsUrl: o.artifactsUrl ?? info.http }
+          : o.artifactsUrl
+            ? { artifactsUrl: o.artifactsUrl }
+            : {}),
       };
       parseAgentConfig(config, "/"); // what we write must be what the agent accepts
       const target = o.root ? resolve(o.root) : mkdtempSync(join(tmpdir(), "fleet-flash-"));

@@ -1,6 +1,7 @@
 import { Command, CommanderError } from "commander";
 import { AGENT_VERSION } from "../agent/version.js";
 import { registerAgent } from "./agent.js";
+import { registerArtifact } from "./artifact.js";
 import { registerDevice } from "./device.js";
 import { CliError, EXIT } from "./exit.js";
 import { registerFlash } from "./flash.js";
@@ -16,6 +17,8 @@ export async function main(argv: string[]): Promise<number> {
   const program = new Command("fleet")
     .description("EdgeFleet: fleet manager for IoT and edge devices")
     .version(AGENT_VERSION)
+    // `--version` after a subcommand belongs to it (fleet artifact push --version 2.1.0).
+    .enablePositionalOptions()
     .exitOverride()
     .showHelpAfterError("(add --help for usage)")
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
@@ -27,6 +30,7 @@ export async function main(argv: string[]): Promise<number> {
   registerRun(program);
   registerJobs(program);
   registerRollout(program);
+  registerArtifact(program);
   registerWatch(program);
   registerSimulate(program);
   for (const c of program.commands) {

@@ -1,4 +1,5 @@
 // The task handler contract (DESIGN.md §5): one file per task type exports a TaskHandler.
+import type { KeyObject } from "node:crypto";
 import type { Logger } from "pino";
 import type { z } from "zod";
 
@@ -26,6 +27,18 @@ export interface SystemPort {
   reboot(): Promise<void>;
 }
 
+/** Where software comes from: the server's artifact store, with the device's credentials. */
+export interface ArtifactSource {
+  /** The signed manifest (serialized SignedManifest) of name@version. */
+  manifest(name: string, version: string, signal: AbortSignal): Promise<Uint8Array>;
+  /** The blob from byte `start` on; the body is read by the caller. */
+  blob(
+    sha256: string,
+    start: number,
+    signal: AbortSignal,
+  ): Promise<{ status: number; body: AsyncIterable<Uint8Array> }>;
+}
+
 export interface TaskContext {
   jobId: string;
   taskId: string;
@@ -42,6 +55,9 @@ export interface TaskContext {
   log: Logger;
   policy: TaskPolicy;
   system: SystemPort;
+  artifacts: ArtifactSource;
+  /** Operator keys this agent trusts (job and manifest signatures). */
+  trustedKeys: ReadonlyMap<string, KeyObject>;
   /** True when a resumable task continues after an agent restart. */
   resumed: boolean;
   progress(percent: number, message?: string): void;

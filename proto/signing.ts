@@ -77,3 +77,36 @@ export function specDigest(signed: SignedJob): string {
     .update(signed.spec ?? new Uint8Array())
     .digest("hex");
 }
+
+export type Manifest = InstanceType<typeof pb.ArtifactManifest>;
+
+export function signManifest(
+  m: Manifest | Parameters<typeof pb.ArtifactManifest.encode>[0],
+  privateKey: KeyObject | string,
+  keyId: string,
+) {
+  const key = typeof privateKey === "string" ? createPrivateKey(privateKey) : privateKey;
+  const bytes = pb.ArtifactManifest.encode(m).finish();
+  return { manifest: bytes, signature: sign(null, bytes, key), keyId };
+}
+
+export function verifyManifest(
+  signed: { manifest?: Uint8Array | null; signature?: Uint8Array | null; keyId?: string | null },
+  trustedKeys: ReadonlyMap<string, KeyObject>,
+): { ok: true; manifest: Manifest } | { ok: false; message: string } {
+  const key = signed.keyId ? trustedKeys.get(signed.keyId) : undefined;
+  if (!signed.manifest?.length || !signed.signature?.length || !key)
+    return { ok: false, message: "manifest is unsigned or signed by an unknown key" };
+  let valid = false;
+  try {
+    valid = verify(null, signed.manifest, key, signed.signature);
+  } catch {
+    valid = false;
+  }
+  if (!valid) return { ok: false, message: "manifest signature does not verify" };
+  try {
+    return { ok: true, manifest: pb.ArtifactManifest.decode(signed.manifest) };
+  } catch (err) {
+    return { ok: false, message: `manifest does not decode: ${(err as Error).message}` };
+  }
+}

@@ -34,6 +34,8 @@ export interface ControllerOptions {
   ca: CertPair;
   log: Logger;
   counters?: Counters;
+  /** The server's HTTP URL (artifacts), told to operators and flashed devices. */
+  httpUrl?: string;
 }
 
 type Handler = (params: unknown, operator: string) => Promise<unknown>;
@@ -274,6 +276,7 @@ export class Controller {
         prefix: this.prefix,
         version: AGENT_VERSION,
         caCert: this.o.ca.certPem,
+        http: this.o.httpUrl,
         trustedKeys: this.o.config.operators.map((op) => ({ keyId: op.keyId, publicKey: op.publicKey })),
       }),
       "device.add": async (p) => {

@@ -1,0 +1,238 @@
+// The artifact store on the server's HTTP port. Blobs are content-addressed (sha256) under
+// D/artifacts/blobs; each (name, version) has a manifest signed by an operator. Operators push,
+// list and remove (HTTP Basic with their scrypt password); a device (HTTP Basic with its token)
+// may read only the manifests and blobs that a job currently assigned to it names.
+import { createHash, type KeyObject } from "node:crypto";
+import { createReadStream, createWriteStream } from "node:fs";
+import { mkdir, rename, rm, stat } from "node:fs/promises";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { join } from "node:path";
+import type { AbstractSublevel } from "abstract-level";
+import type { Logger } from "pino";
+import type { Counters } from "../agent/counters.js";
+import { decodeJobSpec, pb, TERMINAL_STATES } from "../proto/index.js";
+import { verifyManifest } from "../proto/signing.js";
+import type { ServerConfig } from "./config.js";
+import type { Registry } from "./controller/registry.js";
+import type { ControllerStore } from "./controller/store.js";
+import { verifyPassword } from "./credentials.js";
+
+export interface ArtifactRecord {
+  name: string;
+  version: string;
+  size: number;
+  sha256: string;
+  hardware: string[];
+  createdAt: number;
+  signed: string; // base64 SignedManifest
+}
+
+type Who = { kind: "operator"; name: string } | { kind: "device"; id: string };
+
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class ArtifactStore {
+  private readonly records: AbstractSublevel<
+    ControllerStore["db"],
+    string | Buffer | Uint8Array,
+    string,
+    ArtifactRecord
+  >;
+  private readonly blobs: string;
+
+  constructor(
+    private readonly o: {
+      dir: string;
+      store: ControllerStore;
+      registry: Registry;
+      config: ServerConfig;
+      operatorKeys: ReadonlyMap<string, KeyObject>;
+      log: Logger;
+      counters: Counters;
+    },
+  ) {
+    this.records = o.store.db.sublevel<string, ArtifactRecord>("art", { valueEncoding: "json" }) as never;
+    this.blobs = join(o.dir, "artifacts", "blobs");
+  }
+
+  /** Handles /v1/artifacts and /v1/blobs; false for any other URL. */
+  async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
+    const url = new URL(req.url ?? "/", "http://x");
+    const parts = url.pathname.split("/").filter(Boolean).map(decodeURIComponent);
+    if (parts[0] !== "v1" || (parts[1] !== "artifacts" && parts[1] !== "blobs")) return false;
+    try {
+      const who = await this.authenticate(req);
+      if (parts[1] === "blobs" && parts.length === 3 && req.method === "GET")
+        return await this.sendBlob(req, res, who, parts[2]!);
+      if (parts.length === 2 && req.method === "GET")
+        return this.json(res, 200, await this.list(this.operatorOnly(who)));
+      if (parts.length === 2 && req.method === "PUT")
+        return this.json(res, 201, await this.push(req, this.operatorOnly(who)));
+      if (parts.length === 4 && req.method === "DELETE")
+        return this.json(res, 200, await this.remove(this.operatorOnly(who), parts[2]!, parts[3]!));
+      if (parts.length === 5 && parts[4] === "manifest" && req.method === "GET") {
+        const rec = await this.allowed(who, (r) => r.name === parts[2] && r.version === parts[3]);
+        res.writeHead(200, { "content-type": "application/octet-stream" });
+        res.end(Buffer.from(rec.signed, "base64"));
+        return true;
+      }
+      throw new HttpError(404, "no such artifact route");
+    } catch (err) {
+      const e = err instanceof HttpError ? err : new HttpError(500, (err as Error).message);
+      if (e.status >= 500) this.o.log.error({ err }, "artifact request failed");
+      else this.o.counters.inc(`artifact_http_${e.status}`);
+      if (!res.headersSent) this.json(res, e.status, { error: e.message });
+      else res.destroy();
+      return true;
+    }
+  }
+
+  private json(res: ServerResponse, status: number, body: unknown): true {
+    res.writeHead(status, { "content-type": "application/json" });
+    res.end(JSON.stringify(body));
+    return true;
+  }
+
+  private async authenticate(req: IncomingMessage): Promise<Who> {
+    const m = /^Basic (.+)$/.exec(req.headers.authorization ?? "");
+    if (!m) throw new HttpError(401, "authentication required");
+    const [user, ...rest] = Buffer.from(m[1]!, "base64").toString().split(":");
+    const pass = rest.join(":");
+    const op = this.o.config.operators.find((x) => x.username === user);
+    if (op && (await verifyPassword(pass, op.passwordHash))) return { kind: "operator", name: op.username };
+    if (user && this.o.registry.verifyToken(user, pass)) return { kind: "device", id: user };
+    this.o.counters.inc("artifact_auth_failed");
+    throw new HttpError(401, "bad credentials");
+  }
+
+  private operatorOnly(who: Who): string {
+    if (who.kind !== "operator") throw new HttpError(403, "operators only");
+    return who.name;
+  }
+
+  async list(_who?: string): Promise<Array<Omit<ArtifactRecord, "signed">>> {
+    const out = [];
+    for await (const { signed: _s, ...r } of this.records.values()) out.push(r);
+    return out;
+  }
+
+  /** PUT: the body is the file, X-Fleet-Manifest the signed manifest; stored only if they agree. */
+  private async push(req: IncomingMessage, operator: string) {
+    const header = req.headers["x-fleet-manifest"];
+    if (typeof header !== "string") throw new HttpError(400, "X-Fleet-Manifest header missing");
+    const signed = pb.SignedManifest.decode(Buffer.from(header, "base64"));
+    const v = verifyManifest(signed, this.o.operatorKeys);
+    if (!v.ok) throw new HttpError(400, v.message);
+    const m = v.manifest;
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(m.name) || !/^[A-Za-z0-9._+-]{1,64}$/.test(m.version))
+      throw new HttpError(400, "bad name or version");
+    const key = `${m.name}@${m.version}`;
+    if (await this.records.get(key)) throw new HttpError(409, `${m.name} ${m.version} already exists`);
+    await mkdir(this.blobs, { recursive: true });
+    const tmp = join(this.blobs, `.upload-${m.sha256}-${process.hrtime.bigint()}`);
+    const hash = createHash("sha256");
+    let size = 0;
+    await new Promise<void>((resolve, reject) => {
+      const out = createWriteStream(tmp);
+      req.on("data", (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > m.size) {
+          req.destroy();
+          reject(new HttpError(413, `body is larger than the manifest's ${m.size} bytes`));
+          return;
+        }
+        hash.update(chunk);
+        out.write(chunk);
+      });
+      req.on("end", () => out.end(() => resolve()));
+      req.on("error", reject);
+      out.on("error", reject);
+    }).catch(async (err) => {
+      await rm(tmp, { force: true });
+      throw err;
+    });
+    const sha = hash.digest("hex");
+    if (size !== m.size || sha !== m.sha256) {
+      await rm(tmp, { force: true });
+      throw new HttpError(
+        400,
+        `upload does not match its manifest (size ${size}/${m.size}, sha256 ${sha.slice(0, 12)}…/${m.sha256.slice(0, 12)}…)`,
+      );
+    }
+    await rename(tmp, join(this.blobs, sha));
+    const rec: ArtifactRecord = {
+      name: m.name,
+      version: m.version,
+      size,
+      sha256: sha,
+      hardware: m.hardware,
+      createdAt: Date.now(),
+      signed: Buffer.from(pb.SignedManifest.encode(signed).finish()).toString("base64"),
+    };
+    await this.records.put(key, rec, { sync: true } as never);
+    this.o.log.info({ name: m.name, version: m.version, size, operator }, "artifact stored");
+    const { signed: _s, ...shown } = rec;
+    return shown;
+  }
+
+  private async remove(_operator: string, name: string, version: string) {
+    const key = `${name}@${version}`;
+    const rec = await this.records.get(key);
+    if (!rec) throw new HttpError(404, `no artifact ${name} ${version}`);
+    await this.records.del(key);
+    const stillUsed = (await this.list()).some((r) => r.sha256 === rec.sha256);
+    if (!stillUsed) await rm(join(this.blobs, rec.sha256), { force: true });
+    return { name, version, removed: true };
+  }
+
+  /** The artifact, if the caller is an operator or a device with an open job naming it. */
+  private async allowed(who: Who, match: (r: ArtifactRecord) => boolean): Promise<ArtifactRecord> {
+    const rec = (await this.records.values().all()).find(match);
+    if (!rec) throw new HttpError(404, "no such artifact");
+    if (who.kind === "operator") return rec;
+    for (const a of await this.o.store.deviceAssignments(who.id)) {
+      if (TERMINAL_STATES.has(a.state)) continue;
+      const job = await this.o.store.jobs.get(a.jobId);
+      if (!job) continue;
+      const spec = decodeJobSpec(pb.SignedJob.decode(Buffer.from(job.signed, "base64")).spec);
+      for (const t of spec.tasks) {
+        if (t.type !== "software-update") continue;
+        const p = JSON.parse(t.paramsJson || "{}") as { artifact?: string; version?: string };
+        if (p.artifact === rec.name && p.version === rec.version) return rec;
+      }
+    }
+    this.o.counters.inc("artifact_denied");
+    throw new HttpError(403, `no job assigned to ${who.id} names ${rec.name} ${rec.version}`);
+  }
+
+  /** GET with Range support (one range: `bytes=N-` or `bytes=N-M`). */
+  private async sendBlob(req: IncomingMessage, res: ServerResponse, who: Who, sha: string): Promise<true> {
+    await this.allowed(who, (r) => r.sha256 === sha);
+    const file = join(this.blobs, sha);
+    const size = (await stat(file)).size;
+    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? "");
+    if (req.headers.range && !range) throw new HttpError(416, "only one simple byte range is supported");
+    const start = range ? Number(range[1]) : 0;
+    const end = range && range[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
+    if (start > end && size > 0) {
+      res.writeHead(416, { "content-range": `bytes */${size}` });
+      res.end();
+      return true;
+    }
+    res.writeHead(range ? 206 : 200, {
+      "content-type": "application/octet-stream",
+      "content-length": String(end - start + 1),
+      "accept-ranges": "bytes",
+      ...(range ? { "content-range": `bytes ${start}-${end}/${size}` } : {}),
+    });
+    createReadStream(file, { start, end }).pipe(res);
+    return true;
+  }
+}
