@@ -164,8 +164,7 @@ export default defineHandler({
               bootId: await ctx.system.bootId(),
               deadline: Date.now() + p.rebootDeadlineS * 1000,
             });
-            await ctx.system.reboot();
-            await waitAbort(signal); // the machine goes down; we resume in REBOOTING
+            await ctx.system.reboot(); // the machine goes down; the next start resumes in REBOOTING
           } else await save({ ...saved, state: "CHECKING" });
           break;
         }
@@ -209,7 +208,7 @@ export default defineHandler({
           );
         }
         case "COMMITTED": {
-          await prune(target, p.version);
+          await prune(target, p.version, saved.previous);
           await rm(blobPath(ctx, manifest().sha256), { force: true });
           await ctx.kv.del(key);
           return {
@@ -376,13 +375,12 @@ async function healthCheck(
   }
 }
 
-/** Keeps the current and the previous release; removes older ones and leftovers. */
-async function prune(target: string, version: string): Promise<void> {
+/** Keeps the new release and the one it replaced (KEEP_RELEASES = 2); removes the others. */
+async function prune(target: string, version: string, previous: string | null | undefined): Promise<void> {
   const dir = join(target, "releases");
-  const entries = await readdir(dir).catch(() => [] as string[]);
   const keep = new Set([version]);
-  const others = entries.filter((e) => e !== version && !e.startsWith("."));
-  const byAge = await Promise.all(others.map(async (e) => ({ e, t: (await stat(join(dir, e))).mtimeMs })));
-  for (const { e } of byAge.sort((a, b) => b.t - a.t).slice(0, KEEP_RELEASES - 1)) keep.add(e);
-  for (const e of entries) if (!keep.has(e)) await rm(join(dir, e), { recursive: true, force: true });
+  if (previous?.startsWith("releases/") && KEEP_RELEASES > 1) keep.add(previous.slice("releases/".length));
+  for (const e of await readdir(dir).catch(() => [] as string[])) {
+    if (!keep.has(e)) await rm(join(dir, e), { recursive: true, force: true });
+  }
 }
