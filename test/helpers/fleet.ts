@@ -125,10 +125,10 @@ export interface AgentProc {
 }
 
 /** Starts a flashed agent the way a device does: ROOT/opt/fleet-agent/run --root ROOT, from `/`. */
-export function startAgent(root: string): AgentProc {
+export function startAgent(root: string, extraEnv: Record<string, string> = {}): AgentProc {
   const proc = spawn(join(root, "opt", "fleet-agent", "run"), ["--root", root], {
     cwd: "/",
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", FLEET_LOG_LEVEL: "info" },
+    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", FLEET_LOG_LEVEL: "info", ...extraEnv },
     stdio: ["ignore", "ignore", "pipe"],
   });
   let err = "";

@@ -1,0 +1,189 @@
+// Software updates end to end: artifacts pushed to a real fleet server, a flashed agent process,
+// and a power cut (SIGKILL) right after the update saves each of its states.
+import { existsSync, readFileSync, readlinkSync, realpathSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { makeRelease } from "../helpers/artifacts.js";
+import {
+  type AgentProc,
+  cli,
+  cliJson,
+  flashMoved,
+  type ServerProcess,
+  setContextServer,
+  startAgent,
+  startServer,
+  waitUntil,
+} from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+
+interface JobJson {
+  id: string;
+  state: string;
+  devices: Array<{
+    deviceId: string;
+    state: string;
+    tasks: Array<{ state: string; reason?: string; message: string; attempt: number }>;
+  }>;
+}
+
+const data = tempDir("fleet-upd-");
+let server: ServerProcess;
+let env: Record<string, string>;
+let root: string;
+let agent: AgentProc;
+const DEV = "upd-dev";
+
+async function push(version: string, healthExit = 0) {
+  const r = makeRelease(data.dir, "app", version, { healthExit });
+  const file = join(data.dir, `app-${version}.tar.gz`);
+  writeFileSync(file, r.bytes);
+  const res = await cli(["artifact", "push", file, "--name", "app", "--version", version, "--json"], env);
+  expect(res.code, res.stderr).toBe(0);
+}
+
+async function online(want: boolean) {
+  await waitUntil(
+    `online=${want}`,
+    async () =>
+      cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
+        (d) => d.id === DEV,
+      )?.online === want,
+  );
+}
+
+async function send(version: string): Promise<string> {
+  const r = await cli(
+    [
+      "run",
+      "software-update",
+      "--param",
+      "artifact=app",
+      "--param",
+      `version=${version}`,
+      "--param",
+      "target=opt/app",
+      "--param",
+      'healthCheck={"command":["./health.sh"]}',
+      "--device",
+      DEV,
+      "--json",
+    ],
+    env,
+  );
+  expect(r.code, r.stderr).toBe(0);
+  return cliJson<JobJson>(r).id;
+}
+
+async function finished(jobId: string): Promise<JobJson> {
+  return waitUntil(
+    "job done",
+    async () => {
+      const j = cliJson<JobJson>(await cli(["jobs", "show", jobId, "--json"], env));
+      return ["SUCCEEDED", "FAILED"].includes(j.state) ? j : undefined;
+    },
+    60_000,
+  );
+}
+
+/** `current` always names a complete release: its VERSION file matches its directory. */
+function currentVersion(): string {
+  const link = readlinkSync(join(root, "opt/app/current"));
+  expect(link).toMatch(/^releases\/[^/]+$/); // relative
+  const dir = realpathSync(join(root, "opt/app/current"));
+  const v = readFileSync(join(dir, "VERSION"), "utf8").trim();
+  expect(dir.endsWith(`/releases/${v}`)).toBe(true);
+  expect(existsSync(join(dir, "health.sh"))).toBe(true);
+  return v;
+}
+
+beforeAll(async () => {
+  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
+  server = await startServer(data.dir);
+  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  const flashed = await flashMoved(DEV, env, ["--dry-run-system"]);
+  root = flashed.root;
+  agent = startAgent(root);
+  await online(true);
+  await push("1.0.0");
+  const first = await finished(await send("1.0.0"));
+  expect(first.state).toBe("SUCCEEDED");
+}, 120_000);
+
+afterAll(async () => {
+  agent?.proc.kill("SIGKILL");
+  server?.proc.kill("SIGKILL");
+  data.cleanup();
+});
+
+describe("artifacts", () => {
+  it("push, ls, rm; devices read only what a job names for them", async () => {
+    await push("0.0.1");
+    const ls = cliJson<Array<{ name: string; version: string; size: number; sha256: string }>>(
+      await cli(["artifact", "ls", "--json"], env),
+    );
+    const a = ls.find((x) => x.version === "0.0.1")!;
+    expect(a.sha256).toMatch(/^[0-9a-f]{64}$/);
+    const password = JSON.parse(readFileSync(join(root, "etc/fleet-agent/config.json"), "utf8")).password;
+    const auth = { authorization: `Basic ${Buffer.from(`${DEV}:${password}`).toString("base64")}` };
+    expect(
+      (await fetch(`${server.urls.http}/v1/artifacts/app/0.0.1/manifest`, { headers: auth })).status,
+    ).toBe(403);
+    expect((await fetch(`${server.urls.http}/v1/blobs/${a.sha256}`, { headers: auth })).status).toBe(403);
+    expect((await fetch(`${server.urls.http}/v1/blobs/${a.sha256}`)).status).toBe(401);
+    expect((await fetch(`${server.urls.http}/v1/artifacts`, { headers: auth })).status).toBe(403);
+    expect(
+      (
+        await cli(
+          ["artifact", "push", join(data.dir, "app-0.0.1.tar.gz"), "--name", "app", "--version", "0.0.1"],
+          env,
+        )
+      ).code,
+    ).toBe(2);
+    expect((await cli(["artifact", "rm", "app", "0.0.1"], env)).code).toBe(0);
+    expect(cliJson<unknown[]>(await cli(["artifact", "ls", "--json"], env)).length).toBe(ls.length - 1);
+  });
+});
+
+describe("power cut at each update state", () => {
+  let minor = 0;
+  it.each([
+    ["FETCHING", "SUCCEEDED"],
+    ["DOWNLOADING", "SUCCEEDED"],
+    ["UNPACKING", "SUCCEEDED"],
+    ["SWITCHING", "SUCCEEDED"],
+    ["CHECKING", "SUCCEEDED"],
+    ["COMMITTED", "SUCCEEDED"],
+    ["CHECKING", "ROLLED_BACK"],
+    ["ROLLING_BACK", "ROLLED_BACK"],
+    ["ROLLED_BACK", "ROLLED_BACK"],
+  ])(
+    "SIGKILL after saving %s: the update ends %s, and a complete release runs throughout",
+    async (state, outcome) => {
+      const before = currentVersion();
+      const version = `2.${++minor}.0`;
+      await push(version, outcome === "ROLLED_BACK" ? 1 : 0);
+      agent.proc.kill("SIGTERM");
+      await agent.exited;
+      agent = startAgent(root, { FLEET_TEST_CRASH_AT: state });
+      await online(true);
+      const jobId = await send(version);
+      if (state !== "FETCHING") {
+        // FETCHING is the initial state, never saved: the run goes through without a crash.
+        expect(await agent.exited).toBeNull(); // killed by SIGKILL
+        currentVersion(); // whatever it is, it is complete
+        agent = startAgent(root);
+      }
+      const job = await finished(jobId);
+      const task = job.devices[0]!.tasks[0]!;
+      if (outcome === "SUCCEEDED") {
+        expect(job.state).toBe("SUCCEEDED");
+        expect(currentVersion()).toBe(version);
+      } else {
+        expect(task).toMatchObject({ state: "FAILED", reason: "rolled_back" });
+        expect(currentVersion()).toBe(before);
+      }
+    },
+    90_000,
+  );
+});
