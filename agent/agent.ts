@@ -101,7 +101,14 @@ export class Agent {
         o.system ??
         (this.cfg.systemDryRun ? dryRunSystem(this.log) : realSystem(this.cfg.rebootCommand, this.log)),
       artifacts:
-        o.artifacts ?? httpArtifactSource(this.cfg.artifactsUrl, this.cfg.deviceId, this.cfg.password),
+        o.artifacts ??
+        httpArtifactSource(this.cfg.artifactsUrl, {
+          deviceId: this.cfg.deviceId,
+          password: this.cfg.password,
+          caFile: this.cfg.caCert && rootPath(this.cfg, this.cfg.caCert),
+          certFile: this.cfg.cert && rootPath(this.cfg, this.cfg.cert),
+          keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
+        }),
       trustedKeys: this.trustedKeys,
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,

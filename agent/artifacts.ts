@@ -1,44 +1,54 @@
-// The agent's view of the server's artifact store (HTTP Basic with the device's token).
-
+// The agent's view of the server's artifact store: HTTP Basic with the device's token, or
+// HTTPS with its fleet-CA client certificate (mTLS devices have no token).
+import { readFileSync } from "node:fs";
+import { request as httpRequest, type IncomingMessage } from "node:http";
+import { request as httpsRequest } from "node:https";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import type { ArtifactSource } from "../firmware-tasks/types.js";
 
-export function httpArtifactSource(
-  baseUrl: string | undefined,
-  deviceId: string,
-  password: string | undefined,
-): ArtifactSource {
-  const auth = `Basic ${Buffer.from(`${deviceId}:${password ?? ""}`).toString("base64")}`;
-  const url = (p: string) => {
-    if (!baseUrl)
-      throw new TaskFailedError("this agent has no artifactsUrl in its config", {
-        reason: "no_artifact_source",
-      });
-    return new URL(p, baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`).toString();
+export interface ArtifactAuth {
+  deviceId: string;
+  password?: string;
+  caFile?: string;
+  certFile?: string;
+  keyFile?: string;
+}
+
+export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAuth): ArtifactSource {
+  const tls = {
+    ...(auth.caFile ? { ca: readFileSync(auth.caFile) } : {}),
+    ...(auth.certFile && auth.keyFile ? { cert: readFileSync(auth.certFile), key: readFileSync(auth.keyFile) } : {}),
+  };
+  const headers: Record<string, string> = auth.password
+    ? { authorization: `Basic ${Buffer.from(`${auth.deviceId}:${auth.password}`).toString("base64")}` }
+    : {};
+  const get = (path: string, extra: Record<string, string>, signal: AbortSignal): Promise<IncomingMessage> => {
+    if (!baseUrl) throw new TaskFailedError("this agent has no artifactsUrl in its config", { reason: "no_artifact_source" });
+    const url = new URL(path, baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`);
+    const req = url.protocol === "https:" ? httpsRequest : httpRequest;
+    return new Promise((resolve, reject) => {
+      const r = req(url, { method: "GET", headers: { ...headers, ...extra }, signal, ...(url.protocol === "https:" ? tls : {}) }, resolve);
+      r.on("error", (err) => reject(signal.aborted ? signal.reason : new TaskFailedError(`${url.host}: ${err.message}`, { reason: "artifact_unavailable" })));
+      r.end();
+    });
+  };
+  const fail = async (res: IncomingMessage, what: string) => {
+    let body = "";
+    for await (const c of res) body += c;
+    return new TaskFailedError(`${what}: HTTP ${res.statusCode} ${body.slice(0, 200)}`.trim(), { reason: "artifact_unavailable" });
   };
   return {
     async manifest(name, version, signal) {
-      const res = await fetch(
-        url(`v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`),
-        { headers: { authorization: auth }, signal },
-      );
-      if (!res.ok)
-        throw new TaskFailedError(
-          `manifest of ${name} ${version}: HTTP ${res.status} ${await res.text().catch(() => "")}`.trim(),
-          { reason: "artifact_unavailable" },
-        );
-      return new Uint8Array(await res.arrayBuffer());
+      const res = await get(`v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`, {}, signal);
+      if (res.statusCode !== 200) throw await fail(res, `manifest of ${name} ${version}`);
+      const chunks: Buffer[] = [];
+      for await (const c of res) chunks.push(c as Buffer);
+      return Buffer.concat(chunks);
     },
     async blob(sha256, start, signal) {
-      const res = await fetch(url(`v1/blobs/${sha256}`), {
-        headers: { authorization: auth, ...(start ? { range: `bytes=${start}-` } : {}) },
-        signal,
-      });
-      if (!res.ok || !res.body)
-        throw new TaskFailedError(`download ${sha256.slice(0, 12)}…: HTTP ${res.status}`, {
-          reason: "artifact_unavailable",
-        });
-      return { status: res.status, body: res.body as unknown as AsyncIterable<Uint8Array> };
+      const res = await get(`v1/blobs/${sha256}`, start ? { range: `bytes=${start}-` } : {}, signal);
+      if (res.statusCode !== 200 && res.statusCode !== 206) throw await fail(res, `download ${sha256.slice(0, 12)}…`);
+      return { status: res.statusCode, body: res };
     },
   };
 }

@@ -6,6 +6,7 @@ import { createHash, type KeyObject } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { mkdir, rename, rm, stat } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import type { TLSSocket } from "node:tls";
 import { join } from "node:path";
 import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
@@ -102,7 +103,13 @@ export class ArtifactStore {
 
   private async authenticate(req: IncomingMessage): Promise<Who> {
     const m = /^Basic (.+)$/.exec(req.headers.authorization ?? "");
-    if (!m) throw new HttpError(401, "authentication required");
+    if (!m) {
+      // HTTPS with a fleet-CA client certificate: CN = device id.
+      const sock = req.socket as TLSSocket;
+      const cn = sock.authorized ? sock.getPeerCertificate?.().subject?.CN : undefined;
+      if (typeof cn === "string" && this.o.registry.get(cn)) return { kind: "device", id: cn };
+      throw new HttpError(401, "authentication required");
+    }
     const [user, ...rest] = Buffer.from(m[1]!, "base64").toString().split(":");
     const pass = rest.join(":");
     const op = this.o.config.operators.find((x) => x.username === user);

@@ -11,6 +11,7 @@ import {
 } from "node:http";
 import { type AddressInfo, createServer as createNetServer, type Server as NetServer } from "node:net";
 import type { TLSSocket } from "node:tls";
+import { createServer as createHttpsServer } from "node:https";
 import { createServer as createTlsServer } from "node:tls";
 import { Aedes, type Client } from "aedes";
 import type { Logger } from "pino";
@@ -34,6 +35,7 @@ export interface ServerOptions {
   mqttsPort: number;
   wsPort: number;
   httpPort: number;
+  httpsPort?: number;
   log: Logger;
 }
 
@@ -42,6 +44,7 @@ export interface Listening {
   mqtts: string;
   ws: string;
   http: string;
+  https: string;
 }
 
 type FleetClient = Client & { fleet?: Identity };
@@ -143,19 +146,22 @@ export class FleetServer {
     this.wss = new WebSocketServer({ server: wsHttp });
     this.wss.on("connection", (ws, req) => this.aedes.handle(createWebSocketStream(ws) as never, req));
     const http = createHttpServer((req, res) => void this.http(req, res));
+    const https = createHttpsServer(tlsOpts, (req, res) => void this.http(req, res));
     const ports = await Promise.all([
       listen(mqttServer, this.o.mqttPort, host),
       listen(tlsServer, this.o.mqttsPort, host),
       listen(wsHttp, this.o.wsPort, host),
       listen(http, this.o.httpPort, host),
+      listen(https, this.o.httpsPort ?? 8443, host),
     ]);
-    this.servers = [mqttServer, tlsServer, wsHttp, http];
+    this.servers = [mqttServer, tlsServer, wsHttp, http, https];
     const shown = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
     this.listening = {
       mqtt: `mqtt://${shown}:${ports[0]}`,
       mqtts: `mqtts://${shown}:${ports[1]}`,
       ws: `ws://${shown}:${ports[2]}`,
       http: `http://${shown}:${ports[3]}`,
+      https: `https://${shown}:${ports[4]}`,
     };
     this.artifacts = new ArtifactStore({
       dir: this.o.dir,
@@ -175,6 +181,7 @@ export class FleetServer {
       log: this.o.log,
       counters: this.counters,
       httpUrl: this.listening.http,
+      httpsUrl: this.listening.https,
     });
     await this.controller.start();
     this.setupMetrics();

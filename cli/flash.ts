@@ -86,6 +86,7 @@ export function registerFlash(program: Command): void {
           trustedKeys: Array<{ keyId: string; publicKey: string }>;
           prefix: string;
           http?: string;
+          https?: string;
         }>("server.info", {});
         const secret = await rpc.call<{ id: string; password: string }>("device.add", {
           id,
@@ -112,11 +113,8 @@ export function registerFlash(program: Command): void {
         telemetryIntervalS: 60,
         ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,
-        ...(info.http
-          ? { artifactsUrl: o.artifactsUrl ?? info.http }
-          : o.artifactsUrl
-            ? { artifactsUrl: o.artifactsUrl }
-            : {}),
+        // mTLS devices have no token: they fetch artifacts over HTTPS with their certificate.
+        ...((o.artifactsUrl ?? (cert ? info.https : info.http)) ? { artifactsUrl: o.artifactsUrl ?? (cert ? info.https : info.http) } : {}),
       };
       parseAgentConfig(config, "/"); // what we write must be what the agent accepts
       const target = o.root ? resolve(o.root) : mkdtempSync(join(tmpdir(), "fleet-flash-"));

@@ -19,7 +19,8 @@ export function registerServer(program: Command): void {
     .option("--mqtt-port <port>", "MQTT over TCP", port, 1883)
     .option("--mqtts-port <port>", "MQTT over TLS", port, 8883)
     .option("--ws-port <port>", "MQTT over WebSocket", port, 8083)
-    .option("--http-port <port>", "HTTP: /healthz, /metrics", port, 8080)
+    .option("--http-port <port>", "HTTP: artifacts, /healthz, /metrics", port, 8080)
+    .option("--https-port <port>", "HTTPS: artifacts for devices with client certificates", port, 8443)
     .action(
       async (o: {
         dir: string;
@@ -28,12 +29,13 @@ export function registerServer(program: Command): void {
         mqttsPort: number;
         wsPort: number;
         httpPort: number;
+        httpsPort: number;
       }) => {
         const log = createLogger();
         const server = new FleetServer({ ...o, dir: resolve(o.dir), log });
         const l = await server.start();
         // One line on stdout for scripts (and tests using port 0); logs go to stderr.
-        process.stdout.write(`fleet server listening ${l.mqtt} ${l.mqtts} ${l.ws} ${l.http}\n`);
+        process.stdout.write(`fleet server listening ${l.mqtt} ${l.mqtts} ${l.ws} ${l.http} ${l.https}\n`);
         await new Promise<void>((done) => {
           const stop = () => {
             process.removeAllListeners("SIGTERM");

@@ -36,6 +36,7 @@ export interface ControllerOptions {
   counters?: Counters;
   /** The server's HTTP URL (artifacts), told to operators and flashed devices. */
   httpUrl?: string;
+  httpsUrl?: string;
 }
 
 type Handler = (params: unknown, operator: string) => Promise<unknown>;
@@ -277,6 +278,7 @@ export class Controller {
         version: AGENT_VERSION,
         caCert: this.o.ca.certPem,
         http: this.o.httpUrl,
+        https: this.o.httpsUrl,
         trustedKeys: this.o.config.operators.map((op) => ({ keyId: op.keyId, publicKey: op.publicKey })),
       }),
       "device.add": async (p) => {

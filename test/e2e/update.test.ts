@@ -143,6 +143,50 @@ describe("artifacts", () => {
     expect((await cli(["artifact", "rm", "app", "0.0.1"], env)).code).toBe(0);
     expect(cliJson<unknown[]>(await cli(["artifact", "ls", "--json"], env)).length).toBe(ls.length - 1);
   });
+
+  it("a device with a client certificate (no token) downloads over HTTPS", async () => {
+    const tls = await flashMoved("upd-tls", env, [
+      "--mtls",
+      "--broker",
+      server.urls.mqtts,
+      "--dry-run-system",
+    ]);
+    const cfg = JSON.parse(readFileSync(join(tls.root, "etc/fleet-agent/config.json"), "utf8"));
+    expect(cfg.password).toBeUndefined();
+    expect(cfg.artifactsUrl).toBe(server.urls.https);
+    const a = startAgent(tls.root);
+    try {
+      await waitUntil(
+        "tls device online",
+        async () =>
+          cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
+            (d) => d.id === "upd-tls",
+          )?.online,
+      );
+      const r = await cli(
+        [
+          "run",
+          "software-update",
+          "--param",
+          "artifact=app",
+          "--param",
+          "version=1.0.0",
+          "--param",
+          "target=opt/app",
+          "--device",
+          "upd-tls",
+          "--wait",
+          "--json",
+        ],
+        env,
+      );
+      expect(r.code, r.stdout).toBe(0);
+      expect(readlinkSync(join(tls.root, "opt/app/current"))).toBe("releases/1.0.0");
+    } finally {
+      a.proc.kill("SIGKILL");
+      tls.cleanup();
+    }
+  });
 });
 
 describe("power cut at each update state", () => {

@@ -8,14 +8,14 @@ export const FLEET = resolve(import.meta.dirname, "..", "..", "bin", "fleet");
 
 export interface ServerProcess {
   proc: ChildProcess;
-  urls: { mqtt: string; mqtts: string; ws: string; http: string };
+  urls: { mqtt: string; mqtts: string; ws: string; http: string; https: string };
   ports: number[];
   stderr: () => string;
   exited: Promise<number | null>;
 }
 
-export async function startServer(dir: string, ports = [0, 0, 0, 0]): Promise<ServerProcess> {
-  const [m, s, w, h] = ports.map(String);
+export async function startServer(dir: string, ports = [0, 0, 0, 0, 0]): Promise<ServerProcess> {
+  const [m, s, w, h, hs] = ports.map(String);
   const proc = spawn(
     process.execPath,
     [
@@ -33,6 +33,8 @@ export async function startServer(dir: string, ports = [0, 0, 0, 0]): Promise<Se
       w!,
       "--http-port",
       h!,
+      "--https-port",
+      hs!,
     ],
     {
       env: { ...process.env, FLEET_LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? "warn" },
@@ -53,15 +55,10 @@ export async function startServer(dir: string, ports = [0, 0, 0, 0]): Promise<Se
     });
     void exited.then((code) => rej(new Error(`server exited ${code}: ${err}`)));
   });
-  const [mqtt, mqtts, ws, http] = line.split(" ").slice(3) as [string, string, string, string];
-  const urls = { mqtt, mqtts, ws, http };
-  return {
-    proc,
-    urls,
-    ports: [mqtt, mqtts, ws, http].map((u) => Number(u.split(":").pop())),
-    stderr: () => err,
-    exited,
-  };
+  const [mqtt, mqtts, ws, http, https] = line.split(" ").slice(3) as [string, string, string, string, string];
+  const urls = { mqtt, mqtts, ws, http, https };
+  const actual = [mqtt, mqtts, ws, http, https].map((u) => Number(u.split(":").pop()));
+  return { proc, urls, ports: actual, stderr: () => err, exited };
 }
 
 export interface CliResult {

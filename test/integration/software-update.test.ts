@@ -37,7 +37,7 @@ async function device(): Promise<Agent> {
   return h.newAgent(
     `upd-${++n}`,
     { systemDryRun: true },
-    { artifacts: httpArtifactSource(srv.url, "x", "y") },
+    { artifacts: httpArtifactSource(srv.url, { deviceId: "x", password: "y" }) },
   );
 }
 
