@@ -17,29 +17,59 @@ export interface ArtifactAuth {
 export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAuth): ArtifactSource {
   const tls = {
     ...(auth.caFile ? { ca: readFileSync(auth.caFile) } : {}),
-    ...(auth.certFile && auth.keyFile ? { cert: readFileSync(auth.certFile), key: readFileSync(auth.keyFile) } : {}),
+    ...(auth.certFile && auth.keyFile
+      ? { cert: readFileSync(auth.certFile), key: readFileSync(auth.keyFile) }
+      : {}),
   };
   const headers: Record<string, string> = auth.password
     ? { authorization: `Basic ${Buffer.from(`${auth.deviceId}:${auth.password}`).toString("base64")}` }
     : {};
-  const get = (path: string, extra: Record<string, string>, signal: AbortSignal): Promise<IncomingMessage> => {
-    if (!baseUrl) throw new TaskFailedError("this agent has no artifactsUrl in its config", { reason: "no_artifact_source" });
+  const get = (
+    path: string,
+    extra: Record<string, string>,
+    signal: AbortSignal,
+  ): Promise<IncomingMessage> => {
+    if (!baseUrl)
+      throw new TaskFailedError("this agent has no artifactsUrl in its config", {
+        reason: "no_artifact_source",
+      });
     const url = new URL(path, baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`);
     const req = url.protocol === "https:" ? httpsRequest : httpRequest;
     return new Promise((resolve, reject) => {
-      const r = req(url, { method: "GET", headers: { ...headers, ...extra }, signal, ...(url.protocol === "https:" ? tls : {}) }, resolve);
-      r.on("error", (err) => reject(signal.aborted ? signal.reason : new TaskFailedError(`${url.host}: ${err.message}`, { reason: "artifact_unavailable" })));
+      const r = req(
+        url,
+        {
+          method: "GET",
+          headers: { ...headers, ...extra },
+          signal,
+          ...(url.protocol === "https:" ? tls : {}),
+        },
+        resolve,
+      );
+      r.on("error", (err) =>
+        reject(
+          signal.aborted
+            ? signal.reason
+            : new TaskFailedError(`${url.host}: ${err.message}`, { reason: "artifact_unavailable" }),
+        ),
+      );
       r.end();
     });
   };
   const fail = async (res: IncomingMessage, what: string) => {
     let body = "";
     for await (const c of res) body += c;
-    return new TaskFailedError(`${what}: HTTP ${res.statusCode} ${body.slice(0, 200)}`.trim(), { reason: "artifact_unavailable" });
+    return new TaskFailedError(`${what}: HTTP ${res.statusCode} ${body.slice(0, 200)}`.trim(), {
+      reason: "artifact_unavailable",
+    });
   };
   return {
     async manifest(name, version, signal) {
-      const res = await get(`v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`, {}, signal);
+      const res = await get(
+        `v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`,
+        {},
+        signal,
+      );
       if (res.statusCode !== 200) throw await fail(res, `manifest of ${name} ${version}`);
       const chunks: Buffer[] = [];
       for await (const c of res) chunks.push(c as Buffer);
@@ -47,7 +77,8 @@ export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAu
     },
     async blob(sha256, start, signal) {
       const res = await get(`v1/blobs/${sha256}`, start ? { range: `bytes=${start}-` } : {}, signal);
-      if (res.statusCode !== 200 && res.statusCode !== 206) throw await fail(res, `download ${sha256.slice(0, 12)}…`);
+      if (res.statusCode !== 200 && res.statusCode !== 206)
+        throw await fail(res, `download ${sha256.slice(0, 12)}…`);
       return { status: res.statusCode, body: res };
     },
   };

@@ -114,7 +114,9 @@ export function registerFlash(program: Command): void {
         ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,
         // mTLS devices have no token: they fetch artifacts over HTTPS with their certificate.
-        ...((o.artifactsUrl ?? (cert ? info.https : info.http)) ? { artifactsUrl: o.artifactsUrl ?? (cert ? info.https : info.http) } : {}),
+        ...((o.artifactsUrl ?? (cert ? info.https : info.http))
+          ? { artifactsUrl: o.artifactsUrl ?? (cert ? info.https : info.http) }
+          : {}),
       };
       parseAgentConfig(config, "/"); // what we write must be what the agent accepts
       const target = o.root ? resolve(o.root) : mkdtempSync(join(tmpdir(), "fleet-flash-"));
