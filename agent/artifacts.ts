@@ -1,6 +1,7 @@
 // The agent's view of the server's artifact store: HTTP Basic with the device's token, or
 // HTTPS with its fleet-CA client certificate (mTLS devices have no token).
-import { readFileSync } from "node:fs";
+import { createReadStream, readFileSync } from "node:fs";
+import { stat } from "node:fs/promises";
 import { request as httpRequest, type IncomingMessage } from "node:http";
 import { request as httpsRequest } from "node:https";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
@@ -64,6 +65,43 @@ export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAu
     });
   };
   return {
+    async upload(file, name, sha256, signal) {
+      if (!baseUrl)
+        throw new TaskFailedError("this agent has no artifactsUrl in its config", {
+          reason: "no_artifact_source",
+        });
+      const url = new URL(
+        `v1/uploads/${encodeURIComponent(name)}`,
+        baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`,
+      );
+      const req = url.protocol === "https:" ? httpsRequest : httpRequest;
+      const size = (await stat(file)).size;
+      const res = await new Promise<IncomingMessage>((resolve, reject) => {
+        const r = req(
+          url,
+          {
+            method: "PUT",
+            headers: { ...headers, "x-fleet-sha256": sha256, "content-length": String(size) },
+            signal,
+            ...(url.protocol === "https:" ? tls : {}),
+          },
+          resolve,
+        );
+        r.on("error", (err) =>
+          reject(
+            signal.aborted
+              ? signal.reason
+              : new TaskFailedError(`upload to ${url.host}: ${err.message}`, { reason: "upload_failed" }),
+          ),
+        );
+        createReadStream(file).pipe(r);
+      });
+      if (res.statusCode !== 201) {
+        const e = await fail(res, `upload of ${name}`);
+        throw new TaskFailedError(e.message, { reason: "upload_failed" });
+      }
+      res.resume();
+    },
     async manifest(name, version, signal) {
       const res = await get(
         `v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`,

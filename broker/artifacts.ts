@@ -4,7 +4,7 @@
 // may read only the manifests and blobs that a job currently assigned to it names.
 import { createHash, type KeyObject } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
-import { mkdir, rename, rm, stat } from "node:fs/promises";
+import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
@@ -27,6 +27,8 @@ export interface ArtifactRecord {
   createdAt: number;
   signed: string; // base64 SignedManifest
 }
+
+const MAX_UPLOAD = 2 * 1024 ** 3;
 
 type Who = { kind: "operator"; name: string } | { kind: "device"; id: string };
 
@@ -67,9 +69,10 @@ export class ArtifactStore {
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const url = new URL(req.url ?? "/", "http://x");
     const parts = url.pathname.split("/").filter(Boolean).map(decodeURIComponent);
-    if (parts[0] !== "v1" || (parts[1] !== "artifacts" && parts[1] !== "blobs")) return false;
+    if (parts[0] !== "v1" || !["artifacts", "blobs", "uploads"].includes(parts[1] ?? "")) return false;
     try {
       const who = await this.authenticate(req);
+      if (parts[1] === "uploads") return await this.uploads(req, res, who, parts.slice(2));
       if (parts[1] === "blobs" && parts.length === 3 && req.method === "GET")
         return await this.sendBlob(req, res, who, parts[2]!);
       if (parts.length === 2 && req.method === "GET")
@@ -217,6 +220,73 @@ export class ArtifactStore {
     }
     this.o.counters.inc("artifact_denied");
     throw new HttpError(403, `no job assigned to ${who.id} names ${rec.name} ${rec.version}`);
+  }
+
+  /**
+   * Device uploads (backups): PUT /v1/uploads/<file> by a device, with X-Fleet-Sha256; operators
+   * list them (GET /v1/uploads) and fetch one (GET /v1/uploads/<device>/<file>).
+   */
+  private async uploads(req: IncomingMessage, res: ServerResponse, who: Who, rest: string[]): Promise<true> {
+    const dir = join(this.o.dir, "artifacts", "uploads");
+    const safe = (s: string | undefined) =>
+      s !== undefined && /^[A-Za-z0-9._-]{1,128}$/.test(s) && !s.startsWith(".");
+    if (req.method === "PUT" && rest.length === 1 && who.kind === "device") {
+      if (!safe(rest[0])) throw new HttpError(400, "bad file name");
+      const want = String(req.headers["x-fleet-sha256"] ?? "");
+      const target = join(dir, who.id, rest[0]!);
+      await mkdir(join(dir, who.id), { recursive: true });
+      const tmp = `${target}.partial`;
+      const hash = createHash("sha256");
+      let size = 0;
+      await new Promise<void>((resolve, reject) => {
+        const out = createWriteStream(tmp);
+        req.on("data", (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_UPLOAD) {
+            req.destroy();
+            reject(new HttpError(413, `uploads are limited to ${MAX_UPLOAD} bytes`));
+            return;
+          }
+          hash.update(c);
+          out.write(c);
+        });
+        req.on("end", () => out.end(() => resolve()));
+        req.on("error", reject);
+      }).catch(async (err) => {
+        await rm(tmp, { force: true });
+        throw err;
+      });
+      const sha = hash.digest("hex");
+      if (sha !== want) {
+        await rm(tmp, { force: true });
+        throw new HttpError(400, "upload does not match its X-Fleet-Sha256");
+      }
+      await rename(tmp, target);
+      this.o.log.info({ deviceId: who.id, file: rest[0], size }, "device upload stored");
+      return this.json(res, 201, { deviceId: who.id, file: rest[0], size, sha256: sha });
+    }
+    if (req.method === "GET" && who.kind === "operator") {
+      if (rest.length === 0) {
+        const out = [];
+        for (const d of await readdir(dir).catch(() => [] as string[])) {
+          for (const f of await readdir(join(dir, d))) {
+            if (f.endsWith(".partial")) continue;
+            const st = await stat(join(dir, d, f));
+            out.push({ deviceId: d, file: f, size: st.size, at: new Date(st.mtimeMs).toISOString() });
+          }
+        }
+        return this.json(res, 200, out);
+      }
+      if (rest.length === 2 && safe(rest[0]) && safe(rest[1])) {
+        const file = join(dir, rest[0]!, rest[1]!);
+        const st = await stat(file).catch(() => undefined);
+        if (!st) throw new HttpError(404, "no such upload");
+        res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(st.size) });
+        createReadStream(file).pipe(res);
+        return true;
+      }
+    }
+    throw new HttpError(who.kind === "device" ? 403 : 404, "no such upload route");
   }
 
   /** GET with Range support (one range: `bytes=N-` or `bytes=N-M`). */

@@ -117,14 +117,17 @@ export function registerArtifact(program: Command): void {
       },
     );
   operatorOptions(artifact.command("ls"))
-    .description("list artifacts")
+    .description("list artifacts (or, with --uploads, what devices uploaded: backups)")
+    .option("--uploads", "list device uploads instead")
     .option("--http <url>", "the server's HTTP URL")
-    .action(async (o: ArtifactOptions) => {
+    .action(async (o: ArtifactOptions & { uploads?: boolean }) => {
       const ctx = loadContext(o);
-      const r = (await request(ctx, await httpBase(ctx, o), "v1/artifacts", {
+      const base = await httpBase(ctx, o);
+      const r = (await request(ctx, base, o.uploads ? "v1/uploads" : "v1/artifacts", {
         method: "GET",
       })) as unknown as Array<Record<string, unknown>>;
       if (o.json) return printJson(r);
+      if (o.uploads) return void process.stdout.write(table(r, ["deviceId", "file", "size", "at"]));
       process.stdout.write(
         table(
           r.map((a) => ({

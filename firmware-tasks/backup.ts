@@ -4,7 +4,7 @@
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
-import { join, relative } from "node:path";
+import { basename, join, relative } from "node:path";
 import { create as createTar } from "tar";
 import { z } from "zod";
 import { TaskFailedError } from "./errors.js";
@@ -19,6 +19,8 @@ const params = z
       .regex(/^[A-Za-z0-9._-]{1,64}$/, "letters, digits, . _ -")
       .default("backup"),
     keep: z.number().int().min(1).max(1000).default(3),
+    /** Also upload the archive to the server (fleet artifact ls --uploads). */
+    upload: z.boolean().default(false),
   })
   .strict();
 
@@ -46,13 +48,18 @@ export default defineHandler({
     const h = createHash("sha256");
     for await (const chunk of createReadStream(file)) h.update(chunk as Buffer);
     const size = (await stat(file)).size;
+    const sha = h.digest("hex");
+    if (p.upload) {
+      ctx.progress(60, "uploading");
+      await ctx.artifacts.upload(file, basename(file), sha, signal);
+    }
     const mine = (await readdir(dir))
       .filter((f) => f.startsWith(`${p.name}-`) && f.endsWith(".tar.gz"))
       .sort();
     for (const old of mine.slice(0, Math.max(0, mine.length - p.keep)))
       await rm(join(dir, old), { force: true });
     return {
-      message: `${relative(ctx.dataDir, file)}: ${size} bytes, sha256 ${h.digest("hex").slice(0, 16)}…, kept ${Math.min(mine.length, p.keep)}`,
+      message: `${relative(ctx.dataDir, file)}: ${size} bytes, sha256 ${sha.slice(0, 16)}…, kept ${Math.min(mine.length, p.keep)}${p.upload ? ", uploaded" : ""}`,
     };
   },
 });

@@ -37,6 +37,8 @@ export interface ArtifactSource {
     start: number,
     signal: AbortSignal,
   ): Promise<{ status: number; body: AsyncIterable<Uint8Array> }>;
+  /** Uploads a local file (a backup) to the server's store for this device. */
+  upload(file: string, name: string, sha256: string, signal: AbortSignal): Promise<void>;
 }
 
 export interface TaskContext {

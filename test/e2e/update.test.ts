@@ -144,6 +144,41 @@ describe("artifacts", () => {
     expect(cliJson<unknown[]>(await cli(["artifact", "ls", "--json"], env)).length).toBe(ls.length - 1);
   });
 
+  it("backup with upload: the archive lands in the server's store for this device", async () => {
+    const r = await cli(
+      [
+        "run",
+        "backup",
+        "--param",
+        'paths=["opt/app/current/"]',
+        "--param",
+        "name=app",
+        "--param",
+        "upload=true",
+        "--device",
+        DEV,
+        "--wait",
+        "--json",
+      ],
+      env,
+    );
+    expect(r.code, r.stdout).toBe(0);
+    const ups = cliJson<Array<{ deviceId: string; file: string; size: number }>>(
+      await cli(["artifact", "ls", "--uploads", "--json"], env),
+    );
+    const mine = ups.filter((u) => u.deviceId === DEV);
+    expect(mine).toHaveLength(1);
+    expect(mine[0]!.file).toMatch(/^app-.*\.tar\.gz$/);
+    expect(mine[0]!.size).toBeGreaterThan(0);
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+    const auth = {
+      authorization: `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}`,
+    };
+    const got = await fetch(`${server.urls.http}/v1/uploads/${DEV}/${mine[0]!.file}`, { headers: auth });
+    expect(got.status).toBe(200);
+    expect((await got.arrayBuffer()).byteLength).toBe(mine[0]!.size);
+  });
+
   it("a device with a client certificate (no token) downloads over HTTPS", async () => {
     const tls = await flashMoved("upd-tls", env, [
       "--mtls",
