@@ -97,6 +97,7 @@ export async function startArtifactServer(): Promise<ArtifactServer> {
       s.sent.push(chunk.length);
       return void res.end(chunk);
     }
+    if (parts[0] === "health") return void res.writeHead(parts[1] === "ok" ? 200 : 500).end(parts[1]);
     res.writeHead(404).end();
   });
   await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));

@@ -120,6 +120,29 @@ describe("software-update", () => {
     expect((await update(a, "3.1.0")).task).toMatchObject({ state: S.FAILED, reason: "bad_manifest" });
   });
 
+  it("a URL health check: 2xx keeps the update, 500 rolls it back", async () => {
+    const a = await device();
+    expect((await update(a, "1.0.0", { healthCheck: { url: `${srv.url}/health/ok` } })).job.state).toBe(
+      S.SUCCEEDED,
+    );
+    const r = await update(a, "1.1.0", { healthCheck: { url: `${srv.url}/health/bad`, timeoutS: 5 } });
+    expect(r.task).toMatchObject({ state: S.FAILED, reason: "rolled_back" });
+    expect(r.task.message).toContain("/health/bad answered 500");
+    expect(currentVersion(a)).toBe("1.0.0");
+  });
+
+  it("checks free disk space against the artifact's size", async () => {
+    const a = await h.newAgent(
+      `upd-${++n}`,
+      { systemDryRun: true },
+      {
+        artifacts: httpArtifactSource(srv.url, { deviceId: "x", password: "y" }),
+        extraFacts: { "disk.free": 1000 },
+      },
+    );
+    expect((await update(a, "1.1.0")).task).toMatchObject({ state: S.FAILED, reason: "insufficient_disk" });
+  });
+
   it("refuses incompatible hardware", async () => {
     const a = await device();
     serve(srv, makeRelease(work.dir, "app", "4.0.0", { hardware: ["riscv64-board"] }));
