@@ -37,6 +37,8 @@ import { AGENT_VERSION, BUILD_TIME_FLOOR } from "./version.js";
 
 const STATE_MIN_INTERVAL_MS = 2000;
 const FACTS_REFRESH_MS = 60_000;
+const SYNC_RETRY_MIN_MS = 3000;
+const SYNC_RETRY_MAX_MS = 60_000;
 
 export interface AgentOptions {
   config: AgentConfig;
@@ -73,6 +75,8 @@ export class Agent {
   private accepting: Promise<unknown> = Promise.resolve();
   private timers: NodeJS.Timeout[] = [];
   private stateTimer: NodeJS.Timeout | undefined;
+  private syncTimer: NodeJS.Timeout | undefined;
+  private syncRetryMs = SYNC_RETRY_MIN_MS;
   private lastStateAt = 0;
   private readonly startedAt = Date.now();
 
@@ -178,6 +182,7 @@ export class Agent {
   async stop(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
     if (this.stateTimer) clearTimeout(this.stateTimer);
+    if (this.syncTimer) clearTimeout(this.syncTimer);
     this.outbox.stop();
     await this.scheduler.stop();
     await this.connection.stop(async (client) => {
@@ -214,22 +219,34 @@ export class Agent {
   private async onUp(client: MqttClient): Promise<void> {
     await client.subscribeAsync([this.topic("job"), this.topic("ctl")], { qos: 1 });
     this.publishState();
-    const ids = this.scheduler.jobIds().sort();
-    const digest = createHash("sha256").update(ids.join("\n")).digest();
-    this.publish(
-      "sync",
-      encodeEnvelope({
-        syncRequest: {
-          lastAckedSeq: this.store.lastAckedSeq,
-          knownJobsDigest: digest,
-          knownJobCount: ids.length,
-          agentVersion: AGENT_VERSION,
-        },
-      }),
-      1,
-    );
+    this.syncRetryMs = SYNC_RETRY_MIN_MS;
+    this.sendSync();
     this.outbox.onConnected();
     void this.sendTelemetry();
+  }
+
+  /**
+   * Sends a SyncRequest and, until a SyncResponse arrives, again with a growing delay: a
+   * request published while the controller was not (yet) subscribed, e.g. right after a
+   * broker restart, is otherwise lost until the next reconnect.
+   */
+  private sendSync(): void {
+    if (this.syncTimer) clearTimeout(this.syncTimer);
+    if (!this.connection.connected) return;
+    const ids = this.scheduler.jobIds().sort();
+    const digest = createHash("sha256").update(ids.join("\n")).digest();
+    const body = {
+      lastAckedSeq: this.store.lastAckedSeq,
+      knownJobsDigest: digest,
+      knownJobCount: ids.length,
+      agentVersion: AGENT_VERSION,
+    };
+    this.publish("sync", encodeEnvelope({ syncRequest: body }), 1);
+    this.syncTimer = setTimeout(() => {
+      this.counters.inc("sync_retries");
+      this.sendSync();
+    }, this.syncRetryMs);
+    this.syncRetryMs = Math.min(this.syncRetryMs * 2, SYNC_RETRY_MAX_MS);
   }
 
   private async onMessage(topic: string, payload: Buffer): Promise<void> {
@@ -261,6 +278,10 @@ export class Agent {
         this.observeTime(env.timeHint!.nowMs ?? 0, true);
         return;
       case "syncResponse": {
+        if (this.syncTimer) clearTimeout(this.syncTimer);
+        this.syncTimer = undefined;
+        // The controller is listening now: anything not yet acknowledged goes out again.
+        this.outbox.onConnected();
         const r = env.syncResponse!;
         if (r.nowMs) this.observeTime(r.nowMs, true);
         for (const a of r.assignments ?? []) await this.serialAccept(a);

@@ -19,6 +19,7 @@ export async function startBroker(port = 0): Promise<TestBroker> {
   const attempts: number[] = [];
   let aedes!: Aedes;
   let server!: Server;
+  const sockets = new Set<import("node:net").Socket>();
   const boot = async (p: number) => {
     aedes = await Aedes.createBroker({
       preConnect: (_client, _packet, done) => {
@@ -26,7 +27,11 @@ export async function startBroker(port = 0): Promise<TestBroker> {
         done(null, true);
       },
     });
-    server = createServer(aedes.handle);
+    server = createServer((sock) => {
+      sockets.add(sock);
+      sock.on("close", () => sockets.delete(sock));
+      aedes.handle(sock);
+    });
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(p, "127.0.0.1", () => resolve());
@@ -34,12 +39,13 @@ export async function startBroker(port = 0): Promise<TestBroker> {
     const addr = server.address();
     return typeof addr === "object" && addr ? addr.port : p;
   };
+  // Stop accepting first, then drop every socket: a client reconnecting during the shutdown
+  // must not keep the server (and the test) waiting.
   const stop = async () => {
+    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
     await new Promise<void>((resolve) => aedes.close(() => resolve()));
-    await new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      // close() waits for open sockets; aedes.close() has ended them already.
-    });
+    for (const sock of sockets) sock.destroy();
+    await closed;
   };
   const actualPort = await boot(port);
   const b: TestBroker = {

@@ -17,6 +17,7 @@ export class TestController {
   syncRequests = 0;
   readonly syncs = new Map<string, number>();
   ackStatuses = true;
+  answerSync = true;
   private client!: MqttClient;
 
   constructor(
@@ -124,6 +125,7 @@ export class TestController {
     } else if (env.body === "syncRequest") {
       this.syncRequests++;
       this.syncs.set(t.deviceId, (this.syncs.get(t.deviceId) ?? 0) + 1);
+      if (!this.answerSync) return;
       void this.ctl(t.deviceId, {
         syncResponse: { assignments: this.unacked(t.deviceId), nowMs: Date.now() },
       });

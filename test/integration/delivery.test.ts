@@ -59,6 +59,23 @@ describe("delivery", () => {
     await h.ctl.waitFor("outbox empty", async () => (await agent.store.pendingCount()) === 0);
   });
 
+  it("re-sends a SyncRequest that nobody answered (e.g. the controller was not subscribed yet)", async () => {
+    h.ctl.answerSync = false;
+    const syncs = h.ctl.syncs.get("dlv-retry") ?? 0;
+    let agent: Awaited<ReturnType<typeof h.newAgent>> | undefined;
+    const starting = h.newAgent("dlv-retry").then((a) => {
+      agent = a;
+    });
+    await h.ctl.waitFor("first sync", () => (h.ctl.syncs.get("dlv-retry") ?? 0) > syncs);
+    h.ctl.answerSync = true;
+    await starting; // newAgent waits for a sync after start; the retry comes ~3 s later
+    await h.ctl.waitFor("answered retry", () => (h.ctl.syncs.get("dlv-retry") ?? 0) >= syncs + 2);
+    expect(agent!.counters.get("sync_retries")).toBeGreaterThanOrEqual(1);
+    const jobId = await h.ctl.assign("dlv-retry", jobSpec([{ id: "a", type: "noop" }]), { publish: false });
+    const again = await h.restartAgent(agent!); // the job was never published: it comes with the sync
+    expect((await h.ctl.waitJob(again.deviceId, jobId)).state).toBe(S.SUCCEEDED);
+  }, 60_000);
+
   it("without acks the outbox keeps everything; a later ack releases it", async () => {
     const agent = await h.newAgent("dlv-noack");
     h.ctl.ackStatuses = false;
