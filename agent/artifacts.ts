@@ -22,31 +22,32 @@ export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAu
       ? { cert: readFileSync(auth.certFile), key: readFileSync(auth.keyFile) }
       : {}),
   };
-  const headers: Record<string, string> = auth.password
+  const basic: Record<string, string> = auth.password
     ? { authorization: `Basic ${Buffer.from(`${auth.deviceId}:${auth.password}`).toString("base64")}` }
     : {};
-  const get = (
+
+  /** One request; `body` (a file) is streamed up. Resolves with the response, whatever its status. */
+  const send = (
+    method: string,
     path: string,
-    extra: Record<string, string>,
+    headers: Record<string, string>,
     signal: AbortSignal,
-  ): Promise<IncomingMessage> => {
+    body?: string,
+  ) => {
     if (!baseUrl)
       throw new TaskFailedError("this agent has no artifactsUrl in its config", {
         reason: "no_artifact_source",
       });
     const url = new URL(path, baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`);
-    const req = url.protocol === "https:" ? httpsRequest : httpRequest;
-    return new Promise((resolve, reject) => {
-      const r = req(
-        url,
-        {
-          method: "GET",
-          headers: { ...headers, ...extra },
-          signal,
-          ...(url.protocol === "https:" ? tls : {}),
-        },
-        resolve,
-      );
+    const request = url.protocol === "https:" ? httpsRequest : httpRequest;
+    return new Promise<IncomingMessage>((resolve, reject) => {
+      const opts = {
+        method,
+        headers: { ...basic, ...headers },
+        signal,
+        ...(url.protocol === "https:" ? tls : {}),
+      };
+      const r = request(url, opts, resolve);
       r.on("error", (err) =>
         reject(
           signal.aborted
@@ -54,70 +55,42 @@ export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAu
             : new TaskFailedError(`${url.host}: ${err.message}`, { reason: "artifact_unavailable" }),
         ),
       );
-      r.end();
+      if (body) createReadStream(body).pipe(r);
+      else r.end();
     });
   };
-  const fail = async (res: IncomingMessage, what: string) => {
-    let body = "";
-    for await (const c of res) body += c;
-    return new TaskFailedError(`${what}: HTTP ${res.statusCode} ${body.slice(0, 200)}`.trim(), {
-      reason: "artifact_unavailable",
-    });
+
+  /** Fails unless the status is one of `ok`, with the server's message. */
+  const expect = async (res: IncomingMessage, ok: number[], what: string, reason: string) => {
+    if (ok.includes(res.statusCode ?? 0)) return res;
+    let text = "";
+    for await (const c of res) text += c;
+    throw new TaskFailedError(`${what}: HTTP ${res.statusCode} ${text.slice(0, 200)}`.trim(), { reason });
   };
+
   return {
-    async upload(file, name, sha256, signal) {
-      if (!baseUrl)
-        throw new TaskFailedError("this agent has no artifactsUrl in its config", {
-          reason: "no_artifact_source",
-        });
-      const url = new URL(
-        `v1/uploads/${encodeURIComponent(name)}`,
-        baseUrl.endsWith("/") ? baseUrl : `${baseUrl}/`,
-      );
-      const req = url.protocol === "https:" ? httpsRequest : httpRequest;
-      const size = (await stat(file)).size;
-      const res = await new Promise<IncomingMessage>((resolve, reject) => {
-        const r = req(
-          url,
-          {
-            method: "PUT",
-            headers: { ...headers, "x-fleet-sha256": sha256, "content-length": String(size) },
-            signal,
-            ...(url.protocol === "https:" ? tls : {}),
-          },
-          resolve,
-        );
-        r.on("error", (err) =>
-          reject(
-            signal.aborted
-              ? signal.reason
-              : new TaskFailedError(`upload to ${url.host}: ${err.message}`, { reason: "upload_failed" }),
-          ),
-        );
-        createReadStream(file).pipe(r);
-      });
-      if (res.statusCode !== 201) {
-        const e = await fail(res, `upload of ${name}`);
-        throw new TaskFailedError(e.message, { reason: "upload_failed" });
-      }
-      res.resume();
-    },
     async manifest(name, version, signal) {
-      const res = await get(
-        `v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`,
-        {},
-        signal,
+      const path = `v1/artifacts/${encodeURIComponent(name)}/${encodeURIComponent(version)}/manifest`;
+      const res = await expect(
+        await send("GET", path, {}, signal),
+        [200],
+        `manifest of ${name} ${version}`,
+        "artifact_unavailable",
       );
-      if (res.statusCode !== 200) throw await fail(res, `manifest of ${name} ${version}`);
       const chunks: Buffer[] = [];
       for await (const c of res) chunks.push(c as Buffer);
       return Buffer.concat(chunks);
     },
     async blob(sha256, start, signal) {
-      const res = await get(`v1/blobs/${sha256}`, start ? { range: `bytes=${start}-` } : {}, signal);
-      if (res.statusCode !== 200 && res.statusCode !== 206)
-        throw await fail(res, `download ${sha256.slice(0, 12)}…`);
-      return { status: res.statusCode, body: res };
+      const res = await send("GET", `v1/blobs/${sha256}`, start ? { range: `bytes=${start}-` } : {}, signal);
+      await expect(res, [200, 206], `download ${sha256.slice(0, 12)}…`, "artifact_unavailable");
+      return { status: res.statusCode!, body: res };
+    },
+    async upload(file, name, sha256, signal) {
+      const size = (await stat(file)).size;
+      const headers = { "x-fleet-sha256": sha256, "content-length": String(size) };
+      const res = await send("PUT", `v1/uploads/${encodeURIComponent(name)}`, headers, signal, file);
+      (await expect(res, [201], `upload of ${name}`, "upload_failed")).resume();
     },
   };
 }

@@ -147,28 +147,12 @@ export class ArtifactStore {
     if (await this.records.get(key)) throw new HttpError(409, `${m.name} ${m.version} already exists`);
     await mkdir(this.blobs, { recursive: true });
     const tmp = join(this.blobs, `.upload-${m.sha256}-${process.hrtime.bigint()}`);
-    const hash = createHash("sha256");
-    let size = 0;
-    await new Promise<void>((resolve, reject) => {
-      const out = createWriteStream(tmp);
-      req.on("data", (chunk: Buffer) => {
-        size += chunk.length;
-        if (size > m.size) {
-          req.destroy();
-          reject(new HttpError(413, `body is larger than the manifest's ${m.size} bytes`));
-          return;
-        }
-        hash.update(chunk);
-        out.write(chunk);
-      });
-      req.on("end", () => out.end(() => resolve()));
-      req.on("error", reject);
-      out.on("error", reject);
-    }).catch(async (err) => {
-      await rm(tmp, { force: true });
-      throw err;
-    });
-    const sha = hash.digest("hex");
+    const { size, sha } = await receive(
+      req,
+      tmp,
+      Number(m.size),
+      `body is larger than the manifest's ${m.size} bytes`,
+    );
     if (size !== m.size || sha !== m.sha256) {
       await rm(tmp, { force: true });
       throw new HttpError(
@@ -236,27 +220,7 @@ export class ArtifactStore {
       const target = join(dir, who.id, rest[0]!);
       await mkdir(join(dir, who.id), { recursive: true });
       const tmp = `${target}.partial`;
-      const hash = createHash("sha256");
-      let size = 0;
-      await new Promise<void>((resolve, reject) => {
-        const out = createWriteStream(tmp);
-        req.on("data", (c: Buffer) => {
-          size += c.length;
-          if (size > MAX_UPLOAD) {
-            req.destroy();
-            reject(new HttpError(413, `uploads are limited to ${MAX_UPLOAD} bytes`));
-            return;
-          }
-          hash.update(c);
-          out.write(c);
-        });
-        req.on("end", () => out.end(() => resolve()));
-        req.on("error", reject);
-      }).catch(async (err) => {
-        await rm(tmp, { force: true });
-        throw err;
-      });
-      const sha = hash.digest("hex");
+      const { size, sha } = await receive(req, tmp, MAX_UPLOAD, `uploads are limited to ${MAX_UPLOAD} bytes`);
       if (sha !== want) {
         await rm(tmp, { force: true });
         throw new HttpError(400, "upload does not match its X-Fleet-Sha256");
@@ -312,4 +276,37 @@ export class ArtifactStore {
     createReadStream(file, { start, end }).pipe(res);
     return true;
   }
+}
+
+/** Streams a request body into `file`, hashing it, refusing more than `max` bytes (413). */
+async function receive(
+  req: IncomingMessage,
+  file: string,
+  max: number,
+  tooBig: string,
+): Promise<{ size: number; sha: string }> {
+  const hash = createHash("sha256");
+  let size = 0;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const out = createWriteStream(file);
+      req.on("data", (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > max) {
+          req.destroy();
+          reject(new HttpError(413, tooBig));
+          return;
+        }
+        hash.update(chunk);
+        out.write(chunk);
+      });
+      req.on("end", () => out.end(() => resolve()));
+      req.on("error", reject);
+      out.on("error", reject);
+    });
+  } catch (err) {
+    await rm(file, { force: true });
+    throw err;
+  }
+  return { size, sha: hash.digest("hex") };
 }

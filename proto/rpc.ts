@@ -1,7 +1,8 @@
 // Operator RPC over MQTT 3.1.1 (aedes has no response-topic): the correlation id and the
 // reply address travel in the signed RpcCall; the controller answers on rpc/res/{clientId}.
-import { createPrivateKey, type KeyObject, randomBytes, sign, verify } from "node:crypto";
+import { createPrivateKey, type KeyObject, randomBytes, sign } from "node:crypto";
 import { pb } from "./index.js";
+import { verifies } from "./signing.js";
 
 export type RpcCall = InstanceType<typeof pb.RpcCall>;
 
@@ -35,13 +36,7 @@ export function verifyRpcRequest(
     return { ok: false, error: "unsigned request" };
   const key = keys.get(req.keyId);
   if (!key) return { ok: false, error: `unknown operator key ${req.keyId}` };
-  let valid = false;
-  try {
-    valid = verify(null, req.call, key, req.signature);
-  } catch {
-    valid = false;
-  }
-  if (!valid) return { ok: false, error: "bad signature" };
+  if (!verifies(req.call, key, req.signature)) return { ok: false, error: "bad signature" };
   let call: RpcCall;
   let params: unknown;
   try {

@@ -27,6 +27,15 @@ export function keyIdOf(publicKey: KeyObject | string): string {
     .slice(0, 16);
 }
 
+/** ed25519 verification that treats a malformed signature as a bad one. */
+export function verifies(data: Uint8Array, key: KeyObject, signature: Uint8Array): boolean {
+  try {
+    return verify(null, data, key, signature);
+  } catch {
+    return false;
+  }
+}
+
 export function loadPrivateKey(pem: string): KeyObject {
   return createPrivateKey(pem);
 }
@@ -52,13 +61,7 @@ export function verifySignedJob(
   }
   const key = trustedKeys.get(signed.keyId);
   if (!key) return { ok: false, reason: "unknown_key", message: `signed by unknown key ${signed.keyId}` };
-  let valid = false;
-  try {
-    valid = verify(null, specBytes, key, signed.signature);
-  } catch {
-    valid = false;
-  }
-  if (!valid)
+  if (!verifies(specBytes, key, signed.signature))
     return {
       ok: false,
       reason: "bad_signature",
@@ -97,13 +100,8 @@ export function verifyManifest(
   const key = signed.keyId ? trustedKeys.get(signed.keyId) : undefined;
   if (!signed.manifest?.length || !signed.signature?.length || !key)
     return { ok: false, message: "manifest is unsigned or signed by an unknown key" };
-  let valid = false;
-  try {
-    valid = verify(null, signed.manifest, key, signed.signature);
-  } catch {
-    valid = false;
-  }
-  if (!valid) return { ok: false, message: "manifest signature does not verify" };
+  if (!verifies(signed.manifest, key, signed.signature))
+    return { ok: false, message: "manifest signature does not verify" };
   try {
     return { ok: true, manifest: pb.ArtifactManifest.decode(signed.manifest) };
   } catch (err) {
