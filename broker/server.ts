@@ -87,6 +87,14 @@ export class FleetServer {
     this.store = new ControllerStore(p.db);
     await this.store.open();
     this.registry = new Registry(this.store);
+    // A removed device loses its live connection too, not only its next login.
+    this.registry.onRemoved = (id) => {
+      const client = (this.aedes as unknown as { clients: Record<string, Client | undefined> }).clients[id];
+      if (client && (client as FleetClient).fleet?.kind === "device") {
+        this.log.info({ deviceId: id }, "device removed: closing its connection");
+        client.close();
+      }
+    };
     await this.registry.load();
     this.aedes = await Aedes.createBroker({
       id: "fleet",

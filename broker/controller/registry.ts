@@ -118,8 +118,12 @@ export class Registry {
     await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
     this.devices.delete(id);
     this.dirty.delete(id);
+    this.onRemoved?.(id);
     return true;
   }
+
+  /** Called after a device is removed (the embedded broker disconnects it). */
+  onRemoved: ((id: string) => void) | undefined;
 
   /** Applies a retained DeviceState; returns the presence change, if any. */
   observeState(id: string, s: DeviceState, now: number): "online" | "offline" | undefined {

@@ -315,3 +315,83 @@ describe("bad payloads from a device", () => {
     expect((await fetch(`${server.urls.http}/healthz`)).status).toBe(200);
   }, 60_000);
 });
+
+describe("device removal and connection limits", () => {
+  it("a removed device is disconnected at once and cannot come back", async () => {
+    const added = cliJson<{ id: string; password: string }>(
+      await cli(["device", "add", "temp-1", "--json"], env),
+    );
+    creds["temp-1"] = added.password;
+    const started = Date.now();
+    const sub = mosq("mosquitto_sub", [...as("temp-1"), "-t", "fleet/v1/d/temp-1/job", "-W", "30"], 40_000);
+    await new Promise((r) => setTimeout(r, 1000));
+    expect((await cli(["device", "rm", "temp-1"], env)).code).toBe(0);
+    const r = await sub;
+    expect(Date.now() - started).toBeLessThan(15_000);
+    expect(r.code).not.toBe(0);
+    const again = await mosq("mosquitto_pub", [...as("temp-1"), "-t", "fleet/v1/d/temp-1/status", "-m", "x"]);
+    expect(again.code).not.toBe(0);
+    expect(again.out).toMatch(/refused/i);
+  }, 60_000);
+
+  it("refuses connections over the per-address rate and over the maximum", async () => {
+    const d = tempDir("fleet-limits-");
+    cleanups.push(d.cleanup);
+    expect((await cli(["init", "--dir", d.dir])).code).toBe(0);
+    const f = join(d.dir, "server.json");
+    const cfg = JSON.parse(readFileSync(f, "utf8"));
+    cfg.limits = { ...cfg.limits, maxConnections: 3, connectsPerSecondPerAddress: 4 };
+    writeFileSync(f, JSON.stringify(cfg), { mode: 0o600 });
+    const limited = await startServer(d.dir);
+    try {
+      const ctx = { FLEET_CONTEXT: setContextServer(d.dir, limited.urls.mqtt) };
+      const dev = cliJson<{ password: string }>(await cli(["device", "add", "lim-1", "--json"], ctx));
+      const p = limited.urls.mqtt.split(":").pop()!;
+      const attempt = (args: string[], timeoutMs = 5000) =>
+        new Promise<{ code: number; out: string }>((res) =>
+          execFile(
+            "mosquitto_pub",
+            ["-h", "127.0.0.1", "-p", p, "-i", "lim-1", "-u", "lim-1", "-P", dev.password, ...args],
+            { timeout: timeoutMs },
+            (err, so, se) => res({ code: err ? 1 : 0, out: `${so}${se}` }),
+          ),
+        );
+      const burst = await Promise.all(
+        Array.from({ length: 12 }, () => attempt(["-t", "fleet/v1/d/lim-1/telemetry", "-m", "x"])),
+      );
+      expect(burst.filter((b) => b.code !== 0).length).toBeGreaterThan(0);
+      const metrics = async () =>
+        (await (await fetch(`${limited.urls.http}/metrics`)).text()).match(
+          /name="connections_refused_(rate|max)"\} (\d+)/g,
+        ) ?? [];
+      expect((await metrics()).some((m) => m.includes("rate"))).toBe(true);
+      await new Promise((r) => setTimeout(r, 1500)); // let the rate bucket refill
+      // The controller holds one connection; two more fill the limit of 3.
+      const holders = ["op-admin-a", "op-admin-b"].map((id) =>
+        execFile("mosquitto_sub", [
+          "-h",
+          "127.0.0.1",
+          "-p",
+          p,
+          "-i",
+          id,
+          "-u",
+          "admin",
+          "-P",
+          JSON.parse(readFileSync(join(d.dir, "operator.json"), "utf8")).password,
+          "-t",
+          "fleet/v1/events",
+          "-W",
+          "20",
+        ]),
+      );
+      await new Promise((r) => setTimeout(r, 1500));
+      const over = await attempt(["-t", "fleet/v1/d/lim-1/telemetry", "-m", "x"]);
+      expect(over.code).not.toBe(0);
+      expect((await metrics()).some((m) => m.includes("max"))).toBe(true);
+      for (const h of holders) h.kill();
+    } finally {
+      limited.proc.kill("SIGKILL");
+    }
+  }, 60_000);
+});
