@@ -1,0 +1,129 @@
+// B4 broker overhead: QoS 1 messages per second through `fleet server` (authentication, ACL,
+// the controller subscribed and decoding) vs a bare aedes vs Mosquitto (when installed), with
+// the same clients in the same run.
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { createServer } from "node:net";
+import mqtt, { type MqttClient } from "mqtt";
+import { it } from "vitest";
+import { encodeEnvelope } from "../../proto/envelope.js";
+import { cli, cliJson, setContextServer, startServer } from "../helpers/fleet.js";
+import { tempDir } from "../helpers/keys.js";
+import { report } from "./report.js";
+
+const CLIENTS = 10;
+const PER_CLIENT = Number(process.env.BENCH_MESSAGES ?? 2000);
+
+async function run(
+  url: string,
+  who: (i: number) => { clientId: string; username?: string; password?: string; topic: string },
+): Promise<number> {
+  const clients: MqttClient[] = [];
+  for (let i = 0; i < CLIENTS; i++) {
+    const w = who(i);
+    clients.push(
+      await mqtt.connectAsync(url, {
+        clientId: w.clientId,
+        username: w.username,
+        password: w.password,
+        reconnectPeriod: 0,
+      }),
+    );
+  }
+  const payload = Buffer.from(encodeEnvelope({ telemetry: { cpuLoad: 0.1, memTotal: 1, atMs: 1 } }));
+  const t = performance.now();
+  await Promise.all(
+    clients.map(async (c, i) => {
+      const topic = who(i).topic;
+      for (let k = 0; k < PER_CLIENT; k += 100) {
+        await Promise.all(Array.from({ length: 100 }, () => c.publishAsync(topic, payload, { qos: 1 })));
+      }
+    }),
+  );
+  const ms = performance.now() - t;
+  await Promise.all(clients.map((c) => c.endAsync(true)));
+  return ((CLIENTS * PER_CLIENT) / ms) * 1000;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((res) => {
+    const s = createServer().listen(0, "127.0.0.1", () => {
+      const p = (s.address() as { port: number }).port;
+      s.close(() => res(p));
+    });
+  });
+}
+
+it(`B4: ${CLIENTS} clients x ${PER_CLIENT} QoS 1 publishes`, async () => {
+  // The bare aedes runs in its own process, like the fleet server and Mosquitto.
+  const bare = spawn(process.execPath, [new URL("./bare-aedes.mjs", import.meta.url).pathname], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const barePort = await new Promise<string>((res) =>
+    bare.stdout!.once("data", (d: Buffer) => res(d.toString().trim())),
+  );
+  const bareRate = await run(`mqtt://127.0.0.1:${barePort}`, (i) => ({
+    clientId: `b${i}`,
+    topic: `bench/${i}/telemetry`,
+  }));
+  bare.kill();
+
+  let mosqRate: number | undefined;
+  let mosq: ChildProcess | undefined;
+  try {
+    execFileSync("sh", ["-c", "command -v mosquitto || test -x /usr/sbin/mosquitto"]);
+    const port = await freePort();
+    mosq = spawn(process.env.MOSQUITTO ?? "/usr/sbin/mosquitto", ["-p", String(port)], { stdio: "ignore" });
+    await new Promise((r) => setTimeout(r, 500));
+    mosqRate = await run(`mqtt://127.0.0.1:${port}`, (i) => ({
+      clientId: `m${i}`,
+      topic: `bench/${i}/telemetry`,
+    }));
+  } catch {
+    mosqRate = undefined; // Mosquitto not installed: the row is left out
+  } finally {
+    mosq?.kill();
+  }
+
+  const data = tempDir("fleet-b4-");
+  await cli(["init", "--dir", data.dir]);
+  const server = await startServer(data.dir);
+  try {
+    const env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+    const secrets: string[] = [];
+    for (let i = 0; i < CLIENTS; i++)
+      secrets.push(
+        cliJson<{ password: string }>(await cli(["device", "add", `b4-${i}`, "--json"], env)).password,
+      );
+    const fleetRate = await run(server.urls.mqtt, (i) => ({
+      clientId: `b4-${i}`,
+      username: `b4-${i}`,
+      password: secrets[i],
+      topic: `fleet/v1/d/b4-${i}/telemetry`,
+    }));
+    report("B4-broker-overhead", [
+      {
+        name: "fleet server (auth, ACL, controller decoding)",
+        value: fleetRate,
+        unit: "msg/s",
+        baseline: bareRate,
+        ratio: fleetRate / bareRate,
+        goal: ">= 0.85 of bare aedes",
+      },
+      ...(mosqRate
+        ? [
+            {
+              name: "Mosquitto (Debian), no auth",
+              value: mosqRate,
+              unit: "msg/s",
+              baseline: bareRate,
+              ratio: mosqRate / bareRate,
+              goal: "(reference)",
+            },
+          ]
+        : []),
+    ]);
+  } finally {
+    server.proc.kill("SIGKILL");
+    data.cleanup();
+  }
+});
