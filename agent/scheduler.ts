@@ -189,15 +189,6 @@ export class Scheduler {
     return this.running.size;
   }
 
-  execution(jobId: string, execId = ""): ExecutionRecord | undefined {
-    return this.active.get(execKey(jobId, execId)) ?? this.latestOf(jobId, execId);
-  }
-
-  private latestOf(jobId: string, execId: string): ExecutionRecord | undefined {
-    const l = this.latest.get(jobId);
-    return l && l.execId === execId ? l : undefined;
-  }
-
   /** The job-level status used to re-acknowledge an identical re-delivery. */
   currentJobStatus(jobId: string): TaskStatus {
     const plan = this.jobs.get(jobId);

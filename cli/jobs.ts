@@ -20,6 +20,7 @@ export interface JobJson {
       state: string;
       attempt: number;
       message: string;
+      reason?: string;
       output?: string;
     }>;
   }>;

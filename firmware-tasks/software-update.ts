@@ -126,9 +126,8 @@ export default defineHandler({
         }
         case "DOWNLOADING": {
           const m = manifest();
-          const file = await download(ctx, m, p.stallTimeoutS, signal);
+          await download(ctx, m, p.stallTimeoutS, signal);
           await save({ ...saved, state: "UNPACKING" });
-          void file;
           break;
         }
         case "UNPACKING": {

@@ -4,10 +4,7 @@ import { type Envelope, pb } from "./index.js";
 export const PROTOCOL_VERSION = 1;
 export const DEFAULT_MAX_PAYLOAD = 256 * 1024;
 
-export type BodyKind = NonNullable<ReturnType<typeof bodyKind>>;
-function bodyKind(e: InstanceType<typeof pb.Envelope>) {
-  return e.body;
-}
+export type BodyKind = NonNullable<InstanceType<typeof pb.Envelope>["body"]>;
 
 /** Why a payload was dropped; each has a counter on the receiving side. */
 export type DropReason = "oversized" | "undecodable" | "wrong_version" | "empty_body" | "unexpected_body";

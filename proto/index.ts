@@ -40,8 +40,10 @@ export const FAILED_STATES: ReadonlySet<TaskState> = new Set([
   TaskState.SKIPPED,
 ]);
 
-export function stateName(s: TaskState | null | undefined): string {
-  return TaskState[s ?? TaskState.TASK_STATE_UNSPECIFIED] ?? String(s);
+/** A state's name; an unspecified state is an assignment nobody acknowledged yet: PENDING. */
+export function stateName(s: TaskState | number | null | undefined): string {
+  if (!s) return "PENDING";
+  return TaskState[s] ?? String(s);
 }
 
 /** Messages as decoded: every scalar field has its default, unlike the optional `I*` shapes. */

@@ -4,7 +4,7 @@
 import type { Logger } from "pino";
 import type { Counters } from "../../agent/counters.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
-import { pb, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
+import { pb, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
 import type { Registry } from "./registry.js";
 import { type Assignment, asgKey, type ControllerStore, type JobRecord, type Op } from "./store.js";
@@ -18,9 +18,6 @@ export interface DeliveryContext {
   publish(topic: string, payload: Uint8Array, qos: 0 | 1): void;
   now(): number;
 }
-
-export const stateName = (s: number): string =>
-  s === TaskState.TASK_STATE_UNSPECIFIED ? "PENDING" : (TaskState[s] ?? String(s));
 
 export function assignmentJson(a: Assignment, job?: JobRecord) {
   const order = job?.tasks.map((t) => t.id) ?? Object.keys(a.tasks);

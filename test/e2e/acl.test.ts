@@ -17,6 +17,7 @@ import {
   setContextServer,
   startAgent,
   startServer,
+  waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
@@ -88,13 +89,7 @@ beforeAll(async () => {
     key: readFileSync(join(data.dir, "operator.key"), "utf8"),
   };
   creds[operator.username] = operator.password;
-  await waitUntil(
-    "dev-b online",
-    async () =>
-      cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
-        (d) => d.id === "dev-b",
-      )?.online,
-  );
+  await waitOnline(env, "dev-b");
 }, 120_000);
 
 afterAll(async () => {

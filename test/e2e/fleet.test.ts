@@ -4,6 +4,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { JobJson } from "../../cli/jobs.js";
 import {
   type AgentProc,
   cli,
@@ -13,20 +14,10 @@ import {
   setContextServer,
   startAgent,
   startServer,
+  waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
-
-interface JobJson {
-  id: string;
-  state: string;
-  devices: Array<{
-    deviceId: string;
-    state: string;
-    reason?: string;
-    tasks: Array<{ id: string; state: string; attempt: number; message: string; reason?: string }>;
-  }>;
-}
 
 const data = tempDir("fleet-e2e-");
 let server: ServerProcess;
@@ -35,12 +26,7 @@ const agents = new Map<string, AgentProc>();
 const roots = new Map<string, string>();
 const cleanups: Array<() => void> = [];
 
-async function online(id: string, want = true) {
-  await waitUntil(`${id} online=${want}`, async () => {
-    const ls = cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env));
-    return ls.find((d) => d.id === id)?.online === want;
-  });
-}
+const online = (id: string, want = true) => waitOnline(env, id, want);
 
 function start(id: string) {
   agents.set(id, startAgent(roots.get(id)!));

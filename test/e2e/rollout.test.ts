@@ -4,6 +4,8 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { JobJson } from "../../cli/jobs.js";
+import type { RolloutJson } from "../../cli/rollout.js";
 import {
   cli,
   cliJson,
@@ -14,34 +16,6 @@ import {
   waitUntil,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
-
-interface RolloutJson {
-  id: string;
-  jobId: string;
-  state: string;
-  reason?: string;
-  currentWave: number;
-  waves: Array<{ wave: number; devices: number; state: string; succeeded: number; failed: number }>;
-  counts: {
-    total: number;
-    pending: number;
-    running: number;
-    succeeded: number;
-    failed: number;
-    canceled: number;
-    timedOut: number;
-  };
-}
-interface JobJson {
-  id: string;
-  state: string;
-  devices: Array<{
-    deviceId: string;
-    state: string;
-    reason?: string;
-    tasks: Array<{ state: string; attempt: number }>;
-  }>;
-}
 
 const data = tempDir("fleet-rollout-");
 let server: ServerProcess;

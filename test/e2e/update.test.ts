@@ -3,6 +3,7 @@
 import { existsSync, readFileSync, readlinkSync, realpathSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { JobJson } from "../../cli/jobs.js";
 import { makeRelease } from "../helpers/artifacts.js";
 import {
   type AgentProc,
@@ -13,19 +14,10 @@ import {
   setContextServer,
   startAgent,
   startServer,
+  waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
-
-interface JobJson {
-  id: string;
-  state: string;
-  devices: Array<{
-    deviceId: string;
-    state: string;
-    tasks: Array<{ state: string; reason?: string; message: string; attempt: number }>;
-  }>;
-}
 
 const data = tempDir("fleet-upd-");
 let server: ServerProcess;
@@ -42,15 +34,7 @@ async function push(version: string, healthExit = 0) {
   expect(res.code, res.stderr).toBe(0);
 }
 
-async function online(want: boolean) {
-  await waitUntil(
-    `online=${want}`,
-    async () =>
-      cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
-        (d) => d.id === DEV,
-      )?.online === want,
-  );
-}
+const online = (want: boolean) => waitOnline(env, DEV, want);
 
 async function send(version: string): Promise<string> {
   const r = await cli(
@@ -191,13 +175,7 @@ describe("artifacts", () => {
     expect(cfg.artifactsUrl).toBe(server.urls.https);
     const a = startAgent(tls.root);
     try {
-      await waitUntil(
-        "tls device online",
-        async () =>
-          cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env)).find(
-            (d) => d.id === "upd-tls",
-          )?.online,
-      );
+      await waitOnline(env, "upd-tls");
       const r = await cli(
         [
           "run",

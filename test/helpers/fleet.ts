@@ -148,3 +148,11 @@ export async function waitUntil<T>(
     await new Promise((r) => setTimeout(r, 100));
   }
 }
+
+/** Waits until `fleet device ls` shows the device online (or offline). */
+export async function waitOnline(env: Record<string, string>, id: string, want = true): Promise<void> {
+  await waitUntil(`${id} online=${want}`, async () => {
+    const ls = cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env));
+    return ls.find((d) => d.id === id)?.online === want;
+  });
+}
