@@ -104,7 +104,8 @@ export class ArtifactStore {
     return true;
   }
 
-  private async authenticate(req: IncomingMessage): Promise<Who> {
+  /** Who sent an HTTP request: an operator (Basic + password) or a device (token or certificate). */
+  async authenticate(req: IncomingMessage): Promise<Who> {
     const m = /^Basic (.+)$/.exec(req.headers.authorization ?? "");
     if (!m) {
       // HTTPS with a fleet-CA client certificate: CN = device id.
@@ -122,7 +123,7 @@ export class ArtifactStore {
     throw new HttpError(401, "bad credentials");
   }
 
-  private operatorOnly(who: Who): string {
+  operatorOnly(who: Who): string {
     if (who.kind !== "operator") throw new HttpError(403, "operators only");
     return who.name;
   }

@@ -22,6 +22,8 @@ export const serverConfigSchema = z
           passwordHash: z.string(),
           keyId: z.string(),
           publicKey: z.string(),
+          /** Mosquitto `$7$` hash of the password, for `fleet acl export`. */
+          brokerHash: z.string().optional(),
         }),
       )
       .min(1),

@@ -2,7 +2,7 @@
 // only as SHA-256 and compared in constant time: a slow KDF adds nothing for a random token and
 // would make a reconnect storm of 10,000 devices cost minutes of CPU. Human operator passwords
 // use scrypt.
-import { createHash, randomBytes, scrypt, timingSafeEqual } from "node:crypto";
+import { createHash, pbkdf2Sync, randomBytes, scrypt, timingSafeEqual } from "node:crypto";
 
 export function newToken(): string {
   return randomBytes(32).toString("base64url");
@@ -46,4 +46,18 @@ export async function verifyPassword(password: string, stored: string): Promise<
     maxmem: SCRYPT.maxmem,
   });
   return key.length === expected.length && timingSafeEqual(key, expected);
+}
+
+// Mosquitto's password_file format for PBKDF2-SHA512 (`mosquitto_passwd` since 2.0):
+// `$7$<iterations>$<base64 salt (12 bytes)>$<base64 hash (64 bytes)>`. Computed when a secret is
+// issued (the server keeps no plaintext), so `fleet acl export` can write it at any time.
+const MOSQ_ITERATIONS = 101;
+
+export function mosquittoHash(
+  password: string,
+  salt = randomBytes(12),
+  iterations = MOSQ_ITERATIONS,
+): string {
+  const hash = pbkdf2Sync(password, salt, iterations, 64, "sha512");
+  return `$7$${iterations}$${salt.toString("base64")}$${hash.toString("base64")}`;
 }

@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { isAbsolute, join } from "node:path";
 import { generateSigningKey } from "../proto/signing.js";
 import { paths, type ServerConfig } from "./config.js";
-import { hashPassword, newToken } from "./credentials.js";
+import { hashPassword, mosquittoHash, newToken } from "./credentials.js";
 import { writeFileAtomic, writeSecretJson } from "./files.js";
 import { createCa, issueServerCert } from "./pki.js";
 
@@ -46,6 +46,7 @@ export async function initFleet(
         passwordHash: await hashPassword(operatorPassword),
         keyId: key.keyId,
         publicKey: key.publicKeyPem,
+        brokerHash: mosquittoHash(operatorPassword),
       },
     ],
     historyRetentionDays: 30,

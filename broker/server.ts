@@ -27,6 +27,7 @@ import { Registry } from "./controller/registry.js";
 import { ControllerStore } from "./controller/store.js";
 import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
 import { initFleet } from "./init.js";
+import { mosquittoExport } from "./mosquitto.js";
 
 export interface ServerOptions {
   dir: string;
@@ -36,6 +37,8 @@ export interface ServerOptions {
   wsPort: number;
   httpPort: number;
   httpsPort?: number;
+  /** Run the controller against this MQTT 3.1.1 broker instead of the embedded aedes. */
+  externalBroker?: string;
   log: Logger;
 }
 
@@ -55,7 +58,8 @@ function authError(message: string, returnCode: number): Error {
 
 export class FleetServer {
   readonly counters = new Counters();
-  private aedes!: Aedes;
+  /** The embedded broker; undefined with --external-broker. */
+  private aedes: Aedes | undefined;
   private store!: ControllerStore;
   private registry!: Registry;
   private controller!: Controller;
@@ -89,6 +93,7 @@ export class FleetServer {
     this.registry = new Registry(this.store);
     // A removed device loses its live connection too, not only its next login.
     this.registry.onRemoved = (id) => {
+      if (!this.aedes) return; // an external broker drops it at the next ACL export + reload
       const client = (this.aedes as unknown as { clients: Record<string, Client | undefined> }).clients[id];
       if (client && (client as FleetClient).fleet?.kind === "device") {
         this.log.info({ deviceId: id }, "device removed: closing its connection");
@@ -96,7 +101,63 @@ export class FleetServer {
       }
     };
     await this.registry.load();
-    this.aedes = await Aedes.createBroker({
+    const host = this.o.host;
+    const tlsOpts = {
+      key: readFileSync(p.serverKey),
+      cert: readFileSync(p.serverCert),
+      ca: readFileSync(p.caCert),
+      requestCert: true, // a device may present a fleet-CA client certificate instead of a token
+      rejectUnauthorized: false,
+    };
+    const http = createHttpServer((req, res) => void this.http(req, res));
+    const https = createHttpsServer(tlsOpts, (req, res) => void this.http(req, res));
+    const [httpPort, httpsPort] = await Promise.all([
+      listen(http, this.o.httpPort, host),
+      listen(https, this.o.httpsPort ?? 8443, host),
+    ]);
+    this.servers = [http, https];
+    const shown = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+    let mqtt = { mqtt: this.o.externalBroker ?? "", mqtts: "-", ws: "-" };
+    if (!this.o.externalBroker) mqtt = await this.startBroker(tlsOpts, host, shown);
+    this.listening = {
+      ...mqtt,
+      http: `http://${shown}:${httpPort}`,
+      https: `https://${shown}:${httpsPort}`,
+    };
+    this.artifacts = new ArtifactStore({
+      dir: this.o.dir,
+      store: this.store,
+      registry: this.registry,
+      config: this.config,
+      operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
+      log: this.o.log.child({ component: "artifacts" }),
+      counters: this.counters,
+    });
+    this.controller = new Controller({
+      config: this.config,
+      store: this.store,
+      registry: this.registry,
+      brokerUrl: this.listening.mqtt,
+      ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
+      log: this.o.log,
+      counters: this.counters,
+      httpUrl: this.listening.http,
+      httpsUrl: this.listening.https,
+    });
+    await this.controller.start();
+    this.setupMetrics();
+    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
+    this.log.info(this.listening, "fleet server listening");
+    return this.listening;
+  }
+
+  /** The embedded aedes on TCP, TLS and WebSocket, with our authentication and ACL. */
+  private async startBroker(
+    tlsOpts: Parameters<typeof createTlsServer>[0],
+    host: string,
+    shown: string,
+  ): Promise<{ mqtt: string; mqtts: string; ws: string }> {
+    const aedes = await Aedes.createBroker({
       id: "fleet",
       preConnect: (client, _packet, done) => this.preConnect(client, done),
       authenticate: (client, username, password, done) => {
@@ -140,62 +201,23 @@ export class FleetServer {
         done(null, null as never);
       },
     });
-    const host = this.o.host;
-    const tlsOpts = {
-      key: readFileSync(p.serverKey),
-      cert: readFileSync(p.serverCert),
-      ca: readFileSync(p.caCert),
-      requestCert: true, // a device may present a fleet-CA client certificate instead of a token
-      rejectUnauthorized: false,
-    };
-    const mqttServer = createNetServer((s) => this.aedes.handle(s));
-    const tlsServer = createTlsServer(tlsOpts, (s) => this.aedes.handle(s));
+    this.aedes = aedes;
+    const mqttServer = createNetServer((s) => aedes.handle(s));
+    const tlsServer = createTlsServer(tlsOpts, (s) => aedes.handle(s));
     const wsHttp = createHttpServer((_req, res) => res.writeHead(426).end("MQTT over WebSocket only\n"));
     this.wss = new WebSocketServer({ server: wsHttp });
-    this.wss.on("connection", (ws, req) => this.aedes.handle(createWebSocketStream(ws) as never, req));
-    const http = createHttpServer((req, res) => void this.http(req, res));
-    const https = createHttpsServer(tlsOpts, (req, res) => void this.http(req, res));
+    this.wss.on("connection", (ws, req) => aedes.handle(createWebSocketStream(ws) as never, req));
     const ports = await Promise.all([
       listen(mqttServer, this.o.mqttPort, host),
       listen(tlsServer, this.o.mqttsPort, host),
       listen(wsHttp, this.o.wsPort, host),
-      listen(http, this.o.httpPort, host),
-      listen(https, this.o.httpsPort ?? 8443, host),
     ]);
-    this.servers = [mqttServer, tlsServer, wsHttp, http, https];
-    const shown = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
-    this.listening = {
+    this.servers.push(mqttServer, tlsServer, wsHttp);
+    return {
       mqtt: `mqtt://${shown}:${ports[0]}`,
       mqtts: `mqtts://${shown}:${ports[1]}`,
       ws: `ws://${shown}:${ports[2]}`,
-      http: `http://${shown}:${ports[3]}`,
-      https: `https://${shown}:${ports[4]}`,
     };
-    this.artifacts = new ArtifactStore({
-      dir: this.o.dir,
-      store: this.store,
-      registry: this.registry,
-      config: this.config,
-      operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
-      log: this.o.log.child({ component: "artifacts" }),
-      counters: this.counters,
-    });
-    this.controller = new Controller({
-      config: this.config,
-      store: this.store,
-      registry: this.registry,
-      brokerUrl: this.listening.mqtt,
-      ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
-      log: this.o.log,
-      counters: this.counters,
-      httpUrl: this.listening.http,
-      httpsUrl: this.listening.https,
-    });
-    await this.controller.start();
-    this.setupMetrics();
-    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
-    this.log.info(this.listening, "fleet server listening");
-    return this.listening;
   }
 
   /** Graceful: stop accepting, stop the controller (flushes the registry), close the broker and LevelDB. */
@@ -204,13 +226,14 @@ export class FleetServer {
     for (const s of this.servers) s.close();
     this.wss?.close();
     await this.controller?.stop();
-    await new Promise<void>((resolve) => this.aedes.close(() => resolve()));
+    const aedes = this.aedes;
+    if (aedes) await new Promise<void>((resolve) => aedes.close(() => resolve()));
     await this.store.close();
     this.log.info("fleet server stopped");
   }
 
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
-    if (this.aedes.connectedClients >= this.config.limits.maxConnections) {
+    if ((this.aedes?.connectedClients ?? 0) >= this.config.limits.maxConnections) {
       this.counters.inc("connections_refused_max");
       done(new Error("too many connections"), false);
       return;
@@ -281,7 +304,7 @@ export class FleetServer {
       help: "MQTT clients connected to the embedded broker",
       registers: [this.metrics],
       collect() {
-        this.set(server.aedes.connectedClients);
+        this.set(server.aedes?.connectedClients ?? 0);
       },
     });
     new Gauge({
@@ -310,8 +333,26 @@ export class FleetServer {
     if (url === "/healthz") {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(
-        JSON.stringify({ ok: true, clients: this.aedes.connectedClients, devices: this.registry.size }),
+        JSON.stringify({
+          ok: true,
+          broker: this.o.externalBroker ? "external" : "embedded",
+          clients: this.aedes?.connectedClients ?? null,
+          devices: this.registry.size,
+        }),
       );
+      return;
+    }
+    if (url === "/v1/acl/mosquitto" && req.method === "GET") {
+      try {
+        this.artifacts.operatorOnly(await this.artifacts.authenticate(req));
+      } catch (err) {
+        const status = (err as { status?: number }).status ?? 500;
+        res.writeHead(status, { "content-type": "application/json" });
+        res.end(JSON.stringify({ error: (err as Error).message }));
+        return;
+      }
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify(mosquittoExport(this.config, this.registry.all())));
       return;
     }
     if (url === "/metrics") {

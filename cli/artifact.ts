@@ -8,50 +8,10 @@ import { Readable } from "node:stream";
 import type { Command } from "commander";
 import { pb } from "../proto/index.js";
 import { signManifest } from "../proto/signing.js";
-import { type LoadedContext, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
-import { CliError, EXIT } from "./exit.js";
+import { loadContext, operatorOptions } from "./context.js";
+import { CliError } from "./exit.js";
 import { printJson, table } from "./format.js";
-import { withRpc } from "./rpc.js";
-
-interface ArtifactOptions extends OperatorOptions {
-  http?: string;
-}
-
-async function httpBase(ctx: LoadedContext, o: ArtifactOptions): Promise<string> {
-  if (o.http) return o.http;
-  const info = await withRpc(ctx, (rpc) => rpc.call<{ http?: string }>("server.info", {}));
-  if (!info.http)
-    throw new CliError("the server did not say where its HTTP port is; pass --http URL", EXIT.CONNECT);
-  return info.http;
-}
-
-async function request(
-  ctx: LoadedContext,
-  base: string,
-  path: string,
-  init: RequestInit & { duplex?: "half" },
-) {
-  const auth = `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}`;
-  let res: Response;
-  try {
-    res = await fetch(new URL(path, base), {
-      ...init,
-      headers: { ...(init.headers as Record<string, string>), authorization: auth },
-    });
-  } catch (err) {
-    throw new CliError(
-      `cannot reach ${base}: ${(err as Error).cause ?? (err as Error).message}`,
-      EXIT.CONNECT,
-    );
-  }
-  const body = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-  if (!res.ok)
-    throw new CliError(
-      String(body.error ?? `HTTP ${res.status}`),
-      res.status === 401 ? EXIT.CONNECT : EXIT.USAGE,
-    );
-  return body;
-}
+import { type HttpOptions, httpBase, request } from "./http.js";
 
 async function sha256Of(file: string): Promise<string> {
   const h = createHash("sha256");
@@ -69,58 +29,52 @@ export function registerArtifact(program: Command): void {
     .requiredOption("--version <version>", "version, e.g. 2.1.0")
     .option("--hardware <list>", "compatible hardware, comma-separated (default: any)")
     .option("--http <url>", "the server's HTTP URL (default: asked from the server)")
-    .action(
-      async (file: string, o: ArtifactOptions & { name: string; version: string; hardware?: string }) => {
-        const st = await stat(file).catch(() => undefined);
-        if (!st?.isFile()) throw new CliError(`${file} is not a file`);
-        const ctx = loadContext(o);
-        const manifest = {
-          name: o.name,
-          version: o.version,
-          size: st.size,
-          sha256: await sha256Of(file),
-          hardware: o.hardware
-            ? o.hardware
-                .split(",")
-                .map((h) => h.trim())
-                .filter(Boolean)
-            : [],
-          createdAtMs: Date.now(),
-        };
-        const signed = pb.SignedManifest.encode(
-          signManifest(manifest, ctx.signingKeyPem, ctx.keyId),
-        ).finish();
-        const base = await httpBase(ctx, o);
-        let sent = 0;
-        const tty = process.stderr.isTTY && !o.json;
-        const stream = createReadStream(file).on("data", (chunk) => {
-          sent += chunk.length;
-          if (tty) {
-            const pct = Math.floor((sent / st.size) * 100);
-            process.stderr.write(
-              `\rupload ${basename(file)} [${"#".repeat(pct / 5).padEnd(20, ".")}] ${pct}%`,
-            );
-          }
-        });
-        const r = await request(ctx, base, "v1/artifacts", {
-          method: "PUT",
-          body: Readable.toWeb(stream) as unknown as BodyInit,
-          duplex: "half",
-          headers: {
-            "x-fleet-manifest": Buffer.from(signed).toString("base64"),
-            "content-length": String(st.size),
-          },
-        });
-        if (tty) process.stderr.write("\n");
-        if (o.json) return printJson(r);
-        process.stdout.write(`stored ${o.name} ${o.version}: ${st.size} bytes, sha256 ${manifest.sha256}\n`);
-      },
-    );
+    .action(async (file: string, o: HttpOptions & { name: string; version: string; hardware?: string }) => {
+      const st = await stat(file).catch(() => undefined);
+      if (!st?.isFile()) throw new CliError(`${file} is not a file`);
+      const ctx = loadContext(o);
+      const manifest = {
+        name: o.name,
+        version: o.version,
+        size: st.size,
+        sha256: await sha256Of(file),
+        hardware: o.hardware
+          ? o.hardware
+              .split(",")
+              .map((h) => h.trim())
+              .filter(Boolean)
+          : [],
+        createdAtMs: Date.now(),
+      };
+      const signed = pb.SignedManifest.encode(signManifest(manifest, ctx.signingKeyPem, ctx.keyId)).finish();
+      const base = await httpBase(ctx, o);
+      let sent = 0;
+      const tty = process.stderr.isTTY && !o.json;
+      const stream = createReadStream(file).on("data", (chunk) => {
+        sent += chunk.length;
+        if (tty) {
+          const pct = Math.floor((sent / st.size) * 100);
+          process.stderr.write(`\rupload ${basename(file)} [${"#".repeat(pct / 5).padEnd(20, ".")}] ${pct}%`);
+        }
+      });
+      const r = await request(ctx, base, "v1/artifacts", {
+        method: "PUT",
+        body: Readable.toWeb(stream) as unknown as BodyInit,
+        duplex: "half",
+        headers: {
+          "x-fleet-manifest": Buffer.from(signed).toString("base64"),
+          "content-length": String(st.size),
+        },
+      });
+      if (tty) process.stderr.write("\n");
+      if (o.json) return printJson(r);
+      process.stdout.write(`stored ${o.name} ${o.version}: ${st.size} bytes, sha256 ${manifest.sha256}\n`);
+    });
   operatorOptions(artifact.command("ls"))
     .description("list artifacts (or, with --uploads, what devices uploaded: backups)")
     .option("--uploads", "list device uploads instead")
     .option("--http <url>", "the server's HTTP URL")
-    .action(async (o: ArtifactOptions & { uploads?: boolean }) => {
+    .action(async (o: HttpOptions & { uploads?: boolean }) => {
       const ctx = loadContext(o);
       const base = await httpBase(ctx, o);
       const r = (await request(ctx, base, o.uploads ? "v1/uploads" : "v1/artifacts", {
@@ -142,7 +96,7 @@ export function registerArtifact(program: Command): void {
   operatorOptions(artifact.command("rm <name> <version>"))
     .description("remove an artifact (its blob goes when no other version uses it)")
     .option("--http <url>", "the server's HTTP URL")
-    .action(async (name: string, version: string, o: ArtifactOptions) => {
+    .action(async (name: string, version: string, o: HttpOptions) => {
       const ctx = loadContext(o);
       const r = await request(
         ctx,

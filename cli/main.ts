@@ -1,5 +1,6 @@
 import { Command, CommanderError } from "commander";
 import { AGENT_VERSION } from "../agent/version.js";
+import { registerAcl } from "./acl.js";
 import { registerAgent } from "./agent.js";
 import { registerArtifact } from "./artifact.js";
 import { registerDevice } from "./device.js";
@@ -31,6 +32,7 @@ export async function main(argv: string[]): Promise<number> {
   registerJobs(program);
   registerRollout(program);
   registerArtifact(program);
+  registerAcl(program);
   registerWatch(program);
   registerSimulate(program);
   for (const c of program.commands) {

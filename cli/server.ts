@@ -21,6 +21,10 @@ export function registerServer(program: Command): void {
     .option("--ws-port <port>", "MQTT over WebSocket", port, 8083)
     .option("--http-port <port>", "HTTP: artifacts, /healthz, /metrics", port, 8080)
     .option("--https-port <port>", "HTTPS: artifacts for devices with client certificates", port, 8443)
+    .option(
+      "--external-broker <url>",
+      "use this MQTT 3.1.1 broker (e.g. Mosquitto, see `fleet acl export`) instead of the embedded one",
+    )
     .action(
       async (o: {
         dir: string;
@@ -30,7 +34,12 @@ export function registerServer(program: Command): void {
         wsPort: number;
         httpPort: number;
         httpsPort: number;
+        externalBroker?: string;
       }) => {
+        if (o.externalBroker && !/^(mqtts?|wss?):\/\/[^/]+/.test(o.externalBroker))
+          throw new CliError(
+            `--external-broker ${o.externalBroker}: expected mqtt://HOST:PORT or mqtts://...`,
+          );
         const log = createLogger();
         const server = new FleetServer({ ...o, dir: resolve(o.dir), log });
         const l = await server.start();

@@ -102,7 +102,10 @@ export class Controller {
     client.on("error", (err) => this.log.warn({ err: err.message }, "controller connection error"));
     await new Promise<void>((resolve, reject) => {
       client.once("connect", () => resolve());
-      client.once("error", reject);
+      client.once("error", (err) => {
+        client.end(true);
+        reject(new Error(`the controller cannot connect to ${this.o.brokerUrl}: ${err.message}`));
+      });
     });
     const p = this.prefix;
     await this.rollouts.load();

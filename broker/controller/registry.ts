@@ -5,7 +5,7 @@
 import type { DeviceState } from "../../proto/index.js";
 import { matchesSelector, type Requirement } from "../../proto/selector.js";
 import { DEVICE_ID_RE } from "../../proto/topics.js";
-import { newToken, tokenHash, tokenMatches } from "../credentials.js";
+import { mosquittoHash, newToken, tokenHash, tokenMatches } from "../credentials.js";
 import type { ControllerStore, DeviceRecord } from "./store.js";
 
 /** Client ids we use ourselves; a device may not take them (no session takeover). */
@@ -59,6 +59,10 @@ export class Registry {
     return this.devices.get(id);
   }
 
+  all(): IterableIterator<DeviceRecord> {
+    return this.devices.values();
+  }
+
   select(reqs: readonly Requirement[] | undefined): DeviceRecord[] {
     const all = [...this.devices.values()];
     return reqs ? all.filter((d) => matchesSelector(reqs, d.labels)) : all;
@@ -92,12 +96,13 @@ export class Registry {
       const existing = this.devices.get(id);
       if (existing && !rotate) throw new RpcError(`device ${id} already exists`);
       const token = newToken();
+      const secret = { tokenHash: tokenHash(token), brokerHash: mosquittoHash(token) };
       const device: DeviceRecord = existing
-        ? { ...existing, labels: { ...existing.labels, ...labels }, tokenHash: tokenHash(token) }
+        ? { ...existing, labels: { ...existing.labels, ...labels }, ...secret }
         : {
             id,
             labels,
-            tokenHash: tokenHash(token),
+            ...secret,
             createdAt: Date.now(),
             lastSeen: 0,
             online: false,

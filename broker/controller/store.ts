@@ -9,6 +9,8 @@ export interface DeviceRecord {
   id: string;
   labels: Record<string, string>;
   tokenHash?: string;
+  /** The same secret as Mosquitto's `$7$` PBKDF2-SHA512, for `fleet acl export`. */
+  brokerHash?: string;
   createdAt: number;
   lastSeen: number;
   online: boolean;

@@ -1,11 +1,11 @@
 // B4 broker overhead: QoS 1 messages per second through `fleet server` (authentication, ACL,
 // the controller subscribed and decoding) vs a bare aedes vs Mosquitto (when installed), with
 // the same clients in the same run.
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { createServer } from "node:net";
+import { spawn } from "node:child_process";
 import mqtt, { type MqttClient } from "mqtt";
 import { it } from "vitest";
 import { encodeEnvelope } from "../../proto/envelope.js";
+import { type External, startMosquitto } from "../helpers/external.js";
 import { cli, cliJson, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 import { report } from "./report.js";
@@ -44,15 +44,6 @@ async function run(
   return ((CLIENTS * PER_CLIENT) / ms) * 1000;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((res) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => res(p));
-    });
-  });
-}
-
 it(`B4: ${CLIENTS} clients x ${PER_CLIENT} QoS 1 publishes`, async () => {
   // The bare aedes runs in its own process, like the fleet server and Mosquitto.
   const bare = spawn(process.execPath, [new URL("./bare-aedes.mjs", import.meta.url).pathname], {
@@ -68,20 +59,16 @@ it(`B4: ${CLIENTS} clients x ${PER_CLIENT} QoS 1 publishes`, async () => {
   bare.kill();
 
   let mosqRate: number | undefined;
-  let mosq: ChildProcess | undefined;
+  let mosq: External | undefined;
+  const mdir = tempDir("fleet-b4-mosq-");
   try {
-    execFileSync("sh", ["-c", "command -v mosquitto || test -x /usr/sbin/mosquitto"]);
-    const port = await freePort();
-    mosq = spawn(process.env.MOSQUITTO ?? "/usr/sbin/mosquitto", ["-p", String(port)], { stdio: "ignore" });
-    await new Promise((r) => setTimeout(r, 500));
-    mosqRate = await run(`mqtt://127.0.0.1:${port}`, (i) => ({
-      clientId: `m${i}`,
-      topic: `bench/${i}/telemetry`,
-    }));
-  } catch {
-    mosqRate = undefined; // Mosquitto not installed: the row is left out
+    mosq = await startMosquitto(mdir.dir, ["allow_anonymous true"]);
+    mosqRate = await run(mosq.url, (i) => ({ clientId: `m${i}`, topic: `bench/${i}/telemetry` }));
+  } catch (err) {
+    console.warn(`Mosquitto left out: ${(err as Error).message}`); // not installed: no row
   } finally {
-    mosq?.kill();
+    mosq?.stop();
+    mdir.cleanup();
   }
 
   const data = tempDir("fleet-b4-");

@@ -14,7 +14,11 @@ export interface ServerProcess {
   exited: Promise<number | null>;
 }
 
-export async function startServer(dir: string, ports = [0, 0, 0, 0, 0]): Promise<ServerProcess> {
+export async function startServer(
+  dir: string,
+  ports = [0, 0, 0, 0, 0],
+  extra: string[] = [],
+): Promise<ServerProcess> {
   const [m, s, w, h, hs] = ports.map(String);
   const proc = spawn(
     process.execPath,
@@ -35,6 +39,7 @@ export async function startServer(dir: string, ports = [0, 0, 0, 0, 0]): Promise
       h!,
       "--https-port",
       hs!,
+      ...extra,
     ],
     {
       env: { ...process.env, FLEET_LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? "warn" },
