@@ -21,6 +21,7 @@ import { Counters } from "../agent/counters.js";
 import { DEVICE_ID_RE } from "../proto/topics.js";
 import { canPublish, canSubscribe, type Identity } from "./acl.js";
 import { ArtifactStore } from "./artifacts.js";
+import { Cluster } from "./cluster.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { Controller } from "./controller/controller.js";
 import { Registry } from "./controller/registry.js";
@@ -39,6 +40,10 @@ export interface ServerOptions {
   httpsPort?: number;
   /** Run the controller against this MQTT 3.1.1 broker instead of the embedded aedes. */
   externalBroker?: string;
+  /** Join a cluster of broker nodes sharing this Redis; the lease holder runs the controller. */
+  cluster?: { url: string; nodeId: string; leaseMs: number };
+  /** Called when this node must stop (it lost the controller lease); the CLI exits. */
+  onFatal?: (why: string) => void;
   log: Logger;
 }
 
@@ -60,10 +65,12 @@ export class FleetServer {
   readonly counters = new Counters();
   /** The embedded broker; undefined with --external-broker. */
   private aedes: Aedes | undefined;
-  private store!: ControllerStore;
-  private registry!: Registry;
-  private controller!: Controller;
-  private artifacts!: ArtifactStore;
+  // The controller's side: undefined on a cluster node that does not hold the lease.
+  private store: ControllerStore | undefined;
+  private registry: Registry | undefined;
+  private controller: Controller | undefined;
+  private artifacts: ArtifactStore | undefined;
+  private cluster: Cluster | undefined;
   private config!: ServerConfig;
   private controllerHash = "";
   private servers: Array<NetServer | HttpServer> = [];
@@ -78,29 +85,20 @@ export class FleetServer {
     this.log = o.log.child({ component: "server" });
   }
 
-  get controllerInstance(): Controller {
-    return this.controller;
-  }
-
   async start(): Promise<Listening> {
     const init = await initFleet(this.o.dir);
     if (init.created) this.log.info({ dir: this.o.dir }, "initialized a new fleet data directory");
     const p = paths(this.o.dir);
     this.config = readJsonFile(p.server, serverConfigSchema);
     this.controllerHash = tokenHash(this.config.controller.password);
-    this.store = new ControllerStore(p.db);
-    await this.store.open();
-    this.registry = new Registry(this.store);
-    // A removed device loses its live connection too, not only its next login.
-    this.registry.onRemoved = (id) => {
-      if (!this.aedes) return; // an external broker drops it at the next ACL export + reload
-      const client = (this.aedes as unknown as { clients: Record<string, Client | undefined> }).clients[id];
-      if (client && (client as FleetClient).fleet?.kind === "device") {
-        this.log.info({ deviceId: id }, "device removed: closing its connection");
-        client.close();
-      }
-    };
-    await this.registry.load();
+    if (this.o.cluster) {
+      this.cluster = new Cluster({
+        ...this.o.cluster,
+        prefix: `edgefleet:${this.config.prefix}`,
+        log: this.o.log.child({ component: "cluster" }),
+      });
+      await this.cluster.connect();
+    }
     const host = this.o.host;
     const tlsOpts = {
       key: readFileSync(p.serverKey),
@@ -124,19 +122,53 @@ export class FleetServer {
       http: `http://${shown}:${httpPort}`,
       https: `https://${shown}:${httpsPort}`,
     };
+    if (this.cluster) {
+      this.cluster.campaign(
+        () => this.startController(p),
+        (why) => this.fatal(why),
+      );
+    } else await this.startController(p);
+    this.setupMetrics();
+    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
+    this.log.info(this.listening, "fleet server listening");
+    return this.listening;
+  }
+
+  /** Registry, artifact store and controller, on the one node that runs them. */
+  private async startController(p: ReturnType<typeof paths>): Promise<void> {
+    const store = new ControllerStore(p.db);
+    await openStore(store, this.cluster ? this.o.cluster!.leaseMs * 3 : 0);
+    this.store = store;
+    const registry = new Registry(store);
+    // A removed device loses its live connection too, not only its next login.
+    registry.onRemoved = (id) => {
+      if (!this.aedes) return; // an external broker drops it at the next ACL export + reload
+      const client = (this.aedes as unknown as { clients: Record<string, Client | undefined> }).clients[id];
+      if (client && (client as FleetClient).fleet?.kind === "device") {
+        this.log.info({ deviceId: id }, "device removed: closing its connection");
+        client.close();
+      }
+    };
+    await registry.load();
+    const cluster = this.cluster;
+    if (cluster) {
+      await cluster.mirrorAll(registry.all());
+      registry.mirror = { put: (d) => cluster.mirror(d), del: (id) => cluster.unmirror(id) };
+    }
+    this.registry = registry;
     this.artifacts = new ArtifactStore({
       dir: this.o.dir,
-      store: this.store,
-      registry: this.registry,
+      store: store,
+      registry,
       config: this.config,
       operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
       log: this.o.log.child({ component: "artifacts" }),
       counters: this.counters,
     });
-    this.controller = new Controller({
+    const controller = new Controller({
       config: this.config,
-      store: this.store,
-      registry: this.registry,
+      store: store,
+      registry,
       brokerUrl: this.listening.mqtt,
       ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
       log: this.o.log,
@@ -144,11 +176,14 @@ export class FleetServer {
       httpUrl: this.listening.http,
       httpsUrl: this.listening.https,
     });
-    await this.controller.start();
-    this.setupMetrics();
-    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
-    this.log.info(this.listening, "fleet server listening");
-    return this.listening;
+    await controller.start();
+    this.controller = controller;
+  }
+
+  private fatal(why: string): void {
+    this.log.error({ reason: why }, "this node must stop");
+    if (this.o.onFatal) this.o.onFatal(why);
+    else throw new Error(why);
   }
 
   /** The embedded aedes on TCP, TLS and WebSocket, with our authentication and ACL. */
@@ -158,7 +193,8 @@ export class FleetServer {
     shown: string,
   ): Promise<{ mqtt: string; mqtts: string; ws: string }> {
     const aedes = await Aedes.createBroker({
-      id: "fleet",
+      ...(this.cluster ? this.cluster.brokerParts() : {}),
+      id: this.o.cluster ? `fleet-${this.o.cluster.nodeId}` : "fleet",
       preConnect: (client, _packet, done) => this.preConnect(client, done),
       authenticate: (client, username, password, done) => {
         this.authenticate(client as FleetClient, username, password).then(
@@ -226,13 +262,20 @@ export class FleetServer {
     for (const s of this.servers) s.close();
     this.wss?.close();
     await this.controller?.stop();
+    await this.cluster?.stop();
     const aedes = this.aedes;
     if (aedes) await new Promise<void>((resolve) => aedes.close(() => resolve()));
-    await this.store.close();
+    await this.store?.close();
     this.log.info("fleet server stopped");
   }
 
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
+    // Cluster: aedes drops a message whose per-node counter is not above the last one it
+    // forwarded to the client ("dedupe"), but through Redis a retained message (stored first)
+    // is overtaken by the next one from the same node, so the retained DeviceState was lost.
+    // No dedupe: overlapping subscriptions may then see a message twice, which every consumer
+    // of ours tolerates (status and jobs are applied idempotently).
+    if (this.cluster) (client as unknown as { duplicates: unknown }).duplicates = NO_DEDUPE;
     if ((this.aedes?.connectedClients ?? 0) >= this.config.limits.maxConnections) {
       this.counters.inc("connections_refused_max");
       done(new Error("too many connections"), false);
@@ -287,13 +330,26 @@ export class FleetServer {
     if (!deviceId || !DEVICE_ID_RE.test(deviceId) || client.id !== deviceId) {
       throw authError("client id must equal the device id (username)", 2);
     }
-    if (!this.registry.get(deviceId)) throw authError(`unknown device ${deviceId}`, 5);
     if (password?.length) {
-      if (this.registry.verifyToken(deviceId, password)) return { kind: "device", id: deviceId };
+      const verdict = await this.verifyDevice(deviceId, password);
+      if (verdict === "unknown") throw authError(`unknown device ${deviceId}`, 5);
+      if (verdict === "ok") return { kind: "device", id: deviceId };
       throw authError("bad device credentials", 4);
     }
+    if ((await this.verifyDevice(deviceId, undefined)) === "unknown")
+      throw authError(`unknown device ${deviceId}`, 5);
     if (certCn && certCn === deviceId) return { kind: "device", id: deviceId };
     throw authError("no credentials", 4);
+  }
+
+  /** Against the registry, or on a cluster node against the credentials mirrored in Redis. */
+  private async verifyDevice(id: string, password: Buffer | undefined): Promise<"ok" | "unknown" | "bad"> {
+    if (this.cluster) {
+      if (password) return this.cluster.verifyDevice(id, password);
+      return (await this.cluster.deviceTokenHash(id)) ? "bad" : "unknown";
+    }
+    if (!this.registry?.get(id)) return "unknown";
+    return password && this.registry.verifyToken(id, password) ? "ok" : "bad";
   }
 
   private setupMetrics(): void {
@@ -312,7 +368,7 @@ export class FleetServer {
       help: "Devices in the registry",
       registers: [this.metrics],
       collect() {
-        this.set(server.registry.size);
+        this.set(server.registry?.size ?? 0);
       },
     });
     new Counter({
@@ -328,8 +384,16 @@ export class FleetServer {
   }
 
   private async http(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    if (await this.artifacts.handle(req, res)) return;
     const url = req.url ?? "/";
+    if (!this.artifacts || !this.registry) {
+      if (url.startsWith("/v1/")) {
+        res.writeHead(503, { "content-type": "application/json", "retry-after": "5" });
+        res.end(
+          JSON.stringify({ error: "this cluster node does not run the controller; ask the active node" }),
+        );
+        return;
+      }
+    } else if (await this.artifacts.handle(req, res)) return;
     if (url === "/healthz") {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(
@@ -337,12 +401,14 @@ export class FleetServer {
           ok: true,
           broker: this.o.externalBroker ? "external" : "embedded",
           clients: this.aedes?.connectedClients ?? null,
-          devices: this.registry.size,
+          devices: this.registry?.size ?? null,
+          controller: this.controller ? "active" : "standby",
+          ...(this.o.cluster ? { node: this.o.cluster.nodeId } : {}),
         }),
       );
       return;
     }
-    if (url === "/v1/acl/mosquitto" && req.method === "GET") {
+    if (url === "/v1/acl/mosquitto" && req.method === "GET" && this.artifacts && this.registry) {
       try {
         this.artifacts.operatorOnly(await this.artifacts.authenticate(req));
       } catch (err) {
@@ -361,6 +427,28 @@ export class FleetServer {
       return;
     }
     res.writeHead(404).end("not found\n");
+  }
+}
+
+const NO_DEDUPE = new Proxy(
+  {},
+  {
+    get: () => Number.NEGATIVE_INFINITY,
+    set: () => true,
+  },
+);
+
+/** Opens LevelDB; on a cluster node, waits up to `waitMs` for the previous holder's lock to go. */
+async function openStore(store: ControllerStore, waitMs: number): Promise<void> {
+  const until = Date.now() + waitMs;
+  for (;;) {
+    try {
+      return await store.open();
+    } catch (err) {
+      const locked = /lock/i.test(String((err as { cause?: Error }).cause?.message ?? ""));
+      if (!locked || Date.now() > until) throw err;
+      await new Promise((r) => setTimeout(r, 250));
+    }
   }
 }
 

@@ -65,7 +65,10 @@ export function registerFlash(program: Command): void {
     )
     .option("--root <dir>", "write the root into this directory")
     .option("--tar <file>", "write the root as a .tar.gz (for an SD card image)")
-    .option("--broker <url>", "broker URL the device connects to (default: the context's server)")
+    .option(
+      "--broker <urls>",
+      "broker URL(s) the device connects to, comma-separated, tried in turn (default: the context's server)",
+    )
     .option("--label <k=v>", "a device label (repeatable)", collect, [])
     .option("--allow-shell <cmd>", "an absolute path the shell task may run (repeatable)", collect, [])
     .option("--mtls", "authenticate with a client certificate from the fleet CA instead of a token")
@@ -78,7 +81,10 @@ export function registerFlash(program: Command): void {
       if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
       const labels = parseKv(o.label, "--label") as Record<string, string>;
       const ctx = loadContext(o);
-      const broker = o.broker ?? ctx.server;
+      const brokers = (o.broker ?? ctx.server)
+        .split(",")
+        .map((u) => u.trim())
+        .filter(Boolean);
       const bundle = agentBundleDir();
       const { info, secret, cert } = await withRpc(ctx, async (rpc) => {
         const info = await rpc.call<{
@@ -100,7 +106,7 @@ export function registerFlash(program: Command): void {
       });
       const config = {
         deviceId: id,
-        brokers: [broker],
+        brokers,
         username: id,
         ...(cert
           ? { cert: "etc/fleet-agent/client.pem", key: "etc/fleet-agent/client.key" }
@@ -143,7 +149,7 @@ export function registerFlash(program: Command): void {
         id,
         root: o.root ? resolve(o.root) : undefined,
         tar: o.tar ? resolve(o.tar) : undefined,
-        broker,
+        brokers,
         auth: cert ? "mtls" : "token",
       };
       if (o.json) return printJson(out);

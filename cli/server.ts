@@ -1,3 +1,4 @@
+import { hostname } from "node:os";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { createLogger } from "../agent/log.js";
@@ -25,6 +26,14 @@ export function registerServer(program: Command): void {
       "--external-broker <url>",
       "use this MQTT 3.1.1 broker (e.g. Mosquitto, see `fleet acl export`) instead of the embedded one",
     )
+    .option("--cluster <redis-url>", "join a cluster of broker nodes sharing this Redis (redis://HOST:PORT)")
+    .option("--node-id <id>", "this node's name in the cluster (default: host name and MQTT port)")
+    .option(
+      "--lease-ms <ms>",
+      "controller lease: a standby takes over this long after the leader dies",
+      port,
+      10_000,
+    )
     .action(
       async (o: {
         dir: string;
@@ -35,13 +44,29 @@ export function registerServer(program: Command): void {
         httpPort: number;
         httpsPort: number;
         externalBroker?: string;
+        cluster?: string;
+        nodeId?: string;
+        leaseMs: number;
       }) => {
+        if (o.cluster && o.externalBroker)
+          throw new CliError("--cluster and --external-broker exclude each other");
+        if (o.cluster && !/^rediss?:\/\/[^/]+/.test(o.cluster))
+          throw new CliError(`--cluster ${o.cluster}: expected redis://HOST:PORT`);
         if (o.externalBroker && !/^(mqtts?|wss?):\/\/[^/]+/.test(o.externalBroker))
           throw new CliError(
             `--external-broker ${o.externalBroker}: expected mqtt://HOST:PORT or mqtts://...`,
           );
         const log = createLogger();
-        const server = new FleetServer({ ...o, dir: resolve(o.dir), log });
+        const server = new FleetServer({
+          ...o,
+          dir: resolve(o.dir),
+          log,
+          cluster: o.cluster
+            ? { url: o.cluster, nodeId: o.nodeId ?? `${hostname()}-${o.mqttPort}`, leaseMs: o.leaseMs }
+            : undefined,
+          // Fail-stop: the supervisor (systemd) restarts the process as a standby.
+          onFatal: () => process.exit(1),
+        });
         const l = await server.start();
         // One line on stdout for scripts (and tests using port 0); logs go to stderr.
         process.stdout.write(`fleet server listening ${l.mqtt} ${l.mqtts} ${l.ws} ${l.http} ${l.https}\n`);

@@ -115,6 +115,7 @@ export class Registry {
     }
     await this.store.batch(ops);
     for (const d of made) this.devices.set(d.id, d);
+    await this.mirror?.put(made);
     return out;
   }
 
@@ -123,9 +124,13 @@ export class Registry {
     await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
     this.devices.delete(id);
     this.dirty.delete(id);
+    await this.mirror?.del(id);
     this.onRemoved?.(id);
     return true;
   }
+
+  /** A copy of the credentials elsewhere (the cluster's Redis), kept in step with every change. */
+  mirror: { put(devices: DeviceRecord[]): Promise<void>; del(id: string): Promise<void> } | undefined;
 
   /** Called after a device is removed (the embedded broker disconnects it). */
   onRemoved: ((id: string) => void) | undefined;
