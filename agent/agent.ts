@@ -29,7 +29,7 @@ import type { Facts } from "./facts.js";
 import { createLogger } from "./log.js";
 import { OutboxSender } from "./outbox.js";
 import { Scheduler } from "./scheduler.js";
-import { AgentStore, type JobRecord } from "./store.js";
+import { AgentStore, type Db, type JobRecord } from "./store.js";
 import { dryRunSystem, realSystem } from "./system.js";
 import { collectFacts, collectTelemetry } from "./telemetry.js";
 import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
@@ -72,7 +72,6 @@ export class Agent {
   private readonly connection: Connection;
   private readonly outbox: OutboxSender;
   private facts: Facts;
-  private accepting: Promise<unknown> = Promise.resolve();
   private timers: NodeJS.Timeout[] = [];
   private stateTimer: NodeJS.Timeout | undefined;
   private syncTimer: NodeJS.Timeout | undefined;
@@ -85,7 +84,7 @@ export class Agent {
     this.log = (o.log ?? createLogger()).child({ component: "agent", deviceId: o.config.deviceId });
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
     if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-    this.store = new AgentStore(o.db ?? new ClassicLevel(join(dataDir, "db")));
+    this.store = new AgentStore(o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db));
     this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
@@ -191,7 +190,6 @@ export class Agent {
         retain: true,
       });
     });
-    await this.accepting.catch(() => {});
     await this.store.close();
     this.log.info("agent stopped");
   }
@@ -265,7 +263,7 @@ export class Agent {
     if (t.channel === "job") {
       if (env.body !== "jobAssignment" || !env.jobAssignment)
         return this.drop("unexpected_body", `${env.body} on job topic`);
-      return this.serialAccept(env.jobAssignment);
+      return this.accept(env.jobAssignment);
     }
     switch (env.body) {
       case "cancel":
@@ -284,7 +282,7 @@ export class Agent {
         this.outbox.onConnected();
         const r = env.syncResponse!;
         if (r.nowMs) this.observeTime(r.nowMs, true);
-        for (const a of r.assignments ?? []) await this.serialAccept(a);
+        for (const a of r.assignments ?? []) await this.accept(a);
         for (const c of r.cancels ?? [])
           await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
         return;
@@ -309,13 +307,6 @@ export class Agent {
 
   // ---- accepting jobs ----------------------------------------------------------------------
 
-  /** One assignment at a time, so two deliveries of one job cannot both pass the duplicate check. */
-  private serialAccept(a: JobAssignment): Promise<void> {
-    const p = this.accepting.then(() => this.accept(a));
-    this.accepting = p.catch(() => {});
-    return p;
-  }
-
   private verifyContext(): VerifyContext {
     return {
       deviceId: this.cfg.deviceId,
@@ -329,6 +320,11 @@ export class Agent {
     };
   }
 
+  /**
+   * Deliveries are handled concurrently (their PUBACKs wait for the disk, see pipelineAcks), yet
+   * two deliveries of one job cannot both pass the duplicate check: this runs synchronously up
+   * to its store commit — the check and the in-memory plan happen before its first await.
+   */
   private async accept(a: JobAssignment): Promise<void> {
     const sig = checkSignature(a, { trustedKeys: this.trustedKeys });
     if (!sig.ok) return this.reject(unverifiedJobId(a), sig.reason, sig.message);

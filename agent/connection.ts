@@ -90,23 +90,22 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     };
     const client = mqtt.connect(url, opts);
     this.client = client;
-    // Acknowledge a QoS 1 message only after our handler has stored it (DESIGN.md §4.2).
-    client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
+    pipelineAcks(client, (packet) =>
       this.o
         .onMessage(
           packet.topic,
           Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
         )
         .then(
-          () => done(),
+          () => true,
           (err: Error) => {
             // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
             this.o.counters.inc("message_not_acked");
             this.o.log.error({ err, topic: packet.topic }, "could not handle message; not acknowledging it");
-            done(err);
+            return false;
           },
-        );
-    };
+        ),
+    );
     client.on("connect", (connack) => {
       this.attempt = 0;
       this.isUp = true;
@@ -157,4 +156,45 @@ function withTimeout(p: Promise<unknown>, ms: number): Promise<void> {
       timer = setTimeout(resolve, ms);
     }),
   ]).finally(() => clearTimeout(timer));
+}
+
+type SendPacket = (
+  packet: { cmd: string; messageId?: number },
+  cb?: (err?: Error) => void,
+  ...rest: unknown[]
+) => void;
+
+/**
+ * A QoS 1 message is acknowledged only after `handle` has stored it (DESIGN.md §4.2), but
+ * without waiting for one message's fsync before reading the next: MQTT.js reads the next
+ * PUBLISH only once the PUBACK of the previous one is sent, so its PUBACK is held here instead
+ * (MQTT.js's internal `_sendPacket`, the one place PUBACKs leave) until the message is durable,
+ * and released in the order the messages arrived (MQTT 3.1.1 §4.6). The agent's store then
+ * writes many messages with one fsync (group commit). A message that could not be stored gets
+ * no PUBACK: the broker delivers it again.
+ */
+export function pipelineAcks(client: MqttClient, handle: (packet: IPublishPacket) => Promise<boolean>): void {
+  const inner = client as unknown as { _sendPacket: SendPacket };
+  const send = inner._sendPacket.bind(client);
+  const held = new Map<number, Promise<boolean>>();
+  let order: Promise<unknown> = Promise.resolve();
+  inner._sendPacket = (packet, cb, ...rest) => {
+    const stored =
+      packet.cmd === "puback" && packet.messageId !== undefined ? held.get(packet.messageId) : undefined;
+    if (!stored) return send(packet, cb, ...rest);
+    held.delete(packet.messageId!);
+    order = order
+      .then(() => stored)
+      .then((ok) => {
+        if (ok && client.connected) send(packet);
+      });
+    cb?.(); // read the next message now
+  };
+  client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
+    const stored = handle(packet);
+    if (packet.qos === 1 && packet.messageId !== undefined) {
+      held.set(packet.messageId, stored);
+      done();
+    } else void stored.then(() => done());
+  };
 }

@@ -441,6 +441,9 @@ export class Scheduler {
     const ready: Array<{ e: ExecutionRecord; plan: JobPlan; taskId: string; spec: TaskSpec; index: number }> =
       [];
 
+    // With every slot taken, a plain QUEUED task could only become ready: skip it without
+    // work, so a deep queue costs little per pass (the pass after a slot frees sees it).
+    const full = this.running.size >= this.o.maxConcurrency;
     for (const e of this.active.values()) {
       if (e.done) continue;
       const plan = this.jobs.get(e.jobId);
@@ -457,6 +460,18 @@ export class Scheduler {
         if (this.running.has(runKey(e.jobId, e.execId, taskId))) continue;
         const t = plan.tasks.get(taskId);
         if (!t) continue;
+        const plain =
+          run.state === TaskState.QUEUED &&
+          now < plan.record.expiresAt &&
+          !t.spec.dependsOn?.length &&
+          !t.spec.trigger &&
+          !t.spec.requires?.length &&
+          !plan.spec.notBeforeMs &&
+          !plan.window;
+        if (plain) {
+          if (!full) ready.push({ e, plan, taskId, spec: t.spec, index: t.index });
+          continue;
+        }
         if (now >= plan.record.expiresAt) {
           statuses.push(
             this.patch(e, taskId, {
@@ -622,7 +637,7 @@ export class Scheduler {
       timeoutS > 0
         ? setTimeout(() => entry.controller.abort(new TaskTimeoutError(timeoutS)), timeoutS * 1000)
         : undefined;
-    const scratchDir = await mkdtemp(join(tmpdir(), "fleet-task-"));
+    const scratchDir = handler.scratch === false ? "" : await mkdtemp(join(tmpdir(), "fleet-task-"));
     const signal = entry.controller.signal;
     const aborted = new Promise<never>((_, reject) => {
       if (signal.aborted) reject(signal.reason);
@@ -712,7 +727,7 @@ export class Scheduler {
       );
     } finally {
       if (timer) clearTimeout(timer);
-      await rm(scratchDir, { recursive: true, force: true }).catch(() => {});
+      if (scratchDir) await rm(scratchDir, { recursive: true, force: true }).catch(() => {});
     }
   }
 

@@ -47,7 +47,7 @@ export interface JobRecord {
   occurrences?: number; // recurring: how many were started
 }
 
-type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
+export type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
 
 export interface Commit {
@@ -57,6 +57,8 @@ export interface Commit {
   deleteJobs?: string[];
   deleteExecutions?: Array<{ jobId: string; execId: string }>;
 }
+
+type Op = AbstractBatchOperation<Db, string, unknown>;
 
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
 const execKey = (jobId: string, execId: string) => `${jobId}!${execId}`;
@@ -69,7 +71,9 @@ export class AgentStore {
   readonly kvs: Sub<unknown>;
   private nextSeq = 1;
   private ackedSeq = 0;
-  private chain: Promise<unknown> = Promise.resolve();
+  /** Writes waiting for the one in flight; they go to disk together (group commit). */
+  private group: { ops: Op[]; sync: boolean; waiters: Array<(err?: Error) => void> } | undefined;
+  private writing: Promise<void> | undefined;
 
   constructor(readonly db: Db) {
     this.jobs = db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
@@ -93,8 +97,39 @@ export class AgentStore {
   }
 
   async close(): Promise<void> {
-    await this.chain.catch(() => {});
+    while (this.writing) await this.writing;
     await this.db.close();
+  }
+
+  /**
+   * Group commit: a batch is written at once when the disk is idle; batches that arrive while a
+   * write is in flight are appended, in order, to one batch written next (synced if any of
+   * them asks for it). Each caller's promise settles when its operations are durable, so one
+   * fsync serves every state change that arrived meanwhile.
+   */
+  private write(ops: Op[], sync: boolean): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.group ??= { ops: [], sync: false, waiters: [] };
+      for (const op of ops) this.group.ops.push(op);
+      this.group.sync ||= sync;
+      this.group.waiters.push((err) => (err ? reject(err) : resolve()));
+      this.writing ??= this.drain();
+    });
+  }
+
+  private async drain(): Promise<void> {
+    while (this.group) {
+      const g = this.group;
+      this.group = undefined;
+      let failure: Error | undefined;
+      try {
+        await this.db.batch(g.ops, { sync: g.sync } as never);
+      } catch (err) {
+        failure = err as Error;
+      }
+      for (const w of g.waiters) w(failure);
+    }
+    this.writing = undefined;
   }
 
   get lastAckedSeq(): number {
@@ -108,7 +143,7 @@ export class AgentStore {
   /** Writes everything in one atomic batch; statuses get their seq here. Commits are serialized. */
   commit(c: Commit, sync: boolean): Promise<TaskStatus[]> {
     const statuses = (c.statuses ?? []).map((s) => ({ ...s, seq: this.nextSeq++ }));
-    const ops: AbstractBatchOperation<Db, string, unknown>[] = [];
+    const ops: Op[] = [];
     for (const j of c.jobs ?? []) ops.push({ type: "put", sublevel: this.jobs, key: j.jobId, value: j });
     for (const e of c.executions ?? [])
       ops.push({ type: "put", sublevel: this.executions, key: execKey(e.jobId, e.execId), value: e });
@@ -123,23 +158,21 @@ export class AgentStore {
         value: pb.TaskStatus.encode(s).finish(),
       });
     if (statuses.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
-    const p = this.chain.then(() => this.db.batch(ops, { sync } as never));
-    this.chain = p.catch(() => {});
-    return p.then(() => statuses);
+    return this.write(ops, sync).then(() => statuses);
   }
 
   /** Drops outbox entries up to `upTo` (a cumulative StatusAck). */
   async ack(upTo: number): Promise<number> {
     if (upTo <= this.ackedSeq) return 0;
     const upper = Math.min(upTo, this.lastSeq);
-    const ops: AbstractBatchOperation<Db, string, unknown>[] = [];
-    for await (const key of this.outbox.keys({ lte: seqKey(upper) }))
+    const ops: Op[] = [];
+    // From the last ack on: everything before it is already deleted (and skipping LevelDB's
+    // tombstones of a long outbox history on every ack would make acks quadratic).
+    for await (const key of this.outbox.keys({ gt: seqKey(this.ackedSeq), lte: seqKey(upper) }))
       ops.push({ type: "del", sublevel: this.outbox, key });
     this.ackedSeq = Math.max(this.ackedSeq, upper);
     ops.push({ type: "put", sublevel: this.meta, key: "ackedSeq", value: this.ackedSeq });
-    const p = this.chain.then(() => this.db.batch(ops));
-    this.chain = p.catch(() => {});
-    await p;
+    await this.write(ops, false);
     return ops.length - 1;
   }
 

@@ -5,6 +5,7 @@ export default defineHandler({
   type: "noop",
   paramsSchema: z.object({}).strict(),
   idempotent: true,
+  scratch: false,
   async run() {
     return { message: "ok" };
   },

@@ -13,6 +13,7 @@ export default defineHandler({
     })
     .strict(),
   idempotent: true,
+  scratch: false,
   async run(ctx, params, signal) {
     const step = Math.max(params.seconds / 10, 0.05);
     for (let t = 0; t < params.seconds; t += step) {

@@ -80,6 +80,8 @@ export interface TaskHandler<P = unknown> {
    * a reboot, a software update. Takes precedence over `idempotent` in crash recovery.
    */
   resumable?: boolean;
+  /** False for handlers that never touch ctx.scratchDir: no directory is made for them. */
+  scratch?: boolean;
   /** Extra checks at accept time against the device's policy; returns a problem or undefined. */
   check?(params: P, policy: TaskPolicy): string | undefined;
   run(ctx: TaskContext, params: P, signal: AbortSignal): Promise<TaskResult | undefined>;

@@ -11,7 +11,7 @@ import { harness } from "../helpers/harness.js";
 import { jobSpec, sign, tempDir } from "../helpers/keys.js";
 import { report } from "./report.js";
 
-const N = Number(process.env.BENCH_JOBS ?? 2000);
+const N = Number(process.env.BENCH_JOBS ?? 5000);
 
 it(`B2: ${N} jobs into one agent`, async () => {
   const h = await harness();
