@@ -26,6 +26,7 @@ import { type AgentConfig, rootPath } from "./config.js";
 import { Connection } from "./connection.js";
 import { Counters } from "./counters.js";
 import type { Facts } from "./facts.js";
+import type { GroupCommit } from "./group-commit.js";
 import { createLogger } from "./log.js";
 import { OutboxSender } from "./outbox.js";
 import { Scheduler } from "./scheduler.js";
@@ -46,6 +47,11 @@ export interface AgentOptions {
   time?: TimeSource;
   /** A database to use instead of LevelDB in `dataDir` (e.g. a sublevel per simulated device). */
   db?: AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
+  /**
+   * Writes through this group commit instead of the store's own: simulated devices sharing one
+   * LevelDB share one, as N real devices write to N disks at once rather than one after another.
+   */
+  writer?: GroupCommit<unknown>;
   handlers?: readonly TaskHandler[];
   /** Facts merged over the measured ones (tests, simulation). */
   extraFacts?: Facts;
@@ -84,7 +90,7 @@ export class Agent {
     this.log = (o.log ?? createLogger()).child({ component: "agent", deviceId: o.config.deviceId });
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
     if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-    this.store = new AgentStore(o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db));
+    this.store = new AgentStore(o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db), o.writer);
     this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));

@@ -11,6 +11,7 @@
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { KeyValue } from "../firmware-tasks/types.js";
 import { pb, type TaskStatus } from "../proto/index.js";
+import { GroupCommit } from "./group-commit.js";
 
 export interface TaskRun {
   state: number; // pb TaskState
@@ -71,11 +72,13 @@ export class AgentStore {
   readonly kvs: Sub<unknown>;
   private nextSeq = 1;
   private ackedSeq = 0;
-  /** Writes waiting for the one in flight; they go to disk together (group commit). */
-  private group: { ops: Op[]; sync: boolean; waiters: Array<(err?: Error) => void> } | undefined;
-  private writing: Promise<void> | undefined;
+  private readonly writer: GroupCommit<Op>;
 
-  constructor(readonly db: Db) {
+  constructor(
+    readonly db: Db,
+    writer?: GroupCommit<unknown>,
+  ) {
+    this.writer = (writer as GroupCommit<Op> | undefined) ?? new GroupCommit<Op>(db as never);
     this.jobs = db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
     this.executions = db.sublevel<string, ExecutionRecord>("exec", {
       valueEncoding: "json",
@@ -97,39 +100,8 @@ export class AgentStore {
   }
 
   async close(): Promise<void> {
-    while (this.writing) await this.writing;
+    await this.writer.idle();
     await this.db.close();
-  }
-
-  /**
-   * Group commit: a batch is written at once when the disk is idle; batches that arrive while a
-   * write is in flight are appended, in order, to one batch written next (synced if any of
-   * them asks for it). Each caller's promise settles when its operations are durable, so one
-   * fsync serves every state change that arrived meanwhile.
-   */
-  private write(ops: Op[], sync: boolean): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.group ??= { ops: [], sync: false, waiters: [] };
-      for (const op of ops) this.group.ops.push(op);
-      this.group.sync ||= sync;
-      this.group.waiters.push((err) => (err ? reject(err) : resolve()));
-      this.writing ??= this.drain();
-    });
-  }
-
-  private async drain(): Promise<void> {
-    while (this.group) {
-      const g = this.group;
-      this.group = undefined;
-      let failure: Error | undefined;
-      try {
-        await this.db.batch(g.ops, { sync: g.sync } as never);
-      } catch (err) {
-        failure = err as Error;
-      }
-      for (const w of g.waiters) w(failure);
-    }
-    this.writing = undefined;
   }
 
   get lastAckedSeq(): number {
@@ -158,7 +130,7 @@ export class AgentStore {
         value: pb.TaskStatus.encode(s).finish(),
       });
     if (statuses.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
-    return this.write(ops, sync).then(() => statuses);
+    return this.writer.write(ops, sync).then(() => statuses);
   }
 
   /** Drops outbox entries up to `upTo` (a cumulative StatusAck). */
@@ -172,7 +144,7 @@ export class AgentStore {
       ops.push({ type: "del", sublevel: this.outbox, key });
     this.ackedSeq = Math.max(this.ackedSeq, upper);
     ops.push({ type: "put", sublevel: this.meta, key: "ackedSeq", value: this.ackedSeq });
-    await this.write(ops, false);
+    await this.writer.write(ops, false);
     return ops.length - 1;
   }
 

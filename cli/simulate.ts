@@ -10,6 +10,7 @@ import type { Command } from "commander";
 import pino from "pino";
 import { Agent } from "../agent/agent.js";
 import { parseAgentConfig } from "../agent/config.js";
+import { GroupCommit } from "../agent/group-commit.js";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { TaskHandler } from "../firmware-tasks/types.js";
@@ -85,6 +86,7 @@ export function registerSimulate(program: Command): void {
       const dir = mkdtempSync(join(tmpdir(), "fleet-sim-"));
       const db = new ClassicLevel<string, unknown>(join(dir, "db"));
       await db.open();
+      const writer = new GroupCommit<unknown>(db as never);
       const log = pino({ level: process.env.FLEET_LOG_LEVEL ?? "warn" });
       const handlers = simulatedHandlers(failRate, latency);
       const telemetryS = Number(o.telemetry);
@@ -107,6 +109,7 @@ export function registerSimulate(program: Command): void {
           config,
           log,
           db: db.sublevel(id) as never,
+          writer,
           handlers,
           measureFacts: false,
           telemetry: async () => ({

@@ -55,6 +55,7 @@ export class Controller {
   private readonly operatorNames: Map<string, string>;
   private readonly handlers: Record<string, Handler>;
   private timers: NodeJS.Timeout[] = [];
+  private soon: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: ControllerOptions) {
     this.log = o.log.child({ component: "controller" });
@@ -70,6 +71,7 @@ export class Controller {
       counters: this.counters,
       publish: (topic, payload, qos) => this.publish(topic, payload, qos),
       now: () => Date.now(),
+      onFinished: () => this.stepSoon(),
     });
     const parts = { store: o.store, registry: o.registry, delivery: this.delivery, now: () => Date.now() };
     this.rollouts = new Rollouts({
@@ -114,12 +116,7 @@ export class Controller {
       qos: 1,
     });
     await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
-    this.timers.push(
-      setInterval(() => {
-        void this.rollouts.tick();
-        void this.workQueue.tick();
-      }, 1000),
-    );
+    this.timers.push(setInterval(() => this.step(), 1000));
     this.timers.push(
       setInterval(
         () => void this.o.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed")),
@@ -136,7 +133,25 @@ export class Controller {
     this.log.info("controller started");
   }
 
+  private step(): void {
+    void this.rollouts.tick();
+    void this.workQueue.tick();
+  }
+
+  /**
+   * Rollouts and work queues also step shortly after devices finish, not only on the 1 s tick:
+   * a wave (or a whole rollout) is done as soon as its last device is. One timer for all.
+   */
+  private stepSoon(): void {
+    if (this.soon) return;
+    this.soon = setTimeout(() => {
+      this.soon = undefined;
+      this.step();
+    }, 20);
+  }
+
   async stop(): Promise<void> {
+    if (this.soon) clearTimeout(this.soon);
     for (const t of this.timers) clearInterval(t);
     await this.o.registry.flush().catch(() => {});
     await this.client?.endAsync().catch(() => {});

@@ -17,6 +17,8 @@ export interface DeliveryContext {
   counters: Counters;
   publish(topic: string, payload: Uint8Array, qos: 0 | 1): void;
   now(): number;
+  /** A device finished a job (terminal job-level status applied). */
+  onFinished?(jobId: string): void;
 }
 
 export function assignmentJson(a: Assignment, job?: JobRecord) {
@@ -265,7 +267,10 @@ export class Delivery {
       encodeEnvelope({ statusAck: { upToSeq: last } }),
       1,
     );
-    for (const s of fresh) this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
+    for (const s of fresh) {
+      this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
+      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.c.onFinished?.(s.jobId ?? "");
+    }
   }
 
   /** Cancels a job: withdraws what was not delivered, tells devices to cancel the rest. */

@@ -4,6 +4,7 @@
 // from disk when needed.
 import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
+import { GroupCommit } from "../../agent/group-commit.js";
 
 export interface DeviceRecord {
   id: string;
@@ -111,9 +112,11 @@ export class ControllerStore {
   readonly seqs: Sub<number>;
   readonly nonces: Sub<number>;
   readonly rollouts: Sub<RolloutRecord>;
+  private readonly writer: GroupCommit<Op>;
 
   constructor(path: string) {
     this.db = new ClassicLevel<string, unknown>(path, { valueEncoding: "json" });
+    this.writer = new GroupCommit<Op>(this.db as never);
     this.devices = this.db.sublevel<string, DeviceRecord>("dev", {
       valueEncoding: "json",
     }) as Sub<DeviceRecord>;
@@ -132,8 +135,9 @@ export class ControllerStore {
     return this.db.open();
   }
 
-  close(): Promise<void> {
-    return this.db.close();
+  async close(): Promise<void> {
+    await this.writer.idle();
+    await this.db.close();
   }
 
   put<V>(sub: Sub<V>, key: string, value: V): Op {
@@ -144,8 +148,9 @@ export class ControllerStore {
     return { type: "del", sublevel: sub as never, key };
   }
 
+  /** One atomic batch; concurrent batches share one write and fsync (group commit). */
   batch(ops: Op[], sync = true): Promise<void> {
-    return this.db.batch(ops, { sync } as never);
+    return this.writer.write(ops, sync);
   }
 
   async deviceAssignments(deviceId: string): Promise<Assignment[]> {

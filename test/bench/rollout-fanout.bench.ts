@@ -100,8 +100,10 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
       },
     ]);
   } finally {
-    sim?.kill("SIGKILL");
-    server.proc.kill("SIGKILL");
+    // Graceful stops, so that `NODE_OPTIONS=--cpu-prof npm run bench` leaves profiles behind.
+    sim?.kill("SIGTERM");
+    server.proc.kill("SIGTERM");
+    await server.exited;
     data.cleanup();
   }
 });
