@@ -276,6 +276,7 @@ export class FleetServer {
     // No dedupe: overlapping subscriptions may then see a message twice, which every consumer
     // of ours tolerates (status and jobs are applied idempotently).
     if (this.cluster) (client as unknown as { duplicates: unknown }).duplicates = NO_DEDUPE;
+    this.counters.inc("connect_attempts");
     if ((this.aedes?.connectedClients ?? 0) >= this.config.limits.maxConnections) {
       this.counters.inc("connections_refused_max");
       done(new Error("too many connections"), false);
