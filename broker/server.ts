@@ -23,7 +23,7 @@ import { canPublish, canSubscribe, type Identity } from "./acl.js";
 import { ArtifactStore } from "./artifacts.js";
 import { Cluster } from "./cluster.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
-import { Controller } from "./controller/controller.js";
+import { Controller, type ControllerOptions } from "./controller/controller.js";
 import { Registry } from "./controller/registry.js";
 import { ControllerStore } from "./controller/store.js";
 import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
@@ -175,9 +175,21 @@ export class FleetServer {
       counters: this.counters,
       httpUrl: this.listening.http,
       httpsUrl: this.listening.https,
+      telemetryTap: this.telemetryTap(),
     });
     await controller.start();
     this.controller = controller;
+  }
+
+  /** Device telemetry straight from the embedded (single-node) broker's publish pipeline. */
+  private telemetryTap(): ControllerOptions["telemetryTap"] {
+    const aedes = this.aedes;
+    if (!aedes || this.cluster) return undefined;
+    return (deliver) =>
+      aedes.on("publish", (packet, client) => {
+        if ((client as FleetClient | null)?.fleet?.kind === "device" && packet.topic.endsWith("/telemetry"))
+          deliver(packet.topic, packet.payload as Buffer);
+      });
   }
 
   private fatal(why: string): void {

@@ -37,6 +37,12 @@ export interface ControllerOptions {
   /** The server's HTTP URL (artifacts), told to operators and flashed devices. */
   httpUrl?: string;
   httpsUrl?: string;
+  /**
+   * The embedded broker hands device telemetry (QoS 0, the bulk of the traffic) to the
+   * controller in-process instead of forwarding every message over its MQTT connection.
+   * Everything else, and all of it with an external or clustered broker, goes through MQTT.
+   */
+  telemetryTap?: (deliver: (topic: string, payload: Buffer) => void) => void;
 }
 
 type Handler = (params: unknown, operator: string) => Promise<unknown>;
@@ -115,7 +121,13 @@ export class Controller {
     await client.subscribeAsync([`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)], {
       qos: 1,
     });
-    await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
+    if (this.o.telemetryTap)
+      this.o.telemetryTap((topic, payload) =>
+        this.route(topic, payload).catch((err) =>
+          this.log.error({ err, topic }, "telemetry handling failed"),
+        ),
+      );
+    else await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
     this.timers.push(setInterval(() => this.step(), 1000));
     this.timers.push(
       setInterval(

@@ -110,7 +110,8 @@ it(`B4: ${CLIENTS} clients x ${PER_CLIENT} QoS 1 publishes`, async () => {
         : []),
     ]);
   } finally {
-    server.proc.kill("SIGKILL");
+    server.proc.kill("SIGTERM");
+    await server.exited;
     data.cleanup();
   }
 });

@@ -23,6 +23,8 @@ export async function startServer(
   const proc = spawn(
     process.execPath,
     [
+      // e.g. FLEET_SERVER_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" to profile the server
+      ...(process.env.FLEET_SERVER_NODE_ARGS?.split(" ").filter(Boolean) ?? []),
       FLEET,
       "server",
       "--dir",
