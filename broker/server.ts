@@ -29,6 +29,7 @@ import { ControllerStore } from "./controller/store.js";
 import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
 import { initFleet } from "./init.js";
 import { mosquittoExport } from "./mosquitto.js";
+import { indexedMemoryPersistence } from "./retained.js";
 
 export interface ServerOptions {
   dir: string;
@@ -205,7 +206,7 @@ export class FleetServer {
     shown: string,
   ): Promise<{ mqtt: string; mqtts: string; ws: string }> {
     const aedes = await Aedes.createBroker({
-      ...(this.cluster ? this.cluster.brokerParts() : {}),
+      ...(this.cluster ? this.cluster.brokerParts() : { persistence: indexedMemoryPersistence() }),
       id: this.o.cluster ? `fleet-${this.o.cluster.nodeId}` : "fleet",
       preConnect: (client, _packet, done) => this.preConnect(client, done),
       authenticate: (client, username, password, done) => {
