@@ -62,6 +62,7 @@ export class Controller {
   private readonly handlers: Record<string, Handler>;
   private timers: NodeJS.Timeout[] = [];
   private soon: NodeJS.Timeout | undefined;
+  private lastStep = 0;
 
   constructor(private readonly o: ControllerOptions) {
     this.log = o.log.child({ component: "controller" });
@@ -146,6 +147,7 @@ export class Controller {
   }
 
   private step(): void {
+    this.lastStep = Date.now();
     void this.rollouts.tick();
     void this.workQueue.tick();
   }
@@ -156,10 +158,12 @@ export class Controller {
    */
   private stepSoon(): void {
     if (this.soon) return;
+    // Soon, but not more than 4 times a second: a step reads the rollout's assignments.
+    const wait = Math.max(20, this.lastStep + 250 - Date.now());
     this.soon = setTimeout(() => {
       this.soon = undefined;
       this.step();
-    }, 20);
+    }, wait);
   }
 
   async stop(): Promise<void> {
