@@ -8,6 +8,7 @@ import { encodeEnvelope } from "../../proto/envelope.js";
 import { type External, startMosquitto } from "../helpers/external.js";
 import { cli, cliJson, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
+import { bareAedes } from "./bare.js";
 import { report } from "./report.js";
 
 const CLIENTS = 10;
@@ -46,17 +47,12 @@ async function run(
 
 it(`B4: ${CLIENTS} clients x ${PER_CLIENT} QoS 1 publishes`, async () => {
   // The bare aedes runs in its own process, like the fleet server and Mosquitto.
-  const bare = spawn(process.execPath, [new URL("./bare-aedes.mjs", import.meta.url).pathname], {
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  const barePort = await new Promise<string>((res) =>
-    bare.stdout!.once("data", (d: Buffer) => res(d.toString().trim())),
-  );
-  const bareRate = await run(`mqtt://127.0.0.1:${barePort}`, (i) => ({
+  const bare = await bareAedes();
+  const bareRate = await run(bare.url, (i) => ({
     clientId: `b${i}`,
     topic: `bench/${i}/telemetry`,
   }));
-  bare.kill();
+  bare.stop();
 
   let mosqRate: number | undefined;
   let mosq: External | undefined;

@@ -1,20 +1,21 @@
 // B1 rollout fan-out: a noop job rolled out in one wave to N simulated devices through the full
 // stack (auth, ACL, signature check, device store, controller LevelDB), against a bare MQTT.js
-// QoS 1 echo round trip to N clients through a bare aedes, measured in the same run.
+// QoS 1 echo round trip to N clients through a bare aedes (in its own process, as the fleet
+// server is), measured in the same run.
 import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import mqtt, { type MqttClient } from "mqtt";
 import { it } from "vitest";
-import { startBroker } from "../helpers/broker.js";
 import { cli, cliJson, FLEET, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
+import { bareAedes } from "./bare.js";
 import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_DEVICES ?? 2000);
 
 async function bareEcho(n: number): Promise<number> {
-  const broker = await startBroker();
+  const broker = await bareAedes();
   const clients: MqttClient[] = [];
   try {
     for (let i = 0; i < n; i++) {
@@ -35,7 +36,7 @@ async function bareEcho(n: number): Promise<number> {
     return ms;
   } finally {
     await Promise.all(clients.map((c) => c.endAsync(true)));
-    await broker.close();
+    broker.stop();
   }
 }
 
