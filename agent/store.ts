@@ -61,6 +61,8 @@ export interface Commit {
 
 type Op = AbstractBatchOperation<Db, string, unknown>;
 
+const RECENT_MAX = 5000;
+
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
 const execKey = (jobId: string, execId: string) => `${jobId}!${execId}`;
 
@@ -73,6 +75,13 @@ export class AgentStore {
   private nextSeq = 1;
   private ackedSeq = 0;
   private readonly writer: GroupCommit<Op>;
+  /**
+   * The un-acknowledged statuses committed since `recentFrom`, in seq order: the outbox sends
+   * them from memory instead of reading back what it just wrote. Older ones (after a restart,
+   * a write failure or more than RECENT_MAX) come from LevelDB.
+   */
+  private readonly recent = new Map<number, TaskStatus>();
+  private recentFrom = 1;
 
   constructor(
     readonly db: Db,
@@ -97,6 +106,7 @@ export class AgentStore {
       last = Math.max(last, Number.parseInt(key, 16));
     const stored = ((await this.meta.get("seq")) as number | undefined) ?? 0;
     this.nextSeq = Math.max(last, stored) + 1;
+    this.recentFrom = this.nextSeq;
   }
 
   async close(): Promise<void> {
@@ -130,7 +140,22 @@ export class AgentStore {
         value: pb.TaskStatus.encode(s).finish(),
       });
     if (statuses.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
-    return this.writer.write(ops, sync).then(() => statuses);
+    return this.writer.write(ops, sync).then(
+      () => {
+        for (const st of statuses) this.recent.set(st.seq, st);
+        if (this.recent.size > RECENT_MAX) this.forgetRecent();
+        return statuses;
+      },
+      (err) => {
+        this.forgetRecent(); // a gap: read from disk until new statuses follow
+        throw err;
+      },
+    );
+  }
+
+  private forgetRecent(): void {
+    this.recent.clear();
+    this.recentFrom = this.nextSeq;
   }
 
   /** Drops outbox entries up to `upTo` (a cumulative StatusAck). */
@@ -138,10 +163,23 @@ export class AgentStore {
     if (upTo <= this.ackedSeq) return 0;
     const upper = Math.min(upTo, this.lastSeq);
     const ops: Op[] = [];
-    // From the last ack on: everything before it is already deleted (and skipping LevelDB's
-    // tombstones of a long outbox history on every ack would make acks quadratic).
-    for await (const key of this.outbox.keys({ gt: seqKey(this.ackedSeq), lte: seqKey(upper) }))
-      ops.push({ type: "del", sublevel: this.outbox, key });
+    if (this.ackedSeq + 1 >= this.recentFrom) {
+      // Everything un-acknowledged is in memory: no need to ask LevelDB which keys exist.
+      for (const seq of this.recent.keys()) {
+        if (seq > upper) break;
+        ops.push({ type: "del", sublevel: this.outbox, key: seqKey(seq) });
+        this.recent.delete(seq);
+      }
+    } else {
+      // From the last ack on: everything before it is already deleted (and skipping LevelDB's
+      // tombstones of a long outbox history on every ack would make acks quadratic).
+      for await (const key of this.outbox.keys({ gt: seqKey(this.ackedSeq), lte: seqKey(upper) }))
+        ops.push({ type: "del", sublevel: this.outbox, key });
+      for (const seq of this.recent.keys()) {
+        if (seq > upper) break;
+        this.recent.delete(seq);
+      }
+    }
     this.ackedSeq = Math.max(this.ackedSeq, upper);
     ops.push({ type: "put", sublevel: this.meta, key: "ackedSeq", value: this.ackedSeq });
     await this.writer.write(ops, false);
@@ -150,6 +188,16 @@ export class AgentStore {
 
   /** Un-acked statuses with seq > `after`, oldest first. */
   async pending(after: number, limit: number): Promise<TaskStatus[]> {
+    const from = Math.max(after, this.ackedSeq);
+    if (from + 1 >= this.recentFrom) {
+      const out: TaskStatus[] = [];
+      for (const [seq, st] of this.recent) {
+        if (seq <= from) continue;
+        out.push(st);
+        if (out.length >= limit) break;
+      }
+      return out;
+    }
     const out: TaskStatus[] = [];
     for await (const value of this.outbox.values({ gt: seqKey(Math.max(after, this.ackedSeq)), limit }))
       out.push(pb.TaskStatus.decode(value));
