@@ -89,13 +89,30 @@ export class ArtifactStore {
       }
       throw new HttpError(404, "no such artifact route");
     } catch (err) {
-      const e = err instanceof HttpError ? err : new HttpError(500, (err as Error).message);
-      if (e.status >= 500) this.o.log.error({ err }, "artifact request failed");
-      else this.o.counters.inc(`artifact_http_${e.status}`);
-      if (!res.headersSent) this.json(res, e.status, { error: e.message });
-      else res.destroy();
-      return true;
+      return this.fail(res, err);
     }
+  }
+
+  /**
+   * An operator-only JSON route outside the store (the ACL export), with the same
+   * authentication and error replies as the artifact routes.
+   */
+  async operatorJson(req: IncomingMessage, res: ServerResponse, produce: () => unknown): Promise<void> {
+    try {
+      this.operatorOnly(await this.authenticate(req));
+      this.json(res, 200, produce());
+    } catch (err) {
+      this.fail(res, err);
+    }
+  }
+
+  private fail(res: ServerResponse, err: unknown): true {
+    const e = err instanceof HttpError ? err : new HttpError(500, (err as Error).message);
+    if (e.status >= 500) this.o.log.error({ err }, "HTTP request failed");
+    else this.o.counters.inc(`artifact_http_${e.status}`);
+    if (!res.headersSent) this.json(res, e.status, { error: e.message });
+    else res.destroy();
+    return true;
   }
 
   private json(res: ServerResponse, status: number, body: unknown): true {
@@ -104,8 +121,7 @@ export class ArtifactStore {
     return true;
   }
 
-  /** Who sent an HTTP request: an operator (Basic + password) or a device (token or certificate). */
-  async authenticate(req: IncomingMessage): Promise<Who> {
+  private async authenticate(req: IncomingMessage): Promise<Who> {
     const m = /^Basic (.+)$/.exec(req.headers.authorization ?? "");
     if (!m) {
       // HTTPS with a fleet-CA client certificate: CN = device id.
@@ -123,7 +139,7 @@ export class ArtifactStore {
     throw new HttpError(401, "bad credentials");
   }
 
-  operatorOnly(who: Who): string {
+  private operatorOnly(who: Who): string {
     if (who.kind !== "operator") throw new HttpError(403, "operators only");
     return who.name;
   }

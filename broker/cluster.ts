@@ -37,6 +37,7 @@ export class Cluster {
   private readonly leaseKey: string;
   private readonly devicesKey: string;
   private leader = false;
+  private renewedAt = 0;
 
   constructor(private readonly o: ClusterOptions) {
     this.redis = new Redis(o.url, { lazyConnect: true, maxRetriesPerRequest: 2 });
@@ -53,10 +54,6 @@ export class Cluster {
       this.redis.disconnect();
       throw new Error(`cannot reach the cluster's Redis at ${this.o.url}: ${(err as Error).message}`);
     }
-  }
-
-  get isLeader(): boolean {
-    return this.leader;
   }
 
   /** The shared message bus and persistence for aedes. */
@@ -88,7 +85,7 @@ export class Cluster {
 
   /**
    * Calls `onLeader` once this node holds the lease (now or after the current holder's lease
-   * expires), then keeps renewing it; `onLost` if a renewal fails.
+   * expires), then keeps renewing it; `onLost` when it is lost or cannot be kept.
    */
   campaign(onLeader: () => Promise<void>, onLost: (why: string) => void): void {
     const every = Math.max(100, Math.floor(this.o.leaseMs / 3));
@@ -104,8 +101,9 @@ export class Cluster {
         return;
       }
       this.leader = true;
+      this.renewedAt = Date.now();
       this.o.log.info({ node: this.o.nodeId }, "lease acquired: this node runs the controller");
-      this.renewTimer = setInterval(() => void this.renew(onLost), every);
+      this.renewTimer = setInterval(() => void this.renew(onLost, every), every);
       try {
         await onLeader();
       } catch (err) {
@@ -115,23 +113,28 @@ export class Cluster {
     void attempt();
   }
 
-  private async renew(onLost: (why: string) => void): Promise<void> {
-    let ok = 0;
+  /**
+   * Renews the lease. Lost for certain (another holder, or it expired): stop at once. Redis
+   * unreachable: try again at the next interval, unless the lease could expire before then —
+   * a leader must stop before another node can take over.
+   */
+  private async renew(onLost: (why: string) => void, every: number): Promise<void> {
+    let why: string;
     try {
-      ok = (await this.redis.eval(RENEW, 1, this.leaseKey, this.o.nodeId, this.o.leaseMs)) as number;
+      const ok = (await this.redis.eval(RENEW, 1, this.leaseKey, this.o.nodeId, this.o.leaseMs)) as number;
+      if (ok) {
+        this.renewedAt = Date.now();
+        return;
+      }
+      why = "the controller lease is held by another node or expired";
     } catch (err) {
       this.o.log.warn({ err: (err as Error).message }, "lease: renewal failed");
-      ok = 0;
+      if (Date.now() + every < this.renewedAt + this.o.leaseMs) return;
+      why = `the controller lease could not be renewed in time: ${(err as Error).message}`;
     }
-    if (ok) return;
-    // Someone else may hold it now: stop using the controller's state at once.
     this.leader = false;
     if (this.renewTimer) clearInterval(this.renewTimer);
-    onLost("the controller lease could not be renewed");
-  }
-
-  async holder(): Promise<string | null> {
-    return this.redis.get(this.leaseKey);
+    onLost(why);
   }
 
   /** The token hash of a device, from the mirror every node reads. */

@@ -1,9 +1,9 @@
 // `fleet init`: operator signing key, fleet CA + server certificate, controller and operator
 // credentials, and the operator context.
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { isAbsolute, join } from "node:path";
 import { generateSigningKey } from "../proto/signing.js";
-import { paths, type ServerConfig } from "./config.js";
+import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { hashPassword, mosquittoHash, newToken } from "./credentials.js";
 import { writeFileAtomic, writeSecretJson } from "./files.js";
 import { createCa, issueServerCert } from "./pki.js";
@@ -20,7 +20,7 @@ export async function initFleet(
 ): Promise<InitResult> {
   const p = paths(dir);
   if (existsSync(p.server) && !o.force) {
-    const cfg = JSON.parse(readFileSync(p.server, "utf8")) as ServerConfig;
+    const cfg = readJsonFile(p.server, serverConfigSchema);
     return {
       dir,
       created: false,

@@ -55,7 +55,11 @@ export function mosquittoExport(
       ...["state", "telemetry", "status"].map((t) => `topic read ${p}/d/+/${t}`),
     );
     if (op.brokerHash) pw.push(`${op.username}:${op.brokerHash}`);
-    else skipped.push({ username: op.username, reason: "no PBKDF2 hash (data directory made before 0.2)" });
+    else
+      skipped.push({
+        username: op.username,
+        reason: "no PBKDF2 hash: made by a fleet init older than `fleet acl export`",
+      });
   }
   let n = 0;
   for (const d of devices) {

@@ -86,7 +86,17 @@ export class FleetServer {
     this.log = o.log.child({ component: "server" });
   }
 
+  /** Starts everything; if any part fails, what was started is stopped again before the error. */
   async start(): Promise<Listening> {
+    try {
+      return await this.boot();
+    } catch (err) {
+      await this.stop().catch(() => {});
+      throw err;
+    }
+  }
+
+  private async boot(): Promise<Listening> {
     const init = await initFleet(this.o.dir);
     if (init.created) this.log.info({ dir: this.o.dir }, "initialized a new fleet data directory");
     const p = paths(this.o.dir);
@@ -423,17 +433,8 @@ export class FleetServer {
       return;
     }
     if (url === "/v1/acl/mosquitto" && req.method === "GET" && this.artifacts && this.registry) {
-      try {
-        this.artifacts.operatorOnly(await this.artifacts.authenticate(req));
-      } catch (err) {
-        const status = (err as { status?: number }).status ?? 500;
-        res.writeHead(status, { "content-type": "application/json" });
-        res.end(JSON.stringify({ error: (err as Error).message }));
-        return;
-      }
-      res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify(mosquittoExport(this.config, this.registry.all())));
-      return;
+      const registry = this.registry;
+      return this.artifacts.operatorJson(req, res, () => mosquittoExport(this.config, registry.all()));
     }
     if (url === "/metrics") {
       res.writeHead(200, { "content-type": this.metrics.contentType });

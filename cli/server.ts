@@ -2,8 +2,9 @@ import { hostname } from "node:os";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { createLogger } from "../agent/log.js";
-import { FleetServer } from "../broker/server.js";
-import { CliError } from "./exit.js";
+import { BadConfigError } from "../broker/config.js";
+import { FleetServer, type ServerOptions } from "../broker/server.js";
+import { CliError, EXIT } from "./exit.js";
 
 const port = (v: string) => {
   const n = Number(v);
@@ -31,23 +32,21 @@ export function registerServer(program: Command): void {
     .option(
       "--lease-ms <ms>",
       "controller lease: a standby takes over this long after the leader dies",
-      port,
+      (v: string) => {
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1000) throw new CliError(`--lease-ms ${v}: a whole number >= 1000`);
+        return n;
+      },
       10_000,
     )
     .action(
-      async (o: {
-        dir: string;
-        host: string;
-        mqttPort: number;
-        mqttsPort: number;
-        wsPort: number;
-        httpPort: number;
-        httpsPort: number;
-        externalBroker?: string;
-        cluster?: string;
-        nodeId?: string;
-        leaseMs: number;
-      }) => {
+      async (
+        o: Omit<ServerOptions, "log" | "cluster" | "onFatal"> & {
+          cluster?: string;
+          nodeId?: string;
+          leaseMs: number;
+        },
+      ) => {
         if (o.cluster && o.externalBroker)
           throw new CliError("--cluster and --external-broker exclude each other");
         if (o.cluster && !/^rediss?:\/\/[^/]+/.test(o.cluster))
@@ -67,7 +66,13 @@ export function registerServer(program: Command): void {
           // Fail-stop: the supervisor (systemd) restarts the process as a standby.
           onFatal: () => process.exit(1),
         });
-        const l = await server.start();
+        const l = await server.start().catch((err: Error) => {
+          // One line, no stack: a bad data directory is a usage error, the rest cannot start.
+          throw new CliError(
+            `cannot start the server: ${err.message}`,
+            err instanceof BadConfigError ? EXIT.USAGE : EXIT.FAILED,
+          );
+        });
         // One line on stdout for scripts (and tests using port 0); logs go to stderr.
         process.stdout.write(`fleet server listening ${l.mqtt} ${l.mqtts} ${l.ws} ${l.http} ${l.https}\n`);
         await new Promise<void>((done) => {

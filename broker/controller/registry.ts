@@ -64,7 +64,7 @@ export class Registry {
   }
 
   select(reqs: readonly Requirement[] | undefined): DeviceRecord[] {
-    const all = [...this.devices.values()];
+    const all = [...this.all()];
     return reqs ? all.filter((d) => matchesSelector(reqs, d.labels)) : all;
   }
 

@@ -110,6 +110,28 @@ describe("fleet server --external-broker with Mosquitto", () => {
     ]);
   });
 
+  it("the ACL export over HTTP is for operators only", async () => {
+    const url = `${server.urls.http}/v1/acl/mosquitto`;
+    const basic = (u: string) => ({
+      authorization: `Basic ${Buffer.from(`${u}:${creds[u]}`).toString("base64")}`,
+    });
+    const none = await fetch(url);
+    expect([none.status, ((await none.json()) as { error: string }).error]).toEqual([
+      401,
+      "authentication required",
+    ]);
+    const device = await fetch(url, { headers: basic("dev-a") });
+    expect([device.status, ((await device.json()) as { error: string }).error]).toEqual([
+      403,
+      "operators only",
+    ]);
+    const ok = await fetch(url, { headers: basic("admin") });
+    expect(ok.status).toBe(200);
+    const body = (await ok.json()) as { passwordFile: string; skipped: unknown[] };
+    expect(body.passwordFile).toMatch(/^dev-a:\$7\$101\$/m);
+    expect(body.skipped).toEqual([]);
+  });
+
   it("refuses bad, missing and unknown credentials", async () => {
     for (const args of [
       ["-i", "dev-a", "-u", "dev-a", "-P", "not-the-token"],

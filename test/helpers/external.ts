@@ -39,7 +39,8 @@ export interface External {
   stop: () => void;
 }
 
-function run(cmd: string, args: string[], port: number, url: string): External {
+/** Starts a server process and waits until it listens on `port` (else stops it and says why). */
+async function run(cmd: string, args: string[], port: number, url: string): Promise<External> {
   const proc = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
   let log = "";
   proc.on("error", (err) => {
@@ -51,7 +52,12 @@ function run(cmd: string, args: string[], port: number, url: string): External {
   proc.stderr!.on("data", (d: Buffer) => {
     log += d.toString();
   });
-  return { proc, port, url, log: () => log, stop: () => proc.kill("SIGKILL") };
+  const stop = () => proc.kill("SIGKILL");
+  await waitForPort(port).catch((err) => {
+    stop();
+    throw new Error(`${err.message}: ${log}`);
+  });
+  return { proc, port, url, log: () => log, stop };
 }
 
 /** Mosquitto with a config file written into `dir`: a loopback listener plus `lines`. */
@@ -60,31 +66,16 @@ export async function startMosquitto(dir: string, lines: string[] = []): Promise
   const conf = join(dir, "mosquitto.conf");
   const asRoot = process.getuid?.() === 0 ? ["user root"] : [];
   writeFileSync(conf, [`listener ${port} 127.0.0.1`, ...asRoot, ...lines, ""].join("\n"));
-  const m = run(
-    process.env.MOSQUITTO ?? "/usr/sbin/mosquitto",
-    ["-c", conf],
-    port,
-    `mqtt://127.0.0.1:${port}`,
-  );
-  await waitForPort(port).catch((err) => {
-    m.stop();
-    throw new Error(`${err.message}: ${m.log()}`);
-  });
-  return m;
+  return run(process.env.MOSQUITTO ?? "/usr/sbin/mosquitto", ["-c", conf], port, `mqtt://127.0.0.1:${port}`);
 }
 
 /** A throwaway redis-server (no persistence) on a free port. */
 export async function startRedis(): Promise<External> {
   const port = await freePort();
-  const r = run(
+  return run(
     process.env.REDIS_SERVER ?? "redis-server",
     ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
     port,
     `redis://127.0.0.1:${port}`,
   );
-  await waitForPort(port).catch((err) => {
-    r.stop();
-    throw new Error(`${err.message}: ${r.log()}`);
-  });
-  return r;
 }
