@@ -7,6 +7,7 @@ import type { AbstractLevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
 import type { MqttClient } from "mqtt";
 import type { Logger } from "pino";
+import { settlesWithin } from "../common/timeout.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
@@ -39,6 +40,7 @@ import { AGENT_VERSION, BUILD_TIME_FLOOR } from "./version.js";
 const STATE_MIN_INTERVAL_MS = 2000;
 const FACTS_REFRESH_MS = 60_000;
 const SYNC_RETRY_MIN_MS = 3000;
+const SUBACK_TIMEOUT_MS = 10_000;
 const SYNC_RETRY_MAX_MS = 60_000;
 
 export interface AgentOptions {
@@ -63,6 +65,8 @@ export interface AgentOptions {
   artifacts?: ArtifactSource;
   /** Telemetry source instead of systeminformation (simulated devices). */
   telemetry?: () => Promise<Telemetry>;
+  /** A session whose SUBSCRIBE is not answered within this time is dropped and made anew. */
+  subackTimeoutMs?: number;
 }
 
 export class Agent {
@@ -220,13 +224,27 @@ export class Agent {
     return true;
   }
 
+  /**
+   * A new session: SUBSCRIBE, then at once (not after the SUBACK) the SyncRequest and the
+   * outbox — the broker handles a client's packets in order, and the sync is re-sent until
+   * answered. A SUBACK that never comes would leave the device deaf: that session is dropped
+   * and the connection made anew.
+   */
   private async onUp(client: MqttClient): Promise<void> {
-    await client.subscribeAsync([this.topic("job"), this.topic("ctl")], { qos: 1 });
+    const subscribed = client.subscribeAsync([this.topic("job"), this.topic("ctl")], { qos: 1 });
     this.publishState();
     this.syncRetryMs = SYNC_RETRY_MIN_MS;
     this.sendSync();
     this.outbox.onConnected();
     void this.sendTelemetry();
+    if (await settlesWithin(subscribed, this.o.subackTimeoutMs ?? SUBACK_TIMEOUT_MS)) {
+      await subscribed; // a failed SUBSCRIBE (connection lost) is logged by the caller
+      return;
+    }
+    if (this.connection.current !== client) return; // that session is over anyway
+    this.counters.inc("suback_timeouts");
+    this.log.warn("no SUBACK from the broker; reconnecting");
+    client.stream.destroy();
   }
 
   /**

@@ -5,6 +5,7 @@ import { EventEmitter } from "node:events";
 import { readFileSync } from "node:fs";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
+import { settlesWithin } from "../common/timeout.js";
 import type { Counters } from "./counters.js";
 
 export interface BackoffOptions {
@@ -137,25 +138,15 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const c = this.client;
     if (!c) return;
     if (c.connected && beforeClose)
-      await withTimeout(
+      await settlesWithin(
         beforeClose(c).catch(() => {}),
         2000,
       );
     // A graceful end waits for in-flight QoS 1 publishes, which never finish while offline.
-    await withTimeout(new Promise<void>((resolve) => c.end(!c.connected, {}, () => resolve())), 2000);
+    await settlesWithin(new Promise<void>((resolve) => c.end(!c.connected, {}, () => resolve())), 2000);
     if (c.connected || !c.disconnected) c.end(true);
     this.isUp = false;
   }
-}
-
-function withTimeout(p: Promise<unknown>, ms: number): Promise<void> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p.then(() => {}),
-    new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
 }
 
 type SendPacket = (

@@ -66,6 +66,18 @@ export const paths = (dir: string) => ({
   serverCert: join(dir, "tls", "server.pem"),
   serverKey: join(dir, "tls", "server.key"),
   db: join(dir, "db"),
+  /** Where a running server says it listens (ports chosen at start); removed when it stops. */
+  listening: join(dir, "listening.json"),
+});
+
+/** What `fleet server` records in listening.json for CLIs using its data directory. */
+export const listeningSchema = z.object({
+  pid: z.number().int(),
+  mqtt: z.string(),
+  mqtts: z.string(),
+  ws: z.string(),
+  http: z.string(),
+  https: z.string(),
 });
 
 export class BadConfigError extends Error {}

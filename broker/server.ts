@@ -2,7 +2,7 @@
 // and the ACL, the controller as a client of it, and an HTTP port for health and metrics.
 
 import { createPublicKey } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import {
   createServer as createHttpServer,
   type Server as HttpServer,
@@ -18,6 +18,7 @@ import type { Logger } from "pino";
 import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom-client";
 import { createWebSocketStream, WebSocketServer } from "ws";
 import { Counters } from "../agent/counters.js";
+import { settlesWithin } from "../common/timeout.js";
 import { DEVICE_ID_RE } from "../proto/topics.js";
 import { canPublish, canSubscribe, type Identity } from "./acl.js";
 import { ArtifactStore } from "./artifacts.js";
@@ -27,6 +28,7 @@ import { Controller, type ControllerOptions } from "./controller/controller.js";
 import { Registry } from "./controller/registry.js";
 import { ControllerStore } from "./controller/store.js";
 import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
+import { writeFileAtomic } from "./files.js";
 import { initFleet } from "./init.js";
 import { mosquittoExport } from "./mosquitto.js";
 import { indexedMemoryPersistence } from "./retained.js";
@@ -78,6 +80,7 @@ export class FleetServer {
   private wss: WebSocketServer | undefined;
   private readonly rate = new Map<string, { tokens: number; at: number }>();
   private rateTimer: NodeJS.Timeout | undefined;
+  private wroteListening: string | undefined;
   private readonly log: Logger;
   readonly metrics = new Metrics();
   listening!: Listening;
@@ -141,6 +144,9 @@ export class FleetServer {
     } else await this.startController(p);
     this.setupMetrics();
     this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
+    // CLIs using this data directory reach the server wherever it listens (cli/context.ts).
+    writeFileAtomic(p.listening, `${JSON.stringify({ pid: process.pid, ...this.listening }, null, 2)}\n`);
+    this.wroteListening = p.listening;
     this.log.info(this.listening, "fleet server listening");
     return this.listening;
   }
@@ -279,17 +285,37 @@ export class FleetServer {
     };
   }
 
-  /** Graceful: stop accepting, stop the controller (flushes the registry), close the broker and LevelDB. */
+  /**
+   * Graceful and bounded: stop accepting, stop the controller (flushes the registry; its
+   * connection is given up after 2 s), close the broker (clients are dropped after 3 s), then
+   * LevelDB. Everything acknowledged was written before its acknowledgement, so cutting the
+   * waits short loses nothing.
+   */
   async stop(): Promise<void> {
+    const started = Date.now();
     if (this.rateTimer) clearInterval(this.rateTimer);
-    for (const s of this.servers) s.close();
+    if (this.wroteListening) rmSync(this.wroteListening, { force: true });
+    for (const s of this.servers) {
+      s.close();
+      (s as { closeAllConnections?: () => void }).closeAllConnections?.();
+    }
     this.wss?.close();
     await this.controller?.stop();
     await this.cluster?.stop();
     const aedes = this.aedes;
-    if (aedes) await new Promise<void>((resolve) => aedes.close(() => resolve()));
+    if (aedes) {
+      const closed = new Promise<void>((resolve) => aedes.close(() => resolve()));
+      if (!(await settlesWithin(closed, 3000))) {
+        this.log.warn(
+          { clients: aedes.connectedClients },
+          "broker close is slow; dropping the remaining clients",
+        );
+        for (const c of Object.values((aedes as unknown as { clients: Record<string, Client> }).clients))
+          (c.conn as { destroy?: () => void }).destroy?.();
+      }
+    }
     await this.store?.close();
-    this.log.info("fleet server stopped");
+    this.log.info({ ms: Date.now() - started }, "fleet server stopped");
   }
 
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
@@ -419,14 +445,16 @@ export class FleetServer {
       }
     } else if (await this.artifacts.handle(req, res)) return;
     if (url === "/healthz") {
-      res.writeHead(200, { "content-type": "application/json" });
+      // Unhealthy while the controller that should run here has lost its broker connection.
+      const down = Boolean(this.controller && !this.controller.connected);
+      res.writeHead(down ? 503 : 200, { "content-type": "application/json" });
       res.end(
         JSON.stringify({
-          ok: true,
+          ok: !down,
           broker: this.o.externalBroker ? "external" : "embedded",
           clients: this.aedes?.connectedClients ?? null,
           devices: this.registry?.size ?? null,
-          controller: this.controller ? "active" : "standby",
+          controller: this.controller ? (this.controller.connected ? "active" : "disconnected") : "standby",
           ...(this.o.cluster ? { node: this.o.cluster.nodeId } : {}),
         }),
       );

@@ -1,9 +1,10 @@
 // The operator context (DESIGN.md §7): --context FILE, else $FLEET_CONTEXT, else ./fleet-data/operator.json.
-import { readFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { existsSync, readFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import type { Command } from "commander";
 import {
   BadConfigError,
+  listeningSchema,
   type OperatorContext,
   operatorContextSchema,
   readJsonFile,
@@ -60,5 +61,28 @@ export function loadContext(o: OperatorOptions): LoadedContext {
       ? ctx.caCert
       : read(ctx.caCert, "CA certificate")
     : undefined;
-  return { ...ctx, server: o.server ?? ctx.server, file, signingKeyPem, caPem };
+  return { ...ctx, server: o.server ?? runningServer(file, ctx.server), file, signingKeyPem, caPem };
+}
+
+/**
+ * A server started on other ports than the context names records where it listens in
+ * listening.json in its data directory; a context kept in that directory follows it: the same
+ * host and scheme, the running server's port. Anything unreadable or stale leaves `server`.
+ */
+function runningServer(contextFile: string, server: string): string {
+  const file = join(dirname(contextFile), "listening.json");
+  if (!existsSync(file)) return server;
+  try {
+    const l = readJsonFile(file, listeningSchema);
+    process.kill(l.pid, 0); // throws if that server is gone
+    const url = new URL(server);
+    const scheme = url.protocol.replace(":", "");
+    const recorded = { mqtt: l.mqtt, mqtts: l.mqtts, ws: l.ws, wss: undefined }[scheme];
+    const port = recorded ? new URL(recorded).port : "";
+    if (!port) return server;
+    url.port = port;
+    return url.toString().replace(/\/$/, "");
+  } catch {
+    return server;
+  }
 }

@@ -87,21 +87,13 @@ export function registerFlash(program: Command): void {
         .filter(Boolean);
       const bundle = agentBundleDir();
       const { info, secret, cert } = await withRpc(ctx, async (rpc) => {
-        const info = await rpc.call<{
-          caCert: string;
-          trustedKeys: Array<{ keyId: string; publicKey: string }>;
-          prefix: string;
-          http?: string;
-          https?: string;
-        }>("server.info", {});
-        const secret = await rpc.call<{ id: string; password: string }>("device.add", {
+        const info = await rpc.call("server.info", {});
+        const secret = await rpc.call("device.add", {
           id,
           labels,
           rotate: true,
         });
-        const cert = o.mtls
-          ? await rpc.call<{ certPem: string; keyPem: string }>("device.cert", { id })
-          : undefined;
+        const cert = o.mtls ? await rpc.call("device.cert", { id }) : undefined;
         return { info, secret, cert };
       });
       const config = {

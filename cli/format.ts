@@ -1,4 +1,6 @@
 // Parsing and printing helpers for the CLI.
+import type { Command } from "commander";
+import type { OperatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
 
 const UNITS: Record<string, number> = { ms: 0.001, s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 };
@@ -49,4 +51,40 @@ export function table(rows: Array<Record<string, unknown>>, columns?: string[]):
       .join("  ")
       .trimEnd();
   return `${[line(cols.map((c) => c.toUpperCase())), ...rows.map((r) => line(cols.map((c) => cell(r[c]))))].join("\n")}\n`;
+}
+
+export interface ListOptions extends OperatorOptions {
+  limit?: number;
+  ndjson?: boolean;
+}
+
+/** Adds the options of every list command: --limit N, --ndjson. */
+export function listOptions(cmd: Command): Command {
+  return cmd
+    .option("--limit <n>", "stop after N items", (v: string) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 1) throw new CliError(`--limit ${v}: a whole number >= 1`);
+      return n;
+    })
+    .option("--ndjson", "one JSON object per line, printed as pages arrive");
+}
+
+/**
+ * Prints the items of a list: NDJSON as they arrive, one JSON array with --json, else a table
+ * of `row(item)`.
+ */
+export async function printList<T>(
+  items: AsyncIterable<T>,
+  o: ListOptions,
+  row: (t: T) => Record<string, unknown>,
+  columns?: string[],
+): Promise<void> {
+  if (o.ndjson) {
+    for await (const t of items) process.stdout.write(`${JSON.stringify(t)}\n`);
+    return;
+  }
+  const all: T[] = [];
+  for await (const t of items) all.push(t);
+  if (o.json) printJson(all);
+  else process.stdout.write(table(all.map(row), columns));
 }

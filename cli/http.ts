@@ -10,7 +10,7 @@ export interface HttpOptions extends OperatorOptions {
 
 export async function httpBase(ctx: LoadedContext, o: HttpOptions): Promise<string> {
   if (o.http) return o.http;
-  const info = await withRpc(ctx, (rpc) => rpc.call<{ http?: string }>("server.info", {}));
+  const info = await withRpc(ctx, (rpc) => rpc.call("server.info", {}));
   if (!info.http)
     throw new CliError("the server did not say where its HTTP port is; pass --http URL", EXIT.CONNECT);
   return info.http;

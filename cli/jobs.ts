@@ -1,29 +1,22 @@
 import type { Command } from "commander";
+import type { JobJson } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
 import { eventsTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
-import { printJson, table } from "./format.js";
+import { type ListOptions, listOptions, printJson, printList, table } from "./format.js";
 import { type RpcClient, withRpc } from "./rpc.js";
 
-export interface JobJson {
-  id: string;
-  name: string;
-  state: string;
-  devices: Array<{
-    deviceId: string;
-    state: string;
-    reason?: string;
-    message?: string;
-    tasks: Array<{
-      id: string;
-      type: string;
-      state: string;
-      attempt: number;
-      message: string;
-      reason?: string;
-      output?: string;
-    }>;
-  }>;
+/** A job with all of its devices: its first page, then the rest, page by page. */
+export async function wholeJob(rpc: RpcClient, first: JobJson): Promise<JobJson> {
+  const devices = [...first.devices];
+  let next = first.next;
+  while (next) {
+    const page = await rpc.call("jobs.show", { id: first.id, cursor: next });
+    devices.push(...page.devices);
+    next = page.next;
+  }
+  const { next: _, ...rest } = first;
+  return { ...rest, devices };
 }
 
 export const TERMINAL_JOB_STATES = new Set(["SUCCEEDED", "FAILED", "CANCELED"]);
@@ -92,11 +85,13 @@ export class JobWaiter {
     return w;
   }
 
+  /** Polls the job's state and counts only (small at any size); the devices once it is done. */
   async wait(id: string): Promise<JobJson> {
     for (;;) {
       const before = this.seen.get(id) ?? 0;
-      const j = await this.rpc.call<JobJson>("jobs.show", { id });
-      if (TERMINAL_JOB_STATES.has(j.state)) return j;
+      const j = await this.rpc.call("jobs.show", { id, limit: 0 });
+      if (TERMINAL_JOB_STATES.has(j.state))
+        return wholeJob(this.rpc, await this.rpc.call("jobs.show", { id }));
       if ((this.seen.get(id) ?? 0) !== before) continue;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, 2000);
@@ -112,20 +107,26 @@ export class JobWaiter {
 
 export function registerJobs(program: Command): void {
   const jobs = program.command("jobs").description("list, show and cancel jobs");
-  operatorOptions(jobs.command("ls"))
+  listOptions(operatorOptions(jobs.command("ls")))
     .description("list jobs, newest first")
     .option("--device <id>", "only jobs for this device")
-    .action(async (o: OperatorOptions & { device?: string }) => {
-      const r = await withRpc(loadContext(o), (rpc) =>
-        rpc.call<Array<Record<string, unknown>>>("jobs.ls", { device: o.device }),
+    .action(async (o: ListOptions & { device?: string }) => {
+      await withRpc(loadContext(o), (rpc) =>
+        printList(rpc.pages("jobs.ls", { device: o.device }, o.limit), o, (j) => j, [
+          "id",
+          "name",
+          "state",
+          "devices",
+          "createdAt",
+        ]),
       );
-      if (o.json) return printJson(r);
-      process.stdout.write(table(r, ["id", "name", "state", "devices", "createdAt"]));
     });
   operatorOptions(jobs.command("show <job>"))
     .description("a job's state on every device, task by task")
     .action(async (id: string, o: OperatorOptions) => {
-      const r = await withRpc(loadContext(o), (rpc) => rpc.call<JobJson>("jobs.show", { id }));
+      const r = await withRpc(loadContext(o), async (rpc) =>
+        wholeJob(rpc, await rpc.call("jobs.show", { id })),
+      );
       if (o.json) return printJson(r);
       printJob(r);
     });
@@ -133,9 +134,10 @@ export function registerJobs(program: Command): void {
     .description("cancel a job: undelivered assignments are withdrawn, devices cancel the rest")
     .option("--reason <text>", "reason shown in the statuses", "canceled by operator")
     .action(async (id: string, o: OperatorOptions & { reason: string }) => {
-      const r = await withRpc(loadContext(o), (rpc) =>
-        rpc.call<JobJson>("jobs.cancel", { id, reason: o.reason }),
-      );
+      const r = await withRpc(loadContext(o), async (rpc) => {
+        await rpc.call("jobs.cancel", { id, reason: o.reason });
+        return wholeJob(rpc, await rpc.call("jobs.show", { id }));
+      });
       if (o.json) return printJson(r);
       printJob(r);
     });

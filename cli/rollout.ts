@@ -1,39 +1,12 @@
 import type { Command } from "commander";
+import type { RolloutJson } from "../proto/api.js";
 import { pb } from "../proto/index.js";
 import { signJob } from "../proto/signing.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError, EXIT } from "./exit.js";
-import { parseDuration, printJson, table } from "./format.js";
+import { type ListOptions, listOptions, parseDuration, printJson, printList } from "./format.js";
 import { buildSpec, readJobFile } from "./jobfile.js";
 import { type RpcClient, withRpc } from "./rpc.js";
-
-export interface RolloutJson {
-  id: string;
-  jobId: string;
-  name: string;
-  selector: string;
-  state: string;
-  reason?: string;
-  currentWave: number;
-  waves: Array<{
-    wave: number;
-    spec: string;
-    devices: number;
-    state: string;
-    succeeded: number;
-    failed: number;
-  }>;
-  counts: {
-    total: number;
-    pending: number;
-    running: number;
-    succeeded: number;
-    failed: number;
-    canceled: number;
-    timedOut: number;
-  };
-  failures: Array<{ deviceId: string; state: string; reason: string; message: string }>;
-}
 
 const TERMINAL = new Set(["SUCCEEDED", "ABORTED"]);
 
@@ -56,7 +29,7 @@ export function renderRollout(r: RolloutJson): string {
 
 async function waitRollout(rpc: RpcClient, id: string): Promise<RolloutJson> {
   for (;;) {
-    const r = await rpc.call<RolloutJson>("rollout.show", { id });
+    const r = await rpc.call("rollout.show", { id });
     if (TERMINAL.has(r.state)) return r;
     await new Promise((res) => setTimeout(res, 500));
   }
@@ -107,7 +80,7 @@ export function registerRollout(program: Command): void {
         force: Boolean(o.force),
       };
       const r = await withRpc(ctx, async (rpc) => {
-        const created = await rpc.call<RolloutJson>("rollout.create", params);
+        const created = await rpc.call("rollout.create", params);
         if (!o.wait) return created;
         if (!o.json) process.stderr.write(`rollout ${created.id} started; waiting\n`);
         return waitRollout(rpc, created.id);
@@ -116,23 +89,20 @@ export function registerRollout(program: Command): void {
       else process.stdout.write(renderRollout(r));
       if (o.wait && r.state !== "SUCCEEDED") process.exitCode = EXIT.FAILED;
     });
-  operatorOptions(rollout.command("ls"))
+  listOptions(operatorOptions(rollout.command("ls")))
     .description("list rollouts, newest first")
-    .action(async (o: OperatorOptions) => {
-      const r = await withRpc(loadContext(o), (rpc) => rpc.call<RolloutJson[]>("rollout.ls", {}));
-      if (o.json) return printJson(r);
-      process.stdout.write(
-        table(
-          r.map((x) => ({
-            id: x.id,
-            name: x.name,
-            state: x.state,
-            wave: `${x.currentWave}/${x.waves.length}`,
-            succeeded: x.counts.succeeded,
-            failed: x.counts.failed,
-            total: x.counts.total,
-          })),
-        ),
+    .option("--active", "only running and paused rollouts")
+    .action(async (o: ListOptions & { active?: boolean }) => {
+      await withRpc(loadContext(o), (rpc) =>
+        printList(rpc.pages("rollout.ls", { active: Boolean(o.active) }, o.limit), o, (x) => ({
+          id: x.id,
+          name: x.name,
+          state: x.state,
+          wave: `${x.currentWave}/${x.waves.length}`,
+          succeeded: x.counts.succeeded,
+          failed: x.counts.failed,
+          total: x.counts.total,
+        })),
       );
     });
   for (const [name, desc] of [
@@ -146,7 +116,7 @@ export function registerRollout(program: Command): void {
       cmd.option("--force", "cancel running tasks too").option("--reason <text>", "reason");
     cmd.action(async (id: string, o: OperatorOptions & { force?: boolean; reason?: string }) => {
       const params = name === "abort" ? { id, force: o.force, reason: o.reason } : { id };
-      const r = await withRpc(loadContext(o), (rpc) => rpc.call<RolloutJson>(`rollout.${name}`, params));
+      const r = await withRpc(loadContext(o), (rpc) => rpc.call(`rollout.${name}`, params));
       if (o.json) return printJson(r);
       process.stdout.write(renderRollout(r));
     });

@@ -2,6 +2,15 @@
 // timeouts, and exit code 3 with a one-line reason when the server cannot be reached.
 import { randomBytes } from "node:crypto";
 import mqtt, { type MqttClient } from "mqtt";
+import {
+  api,
+  DEFAULT_PAGE,
+  formatIssues,
+  type Method,
+  type Params,
+  type Result,
+  RpcErrorCode,
+} from "../proto/api.js";
 import { decodeEnvelope, encodeEnvelope } from "../proto/envelope.js";
 import { signRpcCall } from "../proto/rpc.js";
 import { rpcRequestTopic, rpcResponseTopic } from "../proto/topics.js";
@@ -9,6 +18,19 @@ import type { LoadedContext } from "./context.js";
 import { CliError, EXIT } from "./exit.js";
 
 const CONNECT_TIMEOUT_MS = 5000;
+
+/** The exit code for each way a request can fail (DESIGN.md §7). */
+const EXIT_FOR: Record<RpcErrorCode, number> = {
+  [RpcErrorCode.RPC_ERROR_UNSPECIFIED]: EXIT.USAGE,
+  [RpcErrorCode.RPC_NOT_FOUND]: EXIT.FAILED,
+  [RpcErrorCode.RPC_INVALID]: EXIT.USAGE,
+  [RpcErrorCode.RPC_REPLAYED]: EXIT.CONNECT,
+  [RpcErrorCode.RPC_UNKNOWN_METHOD]: EXIT.USAGE,
+  [RpcErrorCode.RPC_TOO_LARGE]: EXIT.FAILED,
+  [RpcErrorCode.RPC_INTERNAL]: EXIT.FAILED,
+};
+
+type Paged<M extends Method> = Result<M> extends { items: Array<infer T> } ? T : never;
 
 export async function connectOperator(ctx: LoadedContext): Promise<MqttClient> {
   const clientId = `op-${ctx.username}-${randomBytes(4).toString("hex")}`;
@@ -52,7 +74,7 @@ export async function connectOperator(ctx: LoadedContext): Promise<MqttClient> {
 export class RpcClient {
   private pending = new Map<
     string,
-    { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }
+    { method: Method; resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }
   >();
 
   private constructor(
@@ -75,14 +97,15 @@ export class RpcClient {
     return new RpcClient(client, ctx);
   }
 
-  call<T = unknown>(method: string, params: unknown, timeoutMs = 15_000): Promise<T> {
+  /** One request; the result is checked against the method's schema (proto/api.ts). */
+  call<M extends Method>(method: M, params: Params<M>, timeoutMs = 15_000): Promise<Result<M>> {
     const requestId = randomBytes(8).toString("hex");
     const req = signRpcCall(
       { requestId, clientId: this.client.options.clientId!, method, params },
       this.ctx.signingKeyPem,
       this.ctx.keyId,
     );
-    return new Promise<T>((resolve, reject) => {
+    return new Promise<Result<M>>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId);
         reject(
@@ -92,7 +115,7 @@ export class RpcClient {
           ),
         );
       }, timeoutMs);
-      this.pending.set(requestId, { resolve: resolve as (v: unknown) => void, reject, timer });
+      this.pending.set(requestId, { method, resolve: resolve as (v: unknown) => void, reject, timer });
       this.client.publish(
         rpcRequestTopic(this.ctx.prefix),
         Buffer.from(encodeEnvelope({ rpcRequest: req })),
@@ -112,14 +135,56 @@ export class RpcClient {
     if (!res || !p) return;
     clearTimeout(p.timer);
     this.pending.delete(res.requestId!);
-    if (res.ok) p.resolve(res.resultJson ? JSON.parse(res.resultJson) : null);
+    if (!res.ok) {
+      const code = res.errorCode ?? RpcErrorCode.RPC_ERROR_UNSPECIFIED;
+      p.reject(new CliError(res.error || "request failed", EXIT_FOR[code] ?? EXIT.FAILED));
+      return;
+    }
+    let result: unknown;
+    try {
+      result = JSON.parse(res.resultJson || "null");
+    } catch (err) {
+      p.reject(
+        new CliError(`${p.method}: the server's reply is not JSON: ${(err as Error).message}`, EXIT.FAILED),
+      );
+      return;
+    }
+    const checked = api[p.method].result.safeParse(result);
+    if (checked.success) p.resolve(checked.data);
     else
       p.reject(
         new CliError(
-          res.error || "request failed",
-          res.errorCode === 3 ? EXIT.CONNECT : res.errorCode === 1 ? EXIT.FAILED : EXIT.USAGE,
+          `${p.method}: unexpected reply from the server (another version?): ${formatIssues(checked.error, "result")}`,
+          EXIT.FAILED,
         ),
       );
+  }
+
+  /**
+   * Every item of a paged method, page after page (the server may stop a page early to stay
+   * under its payload limit); `max` stops after that many.
+   */
+  async *pages<M extends Method>(
+    method: M,
+    params: Params<M>,
+    max = Number.POSITIVE_INFINITY,
+  ): AsyncGenerator<Paged<M>> {
+    let cursor: string | undefined;
+    let given = 0;
+    for (;;) {
+      const limit = Math.min(DEFAULT_PAGE, max - given);
+      if (limit <= 0) return;
+      const page = (await this.call(method, { ...params, limit, cursor } as Params<M>)) as {
+        items: Paged<M>[];
+        next?: string;
+      };
+      for (const item of page.items) {
+        yield item;
+        if (++given >= max) return;
+      }
+      if (!page.next) return;
+      cursor = page.next;
+    }
   }
 
   async close(): Promise<void> {

@@ -7,7 +7,7 @@ import { loadContext, type OperatorOptions, operatorOptions } from "./context.js
 import { CliError, EXIT } from "./exit.js";
 import { collect, parseDuration, parseKv, printJson } from "./format.js";
 import { buildSpec, type JobFile, parseJob, readJobFile } from "./jobfile.js";
-import { type JobJson, JobWaiter, printJob } from "./jobs.js";
+import { JobWaiter, printJob, wholeJob } from "./jobs.js";
 import { withRpc } from "./rpc.js";
 
 interface RunOptions extends OperatorOptions {
@@ -105,16 +105,14 @@ export function registerRun(program: Command): void {
         if (any !== undefined && !o.selector) throw new CliError("--any needs --selector");
         // The controller re-dispatches a device's work after the task timeout plus a grace period.
         const timeoutS = o.timeout ? parseDuration(o.timeout, "--timeout") + 10 : 0;
-        const submitted = await rpc.call<JobJson>("job.submit", {
+        const submitted = await rpc.call("job.submit", {
           signedJob: signed,
           ...target,
           ...(any ? { any, timeoutS } : {}),
         });
-        if (!waiter) return submitted;
+        if (!waiter) return wholeJob(rpc, await rpc.call("jobs.show", { id: submitted.id }));
         if (!o.json)
-          process.stderr.write(
-            `job ${submitted.id} sent to ${submitted.devices.length} device(s); waiting\n`,
-          );
+          process.stderr.write(`job ${submitted.id} sent to ${submitted.counts.total} device(s); waiting\n`);
         return waiter.wait(submitted.id);
       });
       if (o.json) printJson(result);
@@ -123,7 +121,10 @@ export function registerRun(program: Command): void {
         process.stderr.write(`done in ${((performance.now() - started) / 1000).toFixed(2)}s\n`);
       } else
         process.stdout.write(
-          `job ${result.id} sent to ${result.devices.length} device(s): ${result.devices.map((d) => d.deviceId).join(", ")}\n`,
+          `job ${result.id} sent to ${result.devices.length} device(s): ${result.devices
+            .slice(0, 20)
+            .map((d) => d.deviceId)
+            .join(", ")}${result.devices.length > 20 ? ", …" : ""}\n`,
         );
       if (o.wait && result.state !== "SUCCEEDED") process.exitCode = EXIT.FAILED;
     });

@@ -79,6 +79,12 @@ export function registerServer(program: Command): void {
           const stop = () => {
             process.removeAllListeners("SIGTERM");
             process.removeAllListeners("SIGINT");
+            // Every step of stop() is bounded; this is the last resort (LevelDB writes that
+            // were acknowledged are synced already).
+            setTimeout(() => {
+              log.error("shutdown did not finish within 10 s; exiting");
+              process.exit(EXIT.FAILED);
+            }, 10_000).unref();
             server.stop().then(done, (err) => {
               log.error({ err }, "shutdown failed");
               done();

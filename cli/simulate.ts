@@ -64,23 +64,23 @@ export function registerSimulate(program: Command): void {
         throw new CliError("--devices >= 1, --fail-rate in 0..1, --latency >= 0, --connect-rate > 0");
       }
       const labels = parseKv(o.label, "--label") as Record<string, string>;
+      // `\r` progress only on a terminal; a log file gets the final lines only.
+      const progress = (line: string) => {
+        if (process.stderr.isTTY) process.stderr.write(`\r${line}`);
+      };
       const ctx = loadContext(o);
       const ids = Array.from({ length: n }, (_, i) => `${o.prefix}${String(i + 1).padStart(4, "0")}`);
       const { info, secrets } = await withRpc(ctx, async (rpc) => {
-        const info = await rpc.call<{
-          trustedKeys: Array<{ keyId: string; publicKey: string }>;
-          prefix: string;
-          caCert: string;
-        }>("server.info", {});
+        const info = await rpc.call("server.info", {});
         const secrets = new Map<string, string>();
         for (let i = 0; i < ids.length; i += BATCH) {
-          const made = await rpc.call<Array<{ id: string; password: string }>>("device.addMany", {
+          const made = await rpc.call("device.addMany", {
             devices: ids.slice(i, i + BATCH).map((id) => ({ id, labels })),
           });
           for (const d of made) secrets.set(d.id, d.password);
-          process.stderr.write(`\rregistered ${Math.min(i + BATCH, n)}/${n}`);
+          progress(`registered ${Math.min(i + BATCH, n)}/${n}`);
         }
-        process.stderr.write("\n");
+        progress("\n");
         return { info, secrets };
       });
       const dir = mkdtempSync(join(tmpdir(), "fleet-sim-"));
@@ -125,15 +125,15 @@ export function registerSimulate(program: Command): void {
         await agent.start();
         if (agents.length % Math.max(1, Math.round(rate / 10)) === 0) await delay(100);
         const up = agents.filter((a) => a.connected).length;
-        process.stderr.write(`\rconnecting: ${up}/${n} connected, ${agents.length} started`);
+        progress(`connecting: ${up}/${n} connected, ${agents.length} started`);
       }
       for (;;) {
         const up = agents.filter((a) => a.connected).length;
-        process.stderr.write(`\rconnecting: ${up}/${n} connected`);
+        progress(`connecting: ${up}/${n} connected`);
         if (up === n) break;
         await delay(200);
       }
-      process.stderr.write("\n");
+      progress("\n");
       process.stdout.write(
         `simulating ${n} devices (${ids[0]}..${ids.at(-1)}), all connected in ${((Date.now() - started) / 1000).toFixed(1)}s; Ctrl-C stops\n`,
       );

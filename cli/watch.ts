@@ -1,5 +1,6 @@
 // `fleet watch`: a live view of devices and task events (on a TTY), or NDJSON events (--json).
 import type { Command } from "commander";
+import type { RolloutJson } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
 import { stateName } from "../proto/index.js";
 import { matchesSelector, parseSelector, type Requirement, SelectorError } from "../proto/selector.js";
@@ -7,7 +8,7 @@ import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
 import { table } from "./format.js";
-import { type RolloutJson, renderRollout } from "./rollout.js";
+import { renderRollout } from "./rollout.js";
 import { RpcClient } from "./rpc.js";
 
 const REDRAW_MS = 250;
@@ -46,10 +47,8 @@ export function registerWatch(program: Command): void {
         rollouts.set(r.id, r);
         rolloutOfJob.set(r.jobId, r.id);
       };
-      if (o.rollout) track(await rpc.call<RolloutJson>("rollout.show", { id: o.rollout }));
-      else
-        for (const r of await rpc.call<RolloutJson[]>("rollout.ls", {}))
-          if (r.state === "RUNNING" || r.state === "PAUSED") track(r);
+      if (o.rollout) track(await rpc.call("rollout.show", { id: o.rollout }));
+      else for await (const r of rpc.pages("rollout.ls", { active: true })) track(r);
       const devices = new Map<string, DeviceView>();
       const recent: string[] = [];
       const tty = process.stdout.isTTY && !o.json;
@@ -155,7 +154,7 @@ export function registerWatch(program: Command): void {
         refreshing = true;
         const ids = [...stale];
         stale.clear();
-        Promise.all(ids.map((id) => rpc.call<RolloutJson>("rollout.show", { id }).then(track, () => {})))
+        Promise.all(ids.map((id) => rpc.call("rollout.show", { id }).then(track, () => {})))
           .then(() => {
             dirty = true;
           })

@@ -49,5 +49,8 @@ export function verifyRpcRequest(
     return { ok: false, error: "request outside the time window (clock skew or replay)" };
   if (!call.nonce || !call.requestId || !call.clientId)
     return { ok: false, error: "request lacks nonce, id or client id" };
+  // The reply goes to rpc/res/{clientId}: one topic level, no wildcards.
+  if (!/^[A-Za-z0-9._-]{1,128}$/.test(call.clientId))
+    return { ok: false, error: "client id is not a plain topic level ([A-Za-z0-9._-]{1,128})" };
   return { ok: true, call, params };
 }

@@ -4,25 +4,21 @@
 import { createPublicKey, type KeyObject } from "node:crypto";
 import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
-import { ulid } from "ulid";
-import { z } from "zod";
 import { Counters } from "../../agent/counters.js";
-import { checkGraph } from "../../agent/dag.js";
-import type { Spec } from "../../agent/verify.js";
-import { AGENT_VERSION } from "../../agent/version.js";
+import { settlesWithin } from "../../common/timeout.js";
+import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
-import { pb, stateName } from "../../proto/index.js";
 import { verifyRpcRequest } from "../../proto/rpc.js";
-import { parseSelector, SelectorError } from "../../proto/selector.js";
-import { verifySignedJob } from "../../proto/signing.js";
 import { parseDeviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
-import { type CertPair, issueDeviceCert } from "../pki.js";
-import { Delivery, jobJson, jobState } from "./delivery.js";
+import type { CertPair } from "../pki.js";
+import { type Handlers, operatorApi } from "./api.js";
+import { Delivery } from "./delivery.js";
 import { WorkQueue } from "./dispatch.js";
-import { deviceJson, type Registry, RpcError } from "./registry.js";
+import { dropRefusedPublishes } from "./refused.js";
+import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
-import type { ControllerStore, JobRecord } from "./store.js";
+import type { ControllerStore } from "./store.js";
 
 const RPC_WINDOW_MS = 5 * 60_000;
 
@@ -45,8 +41,6 @@ export interface ControllerOptions {
   telemetryTap?: (deliver: (topic: string, payload: Buffer) => void) => void;
 }
 
-type Handler = (params: unknown, operator: string) => Promise<unknown>;
-
 export class Controller {
   readonly counters: Counters;
   readonly delivery: Delivery;
@@ -59,7 +53,7 @@ export class Controller {
   private readonly prefix: string;
   private readonly operatorKeys: Map<string, KeyObject>;
   private readonly operatorNames: Map<string, string>;
-  private readonly handlers: Record<string, Handler>;
+  private readonly api: Handlers;
   private timers: NodeJS.Timeout[] = [];
   private soon: NodeJS.Timeout | undefined;
   private lastStep = 0;
@@ -77,6 +71,7 @@ export class Controller {
       log: this.log.child({ component: "delivery" }),
       counters: this.counters,
       publish: (topic, payload, qos) => this.publish(topic, payload, qos),
+      maxPayloadBytes: o.config.limits.maxPayloadBytes,
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),
     });
@@ -87,7 +82,18 @@ export class Controller {
       telemetry: (d) => this.telemetry.get(d),
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
-    this.handlers = this.rpcHandlers();
+    this.api = operatorApi({
+      config: o.config,
+      store: o.store,
+      registry: o.registry,
+      delivery: this.delivery,
+      rollouts: this.rollouts,
+      workQueue: this.workQueue,
+      ca: o.ca,
+      operatorKeys: this.operatorKeys,
+      httpUrl: o.httpUrl,
+      httpsUrl: o.httpsUrl,
+    });
   }
 
   async start(): Promise<void> {
@@ -109,6 +115,8 @@ export class Controller {
       done();
     };
     client.on("error", (err) => this.log.warn({ err: err.message }, "controller connection error"));
+    client.on("offline", () => this.log.warn("the controller lost its broker connection; reconnecting"));
+    dropRefusedPublishes(client, { log: this.log, counters: this.counters });
     await new Promise<void>((resolve, reject) => {
       client.once("connect", () => resolve());
       client.once("error", (err) => {
@@ -166,17 +174,40 @@ export class Controller {
     }, wait);
   }
 
-  async stop(): Promise<void> {
-    if (this.soon) clearTimeout(this.soon);
-    for (const t of this.timers) clearInterval(t);
-    await this.o.registry.flush().catch(() => {});
-    await this.client?.endAsync().catch(() => {});
+  /** Whether the controller holds its broker connection (for /healthz). */
+  get connected(): boolean {
+    return Boolean(this.client?.connected);
   }
 
-  private publish(topic: string, payload: Uint8Array, qos: 0 | 1): void {
+  /**
+   * Bounded: a graceful end waits for in-flight QoS 1 publishes, which never finish while the
+   * broker is gone; after `graceMs` the connection is dropped (what matters is on disk already:
+   * every acknowledgement was sent after its LevelDB write).
+   */
+  async stop(graceMs = 2000): Promise<void> {
+    if (this.soon) clearTimeout(this.soon);
+    for (const t of this.timers) clearInterval(t);
+    await this.o.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed"));
+    const client = this.client;
+    if (!client) return;
+    if (!(await settlesWithin(client.endAsync(), graceMs))) client.end(true);
+  }
+
+  /** Never publishes what the broker would refuse (it would close our connection instead). */
+  private publish(topic: string, payload: Uint8Array, qos: 0 | 1): boolean {
+    const limit = this.o.config.limits.maxPayloadBytes;
+    if (payload.length > limit) {
+      this.counters.inc("publish_too_large");
+      this.log.error(
+        { topic, bytes: payload.length, limit },
+        "not publishing a message over the payload limit",
+      );
+      return false;
+    }
     this.client?.publish(topic, Buffer.from(payload), { qos }, (err) => {
       if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
     });
+    return true;
   }
 
   private drop(reason: string, detail: string): void {
@@ -252,36 +283,45 @@ export class Controller {
       return;
     }
     const { call, params } = check;
-    const reply = (body: { ok: boolean; resultJson?: string; error?: string; errorCode?: number }) =>
+    const topic = rpcResponseTopic(this.prefix, call.clientId);
+    const fail = (code: RpcErrorCode, error: string): void => {
       this.publish(
-        rpcResponseTopic(this.prefix, call.clientId),
-        encodeEnvelope({ rpcResponse: { requestId: call.requestId, ...body } }),
+        topic,
+        encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: false, error, errorCode: code } }),
         1,
       );
+    };
     if (await this.o.store.nonces.get(call.nonce)) {
       this.counters.inc("rpc_replayed");
       this.log.warn({ method: call.method }, "rejected a replayed operator request");
-      return reply({ ok: false, error: "replayed request", errorCode: 3 });
+      return fail(RpcErrorCode.RPC_REPLAYED, "replayed request");
     }
     await this.o.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, { sync: true } as never);
-    const handler = Object.hasOwn(this.handlers, call.method) ? this.handlers[call.method] : undefined;
-    if (!handler) return reply({ ok: false, error: `unknown method ${call.method}`, errorCode: 2 });
+    const method = call.method;
+    if (!isMethod(method)) return fail(RpcErrorCode.RPC_UNKNOWN_METHOD, `unknown method ${method}`);
     const operator = this.operatorNames.get(env.rpcRequest!.keyId ?? "") ?? "?";
+    let resultJson: string;
     try {
-      const result = await handler(params, operator);
-      reply({ ok: true, resultJson: JSON.stringify(result ?? null) });
+      const parsed = api[method].params.safeParse(params);
+      if (!parsed.success) return fail(RpcErrorCode.RPC_INVALID, formatIssues(parsed.error));
+      const handler = this.api[method] as (p: unknown, operator: string) => Promise<unknown>;
+      resultJson = JSON.stringify((await handler(parsed.data, operator)) ?? null);
     } catch (err) {
-      if (err instanceof RpcError) return reply({ ok: false, error: err.message, errorCode: err.code });
-      if (err instanceof z.ZodError) {
-        return reply({
-          ok: false,
-          error: err.issues.map((i) => `${i.path.join(".") || "params"}: ${i.message}`).join("; "),
-          errorCode: 2,
-        });
-      }
-      this.log.error({ err, method: call.method }, "rpc handler failed");
-      reply({ ok: false, error: `internal error: ${(err as Error).message}`, errorCode: 1 });
+      if (err instanceof ApiError) return fail(err.code, err.message);
+      this.counters.inc("rpc_failed");
+      this.log.error({ err, method }, "rpc handler failed");
+      return fail(RpcErrorCode.RPC_INTERNAL, `internal error: ${(err as Error).message}`);
     }
+    const reply = encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: true, resultJson } });
+    if (reply.length > this.o.config.limits.maxPayloadBytes) {
+      this.counters.inc("rpc_reply_too_large");
+      this.log.warn({ method, bytes: reply.length }, "reply over the payload limit; answering with an error");
+      return fail(
+        RpcErrorCode.RPC_TOO_LARGE,
+        `the reply to ${method} would be ${reply.length} bytes, over the payload limit of ${this.o.config.limits.maxPayloadBytes} bytes (limits.maxPayloadBytes)`,
+      );
+    }
+    this.publish(topic, reply, 1);
   }
 
   private async pruneNonces(): Promise<void> {
@@ -290,206 +330,5 @@ export class Controller {
     for await (const [k, exp] of this.o.store.nonces.iterator())
       if (exp < now) ops.push(this.o.store.del(this.o.store.nonces, k));
     if (ops.length) await this.o.store.batch(ops, false);
-  }
-
-  private selector(s: string | undefined) {
-    if (!s) return undefined;
-    try {
-      return parseSelector(s);
-    } catch (err) {
-      if (err instanceof SelectorError) throw new RpcError(err.message);
-      throw err;
-    }
-  }
-
-  private rpcHandlers(): Record<string, Handler> {
-    const { registry, store } = this.o;
-    const id = z.object({ id: z.string() });
-    const labels = z.record(z.string(), z.string()).default({});
-    return {
-      "server.info": async () => ({
-        prefix: this.prefix,
-        version: AGENT_VERSION,
-        caCert: this.o.ca.certPem,
-        http: this.o.httpUrl,
-        https: this.o.httpsUrl,
-        trustedKeys: this.o.config.operators.map((op) => ({ keyId: op.keyId, publicKey: op.publicKey })),
-      }),
-      "device.add": async (p) => {
-        const a = z.object({ id: z.string(), labels, rotate: z.boolean().default(false) }).parse(p);
-        const { device, token } = await registry.add(a.id, a.labels, a.rotate);
-        return { id: device.id, username: device.id, password: token };
-      },
-      "device.ls": async (p) => {
-        const a = z.object({ selector: z.string().optional() }).parse(p);
-        return registry
-          .select(this.selector(a.selector))
-          .map(deviceJson)
-          .sort((x, y) => x.id.localeCompare(y.id));
-      },
-      "device.show": async (p) => {
-        const d = registry.get(id.parse(p).id);
-        if (!d) throw new RpcError(`no device ${id.parse(p).id}`, 1);
-        const jobs = (await store.deviceAssignments(d.id)).map((a) => ({
-          jobId: a.jobId,
-          state: stateName(a.state),
-        }));
-        return { ...deviceJson(d), queueDepth: d.queueDepth, facts: d.facts ?? {}, jobs };
-      },
-      "device.rm": async (p) => {
-        const { id: devId } = id.parse(p);
-        if (!(await registry.remove(devId))) throw new RpcError(`no device ${devId}`, 1);
-        return { id: devId, removed: true };
-      },
-      "device.cert": async (p) => {
-        const { id: devId } = id.parse(p);
-        if (!registry.get(devId)) throw new RpcError(`no device ${devId}`, 1);
-        return { ...issueDeviceCert(this.o.ca, devId), caPem: this.o.ca.certPem };
-      },
-      "job.submit": async (p, operator) => this.submit(p, operator),
-      "rollout.create": async (p, operator) => this.createRollout(p, operator),
-      "rollout.ls": async () => this.rollouts.list(),
-      "rollout.show": async (p) => {
-        const r = await this.rollouts.get(id.parse(p).id);
-        if (!r) throw new RpcError(`no rollout ${id.parse(p).id}`, 1);
-        return this.rollouts.view(r);
-      },
-      "rollout.pause": async (p) => this.rollouts.view(await this.rollouts.setState(id.parse(p).id, "pause")),
-      "rollout.resume": async (p) =>
-        this.rollouts.view(await this.rollouts.setState(id.parse(p).id, "resume")),
-      "rollout.abort": async (p) => {
-        const a = z
-          .object({ id: z.string(), reason: z.string().optional(), force: z.boolean().optional() })
-          .parse(p);
-        return this.rollouts.view(
-          await this.rollouts.setState(a.id, "abort", a.reason ?? "aborted by operator", a.force),
-        );
-      },
-      "device.addMany": async (p) => {
-        const a = z
-          .object({
-            devices: z.array(z.object({ id: z.string(), labels })).max(5000),
-            rotate: z.boolean().default(true),
-          })
-          .parse(p);
-        return registry.addMany(a.devices, a.rotate);
-      },
-      "jobs.ls": async (p) => {
-        const a = z
-          .object({ device: z.string().optional(), limit: z.number().int().min(1).default(100) })
-          .parse(p);
-        const out = [];
-        const jobs = await store.jobs.values({ reverse: true }).all();
-        for (const j of jobs) {
-          if (a.device && !j.devices.includes(a.device)) continue;
-          const asgs = await store.jobAssignments(j);
-          out.push({
-            id: j.id,
-            name: j.name,
-            state: jobState(j, asgs),
-            createdAt: new Date(j.createdAt).toISOString(),
-            devices: j.devices.length,
-          });
-          if (out.length >= a.limit) break;
-        }
-        return out;
-      },
-      "jobs.show": async (p) => {
-        const v = await this.delivery.view(id.parse(p).id);
-        if (!v) throw new RpcError(`no job ${id.parse(p).id}`, 1);
-        return v;
-      },
-      "jobs.cancel": async (p) => {
-        const a = z.object({ id: z.string(), reason: z.string().default("canceled by operator") }).parse(p);
-        const job = await this.delivery.cancel(a.id, a.reason);
-        if (!job) throw new RpcError(`no job ${a.id}`, 1);
-        return jobJson(job, await store.jobAssignments(job));
-      },
-    };
-  }
-
-  /** Checks a signed job from an operator and makes its record (no devices yet). */
-  private async jobRecord(signedJob: string, operator: string): Promise<{ job: JobRecord; spec: Spec }> {
-    const signed = pb.SignedJob.decode(Buffer.from(signedJob, "base64"));
-    const v = verifySignedJob(signed, this.operatorKeys);
-    if (!v.ok) throw new RpcError(`job signature: ${v.message}`);
-    const spec = v.spec;
-    if (!/^[0-9A-HJKMNP-TV-Z]{26}$/.test(spec.jobId)) throw new RpcError("job id must be a ULID");
-    if (await this.o.store.jobs.get(spec.jobId)) throw new RpcError(`job ${spec.jobId} already exists`);
-    const graph = checkGraph(spec.tasks);
-    if (graph) throw new RpcError(graph.message);
-    if (spec.expiresAtMs <= Date.now()) throw new RpcError("job has already expired");
-    const job: JobRecord = {
-      id: spec.jobId,
-      name: spec.name || spec.tasks.map((t) => t.type).join("+"),
-      signed: signedJob,
-      createdAt: Date.now(),
-      expiresAt: spec.expiresAtMs,
-      recurring: Boolean(spec.schedule?.cron),
-      tasks: spec.tasks.map((t) => ({ id: t.id, type: t.type })),
-      target: { deviceIds: spec.target?.deviceIds ?? [], selector: spec.target?.selector ?? "" },
-      devices: [],
-      createdBy: operator,
-    };
-    return { job, spec };
-  }
-
-  private async submit(p: unknown, operator: string) {
-    const a = z
-      .object({
-        signedJob: z.string(),
-        deviceIds: z.array(z.string()).default([]),
-        selector: z.string().default(""),
-        any: z.number().int().min(1).optional(),
-        timeoutS: z.number().min(0).default(0),
-      })
-      .parse(p);
-    const { job } = await this.jobRecord(a.signedJob, operator);
-    const { deviceIds: targetIds, selector } = job.target;
-    if (a.deviceIds.join(",") !== targetIds.join(",") || a.selector !== selector) {
-      throw new RpcError("targets in the request differ from the signed job's target");
-    }
-    if (a.any) {
-      if (!selector) throw new RpcError("--any needs --selector");
-      job.any = { need: a.any, selector, timeoutS: a.timeoutS };
-      await this.workQueue.create(job);
-    } else {
-      if (targetIds.length) {
-        const unknown = targetIds.filter((d) => !this.o.registry.get(d));
-        if (unknown.length) throw new RpcError(`unknown device(s): ${unknown.join(", ")}`);
-        job.devices = [...new Set(targetIds)];
-      } else if (selector) {
-        job.devices = this.o.registry.select(this.selector(selector)).map((d) => d.id);
-        if (!job.devices.length) throw new RpcError(`no device matches selector "${selector}"`);
-      } else throw new RpcError("job has no target (device ids or selector)");
-      await this.delivery.submit(job);
-    }
-    return jobJson(job, await this.o.store.jobAssignments(job));
-  }
-
-  private async createRollout(p: unknown, operator: string) {
-    const a = z
-      .object({
-        signedJob: z.string(),
-        selector: z.string().min(1),
-        waves: z.string().optional(),
-        exponential: z.string().optional(),
-        maxFailuresPct: z.number().min(0).max(100).default(100),
-        minFinished: z.number().int().min(1).default(1),
-        bakeS: z.number().min(0).default(0),
-        timeoutS: z.number().min(0).default(0),
-        gate: z.string().optional(),
-        continuous: z.boolean().default(false),
-        force: z.boolean().default(false),
-      })
-      .parse(p);
-    this.selector(a.selector);
-    const { job } = await this.jobRecord(a.signedJob, operator);
-    if (job.target.selector !== a.selector || job.target.deviceIds.length) {
-      throw new RpcError("the signed job must target the rollout's selector (and no device ids)");
-    }
-    job.rolloutId = ulid();
-    const r = await this.rollouts.create(job, a);
-    return this.rollouts.view(r);
   }
 }

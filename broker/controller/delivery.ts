@@ -16,6 +16,8 @@ export interface DeliveryContext {
   log: Logger;
   counters: Counters;
   publish(topic: string, payload: Uint8Array, qos: 0 | 1): void;
+  /** The broker's payload limit: nothing larger is published. */
+  maxPayloadBytes: number;
   now(): number;
   /** A device finished a job (terminal job-level status applied). */
   onFinished?(jobId: string): void;
@@ -61,14 +63,61 @@ export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
   return asgs.every((a) => a.state === TaskState.SUCCEEDED) ? "SUCCEEDED" : "FAILED";
 }
 
-export function jobJson(job: JobRecord, asgs: readonly Assignment[]) {
+/** How many of a job's devices are where (a summary that stays small at any fleet size). */
+export function jobCounts(job: JobRecord, asgs: readonly Assignment[]) {
+  const c = { total: job.devices.length, pending: 0, running: 0, succeeded: 0, failed: 0, canceled: 0 };
+  for (const a of asgs) {
+    if (a.state === TaskState.SUCCEEDED) c.succeeded++;
+    else if (a.state === TaskState.CANCELED) c.canceled++;
+    else if (TERMINAL_STATES.has(a.state)) c.failed++;
+    else if (a.acked) c.running++;
+    else c.pending++;
+  }
+  return c;
+}
+
+/**
+ * A job with one page of its devices: those after device `after` (in assignment order), at
+ * most `limit`, and no more than `budget` bytes of JSON (at least one). `next` names the last
+ * device given when more follow.
+ */
+export function jobView(
+  job: JobRecord,
+  asgs: readonly Assignment[],
+  page: { limit: number; after?: string; budget: number },
+) {
+  const byDevice = new Map(asgs.map((a) => [a.deviceId, a]));
+  const start = page.after === undefined ? 0 : job.devices.indexOf(page.after) + 1;
+  const devices: Array<ReturnType<typeof assignmentJson> & { outputOmitted?: boolean }> = [];
+  let bytes = 0;
+  let next: string | undefined;
+  for (let i = start; i < job.devices.length && page.limit > 0; i++) {
+    const a = byDevice.get(job.devices[i]!);
+    if (!a) continue;
+    let item: ReturnType<typeof assignmentJson> & { outputOmitted?: boolean } = assignmentJson(a, job);
+    let size = Buffer.byteLength(JSON.stringify(item));
+    if (size > page.budget) {
+      // One device's task outputs alone would not fit a reply: leave them out, say so.
+      item = { ...item, tasks: item.tasks.map(({ output: _, ...t }) => t), outputOmitted: true };
+      size = Buffer.byteLength(JSON.stringify(item));
+    }
+    bytes += size;
+    if (devices.length && (devices.length >= page.limit || bytes > page.budget)) {
+      next = devices.at(-1)!.deviceId;
+      break;
+    }
+    devices.push(item);
+  }
   return {
     id: job.id,
     name: job.name,
     state: jobState(job, asgs),
     createdAt: new Date(job.createdAt).toISOString(),
     ...(job.cancelled ? { cancelled: job.cancelled.reason } : {}),
-    devices: asgs.map((a) => assignmentJson(a, job)),
+    ...(job.rolloutId ? { rolloutId: job.rolloutId } : {}),
+    counts: jobCounts(job, asgs),
+    devices,
+    ...(next !== undefined ? { next } : {}),
   };
 }
 
@@ -182,33 +231,57 @@ export class Delivery {
     }
   }
 
-  /** Re-sends every assignment the device has not acknowledged, pending cancels, and the time. */
+  /**
+   * Re-sends every assignment the device has not acknowledged, pending cancels, and the time.
+   * The SyncResponse carries as many assignments as fit the payload limit; the rest go as
+   * ordinary JobAssignments on the device's job topic (each fits: checked at submit).
+   */
   async onSync(deviceId: string): Promise<void> {
-    const assignments: Array<{ job: ReturnType<typeof pb.SignedJob.decode>; deviceId: string }> = [];
+    const inSync: Array<{ job: ReturnType<typeof pb.SignedJob.decode>; deviceId: string }> = [];
+    const overflow: JobRecord[] = [];
     const cancels: Array<{ jobId: string; reason: string }> = [];
+    const moreCancels: typeof cancels = [];
+    // What does not fit the SyncResponse (envelope and time need little) goes separately.
+    let room = this.c.maxPayloadBytes - 1024;
+    const cancel = (jobId: string, reason: string) => {
+      const c = { jobId, reason: reason.slice(0, 256) };
+      const size = c.jobId.length + Buffer.byteLength(c.reason) + 16;
+      if (size <= room) {
+        room -= size;
+        cancels.push(c);
+      } else moreCancels.push(c);
+    };
     for (const a of await this.c.store.deviceAssignments(deviceId)) {
       if (a.closed) {
         // Ended by the controller: make sure the device stops too (it may have missed the Cancel).
-        if (a.acked && Object.values(a.tasks).some((t) => !TERMINAL_STATES.has(t.state))) {
-          cancels.push({ jobId: a.jobId, reason: a.message || "canceled by the controller" });
-        }
+        if (a.acked && Object.values(a.tasks).some((t) => !TERMINAL_STATES.has(t.state)))
+          cancel(a.jobId, a.message || "canceled by the controller");
         continue;
       }
       if (TERMINAL_STATES.has(a.state)) continue;
       const job = await this.job(a.jobId);
       if (!job) continue;
       if (job.cancelled) {
-        if (a.acked) cancels.push({ jobId: job.id, reason: job.cancelled.reason });
+        if (a.acked) cancel(job.id, job.cancelled.reason);
       } else if (!a.acked && job.expiresAt > this.c.now()) {
-        assignments.push({ job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId });
+        const size = (job.signed.length * 3) / 4 + 128;
+        if (size <= room) {
+          room -= size;
+          inSync.push({ job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId });
+        } else overflow.push(job);
       }
     }
     this.c.publish(
       deviceTopic(this.c.prefix, deviceId, "ctl"),
-      encodeEnvelope({ syncResponse: { assignments, cancels, nowMs: this.c.now() } }),
+      encodeEnvelope({ syncResponse: { assignments: inSync, cancels, nowMs: this.c.now() } }),
       1,
     );
-    if (assignments.length) this.c.counters.inc("assignments_resent", assignments.length);
+    for (const job of overflow)
+      this.c.publish(deviceTopic(this.c.prefix, deviceId, "job"), this.assignmentPayload(job, deviceId), 1);
+    for (const c of moreCancels)
+      this.c.publish(deviceTopic(this.c.prefix, deviceId, "ctl"), encodeEnvelope({ cancel: c }), 1);
+    const resent = inSync.length + overflow.length;
+    if (resent) this.c.counters.inc("assignments_resent", resent);
   }
 
   onStatusBatch(deviceId: string, statuses: TaskStatus[]): Promise<void> {
@@ -306,10 +379,10 @@ export class Delivery {
     return job;
   }
 
-  async view(jobId: string) {
+  async view(jobId: string, page: Parameters<typeof jobView>[2]) {
     const job = await this.job(jobId);
     if (!job) return undefined;
-    return jobJson(job, await this.c.store.jobAssignments(job));
+    return jobView(job, await this.c.store.jobAssignments(job), page);
   }
 
   /** Drops jobs (and their assignments) created before `before` whose assignments are all terminal. */

@@ -2,10 +2,11 @@
 // loaded online ones (queue depth from DeviceState) and is re-dispatched elsewhere when a
 // device fails, times out or goes offline, until N succeeded or no candidate is left.
 import type { Logger } from "pino";
+import { ApiError } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { parseSelector } from "../../proto/selector.js";
 import type { Delivery } from "./delivery.js";
-import { type Registry, RpcError } from "./registry.js";
+import type { Registry } from "./registry.js";
 import type { ControllerStore, JobRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
 
@@ -41,7 +42,7 @@ export class WorkQueue {
 
   async create(job: JobRecord): Promise<void> {
     const first = this.candidates(job, job.any!.need);
-    if (!first.length) throw new RpcError(`no online device matches selector "${job.any!.selector}"`);
+    if (!first.length) throw new ApiError(`no online device matches selector "${job.any!.selector}"`);
     job.devices = first;
     await this.c.delivery.submit(job);
     this.active.set(job.id, job);

@@ -2,6 +2,7 @@
 // authentication reads it on every CONNECT) and written through to LevelDB; presence and
 // last-seen changes are flushed in one batch per interval, not one write per message.
 
+import { ApiError } from "../../proto/api.js";
 import type { DeviceState } from "../../proto/index.js";
 import { matchesSelector, type Requirement } from "../../proto/selector.js";
 import { DEVICE_ID_RE } from "../../proto/topics.js";
@@ -11,20 +12,10 @@ import type { ControllerStore, DeviceRecord } from "./store.js";
 /** Client ids we use ourselves; a device may not take them (no session takeover). */
 export const RESERVED_PREFIXES = ["op-", "fleet-"];
 
-export class RpcError extends Error {
-  constructor(
-    message: string,
-    readonly code: number = 2,
-  ) {
-    super(message);
-    this.name = "RpcError";
-  }
-}
-
 export function checkDeviceId(id: string): void {
-  if (!DEVICE_ID_RE.test(id)) throw new RpcError(`device id "${id}" must match [A-Za-z0-9._-]{1,64}`);
+  if (!DEVICE_ID_RE.test(id)) throw new ApiError(`device id "${id}" must match [A-Za-z0-9._-]{1,64}`);
   if (RESERVED_PREFIXES.some((p) => id.startsWith(p))) {
-    throw new RpcError(`device id "${id}" uses a reserved prefix (${RESERVED_PREFIXES.join(", ")})`);
+    throw new ApiError(`device id "${id}" uses a reserved prefix (${RESERVED_PREFIXES.join(", ")})`);
   }
 }
 
@@ -41,6 +32,8 @@ export function deviceJson(d: DeviceRecord) {
 export class Registry {
   private readonly devices = new Map<string, DeviceRecord>();
   private readonly dirty = new Set<string>();
+  /** Device ids in order, for paging; rebuilt after a device is added or removed. */
+  private sorted: string[] | undefined;
 
   constructor(private readonly store: ControllerStore) {}
 
@@ -61,6 +54,28 @@ export class Registry {
 
   all(): IterableIterator<DeviceRecord> {
     return this.devices.values();
+  }
+
+  /**
+   * Devices in id order after `after` (exclusive) that match `reqs`, lazily: a page reads
+   * only as far as it needs.
+   */
+  *ordered(reqs: readonly Requirement[] | undefined, after?: string): Generator<DeviceRecord> {
+    this.sorted ??= [...this.devices.keys()].sort();
+    const ids = this.sorted;
+    let lo = 0;
+    if (after !== undefined) {
+      let hi = ids.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1;
+        if (ids[mid]! <= after) lo = mid + 1;
+        else hi = mid;
+      }
+    }
+    for (let i = lo; i < ids.length; i++) {
+      const d = this.devices.get(ids[i]!);
+      if (d && (!reqs || matchesSelector(reqs, d.labels))) yield d;
+    }
   }
 
   select(reqs: readonly Requirement[] | undefined): DeviceRecord[] {
@@ -94,7 +109,7 @@ export class Registry {
     for (const { id, labels } of list) {
       checkDeviceId(id);
       const existing = this.devices.get(id);
-      if (existing && !rotate) throw new RpcError(`device ${id} already exists`);
+      if (existing && !rotate) throw new ApiError(`device ${id} already exists`);
       const token = newToken();
       const secret = { tokenHash: tokenHash(token), brokerHash: mosquittoHash(token) };
       const device: DeviceRecord = existing
@@ -114,7 +129,10 @@ export class Registry {
       out.push({ id, username: id, password: token });
     }
     await this.store.batch(ops);
-    for (const d of made) this.devices.set(d.id, d);
+    for (const d of made) {
+      if (!this.devices.has(d.id)) this.sorted = undefined;
+      this.devices.set(d.id, d);
+    }
     await this.mirror?.put(made);
     return out;
   }
@@ -123,6 +141,7 @@ export class Registry {
     if (!this.devices.has(id)) return false;
     await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
     this.devices.delete(id);
+    this.sorted = undefined;
     this.dirty.delete(id);
     await this.mirror?.del(id);
     this.onRemoved?.(id);

@@ -4,11 +4,11 @@
 // it acts, so a controller restart resumes each rollout where it was and no device receives
 // the job twice (assignments are keyed by device and job). One global tick drives them all.
 import type { Logger } from "pino";
+import { ApiError, RpcErrorCode } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { matchesSelector, parseSelector } from "../../proto/selector.js";
 import type { Delivery } from "./delivery.js";
 import type { Registry } from "./registry.js";
-import { RpcError } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
 
@@ -38,7 +38,7 @@ export function planWaves(
   if (o.exponential) {
     const [b, f] = o.exponential.split(",").map(Number);
     if (!b || !f || b < 1 || f <= 1)
-      throw new RpcError(`--exponential "${o.exponential}": want base,factor with base >= 1 and factor > 1`);
+      throw new ApiError(`--exponential "${o.exponential}": want base,factor with base >= 1 and factor > 1`);
     specs = [];
     for (let n = b; ; n *= f) {
       const t = Math.min(total, Math.ceil(n));
@@ -51,12 +51,12 @@ export function planWaves(
       .split(",")
       .map((s) => s.trim())
       .filter(Boolean);
-    if (!specs.length) throw new RpcError("--waves is empty");
+    if (!specs.length) throw new ApiError("--waves is empty");
     for (const s of specs) {
       const m = /^(\d+(?:\.\d+)?)(%?)$/.exec(s);
-      if (!m) throw new RpcError(`--waves: "${s}" is neither a count nor a percentage`);
+      if (!m) throw new ApiError(`--waves: "${s}" is neither a count nor a percentage`);
       const n = m[2] ? Math.ceil((Number(m[1]) / 100) * total) : Number(m[1]);
-      if (m[2] && Number(m[1]) > 100) throw new RpcError(`--waves: "${s}" is over 100%`);
+      if (m[2] && Number(m[1]) > 100) throw new ApiError(`--waves: "${s}" is over 100%`);
       targets.push(Math.min(total, Math.max(n, targets.at(-1) ?? 0)));
     }
     if ((targets.at(-1) ?? 0) < total) {
@@ -78,7 +78,7 @@ export function parseGate(gate: string | undefined): {
   if (gate === "online") return { online: true };
   const m = /^telemetry:([a-z_.]+)\s*(<=|>=|<|>|==|!=)\s*(-?\d+(?:\.\d+)?)$/.exec(gate);
   if (!m)
-    throw new RpcError(
+    throw new ApiError(
       `--gate "${gate}": want "online" or "telemetry:<metric><op><value>", e.g. telemetry:cpu.load<0.9`,
     );
   return { online: true, metric: { name: m[1]!, op: m[2]!, value: Number(m[3]) } };
@@ -146,7 +146,7 @@ export class Rollouts {
   ): Promise<RolloutRecord> {
     parseGate(o.gate);
     const pool = this.c.registry.select(parseSelector(o.selector)).map((d) => d.id);
-    if (!pool.length && !o.continuous) throw new RpcError(`no device matches selector "${o.selector}"`);
+    if (!pool.length && !o.continuous) throw new ApiError(`no device matches selector "${o.selector}"`);
     const { specs, targets } = planWaves(pool.length, o);
     const r: RolloutRecord = {
       id: job.rolloutId!,
@@ -190,13 +190,13 @@ export class Rollouts {
     force?: boolean,
   ): Promise<RolloutRecord> {
     const r = await this.get(id);
-    if (!r) throw new RpcError(`no rollout ${id}`, 1);
+    if (!r) throw new ApiError(`no rollout ${id}`, RpcErrorCode.RPC_NOT_FOUND);
     if (op === "pause") {
-      if (r.state !== "RUNNING") throw new RpcError(`rollout ${id} is ${r.state}, not RUNNING`);
+      if (r.state !== "RUNNING") throw new ApiError(`rollout ${id} is ${r.state}, not RUNNING`);
       r.state = "PAUSED";
       await this.save(r, "rollout.paused");
     } else if (op === "resume") {
-      if (r.state !== "PAUSED") throw new RpcError(`rollout ${id} is ${r.state}, not PAUSED`);
+      if (r.state !== "PAUSED") throw new ApiError(`rollout ${id} is ${r.state}, not PAUSED`);
       r.state = "RUNNING";
       await this.save(r, "rollout.resumed");
     } else {
@@ -387,7 +387,7 @@ export class Rollouts {
         const a = w.devices.map((d) => byDevice.get(d)).filter((x): x is Assignment => x !== undefined);
         return {
           wave: i + 1,
-          spec: r.waveSpecs[i],
+          spec: r.waveSpecs[i] ?? "",
           devices: i === 0 ? w.target : w.target - r.waves[i - 1]!.target,
           state:
             w.startedAt === undefined
@@ -418,10 +418,20 @@ export class Rollouts {
     };
   }
 
-  async list() {
-    const out = [];
-    for await (const r of this.c.store.rollouts.values({ reverse: true }))
-      out.push(await this.view(this.active.get(r.id) ?? r));
-    return out;
+  /** Rollouts newest first after `after` (exclusive); only running and paused ones with `active`. */
+  async *newestFirst(active: boolean, after?: string): AsyncGenerator<RolloutRecord> {
+    if (active) {
+      const ids = [...this.active.keys()]
+        .filter((id) => after === undefined || id < after)
+        .sort()
+        .reverse();
+      for (const id of ids) {
+        const r = this.active.get(id);
+        if (r && (r.state === "RUNNING" || r.state === "PAUSED")) yield r;
+      }
+      return;
+    }
+    for await (const r of this.c.store.rollouts.values({ reverse: true, ...(after ? { lt: after } : {}) }))
+      yield this.active.get(r.id) ?? r;
   }
 }

@@ -75,7 +75,7 @@ it(`B5: ${JOBS} jobs completed offline, then drained`, async () => {
           const signed = Buffer.from(
             pb.SignedJob.encode(signJob(spec, ctx.signingKeyPem, ctx.keyId)).finish(),
           );
-          return rpc.call<{ id: string }>("job.submit", {
+          return rpc.call("job.submit", {
             signedJob: signed.toString("base64"),
             deviceIds: [ID],
             selector: "",

@@ -6,7 +6,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobJson } from "../../cli/jobs.js";
+import type { JobJson } from "../../proto/api.js";
 import { type External, startRedis } from "../helpers/external.js";
 import {
   type AgentProc,

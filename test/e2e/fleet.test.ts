@@ -4,7 +4,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobJson } from "../../cli/jobs.js";
+import type { JobJson } from "../../proto/api.js";
 import {
   type AgentProc,
   cli,

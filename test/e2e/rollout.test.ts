@@ -4,8 +4,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobJson } from "../../cli/jobs.js";
-import type { RolloutJson } from "../../cli/rollout.js";
+import type { JobJson, RolloutJson } from "../../proto/api.js";
 import {
   cli,
   cliJson,

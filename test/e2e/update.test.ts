@@ -3,7 +3,7 @@
 import { existsSync, readFileSync, readlinkSync, realpathSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobJson } from "../../cli/jobs.js";
+import type { JobJson } from "../../proto/api.js";
 import { makeRelease } from "../helpers/artifacts.js";
 import {
   type AgentProc,

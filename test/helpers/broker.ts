@@ -1,6 +1,6 @@
 // A real aedes broker on an ephemeral loopback port (no auth: that is the server's job).
 import { createServer, type Server } from "node:net";
-import { Aedes } from "aedes";
+import { Aedes, type AedesOptions } from "aedes";
 
 export interface TestBroker {
   port: number;
@@ -15,7 +15,8 @@ export interface TestBroker {
   start(): Promise<void>;
 }
 
-export async function startBroker(port = 0): Promise<TestBroker> {
+/** `hooks`: aedes options over the defaults (e.g. an authorizeSubscribe that misbehaves). */
+export async function startBroker(port = 0, hooks: Partial<AedesOptions> = {}): Promise<TestBroker> {
   const attempts: number[] = [];
   let aedes!: Aedes;
   let server!: Server;
@@ -26,6 +27,7 @@ export async function startBroker(port = 0): Promise<TestBroker> {
         attempts.push(Date.now());
         done(null, true);
       },
+      ...hooks,
     });
     server = createServer((sock) => {
       sockets.add(sock);

@@ -18,8 +18,8 @@ export interface Harness {
   close(): Promise<void>;
 }
 
-export async function harness(): Promise<Harness> {
-  const broker = await startBroker();
+export async function harness(brokerHooks: Parameters<typeof startBroker>[1] = {}): Promise<Harness> {
+  const broker = await startBroker(0, brokerHooks);
   const ctl = new TestController(broker.url);
   await ctl.start();
   const dirs: Array<() => void> = [];

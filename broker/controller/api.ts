@@ -1,0 +1,260 @@
+// The controller's side of the operator API (proto/api.ts): one handler per method, each
+// given its parsed params. Lists are paged and every page fits the payload limit.
+import { ulid } from "ulid";
+import { checkGraph } from "../../agent/dag.js";
+import { AGENT_VERSION } from "../../agent/version.js";
+import {
+  ApiError,
+  cursor,
+  type Method,
+  type ParsedParams,
+  type Result,
+  RpcErrorCode,
+} from "../../proto/api.js";
+import { encodeEnvelope } from "../../proto/envelope.js";
+import { pb, stateName } from "../../proto/index.js";
+import { parseSelector, SelectorError } from "../../proto/selector.js";
+import { verifySignedJob } from "../../proto/signing.js";
+import type { ServerConfig } from "../config.js";
+import { type CertPair, issueDeviceCert } from "../pki.js";
+import { type Delivery, jobState } from "./delivery.js";
+import type { WorkQueue } from "./dispatch.js";
+import { deviceJson, type Registry } from "./registry.js";
+import type { Rollouts } from "./rollouts.js";
+import type { ControllerStore, JobRecord, RolloutRecord } from "./store.js";
+
+export interface ApiContext {
+  config: ServerConfig;
+  store: ControllerStore;
+  registry: Registry;
+  delivery: Delivery;
+  rollouts: Rollouts;
+  workQueue: WorkQueue;
+  ca: CertPair;
+  operatorKeys: Parameters<typeof verifySignedJob>[1];
+  httpUrl?: string;
+  httpsUrl?: string;
+}
+
+export type Handlers = {
+  [M in Method]: (params: ParsedParams<M>, operator: string) => Promise<Result<M>>;
+};
+
+/** A device.show lists this many of the device's newest jobs. */
+const DEVICE_JOBS = 100;
+
+/**
+ * Collects up to `limit` items and no more than `budget` bytes of their JSON (at least one
+ * item: a single item too large for a reply is caught when the reply is encoded). `next` is
+ * the key of the last item given, when more follow.
+ */
+export async function fillPage<T, J>(
+  source: AsyncIterable<T> | Iterable<T>,
+  o: { limit: number; budget: number; json: (t: T) => J | Promise<J>; key: (t: T) => string },
+): Promise<{ items: J[]; next?: string }> {
+  const items: J[] = [];
+  let bytes = 0;
+  let last: T | undefined;
+  for await (const t of source) {
+    if (items.length >= o.limit) return { items, next: cursor.encode(o.key(last!)) };
+    const item = await o.json(t);
+    bytes += Buffer.byteLength(JSON.stringify(item));
+    if (items.length && bytes > o.budget) return { items, next: cursor.encode(o.key(last!)) };
+    items.push(item);
+    last = t;
+  }
+  return { items };
+}
+
+export function operatorApi(c: ApiContext): Handlers {
+  const { registry, store, delivery, rollouts } = c;
+  const limit = c.config.limits.maxPayloadBytes;
+  // What a page's items may take: the rest of the reply (envelope, job header) is small.
+  const budget = Math.max(limit / 2, limit - 16 * 1024);
+
+  const selector = (s: string | undefined) => {
+    if (!s) return undefined;
+    try {
+      return parseSelector(s);
+    } catch (err) {
+      if (err instanceof SelectorError) throw new ApiError(err.message);
+      throw err;
+    }
+  };
+  const notFound = (what: string) => new ApiError(`no ${what}`, RpcErrorCode.RPC_NOT_FOUND);
+  const job = async (id: string, page: { limit: number; cursor?: string }) => {
+    const v = await delivery.view(id, { limit: page.limit, after: cursor.decode(page.cursor), budget });
+    if (!v) throw notFound(`job ${id}`);
+    return { ...v, ...(v.next !== undefined ? { next: cursor.encode(v.next) } : {}) };
+  };
+  const rollout = async (r: RolloutRecord | undefined, id: string) => {
+    if (!r) throw notFound(`rollout ${id}`);
+    return rollouts.view(r);
+  };
+
+  /** Checks a signed job from an operator and makes its record (no devices yet). */
+  const jobRecord = async (signedJob: string, operator: string): Promise<JobRecord> => {
+    const bytes = Buffer.from(signedJob, "base64");
+    // A device must be able to receive it: the assignment has to fit the payload limit.
+    const size = encodeEnvelope({
+      jobAssignment: { job: pb.SignedJob.decode(bytes), deviceId: "x".repeat(64) },
+    }).length;
+    if (size > limit)
+      throw new ApiError(
+        `the signed job is ${size} bytes as an assignment, over the payload limit of ${limit} bytes`,
+        RpcErrorCode.RPC_TOO_LARGE,
+      );
+    const v = verifySignedJob(pb.SignedJob.decode(bytes), c.operatorKeys);
+    if (!v.ok) throw new ApiError(`job signature: ${v.message}`);
+    const spec = v.spec;
+    if (!/^[0-9A-HJKMNP-TV-Z]{26}$/.test(spec.jobId)) throw new ApiError("job id must be a ULID");
+    if (await store.jobs.get(spec.jobId)) throw new ApiError(`job ${spec.jobId} already exists`);
+    const graph = checkGraph(spec.tasks);
+    if (graph) throw new ApiError(graph.message);
+    if (spec.expiresAtMs <= Date.now()) throw new ApiError("job has already expired");
+    return {
+      id: spec.jobId,
+      name: spec.name || spec.tasks.map((t) => t.type).join("+"),
+      signed: signedJob,
+      createdAt: Date.now(),
+      expiresAt: spec.expiresAtMs,
+      recurring: Boolean(spec.schedule?.cron),
+      tasks: spec.tasks.map((t) => ({ id: t.id, type: t.type })),
+      target: { deviceIds: spec.target?.deviceIds ?? [], selector: spec.target?.selector ?? "" },
+      devices: [],
+      createdBy: operator,
+    };
+  };
+
+  return {
+    "server.info": async () => ({
+      prefix: c.config.prefix,
+      version: AGENT_VERSION,
+      caCert: c.ca.certPem,
+      http: c.httpUrl,
+      https: c.httpsUrl,
+      maxPayloadBytes: limit,
+      trustedKeys: c.config.operators.map((op) => ({ keyId: op.keyId, publicKey: op.publicKey })),
+    }),
+    "device.add": async (p) => {
+      const { device, token } = await registry.add(p.id, p.labels, p.rotate);
+      return { id: device.id, username: device.id, password: token };
+    },
+    "device.addMany": async (p) => registry.addMany(p.devices, p.rotate),
+    "device.ls": async (p) =>
+      fillPage(registry.ordered(selector(p.selector), cursor.decode(p.cursor)), {
+        limit: p.limit,
+        budget,
+        json: deviceJson,
+        key: (d) => d.id,
+      }),
+    "device.show": async (p) => {
+      const d = registry.get(p.id);
+      if (!d) throw notFound(`device ${p.id}`);
+      const asgs = await store.assignments
+        .values({ gt: `${d.id}!`, lt: `${d.id}!\xff`, reverse: true, limit: DEVICE_JOBS + 1 })
+        .all();
+      return {
+        ...deviceJson(d),
+        queueDepth: d.queueDepth,
+        facts: d.facts ?? {},
+        jobs: asgs.slice(0, DEVICE_JOBS).map((a) => ({ jobId: a.jobId, state: stateName(a.state) })),
+        moreJobs: asgs.length > DEVICE_JOBS,
+      };
+    },
+    "device.rm": async (p) => {
+      if (!(await registry.remove(p.id))) throw notFound(`device ${p.id}`);
+      return { id: p.id, removed: true };
+    },
+    "device.cert": async (p) => {
+      if (!registry.get(p.id)) throw notFound(`device ${p.id}`);
+      return { ...issueDeviceCert(c.ca, p.id), caPem: c.ca.certPem };
+    },
+    "job.submit": async (p, operator) => {
+      const record = await jobRecord(p.signedJob, operator);
+      const { deviceIds: targetIds, selector: target } = record.target;
+      if (p.deviceIds.join(",") !== targetIds.join(",") || p.selector !== target) {
+        throw new ApiError("targets in the request differ from the signed job's target");
+      }
+      if (p.any) {
+        if (!target) throw new ApiError("--any needs --selector");
+        record.any = { need: p.any, selector: target, timeoutS: p.timeoutS };
+        await c.workQueue.create(record);
+      } else {
+        if (targetIds.length) {
+          const unknown = targetIds.filter((d) => !registry.get(d));
+          if (unknown.length)
+            throw new ApiError(
+              `unknown device(s): ${unknown.slice(0, 20).join(", ")}${unknown.length > 20 ? `, … (${unknown.length})` : ""}`,
+            );
+          record.devices = [...new Set(targetIds)];
+        } else if (target) {
+          record.devices = registry.select(selector(target)).map((d) => d.id);
+          if (!record.devices.length) throw new ApiError(`no device matches selector "${target}"`);
+        } else throw new ApiError("job has no target (device ids or selector)");
+        await delivery.submit(record);
+      }
+      return job(record.id, { limit: 0 });
+    },
+    "jobs.ls": async (p) => {
+      const after = cursor.decode(p.cursor);
+      const summary = async (j: JobRecord) => ({
+        id: j.id,
+        name: j.name,
+        state: jobState(j, await store.jobAssignments(j)),
+        createdAt: new Date(j.createdAt).toISOString(),
+        devices: j.devices.length,
+      });
+      if (!p.device) {
+        return fillPage(store.jobs.values({ reverse: true, ...(after ? { lt: after } : {}) }), {
+          limit: p.limit,
+          budget,
+          json: summary,
+          key: (j) => j.id,
+        });
+      }
+      // A device's jobs: its assignments, newest job first.
+      const prefix = `${p.device}!`;
+      const keys = store.assignments.keys({
+        gt: prefix,
+        lt: after ? `${prefix}${after}` : `${prefix}\xff`,
+        reverse: true,
+      });
+      async function* jobs() {
+        for await (const k of keys) {
+          const j = await delivery.job(k.slice(prefix.length));
+          if (j) yield j;
+        }
+      }
+      return fillPage(jobs(), { limit: p.limit, budget, json: summary, key: (j) => j.id });
+    },
+    "jobs.show": async (p) => job(p.id, p),
+    "jobs.cancel": async (p) => {
+      if (!(await delivery.cancel(p.id, p.reason))) throw notFound(`job ${p.id}`);
+      return job(p.id, { limit: 0 });
+    },
+    "rollout.create": async (p, operator) => {
+      selector(p.selector);
+      const record = await jobRecord(p.signedJob, operator);
+      if (record.target.selector !== p.selector || record.target.deviceIds.length) {
+        throw new ApiError("the signed job must target the rollout's selector (and no device ids)");
+      }
+      record.rolloutId = ulid();
+      return rollouts.view(await rollouts.create(record, p));
+    },
+    "rollout.ls": async (p) => {
+      const after = cursor.decode(p.cursor);
+      return fillPage(rollouts.newestFirst(p.active, after), {
+        limit: p.limit,
+        budget,
+        json: (r) => rollouts.view(r),
+        key: (r) => r.id,
+      });
+    },
+    "rollout.show": async (p) => rollout(await rollouts.get(p.id), p.id),
+    "rollout.pause": async (p) => rollouts.view(await rollouts.setState(p.id, "pause")),
+    "rollout.resume": async (p) => rollouts.view(await rollouts.setState(p.id, "resume")),
+    "rollout.abort": async (p) =>
+      rollouts.view(await rollouts.setState(p.id, "abort", p.reason ?? "aborted by operator", p.force)),
+  };
+}
