@@ -40,8 +40,10 @@ export function dropRefusedPublishes(client: MqttClient, o: RefusedOptions): voi
   let upAt = 0;
   let suspect: number | undefined;
   let count = 0;
-  client.on("connect", () => {
-    upAt = Date.now();
+  // Not "connect": MQTT.js emits it only after re-sending (and getting acknowledged) what it
+  // kept from before, which a refused message prevents.
+  client.on("packetreceive", (packet) => {
+    if (packet.cmd === "connack") upAt = Date.now();
   });
   client.on("close", () => {
     if (!upAt || Date.now() - upAt > withinMs) {

@@ -61,6 +61,12 @@ it(`B6: ${N} registered devices`, async () => {
     const ls = await timed(["device", "ls", "--selector", "rack=r7,env=bench", "--json"], env);
     const rows = (JSON.parse(ls.out) as unknown[]).length;
     const show = await timed(["device", "show", "reg-000007", "--json"], env);
+    // Paged (DESIGN.md §10): a tenth of the fleet, and all of it, through the CLI.
+    const tenth = Array.from({ length: 10 }, (_, i) => `r${i}`).join(",");
+    const ls10k = await timed(["device", "ls", "--selector", `rack in (${tenth})`, "--json"], env);
+    const rows10k = (JSON.parse(ls10k.out) as unknown[]).length;
+    const lsAll = await timed(["device", "ls", "--json"], env, 1);
+    const rowsAll = (JSON.parse(lsAll.out) as unknown[]).length;
     const record = JSON.stringify({
       id: "reg-000007",
       labels: { rack: "r7", env: "bench" },
@@ -97,6 +103,22 @@ it(`B6: ${N} registered devices`, async () => {
         unit: "ms",
         baseline: show.ms,
         ratio: ls.ms / show.ms,
+        goal: "(reported) vs fleet device show of one device",
+      },
+      {
+        name: `fleet device ls of ${rows10k} devices (paged), whole command`,
+        value: ls10k.ms,
+        unit: "ms",
+        baseline: show.ms,
+        ratio: ls10k.ms / show.ms,
+        goal: "seconds, not minutes (reported) vs fleet device show of one device",
+      },
+      {
+        name: `fleet device ls of the whole fleet (${rowsAll} devices, paged), whole command`,
+        value: lsAll.ms,
+        unit: "ms",
+        baseline: show.ms,
+        ratio: lsAll.ms / show.ms,
         goal: "(reported) vs fleet device show of one device",
       },
     ]);

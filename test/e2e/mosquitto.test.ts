@@ -261,4 +261,21 @@ describe("fleet server --external-broker with Mosquitto", () => {
     expect(r.code).not.toBe(0);
     expect(r.out).toMatch(/not authori[sz]ed|refused/i);
   }, 30_000);
+
+  it("/healthz says so when the controller has lost its broker", async () => {
+    const health = async () => {
+      const res = await fetch(`${server.urls.http}/healthz`);
+      return { status: res.status, body: (await res.json()) as { ok: boolean; controller: string } };
+    };
+    expect(await health()).toEqual({
+      status: 200,
+      body: expect.objectContaining({ ok: true, controller: "active" }),
+    });
+    mosq.stop();
+    const down = await waitUntil("healthz to report the lost broker", async () => {
+      const h = await health();
+      return h.status === 503 ? h : undefined;
+    });
+    expect(down.body).toMatchObject({ ok: false, controller: "disconnected" });
+  });
 });

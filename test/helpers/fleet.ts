@@ -83,7 +83,7 @@ export function cli(
     execFile(
       process.execPath,
       [FLEET, ...args],
-      { env: { ...process.env, ...env }, timeout: timeoutMs },
+      { env: { ...process.env, ...env }, timeout: timeoutMs, maxBuffer: 512 * 1024 * 1024 },
       (err, stdout, stderr) => {
         const code = err
           ? typeof (err as { code?: unknown }).code === "number"
