@@ -68,9 +68,16 @@ export class ArtifactStore {
   /** Handles /v1/artifacts and /v1/blobs; false for any other URL. */
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const url = new URL(req.url ?? "/", "http://x");
-    const parts = url.pathname.split("/").filter(Boolean).map(decodeURIComponent);
-    if (parts[0] !== "v1" || !["artifacts", "blobs", "uploads"].includes(parts[1] ?? "")) return false;
+    const raw = url.pathname.split("/").filter(Boolean);
+    if (raw[0] !== "v1" || !["artifacts", "blobs", "uploads"].includes(raw[1] ?? "")) return false;
     try {
+      const parts = raw.map((p) => {
+        try {
+          return decodeURIComponent(p);
+        } catch {
+          throw new HttpError(400, `malformed path segment "${p.slice(0, 64)}"`);
+        }
+      });
       const who = await this.authenticate(req);
       if (parts[1] === "uploads") return await this.uploads(req, res, who, parts.slice(2));
       if (parts[1] === "blobs" && parts.length === 3 && req.method === "GET")

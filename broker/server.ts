@@ -121,8 +121,8 @@ export class FleetServer {
       requestCert: true, // a device may present a fleet-CA client certificate instead of a token
       rejectUnauthorized: false,
     };
-    const http = createHttpServer((req, res) => void this.http(req, res));
-    const https = createHttpsServer(tlsOpts, (req, res) => void this.http(req, res));
+    const http = createHttpServer((req, res) => this.serveHttp(req, res));
+    const https = createHttpsServer(tlsOpts, (req, res) => this.serveHttp(req, res));
     const [httpPort, httpsPort] = await Promise.all([
       listen(http, this.o.httpPort, host),
       listen(https, this.o.httpsPort ?? 8443, host),
@@ -430,6 +430,18 @@ export class FleetServer {
         this.reset();
         for (const [name, v] of Object.entries(server.counters.toObject())) this.inc({ name }, v);
       },
+    });
+  }
+
+  /** Every HTTP request ends in a reply: no error of any route reaches the process. */
+  private serveHttp(req: IncomingMessage, res: ServerResponse): void {
+    this.http(req, res).catch((err: Error) => {
+      const bad = err instanceof URIError || (err as { code?: string }).code === "ERR_INVALID_URL";
+      this.counters.inc(bad ? "http_400" : "http_500");
+      if (!bad) this.log.error({ err, url: req.url }, "HTTP request failed");
+      if (res.headersSent) return void res.destroy();
+      res.writeHead(bad ? 400 : 500, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: bad ? `malformed URL: ${err.message}` : "internal error" }));
     });
   }
 
