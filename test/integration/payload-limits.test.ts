@@ -1,0 +1,116 @@
+// C2 (issue 16): nothing the controller publishes may exceed the payload limit, whatever the
+// devices and operators send. Real LevelDB, the real Delivery; publishes are captured.
+import { generateKeyPairSync } from "node:crypto";
+import pino from "pino";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Counters } from "../../agent/counters.js";
+import { Delivery } from "../../broker/controller/delivery.js";
+import { Registry } from "../../broker/controller/registry.js";
+import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller/store.js";
+import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
+import { pb, TaskState } from "../../proto/index.js";
+import { signRpcCall, verifyRpcRequest } from "../../proto/rpc.js";
+import { tempDir } from "../helpers/keys.js";
+
+const LIMIT = 256 * 1024;
+const tmp = tempDir("fleet-limits-int-");
+const store = new ControllerStore(tmp.dir);
+const registry = new Registry(store);
+const sent: Array<{ topic: string; payload: Uint8Array }> = [];
+const delivery = new Delivery({
+  store,
+  registry,
+  prefix: "fleet/v1",
+  log: pino({ level: "silent" }),
+  counters: new Counters(),
+  publish: (topic, payload) => {
+    sent.push({ topic, payload });
+  },
+  maxPayloadBytes: LIMIT,
+  now: () => Date.now(),
+});
+
+beforeAll(async () => {
+  await store.open();
+  await registry.add("dev-1", {});
+});
+afterAll(async () => {
+  await store.close();
+  tmp.cleanup();
+});
+
+function bigJob(id: string, bytes: number): JobRecord {
+  const signed = pb.SignedJob.encode({
+    spec: Buffer.alloc(bytes, 7),
+    signature: Buffer.alloc(64),
+    keyId: "k",
+  }).finish();
+  return {
+    id,
+    name: id,
+    signed: Buffer.from(signed).toString("base64"),
+    createdAt: Date.now(),
+    expiresAt: Date.now() + 3600_000,
+    recurring: false,
+    tasks: [{ id: "t", type: "shell" }],
+    target: { deviceIds: ["dev-1"], selector: "" },
+    devices: ["dev-1"],
+    createdBy: "admin",
+  };
+}
+
+describe("payload limits", () => {
+  it("an offline device returning to two 150 KB jobs gets them in messages that each fit", async () => {
+    await delivery.submit(bigJob("01JOBAAAAAAAAAAAAAAAAAAAAA", 150_000));
+    await delivery.submit(bigJob("01JOBBBBBBBBBBBBBBBBBBBBBB", 150_000));
+    sent.length = 0;
+    await delivery.onSync("dev-1");
+    expect(sent.length).toBe(2);
+    for (const m of sent) expect(m.payload.length).toBeLessThanOrEqual(LIMIT);
+    const bodies = sent.map((m) => decodeEnvelope(m.payload));
+    const inSync = bodies[0]!.syncResponse!.assignments ?? [];
+    const separate = bodies.slice(1).map((b) => b.jobAssignment);
+    expect(inSync.length + separate.length).toBe(2);
+    expect(sent[1]!.topic).toBe("fleet/v1/d/dev-1/job");
+  });
+
+  it("task output full of NUL and control characters (6 bytes each in JSON) still gives a page that fits", async () => {
+    const job = bigJob("01JOBCCCCCCCCCCCCCCCCCCCCC", 100);
+    await delivery.submit(job);
+    const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
+    a.acked = true;
+    a.state = TaskState.FAILED;
+    a.tasks.t = {
+      type: "shell",
+      state: TaskState.FAILED,
+      attempt: 1,
+      message: "exit 1",
+      reason: "",
+      output: "\0\x01\x1b".repeat(22_000),
+    };
+    await store.batch([store.put(store.assignments, asgKey("dev-1", job.id), a)]);
+    const v = (await delivery.view(job.id, { limit: 500, budget: LIMIT - 16 * 1024 }))!;
+    const reply = encodeEnvelope({
+      rpcResponse: { requestId: "r", ok: true, resultJson: JSON.stringify(v) },
+    });
+    expect(reply.length).toBeLessThanOrEqual(LIMIT);
+    expect(v.devices[0]).toMatchObject({ deviceId: "dev-1", state: "FAILED", outputOmitted: true });
+    expect(v.devices[0]!.tasks[0]!.output).toBeUndefined();
+  });
+
+  it("a signed request whose reply client id is not one topic level is refused", () => {
+    const { privateKey, publicKey } = generateKeyPairSync("ed25519");
+    const keys = new Map([["k", publicKey]]);
+    for (const clientId of ["#", "op-admin-+", "a/b", "op-admin-\0"]) {
+      const req = signRpcCall({ requestId: "r", clientId, method: "device.ls", params: {} }, privateKey, "k");
+      const check = verifyRpcRequest(req, keys, Date.now(), 60_000);
+      expect(check.ok).toBe(false);
+    }
+    const ok = signRpcCall(
+      { requestId: "r", clientId: "op-admin-1a2b", method: "device.ls", params: {} },
+      privateKey,
+      "k",
+    );
+    expect(verifyRpcRequest(ok, keys, Date.now(), 60_000).ok).toBe(true);
+  });
+});
