@@ -37,8 +37,15 @@ export const serverConfigSchema = z
           .int()
           .min(1024)
           .default(256 * 1024),
+        /** A connection that has not sent an accepted CONNECT by then is closed. */
+        connectTimeoutMs: z.number().int().min(100).default(10_000),
       })
-      .default({ maxConnections: 20_000, connectsPerSecondPerAddress: 50, maxPayloadBytes: 256 * 1024 }),
+      .default({
+        maxConnections: 20_000,
+        connectsPerSecondPerAddress: 50,
+        maxPayloadBytes: 256 * 1024,
+        connectTimeoutMs: 10_000,
+      }),
     /** Hosts the server certificate is valid for. */
     hosts: z.array(z.string()).default(["localhost", "127.0.0.1"]),
   })

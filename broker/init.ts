@@ -50,7 +50,12 @@ export async function initFleet(
       },
     ],
     historyRetentionDays: 30,
-    limits: { maxConnections: 20_000, connectsPerSecondPerAddress: 50, maxPayloadBytes: 256 * 1024 },
+    limits: {
+      maxConnections: 20_000,
+      connectsPerSecondPerAddress: 50,
+      maxPayloadBytes: 256 * 1024,
+      connectTimeoutMs: 10_000,
+    },
     hosts,
   };
   writeSecretJson(p.server, server);

@@ -31,6 +31,7 @@ import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
 import { writeFileAtomic } from "./files.js";
 import { initFleet } from "./init.js";
 import { mosquittoExport } from "./mosquitto.js";
+import { limitPackets, type PacketLimits } from "./packet-limit.js";
 import { indexedMemoryPersistence } from "./retained.js";
 
 export interface ServerOptions {
@@ -224,6 +225,7 @@ export class FleetServer {
     const aedes = await Aedes.createBroker({
       ...(this.cluster ? this.cluster.brokerParts() : { persistence: indexedMemoryPersistence() }),
       id: this.o.cluster ? `fleet-${this.o.cluster.nodeId}` : "fleet",
+      connectTimeout: this.config.limits.connectTimeoutMs,
       preConnect: (client, _packet, done) => this.preConnect(client, done),
       authenticate: (client, username, password, done) => {
         this.authenticate(client as FleetClient, username, password).then(
@@ -267,11 +269,23 @@ export class FleetServer {
       },
     });
     this.aedes = aedes;
-    const mqttServer = createNetServer((s) => aedes.handle(s));
-    const tlsServer = createTlsServer(tlsOpts, (s) => aedes.handle(s));
+    const { maxPayloadBytes, connectTimeoutMs } = this.config.limits;
+    const limits: PacketLimits = {
+      // The payload, a topic of up to 64 KiB and the fixed header.
+      maxPacketBytes: maxPayloadBytes + 64 * 1024 + 16,
+      maxPreAuthBytes: 64 * 1024,
+      onRefuse: (reason) => {
+        this.counters.inc("packet_too_large");
+        this.log.warn({ reason }, "closing a connection: packet over the limit");
+      },
+    };
+    const handle = (stream: Parameters<Aedes["handle"]>[0], req?: IncomingMessage) =>
+      limitPackets(aedes.handle(stream, req), limits);
+    const mqttServer = createNetServer((s) => handle(s));
+    const tlsServer = createTlsServer({ ...tlsOpts, handshakeTimeout: connectTimeoutMs }, (s) => handle(s));
     const wsHttp = createHttpServer((_req, res) => res.writeHead(426).end("MQTT over WebSocket only\n"));
-    this.wss = new WebSocketServer({ server: wsHttp });
-    this.wss.on("connection", (ws, req) => aedes.handle(createWebSocketStream(ws) as never, req));
+    this.wss = new WebSocketServer({ server: wsHttp, maxPayload: limits.maxPacketBytes });
+    this.wss.on("connection", (ws, req) => handle(createWebSocketStream(ws) as never, req));
     const ports = await Promise.all([
       listen(mqttServer, this.o.mqttPort, host),
       listen(tlsServer, this.o.mqttsPort, host),

@@ -1,6 +1,10 @@
 // Findings of the security audit (issue 16), each against a real server: what an attacker or a
 // careless operator can send must end in a clear refusal, never in a dead or stalled server.
+import { readFileSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
+import { connect, type Socket } from "node:net";
+import { join } from "node:path";
+import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cli, type ServerProcess, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
@@ -11,6 +15,10 @@ let env: Record<string, string>;
 
 beforeAll(async () => {
   expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
+  const cfgFile = join(data.dir, "server.json");
+  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
+  cfg.limits.connectTimeoutMs = 1500;
+  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
   server = await startServer(data.dir);
   env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
 }, 60_000);
@@ -53,5 +61,92 @@ describe("C1: malformed HTTP requests", () => {
 
   it("the operator API still answers afterwards", async () => {
     expect((await cli(["device", "ls", "--json"], env)).code).toBe(0);
+  });
+});
+
+function mqttSocket(): Promise<Socket> {
+  const { hostname, port } = new URL(server.urls.mqtt);
+  return new Promise((resolve, reject) => {
+    const s = connect(Number(port), hostname, () => resolve(s));
+    s.on("error", reject);
+  });
+}
+
+/** Writes `total` bytes in 64 KiB chunks until the server closes; returns what was written. */
+async function pushUntilClosed(s: Socket, total: number): Promise<number> {
+  const closed = new Promise<void>((resolve) => s.on("close", () => resolve()));
+  s.on("error", () => {});
+  let written = 0;
+  const chunk = Buffer.alloc(64 * 1024);
+  let open = true;
+  void closed.then(() => {
+    open = false;
+  });
+  while (open && written < total) {
+    if (!s.write(chunk)) await Promise.race([new Promise((r) => s.once("drain", r)), closed]);
+    written += chunk.length;
+    await new Promise((r) => setImmediate(r));
+  }
+  await closed;
+  return written;
+}
+
+async function counter(name: string): Promise<number> {
+  const text = await (await fetch(`${server.urls.http}/metrics`)).text();
+  const m = new RegExp(`fleet_events_total\\{name="${name}"\\} (\\d+)`).exec(text);
+  return m ? Number(m[1]) : 0;
+}
+
+/** MQTT remaining length as a variable byte integer. */
+function varint(n: number): Buffer {
+  const out: number[] = [];
+  do {
+    let b = n % 128;
+    n = Math.floor(n / 128);
+    if (n > 0) b |= 128;
+    out.push(b);
+  } while (n > 0);
+  return Buffer.from(out);
+}
+
+describe("H1: packet size and idle sockets before authentication", () => {
+  it("a 200 MiB packet announced before CONNECT closes the connection at its header", async () => {
+    const before = await counter("packet_too_large");
+    const s = await mqttSocket();
+    s.write(Buffer.concat([Buffer.from([0x30]), varint(200 * 1024 * 1024)]));
+    const written = await pushUntilClosed(s, 200 * 1024 * 1024);
+    expect(written).toBeLessThan(32 * 1024 * 1024);
+    expect(await counter("packet_too_large")).toBe(before + 1);
+  });
+
+  it("a socket that never sends CONNECT is closed after the connect timeout", async () => {
+    const s = await mqttSocket();
+    const t0 = Date.now();
+    await new Promise<void>((resolve) => s.on("close", () => resolve()));
+    const ms = Date.now() - t0;
+    expect(ms).toBeGreaterThanOrEqual(1000);
+    expect(ms).toBeLessThan(8000); // limits.connectTimeoutMs is 1.5 s here; aedes alone waits 30 s
+  });
+
+  it("an authenticated device announcing a packet over the limit is cut off at its header", async () => {
+    const dev = JSON.parse((await cli(["device", "add", "big-talker", "--json"], env)).stdout) as {
+      password: string;
+    };
+    const client = await mqtt.connectAsync(server.urls.mqtt, {
+      clientId: "big-talker",
+      username: "big-talker",
+      password: dev.password,
+      reconnectPeriod: 0,
+    });
+    const before = await counter("packet_too_large");
+    const s = (client as unknown as { stream: Socket }).stream;
+    const topic = Buffer.from("fleet/v1/d/big-talker/status");
+    s.write(
+      Buffer.concat([Buffer.from([0x30]), varint(64 * 1024 * 1024), Buffer.from([0, topic.length]), topic]),
+    );
+    const written = await pushUntilClosed(s, 64 * 1024 * 1024);
+    expect(written).toBeLessThan(32 * 1024 * 1024);
+    expect(await counter("packet_too_large")).toBe(before + 1);
+    client.end(true);
   });
 });
