@@ -16,7 +16,7 @@ import { verifyManifest } from "../proto/signing.js";
 import type { ServerConfig } from "./config.js";
 import type { Registry } from "./controller/registry.js";
 import type { ControllerStore } from "./controller/store.js";
-import { verifyPassword } from "./credentials.js";
+import type { PasswordGate } from "./password-gate.js";
 
 export interface ArtifactRecord {
   name: string;
@@ -59,6 +59,7 @@ export class ArtifactStore {
       operatorKeys: ReadonlyMap<string, KeyObject>;
       log: Logger;
       counters: Counters;
+      passwords: PasswordGate;
     },
   ) {
     this.records = o.store.db.sublevel<string, ArtifactRecord>("art", { valueEncoding: "json" }) as never;
@@ -140,7 +141,15 @@ export class ArtifactStore {
     const [user, ...rest] = Buffer.from(m[1]!, "base64").toString().split(":");
     const pass = rest.join(":");
     const op = this.o.config.operators.find((x) => x.username === user);
-    if (op && (await verifyPassword(pass, op.passwordHash))) return { kind: "operator", name: op.username };
+    if (op) {
+      const verdict = await this.o.passwords.check(req.socket.remoteAddress ?? "?", pass, op.passwordHash);
+      if (verdict === "ok") return { kind: "operator", name: op.username };
+      this.o.counters.inc(`operator_login_${verdict}`);
+      if (verdict === "throttled")
+        throw new HttpError(429, "too many failed logins from this address; try later");
+      if (verdict === "busy") throw new HttpError(503, "too many logins in progress; try again");
+      throw new HttpError(401, "bad credentials");
+    }
     if (user && this.o.registry.verifyToken(user, pass)) return { kind: "device", id: user };
     this.o.counters.inc("artifact_auth_failed");
     throw new HttpError(401, "bad credentials");

@@ -32,6 +32,7 @@ import { writeFileAtomic } from "./files.js";
 import { initFleet } from "./init.js";
 import { mosquittoExport } from "./mosquitto.js";
 import { limitPackets, type PacketLimits } from "./packet-limit.js";
+import { PasswordGate, type Verdict } from "./password-gate.js";
 import { indexedMemoryPersistence } from "./retained.js";
 
 export interface ServerOptions {
@@ -80,6 +81,8 @@ export class FleetServer {
   private servers: Array<NetServer | HttpServer> = [];
   private wss: WebSocketServer | undefined;
   private readonly rate = new Map<string, { tokens: number; at: number }>();
+  /** Every operator password check (MQTT and HTTP) goes through this. */
+  readonly passwords = new PasswordGate({ verify: verifyPassword });
   private rateTimer: NodeJS.Timeout | undefined;
   private wroteListening: string | undefined;
   private readonly log: Logger;
@@ -144,7 +147,10 @@ export class FleetServer {
       );
     } else await this.startController(p);
     this.setupMetrics();
-    this.rateTimer = setInterval(() => this.rate.clear(), 60_000);
+    this.rateTimer = setInterval(() => {
+      this.rate.clear();
+      this.passwords.prune();
+    }, 60_000);
     // CLIs using this data directory reach the server wherever it listens (cli/context.ts).
     writeFileAtomic(p.listening, `${JSON.stringify({ pid: process.pid, ...this.listening }, null, 2)}\n`);
     this.wroteListening = p.listening;
@@ -182,6 +188,7 @@ export class FleetServer {
       operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
       log: this.o.log.child({ component: "artifacts" }),
       counters: this.counters,
+      passwords: this.passwords,
     });
     const controller = new Controller({
       config: this.config,
@@ -345,11 +352,7 @@ export class FleetServer {
       done(new Error("too many connections"), false);
       return;
     }
-    const conn = client.conn as { remoteAddress?: string };
-    const addr =
-      conn.remoteAddress ??
-      (client as unknown as { req?: { socket?: { remoteAddress?: string } } }).req?.socket?.remoteAddress ??
-      "?";
+    const addr = remoteAddress(client);
     const limit = this.config.limits.connectsPerSecondPerAddress;
     const now = Date.now();
     const b = this.rate.get(addr) ?? { tokens: limit, at: now };
@@ -381,10 +384,12 @@ export class FleetServer {
     if (op) {
       if (!client.id.startsWith(`op-${op.username}-`))
         throw authError("operator client id must start with op-<username>-", 2);
-      if (password && (await verifyPassword(password.toString(), op.passwordHash))) {
-        return { kind: "operator", id: op.username, clientId: client.id };
-      }
-      throw authError("bad operator password", 4);
+      const verdict = password
+        ? await this.passwordCheck(remoteAddress(client), password.toString(), op.passwordHash)
+        : "bad";
+      if (verdict === "ok") return { kind: "operator", id: op.username, clientId: client.id };
+      if (verdict === "bad") throw authError("bad operator password", 4);
+      throw authError(`operator login ${verdict}: too many failed or concurrent logins from this address`, 3);
     }
     // A device: client id = username = device id (no session takeover of another device).
     const tls = client.conn as Partial<TLSSocket>;
@@ -404,6 +409,12 @@ export class FleetServer {
       throw authError(`unknown device ${deviceId}`, 5);
     if (certCn && certCn === deviceId) return { kind: "device", id: deviceId };
     throw authError("no credentials", 4);
+  }
+
+  private async passwordCheck(address: string, password: string, stored: string): Promise<Verdict> {
+    const v = await this.passwords.check(address, password, stored);
+    if (v !== "ok") this.counters.inc(`operator_login_${v}`);
+    return v;
   }
 
   /** Against the registry, or on a cluster node against the credentials mirrored in Redis. */
@@ -497,6 +508,16 @@ export class FleetServer {
     }
     res.writeHead(404).end("not found\n");
   }
+}
+
+/** The peer address of an MQTT client (TCP, TLS or WebSocket). */
+function remoteAddress(client: Client): string {
+  const conn = client.conn as { remoteAddress?: string };
+  return (
+    conn.remoteAddress ??
+    (client as unknown as { req?: { socket?: { remoteAddress?: string } } }).req?.socket?.remoteAddress ??
+    "?"
+  );
 }
 
 const NO_DEDUPE = new Proxy(

@@ -4,8 +4,8 @@ import { randomBytes } from "node:crypto";
 import mqtt, { type MqttClient } from "mqtt";
 import {
   api,
-  DEFAULT_PAGE,
   formatIssues,
+  MAX_PAGE,
   type Method,
   type Params,
   type Result,
@@ -172,7 +172,8 @@ export class RpcClient {
     let cursor: string | undefined;
     let given = 0;
     for (;;) {
-      const limit = Math.min(DEFAULT_PAGE, max - given);
+      // As many as the server will put in one reply: it stops a page at its payload limit.
+      const limit = Math.min(MAX_PAGE, max - given);
       if (limit <= 0) return;
       const page = (await this.call(method, { ...params, limit, cursor } as Params<M>)) as {
         items: Paged<M>[];

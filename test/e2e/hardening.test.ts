@@ -29,10 +29,15 @@ afterAll(() => {
 });
 
 /** A raw HTTP request: the path goes on the wire exactly as given (no URL normalisation). */
-function raw(path: string, method = "GET"): Promise<{ status: number; body: string }> {
+function raw(
+  path: string,
+  method = "GET",
+  o: { auth?: string; from?: string } = {},
+): Promise<{ status: number; body: string }> {
   const { hostname, port } = new URL(server.urls.http);
   return new Promise((resolve, reject) => {
-    const req = request({ host: hostname, port, path, method }, (res) => {
+    const headers = o.auth ? { authorization: `Basic ${Buffer.from(o.auth).toString("base64")}` } : undefined;
+    const req = request({ host: hostname, port, path, method, headers, localAddress: o.from }, (res) => {
       let body = "";
       res.on("data", (d: Buffer) => {
         body += d.toString();
@@ -148,5 +153,30 @@ describe("H1: packet size and idle sockets before authentication", () => {
     expect(written).toBeLessThan(32 * 1024 * 1024);
     expect(await counter("packet_too_large")).toBe(before + 1);
     client.end(true);
+  });
+});
+
+describe("H2: a flood of wrong operator passwords", () => {
+  it("is refused without running scrypt for each, and the operator still gets in", async () => {
+    // The attacker from 127.0.0.2, the operator from 127.0.0.1 (both loopback).
+    const flood = Promise.all(
+      Array.from({ length: 300 }, () =>
+        raw("/v1/artifacts", "GET", { auth: "admin:wrong", from: "127.0.0.2" }),
+      ),
+    );
+    const ls = await cli(["device", "ls", "--json"], env);
+    expect(ls.code, ls.stderr).toBe(0);
+    const statuses = (await flood).map((r) => r.status);
+    const checked = statuses.filter((s) => s === 401).length;
+    expect(checked).toBeLessThanOrEqual(12); // 10 failures per address, 2 in flight
+    expect(statuses.filter((s) => s === 429 || s === 503).length).toBe(300 - checked);
+    expect((await counter("operator_login_throttled")) + (await counter("operator_login_busy"))).toBe(
+      300 - checked,
+    );
+    // The operator's own HTTP login still works from its address.
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8")) as { password: string };
+    expect(
+      (await raw("/v1/artifacts", "GET", { auth: `admin:${ctx.password}`, from: "127.0.0.1" })).status,
+    ).toBe(200);
   });
 });
