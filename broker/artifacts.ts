@@ -11,6 +11,7 @@ import type { TLSSocket } from "node:tls";
 import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { Counters } from "../agent/counters.js";
+import { ApiError, cursor, DEFAULT_PAGE, fillPage, MAX_PAGE } from "../proto/api.js";
 import { decodeJobSpec, pb, TERMINAL_STATES } from "../proto/index.js";
 import { verifyManifest } from "../proto/signing.js";
 import type { ServerConfig } from "./config.js";
@@ -29,6 +30,8 @@ export interface ArtifactRecord {
 }
 
 const MAX_UPLOAD = 2 * 1024 ** 3;
+
+const recordKey = (name: string, version: string) => `${name}@${version}`;
 
 type Who = { kind: "operator"; name: string } | { kind: "device"; id: string };
 
@@ -83,8 +86,20 @@ export class ArtifactStore {
       if (parts[1] === "uploads") return await this.uploads(req, res, who, parts.slice(2));
       if (parts[1] === "blobs" && parts.length === 3 && req.method === "GET")
         return await this.sendBlob(req, res, who, parts[2]!);
-      if (parts.length === 2 && req.method === "GET")
-        return this.json(res, 200, await this.list(this.operatorOnly(who)));
+      if (parts.length === 2 && req.method === "GET") {
+        this.operatorOnly(who);
+        const after = cursor.decode(url.searchParams.get("cursor") ?? undefined);
+        const records = this.records.values(after ? { gt: after } : {});
+        return this.json(
+          res,
+          200,
+          await fillPage(records, {
+            ...this.pageOf(url),
+            json: ({ signed: _s, ...r }) => r,
+            key: (r) => recordKey(r.name, r.version),
+          }),
+        );
+      }
       if (parts.length === 2 && req.method === "PUT")
         return this.json(res, 201, await this.push(req, this.operatorOnly(who)));
       if (parts.length === 4 && req.method === "DELETE")
@@ -115,12 +130,26 @@ export class ArtifactStore {
   }
 
   private fail(res: ServerResponse, err: unknown): true {
-    const e = err instanceof HttpError ? err : new HttpError(500, (err as Error).message);
+    const e =
+      err instanceof HttpError
+        ? err
+        : err instanceof ApiError
+          ? new HttpError(400, err.message)
+          : new HttpError(500, (err as Error).message);
     if (e.status >= 500) this.o.log.error({ err }, "HTTP request failed");
     else this.o.counters.inc(`artifact_http_${e.status}`);
     if (!res.headersSent) this.json(res, e.status, { error: e.message });
     else res.destroy();
     return true;
+  }
+
+  /** `?limit=N` (default 500, at most 5,000); a page stays under the payload limit too. */
+  private pageOf(url: URL): { limit: number; budget: number } {
+    const raw = url.searchParams.get("limit");
+    const limit = raw === null ? DEFAULT_PAGE : Number(raw);
+    if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PAGE)
+      throw new HttpError(400, `limit must be a whole number from 1 to ${MAX_PAGE}`);
+    return { limit, budget: this.o.config.limits.maxPayloadBytes };
   }
 
   private json(res: ServerResponse, status: number, body: unknown): true {
@@ -176,7 +205,7 @@ export class ArtifactStore {
     const m = v.manifest;
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(m.name) || !/^[A-Za-z0-9._+-]{1,64}$/.test(m.version))
       throw new HttpError(400, "bad name or version");
-    const key = `${m.name}@${m.version}`;
+    const key = recordKey(m.name, m.version);
     if (await this.records.get(key)) throw new HttpError(409, `${m.name} ${m.version} already exists`);
     await mkdir(this.blobs, { recursive: true });
     const tmp = join(this.blobs, `.upload-${m.sha256}-${process.hrtime.bigint()}`);
@@ -210,7 +239,7 @@ export class ArtifactStore {
   }
 
   private async remove(_operator: string, name: string, version: string) {
-    const key = `${name}@${version}`;
+    const key = recordKey(name, version);
     const rec = await this.records.get(key);
     if (!rec) throw new HttpError(404, `no artifact ${name} ${version}`);
     await this.records.del(key);
@@ -264,15 +293,26 @@ export class ArtifactStore {
     }
     if (req.method === "GET" && who.kind === "operator") {
       if (rest.length === 0) {
-        const out = [];
-        for (const d of await readdir(dir).catch(() => [] as string[])) {
-          for (const f of await readdir(join(dir, d))) {
-            if (f.endsWith(".partial")) continue;
-            const st = await stat(join(dir, d, f));
-            out.push({ deviceId: d, file: f, size: st.size, at: new Date(st.mtimeMs).toISOString() });
+        const url = new URL(req.url ?? "/", "http://x");
+        const after = cursor.decode(url.searchParams.get("cursor") ?? undefined) ?? "";
+        async function* files() {
+          for (const d of (await readdir(dir).catch(() => [] as string[])).sort()) {
+            for (const f of (await readdir(join(dir, d))).sort()) {
+              if (f.endsWith(".partial") || `${d}/${f}` <= after) continue;
+              const st = await stat(join(dir, d, f));
+              yield { deviceId: d, file: f, size: st.size, at: new Date(st.mtimeMs).toISOString() };
+            }
           }
         }
-        return this.json(res, 200, out);
+        return this.json(
+          res,
+          200,
+          await fillPage(files(), {
+            ...this.pageOf(url),
+            json: (x) => x,
+            key: (x) => `${x.deviceId}/${x.file}`,
+          }),
+        );
       }
       if (rest.length === 2 && safe(rest[0]) && safe(rest[1])) {
         const file = join(dir, rest[0]!, rest[1]!);

@@ -10,8 +10,8 @@ import { pb } from "../proto/index.js";
 import { signManifest } from "../proto/signing.js";
 import { loadContext, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
-import { printJson, table } from "./format.js";
-import { type HttpOptions, httpBase, request } from "./http.js";
+import { type ListOptions, listOptions, printJson, printList } from "./format.js";
+import { type HttpOptions, httpBase, httpPages, request } from "./http.js";
 
 async function sha256Of(file: string): Promise<string> {
   const h = createHash("sha256");
@@ -70,27 +70,29 @@ export function registerArtifact(program: Command): void {
       if (o.json) return printJson(r);
       process.stdout.write(`stored ${o.name} ${o.version}: ${st.size} bytes, sha256 ${manifest.sha256}\n`);
     });
-  operatorOptions(artifact.command("ls"))
+  listOptions(operatorOptions(artifact.command("ls")))
     .description("list artifacts (or, with --uploads, what devices uploaded: backups)")
     .option("--uploads", "list device uploads instead")
     .option("--http <url>", "the server's HTTP URL")
-    .action(async (o: HttpOptions & { uploads?: boolean }) => {
+    .action(async (o: HttpOptions & ListOptions & { uploads?: boolean }) => {
       const ctx = loadContext(o);
       const base = await httpBase(ctx, o);
-      const r = (await request(ctx, base, o.uploads ? "v1/uploads" : "v1/artifacts", {
-        method: "GET",
-      })) as unknown as Array<Record<string, unknown>>;
-      if (o.json) return printJson(r);
-      if (o.uploads) return void process.stdout.write(table(r, ["deviceId", "file", "size", "at"]));
-      process.stdout.write(
-        table(
-          r.map((a) => ({
-            ...a,
-            sha256: String(a.sha256).slice(0, 16),
-            createdAt: new Date(Number(a.createdAt)).toISOString(),
-          })),
-          ["name", "version", "size", "sha256", "hardware", "createdAt"],
-        ),
+      const items = httpPages<Record<string, unknown>>(
+        ctx,
+        base,
+        o.uploads ? "v1/uploads" : "v1/artifacts",
+        o.limit,
+      );
+      if (o.uploads) return printList(items, o, (u) => u, ["deviceId", "file", "size", "at"]);
+      await printList(
+        items,
+        o,
+        (a) => ({
+          ...a,
+          sha256: String(a.sha256).slice(0, 16),
+          createdAt: new Date(Number(a.createdAt)).toISOString(),
+        }),
+        ["name", "version", "size", "sha256", "hardware", "createdAt"],
       );
     });
   operatorOptions(artifact.command("rm <name> <version>"))

@@ -232,3 +232,26 @@ export const cursor = {
     return key;
   },
 };
+
+/**
+ * Collects up to `limit` items and no more than `budget` bytes of their JSON (at least one
+ * item: a single item too large for a reply is caught when the reply is encoded). `next` is
+ * the key of the last item given, when more follow.
+ */
+export async function fillPage<T, J>(
+  source: AsyncIterable<T> | Iterable<T>,
+  o: { limit: number; budget: number; json: (t: T) => J | Promise<J>; key: (t: T) => string },
+): Promise<{ items: J[]; next?: string }> {
+  const items: J[] = [];
+  let bytes = 0;
+  let last: T | undefined;
+  for await (const t of source) {
+    if (items.length >= o.limit) return { items, next: cursor.encode(o.key(last!)) };
+    const item = await o.json(t);
+    bytes += Buffer.byteLength(JSON.stringify(item));
+    if (items.length && bytes > o.budget) return { items, next: cursor.encode(o.key(last!)) };
+    items.push(item);
+    last = t;
+  }
+  return { items };
+}

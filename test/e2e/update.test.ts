@@ -36,6 +36,11 @@ async function push(version: string, healthExit = 0) {
 
 const online = (want: boolean) => waitOnline(env, DEV, want);
 
+function operatorAuth(): Record<string, string> {
+  const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+  return { authorization: `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}` };
+}
+
 async function send(version: string): Promise<string> {
   const r = await cli(
     [
@@ -124,6 +129,19 @@ describe("artifacts", () => {
         )
       ).code,
     ).toBe(2);
+    // Paged like every list: page by page, --limit stops early, --ndjson streams.
+    await push("0.0.2");
+    const all = cliJson<Array<{ version: string }>>(await cli(["artifact", "ls", "--json"], env));
+    expect(all.length).toBe(ls.length + 1);
+    const first = cliJson<Array<{ version: string }>>(
+      await cli(["artifact", "ls", "--limit", "1", "--json"], env),
+    );
+    expect(first).toEqual([all[0]]);
+    const nd = (await cli(["artifact", "ls", "--ndjson"], env)).stdout.trim().split("\n");
+    expect(nd.map((l) => JSON.parse(l).version)).toEqual(all.map((a) => a.version));
+    const bad = await fetch(`${server.urls.http}/v1/artifacts?limit=0`, { headers: operatorAuth() });
+    expect(bad.status).toBe(400);
+    expect((await cli(["artifact", "rm", "app", "0.0.2"], env)).code).toBe(0);
     expect((await cli(["artifact", "rm", "app", "0.0.1"], env)).code).toBe(0);
     expect(cliJson<unknown[]>(await cli(["artifact", "ls", "--json"], env)).length).toBe(ls.length - 1);
   });
@@ -154,11 +172,9 @@ describe("artifacts", () => {
     expect(mine).toHaveLength(1);
     expect(mine[0]!.file).toMatch(/^app-.*\.tar\.gz$/);
     expect(mine[0]!.size).toBeGreaterThan(0);
-    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
-    const auth = {
-      authorization: `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}`,
-    };
-    const got = await fetch(`${server.urls.http}/v1/uploads/${DEV}/${mine[0]!.file}`, { headers: auth });
+    const got = await fetch(`${server.urls.http}/v1/uploads/${DEV}/${mine[0]!.file}`, {
+      headers: operatorAuth(),
+    });
     expect(got.status).toBe(200);
     expect((await got.arrayBuffer()).byteLength).toBe(mine[0]!.size);
   });
