@@ -13,7 +13,7 @@
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { mkdir, open, readdir, readlink, rename, rm, stat, symlink } from "node:fs/promises";
-import { join } from "node:path";
+import { isAbsolute, join } from "node:path";
 import { extract as extractTar } from "tar";
 import { z } from "zod";
 import { compareValues } from "../agent/facts.js";
@@ -71,6 +71,20 @@ const KEEP_RELEASES = 2;
 export default defineHandler({
   type: "software-update",
   paramsSchema: params,
+  /**
+   * The health check runs on the device like a `shell` task: its command must be in allowShell,
+   * or be a file of the release itself (`./health.sh`: signed and installed with it).
+   */
+  check(p, policy) {
+    const c = p.healthCheck?.command?.[0];
+    if (c === undefined) return undefined;
+    if (isAbsolute(c))
+      return policy.allowShell.includes(c)
+        ? undefined
+        : `health check command ${c} is not in this agent's allowShell list`;
+    if (c.startsWith("./") && !c.split("/").includes("..")) return undefined;
+    return `health check command ${c}: want an absolute path in allowShell, or ./FILE inside the release`;
+  },
   idempotent: false,
   resumable: true,
   async run(ctx, p, signal) {

@@ -13,7 +13,7 @@ beforeAll(async () => {
   h = await harness();
   await h.newAgent(DEV, {
     labels: { env: "prod", region: "eu" },
-    allowTaskTypes: ["noop", "shell", "probe"],
+    allowTaskTypes: ["noop", "shell", "probe", "software-update"],
     allowShell: ["/bin/true"],
   });
 });
@@ -142,6 +142,43 @@ describe("rejections", () => {
         spec: jobSpec([{ id: "a", type: "shell", params: { command: "/bin/rm", args: ["-rf", "/"] } }]),
       }),
       /allowShell/,
+    ],
+    [
+      // H3: a health check is a command like any other: in allowShell, or a file of the release.
+      "task_type_not_allowed",
+      () => ({
+        spec: jobSpec([
+          {
+            id: "a",
+            type: "software-update",
+            params: {
+              artifact: "app",
+              version: "1.0.0",
+              target: "opt/app",
+              healthCheck: { command: ["/bin/sh", "-c", "id"] },
+            },
+          },
+        ]),
+      }),
+      /health check command \/bin\/sh is not in this agent's allowShell list/,
+    ],
+    [
+      "task_type_not_allowed",
+      () => ({
+        spec: jobSpec([
+          {
+            id: "a",
+            type: "software-update",
+            params: {
+              artifact: "app",
+              version: "1.0.0",
+              target: "opt/app",
+              healthCheck: { command: ["./../../../bin/sh"] },
+            },
+          },
+        ]),
+      }),
+      /inside the release/,
     ],
     [
       "invalid_params",
