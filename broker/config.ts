@@ -61,13 +61,14 @@ export const operatorContextSchema = z.object({
   signingKey: z.string(),
   caCert: z.string().optional(),
   prefix: z.string().default(DEFAULT_PREFIX),
+  /** More operators' public keys that devices flashed from this context trust (besides ours). */
+  trustedKeys: z.array(z.object({ keyId: z.string(), publicKey: z.string() })).default([]),
 });
 export type OperatorContext = z.output<typeof operatorContextSchema>;
 
 export const paths = (dir: string) => ({
   server: join(dir, "server.json"),
   operator: join(dir, "operator.json"),
-  operatorKey: join(dir, "operator.key"),
   caCert: join(dir, "tls", "ca.pem"),
   caKey: join(dir, "tls", "ca.key"),
   serverCert: join(dir, "tls", "server.pem"),

@@ -1,7 +1,8 @@
 // `fleet init`: operator signing key, fleet CA + server certificate, controller and operator
 // credentials, and the operator context.
 import { existsSync } from "node:fs";
-import { isAbsolute, join } from "node:path";
+import { homedir } from "node:os";
+import { isAbsolute, join, resolve } from "node:path";
 import { generateSigningKey } from "../proto/signing.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { hashPassword, mosquittoHash, newToken } from "./credentials.js";
@@ -12,11 +13,21 @@ export interface InitResult {
   dir: string;
   created: boolean;
   operator: { username: string; keyId: string };
+  /** The operator's signing key (outside the data directory), when one was made. */
+  keyFile?: string;
+}
+
+/**
+ * Where operator signing keys are kept: never in the server's data directory (the server needs
+ * only public keys; a copy or backup of its data must not carry the power to sign jobs).
+ */
+export function defaultKeyDir(): string {
+  return resolve(process.env.FLEET_KEY_DIR ?? join(homedir(), ".config", "edgefleet", "keys"));
 }
 
 export async function initFleet(
   dir: string,
-  o: { server?: string; hosts?: string[]; force?: boolean } = {},
+  o: { server?: string; hosts?: string[]; force?: boolean; keyDir?: string } = {},
 ): Promise<InitResult> {
   const p = paths(dir);
   if (existsSync(p.server) && !o.force) {
@@ -36,7 +47,8 @@ export async function initFleet(
   writeFileAtomic(p.caKey, ca.keyPem, 0o600);
   writeFileAtomic(p.serverCert, tls.certPem);
   writeFileAtomic(p.serverKey, tls.keyPem, 0o600);
-  writeFileAtomic(p.operatorKey, key.privateKeyPem, 0o600);
+  const keyFile = join(o.keyDir ?? defaultKeyDir(), `${key.keyId}.key`);
+  writeFileAtomic(keyFile, key.privateKeyPem, 0o600);
   const server: ServerConfig = {
     prefix: "fleet/v1",
     controller: { username: "fleet-controller", password: newToken() },
@@ -64,10 +76,10 @@ export async function initFleet(
     username: "admin",
     password: operatorPassword,
     keyId: key.keyId,
-    signingKey: "operator.key",
+    signingKey: keyFile,
     caCert: "tls/ca.pem",
   });
-  return { dir, created: true, operator: { username: "admin", keyId: key.keyId } };
+  return { dir, created: true, operator: { username: "admin", keyId: key.keyId }, keyFile };
 }
 
 /** Resolves a path from the operator context, relative to the context file's directory. */

@@ -1,4 +1,5 @@
 // The operator context (DESIGN.md §7): --context FILE, else $FLEET_CONTEXT, else ./fleet-data/operator.json.
+import { createPrivateKey, createPublicKey } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import type { Command } from "commander";
@@ -85,4 +86,27 @@ function runningServer(contextFile: string, server: string): string {
   } catch {
     return server;
   }
+}
+
+/**
+ * What a device flashed from this context trusts (H4): the operator's own key, the keys the
+ * context lists, and the context's CA — never what a server says. A server whose CA is not
+ * the context's is refused.
+ */
+export function contextTrust(
+  ctx: LoadedContext,
+  serverCa: string,
+): { trustedKeys: Array<{ keyId: string; publicKey: string }>; caCert: string } {
+  if (!ctx.caPem)
+    throw new CliError(`operator context ${ctx.file} has no caCert: devices would not know whom to trust`);
+  if (serverCa.trim() !== ctx.caPem.trim())
+    throw new CliError(
+      `the server at ${ctx.server} presents another fleet CA than ${ctx.file} names; refusing (is it your server?)`,
+      EXIT.CONNECT,
+    );
+  const own = createPublicKey(createPrivateKey(ctx.signingKeyPem))
+    .export({ type: "spki", format: "pem" })
+    .toString();
+  const others = ctx.trustedKeys.filter((k) => k.keyId !== ctx.keyId);
+  return { trustedKeys: [{ keyId: ctx.keyId, publicKey: own }, ...others], caCert: ctx.caPem };
 }

@@ -9,7 +9,7 @@ import type { Command } from "commander";
 import { create as createTar } from "tar";
 import { parseAgentConfig } from "../agent/config.js";
 import { writeFileAtomic, writeSecretJson } from "../broker/files.js";
-import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
+import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError, EXIT } from "./exit.js";
 import { collect, parseKv, printJson } from "./format.js";
 import { withRpc } from "./rpc.js";
@@ -96,6 +96,7 @@ export function registerFlash(program: Command): void {
         const cert = o.mtls ? await rpc.call("device.cert", { id }) : undefined;
         return { info, secret, cert };
       });
+      const trust = contextTrust(ctx, info.caCert);
       const config = {
         deviceId: id,
         brokers,
@@ -104,7 +105,7 @@ export function registerFlash(program: Command): void {
           ? { cert: "etc/fleet-agent/client.pem", key: "etc/fleet-agent/client.key" }
           : { password: secret.password }),
         caCert: "etc/fleet-agent/ca.pem",
-        trustedKeys: info.trustedKeys,
+        trustedKeys: trust.trustedKeys,
         labels,
         dataDir: "var/lib/fleet-agent",
         allowShell: o.allowShell,
@@ -125,7 +126,7 @@ export function registerFlash(program: Command): void {
         writeFileAtomic(join(opt, "run"), RUN_SCRIPT, 0o755);
         const etc = join(target, "etc", "fleet-agent");
         writeSecretJson(join(etc, "config.json"), config);
-        writeFileAtomic(join(etc, "ca.pem"), info.caCert);
+        writeFileAtomic(join(etc, "ca.pem"), trust.caCert);
         if (cert) {
           writeFileAtomic(join(etc, "client.pem"), cert.certPem);
           writeFileAtomic(join(etc, "client.key"), cert.keyPem, 0o600);

@@ -14,7 +14,7 @@ import { GroupCommit } from "../agent/group-commit.js";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { TaskHandler } from "../firmware-tasks/types.js";
-import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
+import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
 import { collect, parseKv } from "./format.js";
 import { withRpc } from "./rpc.js";
@@ -83,6 +83,7 @@ export function registerSimulate(program: Command): void {
         progress("\n");
         return { info, secrets };
       });
+      const { trustedKeys } = contextTrust(ctx, info.caCert);
       const dir = mkdtempSync(join(tmpdir(), "fleet-sim-"));
       const db = new ClassicLevel<string, unknown>(join(dir, "db"));
       await db.open();
@@ -98,7 +99,7 @@ export function registerSimulate(program: Command): void {
             deviceId: id,
             brokers: [o.broker ?? ctx.server],
             password: secrets.get(id),
-            trustedKeys: info.trustedKeys,
+            trustedKeys,
             labels,
             topicPrefix: info.prefix,
             telemetryIntervalS: telemetryS,

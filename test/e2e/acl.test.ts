@@ -86,7 +86,7 @@ beforeAll(async () => {
     username: ctx.username,
     password: ctx.password,
     keyId: ctx.keyId,
-    key: readFileSync(join(data.dir, "operator.key"), "utf8"),
+    key: readFileSync(ctx.signingKey, "utf8"),
   };
   creds[operator.username] = operator.password;
   await waitOnline(env, "dev-b");

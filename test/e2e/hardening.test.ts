@@ -1,11 +1,13 @@
 // Findings of the security audit (issue 16), each against a real server: what an attacker or a
 // careless operator can send must end in a clear refusal, never in a dead or stalled server.
-import { readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { connect, type Socket } from "node:net";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { hashPassword } from "../../broker/credentials.js";
+import { generateSigningKey } from "../../proto/signing.js";
 import { cli, type ServerProcess, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
@@ -179,4 +181,85 @@ describe("H2: a flood of wrong operator passwords", () => {
       (await raw("/v1/artifacts", "GET", { auth: `admin:${ctx.password}`, from: "127.0.0.1" })).status,
     ).toBe(200);
   });
+});
+
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name));
+}
+
+describe("H4: trust comes from the operator, not from the server", () => {
+  it("fleet init keeps the signing key out of the server's data directory", () => {
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8")) as { signingKey: string };
+    expect(ctx.signingKey.startsWith(data.dir)).toBe(false);
+    expect(statSync(ctx.signingKey).mode & 0o777).toBe(0o600);
+    const key = readFileSync(ctx.signingKey, "utf8").trim();
+    for (const f of filesUnder(data.dir)) expect(readFileSync(f, "utf8").includes(key), f).toBe(false);
+  });
+
+  it("a key added on the server is not trusted by a newly flashed device; a server with another CA is refused", async () => {
+    const cfgFile = join(data.dir, "server.json");
+    const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
+    const rogue = generateSigningKey();
+    cfg.operators.push({
+      username: "mallory",
+      passwordHash: await hashPassword("x"),
+      keyId: rogue.keyId,
+      publicKey: rogue.publicKeyPem,
+    });
+    writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+    server.proc.kill("SIGTERM");
+    await server.exited;
+    server = await startServer(data.dir);
+    env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+    const root = join(data.dir, "..", `${data.dir.split("/").pop()}-root`);
+    const r = await cli(["flash", "trust-1", "--root", root], env);
+    expect(r.code, r.stderr).toBe(0);
+    const config = JSON.parse(readFileSync(join(root, "etc", "fleet-agent", "config.json"), "utf8"));
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8")) as { keyId: string };
+    expect(config.trustedKeys.map((k: { keyId: string }) => k.keyId)).toEqual([ctx.keyId]);
+    // Another fleet's server (its own CA) answering at the context's address: refused.
+    const other = tempDir("fleet-hard-other-");
+    expect((await cli(["init", "--dir", other.dir])).code).toBe(0);
+    // A rogue server that knows our public key (public, after all) and so answers our requests.
+    const mine0 = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+    const otherCfgFile = join(other.dir, "server.json");
+    const otherCfg = JSON.parse(readFileSync(otherCfgFile, "utf8"));
+    otherCfg.operators[0].keyId = mine0.keyId;
+    otherCfg.operators[0].publicKey = cfg.operators[0].publicKey;
+    writeFileSync(otherCfgFile, JSON.stringify(otherCfg), { mode: 0o600 });
+    const otherServer = await startServer(other.dir);
+    try {
+      const ctxOther = JSON.parse(readFileSync(join(other.dir, "operator.json"), "utf8"));
+      const mine = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+      // Our context, but the other server's credentials (as if it had learnt them).
+      const mixed = join(data.dir, "mixed.json");
+      writeFileSync(
+        mixed,
+        JSON.stringify({
+          ...ctxOther,
+          keyId: mine.keyId,
+          signingKey: mine.signingKey,
+          caCert: join(data.dir, "tls", "ca.pem"),
+        }),
+        { mode: 0o600 },
+      );
+      const f = await cli([
+        "flash",
+        "trust-2",
+        "--root",
+        `${root}-2`,
+        "--context",
+        mixed,
+        "--server",
+        otherServer.urls.mqtt,
+      ]);
+      expect(f.code).toBe(3);
+      expect(f.stderr).toMatch(/another fleet CA/);
+    } finally {
+      otherServer.proc.kill("SIGKILL");
+      other.cleanup();
+    }
+  }, 60_000);
 });
