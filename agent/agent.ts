@@ -297,7 +297,7 @@ export class Agent {
         await this.outbox.onAck(env.statusAck!.upToSeq ?? 0);
         return;
       case "timeHint":
-        this.observeTime(env.timeHint!.nowMs ?? 0, true);
+        if (env.timeHint!.nowMs) this.clock.hint(env.timeHint!.nowMs);
         return;
       case "syncResponse": {
         if (this.syncTimer) clearTimeout(this.syncTimer);
@@ -305,7 +305,7 @@ export class Agent {
         // The controller is listening now: anything not yet acknowledged goes out again.
         this.outbox.onConnected();
         const r = env.syncResponse!;
-        if (r.nowMs) this.observeTime(r.nowMs, true);
+        if (r.nowMs) this.clock.hint(r.nowMs);
         for (const a of r.assignments ?? []) await this.accept(a);
         for (const c of r.cancels ?? [])
           await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
@@ -321,8 +321,9 @@ export class Agent {
     this.log.warn({ reason, detail }, "dropped a payload");
   }
 
-  private observeTime(ts: number, authoritative: boolean): void {
-    if (this.clock.observe(ts, authoritative)) {
+  /** A verified, signed timestamp: the floor it raises is kept across restarts. */
+  private observeTime(ts: number): void {
+    if (this.clock.observe(ts)) {
       this.store
         .putMeta("timeFloor", this.clock.floor)
         .catch((err) => this.log.warn({ err }, "cannot save time floor"));
@@ -366,7 +367,7 @@ export class Agent {
     }
     const v = checkSpec(a, spec, this.verifyContext());
     if (!v.ok) return this.reject(spec.jobId, v.reason, v.message);
-    this.observeTime(spec.issuedAtMs, false);
+    this.observeTime(spec.issuedAtMs);
     const record: JobRecord = {
       jobId: spec.jobId,
       digest,

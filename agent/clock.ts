@@ -1,7 +1,8 @@
 // Device clocks lie (no RTC, 1970 at boot, NTP jumps). The agent's notion of "now" advances
 // at the rate of the monotonic clock and follows the wall clock only while the two agree
 // (within a tolerance) and the wall clock is not below the durable floor: the latest
-// trusted timestamp seen (a signed issued_at, a controller TimeHint).
+// signed timestamp seen (a verified issued_at). The controller's unsigned time hints set "now"
+// but never the floor.
 
 export interface TimeSource {
   wall(): number;
@@ -47,18 +48,29 @@ export class TrustedClock {
   }
 
   /**
-   * A trusted timestamp: raises the floor, and moves "now" up to it. An authoritative one
-   * (the controller's TimeHint) also moves "now" back down to it, never below the floor.
-   * Returns true when the floor moved.
+   * A signed timestamp (a job's issued_at, verified): raises the durable floor and moves "now"
+   * up to it. Returns true when the floor moved.
    */
-  observe(ts: number, authoritative = false): boolean {
+  observe(ts: number): boolean {
     const now = this.now();
     const raised = ts > this.floorMs;
     if (raised) this.floorMs = ts;
-    if (ts > now || (authoritative && Math.abs(ts - now) > this.toleranceMs)) {
-      this.anchorTime = Math.max(ts, this.floorMs);
-      this.anchorMono = this.src.mono();
-    }
+    if (ts > now) this.setNow(ts);
     return raised;
+  }
+
+  /**
+   * The controller's time (TimeHint, SyncResponse): unsigned, so it may set "now" (up, or down
+   * when it disagrees by more than the tolerance, never below the floor) but never moves the
+   * durable floor — a wrong or forged hint is undone by the next one or by a restart.
+   */
+  hint(ts: number): void {
+    const now = this.now();
+    if (ts > now || Math.abs(ts - now) > this.toleranceMs) this.setNow(ts);
+  }
+
+  private setNow(ts: number): void {
+    this.anchorTime = Math.max(ts, this.floorMs);
+    this.anchorMono = this.src.mono();
   }
 }

@@ -28,6 +28,18 @@ describe("device clock", () => {
     expect(again.clock.now()).toBeGreaterThanOrEqual(spec.issuedAtMs!);
   });
 
+  it("an unsigned TimeHint ten years ahead does not make later jobs expire, not even after a restart (H5)", async () => {
+    const id = "clock-hint";
+    const agent = await h.newAgent(id);
+    await h.ctl.ctl(id, { timeHint: { nowMs: Date.now() + 10 * YEAR } });
+    await h.ctl.waitFor("hint applied", () => agent.clock.now() > Date.now() + 9 * YEAR);
+    expect(agent.clock.floor).toBeLessThan(Date.now() + YEAR);
+    const again = await h.restartAgent(agent);
+    const jobId = await h.ctl.assign(id, jobSpec([{ id: "a", type: "noop" }]));
+    expect((await h.ctl.waitJob(id, jobId)).state).toBe(S.SUCCEEDED);
+    expect(again.clock.floor).toBeLessThan(Date.now() + YEAR);
+  });
+
   it("a recurring job neither bursts nor stops when the clock jumps by years, and survives a restart", async () => {
     let offset = 0;
     const time: TimeSource = { wall: () => Date.now() + offset, mono: () => performance.now() };

@@ -129,8 +129,22 @@ describe("trusted clock", () => {
     s.wall = NOW - 5 * 365 * 86_400_000;
     s.mono += 1000;
     expect(c.now()).toBe(NOW + 2000);
-    c.observe(NOW + 60_000, true);
+    c.hint(NOW + 60_000);
     expect(c.now()).toBe(NOW + 60_000);
+  });
+  it("an unsigned hint sets now but never the floor; the next hint undoes a wrong one (H5)", () => {
+    const { s, time } = src(NOW);
+    const c = new TrustedClock(time, NOW - 1000);
+    c.hint(NOW + 10 * 365 * 86_400_000);
+    expect(c.now()).toBe(NOW + 10 * 365 * 86_400_000);
+    expect(c.floor).toBe(NOW - 1000);
+    c.hint(NOW);
+    s.mono += 1000;
+    s.wall += 1000;
+    expect(c.now()).toBe(NOW + 1000);
+    s.wall = 0; // and a hint never takes "now" below the floor
+    c.hint(NOW - 86_400_000);
+    expect(c.now()).toBe(NOW - 1000);
   });
 });
 
