@@ -293,9 +293,13 @@ export class Agent {
       case "cancel":
         await this.scheduler.cancel(env.cancel!.jobId ?? "", env.cancel!.reason || "canceled by operator");
         return;
-      case "statusAck":
+      case "statusAck": {
+        // An ack for another epoch (of this device's previous database) is not ours.
+        const epoch = env.statusAck!.epoch ?? "";
+        if (epoch && epoch !== this.store.epoch) return this.drop("other_epoch", `ack for epoch ${epoch}`);
         await this.outbox.onAck(env.statusAck!.upToSeq ?? 0);
         return;
+      }
       case "timeHint":
         if (env.timeHint!.nowMs) this.clock.hint(env.timeHint!.nowMs);
         return;

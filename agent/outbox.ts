@@ -87,7 +87,8 @@ export class OutboxSender {
         batch.push(s);
         bytes += size;
       }
-      if (!this.o.publish(encodeEnvelope({ statusBatch: { statuses: batch } }))) return;
+      if (!this.o.publish(encodeEnvelope({ statusBatch: { statuses: batch, epoch: this.o.store.epoch } })))
+        return;
       this.sentUpTo = batch[batch.length - 1]!.seq!;
     }
   }

@@ -8,6 +8,7 @@
 //  - WAITING/progress states:                               async — losing one re-derives it on start.
 //  - outbox deletions after a StatusAck, facts, time floor: async — losing one only re-sends or
 //                                                                   re-measures; sends are idempotent.
+import { randomBytes } from "node:crypto";
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { KeyValue } from "../firmware-tasks/types.js";
 import { pb, type TaskStatus } from "../proto/index.js";
@@ -97,8 +98,16 @@ export class AgentStore {
     this.kvs = db.sublevel<string, unknown>("kv", { valueEncoding: "json" }) as Sub<unknown>;
   }
 
+  /** This database's epoch (random, made with it): the controller's seq for it starts at 0. */
+  epoch = "";
+
   async open(): Promise<void> {
     await this.db.open();
+    this.epoch = ((await this.meta.get("epoch")) as string | undefined) ?? "";
+    if (!this.epoch) {
+      this.epoch = randomBytes(8).toString("hex");
+      await this.meta.put("epoch", this.epoch, { sync: true } as never);
+    }
     this.ackedSeq = ((await this.meta.get("ackedSeq")) as number | undefined) ?? 0;
     // The next seq is derived from what is on disk, so an unflushed counter can never reuse a seq.
     let last = this.ackedSeq;

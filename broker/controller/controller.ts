@@ -237,7 +237,11 @@ export class Controller {
     if (env.body !== expected) return this.drop("unexpected_body", `${env.body} on ${topic}`);
     switch (env.body) {
       case "statusBatch":
-        return this.delivery.onStatusBatch(t.deviceId, env.statusBatch!.statuses ?? []);
+        return this.delivery.onStatusBatch(
+          t.deviceId,
+          env.statusBatch!.statuses ?? [],
+          env.statusBatch!.epoch ?? "",
+        );
       case "syncRequest":
         this.o.registry.seen(t.deviceId, Date.now());
         return this.delivery.onSync(t.deviceId);

@@ -284,10 +284,10 @@ export class Delivery {
     if (resent) this.c.counters.inc("assignments_resent", resent);
   }
 
-  onStatusBatch(deviceId: string, statuses: TaskStatus[]): Promise<void> {
+  onStatusBatch(deviceId: string, statuses: TaskStatus[], epoch = ""): Promise<void> {
     const prev = this.chains.get(deviceId) ?? Promise.resolve();
     const next = prev
-      .then(() => this.apply(deviceId, statuses))
+      .then(() => this.apply(deviceId, statuses, epoch))
       .catch((err) => {
         this.c.counters.inc("status_apply_failed");
         this.c.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
@@ -299,9 +299,23 @@ export class Delivery {
     return next;
   }
 
-  private async apply(deviceId: string, statuses: TaskStatus[]): Promise<void> {
+  private async apply(deviceId: string, statuses: TaskStatus[], epoch: string): Promise<void> {
     const { store } = this.c;
-    let last = (await store.seqs.get(deviceId)) ?? 0;
+    const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
+    const known = typeof rec === "number" ? { epoch: "", seq: rec } : rec;
+    let last = known.seq;
+    // A new database on the device (re-flashed, replaced): its seq starts over (H6).
+    const newEpoch = epoch !== "" && epoch !== known.epoch;
+    if (newEpoch) {
+      if (known.epoch || known.seq) {
+        this.c.counters.inc("device_epoch_changed");
+        this.c.log.info(
+          { deviceId, epoch, was: known.epoch },
+          "device has a new database; its status seq starts over",
+        );
+      }
+      last = 0;
+    }
     const start = last;
     const touched = new Map<string, Assignment>();
     const fresh: TaskStatus[] = [];
@@ -326,18 +340,18 @@ export class Delivery {
       applyStatus(a, s, this.c.now());
       touched.set(key, a);
     }
-    if (last > start) {
+    if (last > start || newEpoch) {
       const ops: Op[] = [...touched.values()].map((a) =>
         store.put(store.assignments, asgKey(a.deviceId, a.jobId), a),
       );
-      ops.push(store.put(store.seqs, deviceId, last));
+      ops.push(store.put(store.seqs, deviceId, { epoch: newEpoch ? epoch : known.epoch, seq: last }));
       await store.batch(ops);
     }
     this.c.registry.seen(deviceId, this.c.now());
     // Persisted (or nothing new): acknowledge cumulatively.
     this.c.publish(
       deviceTopic(this.c.prefix, deviceId, "ctl"),
-      encodeEnvelope({ statusAck: { upToSeq: last } }),
+      encodeEnvelope({ statusAck: { upToSeq: last, epoch: newEpoch ? epoch : known.epoch } }),
       1,
     );
     for (const s of fresh) {

@@ -98,6 +98,9 @@ export interface Assignment {
   closed?: boolean;
 }
 
+/** A bare number is a record from before epochs (epoch ""). */
+export type SeqRecord = { epoch: string; seq: number } | number;
+
 type Db = ClassicLevel<string, unknown>;
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
 export type Op = AbstractBatchOperation<Db, string, unknown>;
@@ -109,7 +112,8 @@ export class ControllerStore {
   readonly devices: Sub<DeviceRecord>;
   readonly jobs: Sub<JobRecord>;
   readonly assignments: Sub<Assignment>;
-  readonly seqs: Sub<number>;
+  /** The last applied status seq per device, in the epoch of its agent's database. */
+  readonly seqs: Sub<SeqRecord>;
   readonly nonces: Sub<number>;
   readonly rollouts: Sub<RolloutRecord>;
   private readonly writer: GroupCommit<Op>;
@@ -124,7 +128,7 @@ export class ControllerStore {
     this.assignments = this.db.sublevel<string, Assignment>("asg", {
       valueEncoding: "json",
     }) as Sub<Assignment>;
-    this.seqs = this.db.sublevel<string, number>("seq", { valueEncoding: "json" }) as Sub<number>;
+    this.seqs = this.db.sublevel<string, SeqRecord>("seq", { valueEncoding: "json" }) as Sub<SeqRecord>;
     this.nonces = this.db.sublevel<string, number>("nonce", { valueEncoding: "json" }) as Sub<number>;
     this.rollouts = this.db.sublevel<string, RolloutRecord>("rollout", {
       valueEncoding: "json",

@@ -8,7 +8,15 @@ import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { hashPassword } from "../../broker/credentials.js";
 import { generateSigningKey } from "../../proto/signing.js";
-import { cli, type ServerProcess, setContextServer, startServer } from "../helpers/fleet.js";
+import {
+  cli,
+  flashMoved,
+  type ServerProcess,
+  setContextServer,
+  startAgent,
+  startServer,
+  waitOnline,
+} from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
 const data = tempDir("fleet-hard-");
@@ -262,4 +270,26 @@ describe("H4: trust comes from the operator, not from the server", () => {
       other.cleanup();
     }
   }, 60_000);
+});
+
+describe("H6: a re-flashed device", () => {
+  it("starts a new epoch: its statuses are applied, not dropped as duplicates of the old database's", async () => {
+    const runOnce = async () => {
+      const { root, cleanup } = await flashMoved("reflash-1", env);
+      const agent = startAgent(root);
+      try {
+        await waitOnline(env, "reflash-1");
+        // Several statuses, so the old database's seq is well ahead of a new one's.
+        const r = await cli(["run", "noop", "--device", "reflash-1", "--wait", "--json"], env);
+        expect(r.code, r.stderr).toBe(0);
+      } finally {
+        agent.proc.kill("SIGTERM");
+        await agent.exited;
+        cleanup();
+      }
+    };
+    await runOnce();
+    await runOnce(); // a new root: a new database, seq from 1 again
+    expect(await counter("device_epoch_changed")).toBe(1);
+  }, 90_000);
 });
