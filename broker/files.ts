@@ -1,9 +1,13 @@
 import { mkdirSync, renameSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 
-/** Writes atomically (temp + rename) with the given mode; secrets get 0600. */
+/**
+ * Writes atomically (temp + rename) with the given mode; secrets get 0600. Missing parent
+ * directories are made 0755 (they may be a device's /etc or /var): a secret is protected by
+ * its own mode.
+ */
 export function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o644): void {
-  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+  mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
   const tmp = `${path}.${process.pid}.tmp`;
   writeFileSync(tmp, data, { mode });
   renameSync(tmp, path);

@@ -121,7 +121,7 @@ export function registerFlash(program: Command): void {
       const target = o.root ? resolve(o.root) : mkdtempSync(join(tmpdir(), "fleet-flash-"));
       try {
         const opt = join(target, "opt", "fleet-agent");
-        mkdirSync(opt, { recursive: true });
+        mkdirSync(opt, { recursive: true, mode: 0o755 });
         cpSync(bundle, opt, { recursive: true });
         writeFileAtomic(join(opt, "run"), RUN_SCRIPT, 0o755);
         const etc = join(target, "etc", "fleet-agent");
@@ -134,7 +134,15 @@ export function registerFlash(program: Command): void {
         writeFileAtomic(join(target, "etc", "systemd", "system", "fleet-agent.service"), UNIT);
         mkdirSync(join(target, "var", "lib", "fleet-agent"), { recursive: true, mode: 0o700 });
         chmodSync(join(target, "var", "lib", "fleet-agent"), 0o700);
-        if (o.tar) await createTar({ gzip: true, file: resolve(o.tar), cwd: target, portable: false }, ["."]);
+        // Only our own entries: none for /, /etc, /var, /var/lib, /opt, /etc/systemd/system, so
+        // unpacking onto a device's file system leaves its directories as they are (H7).
+        if (o.tar)
+          await createTar({ gzip: true, file: resolve(o.tar), cwd: target, portable: false }, [
+            "opt/fleet-agent",
+            "etc/fleet-agent",
+            "etc/systemd/system/fleet-agent.service",
+            "var/lib/fleet-agent",
+          ]);
       } finally {
         if (o.tar) rmSync(target, { recursive: true, force: true });
       }

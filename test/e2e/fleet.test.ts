@@ -256,6 +256,18 @@ describe("fleet end to end", () => {
     execFileSync("tar", ["xzf", tarFile, "-C", root]);
     const listing = execFileSync("tar", ["tzvf", tarFile]).toString();
     expect(listing).not.toMatch(/^l.* -> \//m);
+    // H7: no entries for the device's own directories, and ours are 0755 (the data dir 0700).
+    const dirs = listing
+      .split("\n")
+      .filter((l) => l.startsWith("d"))
+      .map((l) => ({
+        mode: l.slice(0, 10),
+        path: l.split(/\s+/).pop()!.replace(/^\.\//, "").replace(/\/$/, ""),
+      }));
+    for (const system of ["", ".", "etc", "var", "var/lib", "opt", "etc/systemd", "etc/systemd/system"])
+      expect(dirs.map((d) => d.path)).not.toContain(system);
+    for (const d of dirs)
+      expect(d.mode, d.path).toBe(d.path === "var/lib/fleet-agent" ? "drwx------" : "drwxr-xr-x");
     expect(statSync(join(root, "etc", "fleet-agent", "config.json")).mode & 0o777).toBe(0o600);
     expect(statSync(join(root, "opt", "fleet-agent", "run")).mode & 0o111).toBeTruthy();
     expect(readFileSync(join(root, "etc", "systemd", "system", "fleet-agent.service"), "utf8")).toContain(
