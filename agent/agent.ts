@@ -94,7 +94,12 @@ export class Agent {
     this.log = (o.log ?? createLogger()).child({ component: "agent", deviceId: o.config.deviceId });
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
     if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-    this.store = new AgentStore(o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db), o.writer);
+    this.store = new AgentStore(
+      o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db),
+      o.writer,
+      // A batch of one status must fit the payload limit, with room for the envelope.
+      Math.floor(this.cfg.maxPayloadBytes / 2),
+    );
     this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
@@ -134,6 +139,7 @@ export class Agent {
       store: this.store,
       log: this.log.child({ component: "outbox" }),
       publish: (payload) => this.publish("status", payload, 1),
+      maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
     });
     this.connection = new Connection({
       brokers: this.cfg.brokers,

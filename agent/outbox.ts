@@ -6,7 +6,6 @@ import { encodeEnvelope } from "../proto/envelope.js";
 import { pb, type TaskStatus } from "../proto/index.js";
 import type { AgentStore } from "./store.js";
 
-const MAX_BATCH_BYTES = 192 * 1024;
 const MAX_BATCH_COUNT = 500;
 const WINDOW = 2000;
 const RESEND_AFTER_MS = 15_000;
@@ -16,6 +15,8 @@ export interface OutboxOptions {
   log: Logger;
   /** Publishes one encoded StatusBatch envelope (QoS 1); false when not connected. */
   publish: (payload: Uint8Array) => boolean;
+  /** A batch's statuses take at most this many bytes (the payload limit, less room). */
+  maxBatchBytes: number;
 }
 
 export class OutboxSender {
@@ -83,7 +84,7 @@ export class OutboxSender {
       let bytes = 0;
       for (const s of pending) {
         const size = pb.TaskStatus.encodeDelimited(s).len;
-        if (batch.length && bytes + size > MAX_BATCH_BYTES) break;
+        if (batch.length && bytes + size > this.o.maxBatchBytes) break;
         batch.push(s);
         bytes += size;
       }

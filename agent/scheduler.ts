@@ -13,13 +13,13 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Logger } from "pino";
+import { truncateOutput } from "../common/output.js";
 import {
   TaskCanceledError,
   TaskFailedError,
   TaskTimeoutError,
   UnrecoverableError,
 } from "../firmware-tasks/errors.js";
-import { truncateOutput } from "../firmware-tasks/output.js";
 import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { type DecodedTask as TaskSpec, TaskState, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 import type { TrustedClock } from "./clock.js";

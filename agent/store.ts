@@ -10,6 +10,7 @@
 //                                                                   re-measures; sends are idempotent.
 import { randomBytes } from "node:crypto";
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
+import { boundStatus } from "../common/output.js";
 import type { KeyValue } from "../firmware-tasks/types.js";
 import { pb, type TaskStatus } from "../proto/index.js";
 import { GroupCommit } from "./group-commit.js";
@@ -87,6 +88,8 @@ export class AgentStore {
   constructor(
     readonly db: Db,
     writer?: GroupCommit<unknown>,
+    /** No status may be larger than this (M1): a batch of one must still fit the payload limit. */
+    private readonly maxStatusBytes = 128 * 1024,
   ) {
     this.writer = (writer as GroupCommit<Op> | undefined) ?? new GroupCommit<Op>(db as never);
     this.jobs = db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
@@ -133,7 +136,10 @@ export class AgentStore {
 
   /** Writes everything in one atomic batch; statuses get their seq here. Commits are serialized. */
   commit(c: Commit, sync: boolean): Promise<TaskStatus[]> {
-    const statuses = (c.statuses ?? []).map((s) => ({ ...s, seq: this.nextSeq++ }));
+    const statuses = (c.statuses ?? []).map((s) => ({
+      ...boundStatus(s, this.maxStatusBytes),
+      seq: this.nextSeq++,
+    }));
     const ops: Op[] = [];
     for (const j of c.jobs ?? []) ops.push({ type: "put", sublevel: this.jobs, key: j.jobId, value: j });
     for (const e of c.executions ?? [])

@@ -1,8 +1,8 @@
 // Runs a command as a child process in its own process group: stdout+stderr captured (tail
 // kept), the whole group killed on abort (SIGTERM, then SIGKILL after a grace period).
 import { spawn } from "node:child_process";
+import { OutputTail } from "../common/output.js";
 import { TaskFailedError } from "./errors.js";
-import { OutputTail } from "./output.js";
 
 const KILL_GRACE_MS = 3000;
 

@@ -82,6 +82,13 @@ export class Controller {
       telemetry: (d) => this.telemetry.get(d),
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
+    o.registry.onBadFacts = (deviceId) => {
+      this.counters.inc("device_facts_refused");
+      this.log.warn(
+        { deviceId },
+        "refused a device's facts (over 32 KiB, over 6 levels deep, or not an object)",
+      );
+    };
     this.api = operatorApi({
       config: o.config,
       store: o.store,

@@ -3,6 +3,7 @@
 // persist, then StatusAck; aggregate task and job states per device and per job.
 import type { Logger } from "pino";
 import type { Counters } from "../../agent/counters.js";
+import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import { pb, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
@@ -22,6 +23,9 @@ export interface DeliveryContext {
   /** A device finished a job (terminal job-level status applied). */
   onFinished?(jobId: string): void;
 }
+
+/** What one status may add to an assignment (an agent of ours bounds it already). */
+const STATUS_BYTES = 96 * 1024;
 
 export function assignmentJson(a: Assignment, job?: JobRecord) {
   const order = job?.tasks.map((t) => t.id) ?? Object.keys(a.tasks);
@@ -329,6 +333,12 @@ export class Delivery {
       fresh.push(s);
       const key = asgKey(deviceId, s.jobId ?? "");
       const a = touched.get(key) ?? (await store.assignments.get(key));
+      // Only the job's own tasks (M3): a device cannot grow an assignment with made-up ones.
+      const job = a && s.taskId ? await this.job(a.jobId) : undefined;
+      if (job && !job.tasks.some((t) => t.id === s.taskId)) {
+        this.c.counters.inc("statuses_unknown_task");
+        continue;
+      }
       if (!a) {
         this.c.counters.inc("statuses_unknown_job");
         this.c.log.warn(
@@ -337,7 +347,7 @@ export class Delivery {
         );
         continue;
       }
-      applyStatus(a, s, this.c.now());
+      applyStatus(a, boundStatus(s, STATUS_BYTES), this.c.now());
       touched.set(key, a);
     }
     if (last > start || newEpoch) {

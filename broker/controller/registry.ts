@@ -151,6 +151,9 @@ export class Registry {
   /** A copy of the credentials elsewhere (the cluster's Redis), kept in step with every change. */
   mirror: { put(devices: DeviceRecord[]): Promise<void>; del(id: string): Promise<void> } | undefined;
 
+  /** Called when a device's facts were refused (too large, too deep, not an object). */
+  onBadFacts: ((id: string) => void) | undefined;
+
   /** Called after a device is removed (the embedded broker disconnects it). */
   onRemoved: ((id: string) => void) | undefined;
 
@@ -161,14 +164,12 @@ export class Registry {
     const was = d.online;
     d.online = Boolean(s.online);
     if (s.online) {
-      d.agentVersion = s.agentVersion ?? d.agentVersion;
-      d.queueDepth = s.queueDepth ?? 0;
+      d.agentVersion = (s.agentVersion ?? d.agentVersion).slice(0, 64);
+      d.queueDepth = Math.max(0, Math.min(Number(s.queueDepth ?? 0) || 0, 1e9));
       if (s.factsJson) {
-        try {
-          d.facts = JSON.parse(s.factsJson) as Record<string, unknown>;
-        } catch {
-          // facts are informational; a bad blob is ignored
-        }
+        const facts = boundedFacts(s.factsJson);
+        if (facts) d.facts = facts;
+        else this.onBadFacts?.(id);
       }
     }
     d.lastSeen = now;
@@ -192,4 +193,27 @@ export class Registry {
     this.dirty.clear();
     await this.store.batch(ops, false);
   }
+}
+
+const MAX_FACTS_BYTES = 32 * 1024;
+const MAX_FACTS_DEPTH = 6;
+
+/**
+ * A device's facts as it reported them, if they are a JSON object of at most 32 KiB and six
+ * levels (M2): the registry keeps them in memory and writes them to LevelDB, so a device must
+ * not be able to make them large or deep.
+ */
+export function boundedFacts(json: string): Record<string, unknown> | undefined {
+  if (json.length > MAX_FACTS_BYTES) return undefined;
+  let v: unknown;
+  try {
+    v = JSON.parse(json);
+  } catch {
+    return undefined;
+  }
+  const depth = (x: unknown, d: number): boolean =>
+    d <= MAX_FACTS_DEPTH &&
+    (typeof x !== "object" || x === null || Object.values(x).every((y) => depth(y, d + 1)));
+  if (typeof v !== "object" || v === null || Array.isArray(v) || !depth(v, 1)) return undefined;
+  return v as Record<string, unknown>;
 }

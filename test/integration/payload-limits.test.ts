@@ -5,7 +5,7 @@ import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Counters } from "../../agent/counters.js";
 import { Delivery } from "../../broker/controller/delivery.js";
-import { Registry } from "../../broker/controller/registry.js";
+import { boundedFacts, Registry } from "../../broker/controller/registry.js";
 import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller/store.js";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
@@ -17,12 +17,13 @@ const tmp = tempDir("fleet-limits-int-");
 const store = new ControllerStore(tmp.dir);
 const registry = new Registry(store);
 const sent: Array<{ topic: string; payload: Uint8Array }> = [];
+const counters = new Counters();
 const delivery = new Delivery({
   store,
   registry,
   prefix: "fleet/v1",
   log: pino({ level: "silent" }),
-  counters: new Counters(),
+  counters,
   publish: (topic, payload) => {
     sent.push({ topic, payload });
   },
@@ -112,5 +113,37 @@ describe("payload limits", () => {
       "k",
     );
     expect(verifyRpcRequest(ok, keys, Date.now(), 60_000).ok).toBe(true);
+  });
+
+  it("a device cannot grow an assignment with tasks the job does not have (M3)", async () => {
+    const job = bigJob("01JOBDDDDDDDDDDDDDDDDDDDDD", 100);
+    await delivery.submit(job);
+    const statuses = Array.from({ length: 1000 }, (_, i) => ({
+      seq: 10_000 + i,
+      jobId: job.id,
+      taskId: `made-up-${i}`,
+      state: TaskState.RUNNING,
+      message: "x".repeat(1000),
+    }));
+    await delivery.onStatusBatch("dev-1", [
+      ...statuses,
+      { seq: 20_000, jobId: job.id, taskId: "t", state: TaskState.RUNNING },
+    ]);
+    const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
+    expect(Object.keys(a.tasks)).toEqual(["t"]);
+    expect(counters.get("statuses_unknown_task")).toBe(1000);
+  });
+
+  it("device facts are kept only when small and shallow (M2)", () => {
+    expect(boundedFacts(JSON.stringify({ os: { arch: "arm64" }, disk: { free: 1 } }))).toEqual({
+      os: { arch: "arm64" },
+      disk: { free: 1 },
+    });
+    let deep: unknown = 1;
+    for (let i = 0; i < 100; i++) deep = { d: deep };
+    expect(boundedFacts(JSON.stringify(deep))).toBeUndefined();
+    expect(boundedFacts(JSON.stringify({ big: "x".repeat(40_000) }))).toBeUndefined();
+    expect(boundedFacts("[1,2]")).toBeUndefined();
+    expect(boundedFacts("not json")).toBeUndefined();
   });
 });

@@ -234,6 +234,16 @@ describe("rejections", () => {
 });
 
 describe("bad payloads on the agent's topics", () => {
+  it("a rejection of a job with thousands of bad params is bounded: the status fits any batch (M1)", async () => {
+    const args = Array.from({ length: 5000 }, (_, i) => i); // numbers where strings belong
+    const message = await expectRejected(
+      jobSpec([{ id: "a", type: "shell", params: { command: "/bin/true", args } }]),
+      "invalid_params",
+    );
+    expect(Buffer.byteLength(message)).toBeLessThanOrEqual(4096);
+    expect(message).toMatch(/truncated\]$/);
+  });
+
   it("drops garbage, truncated and oversized payloads with a counter and keeps working", async () => {
     const agent = h.agents[0]!;
     const valid = encodeEnvelope({ jobAssignment: { job: sign(jobSpec(noop)), deviceId: DEV } });

@@ -203,3 +203,25 @@ describe("agent config", () => {
     }
   });
 });
+
+describe("status bounds (M1)", () => {
+  it("cuts message, reason and output so one status fits a batch", async () => {
+    const { boundStatus } = await import("../../common/output.js");
+    const s = boundStatus(
+      {
+        jobId: "j",
+        taskId: "t",
+        message: "m".repeat(100_000),
+        reason: "r".repeat(1000),
+        output: "o".repeat(1_000_000),
+      },
+      128 * 1024,
+    );
+    expect(Buffer.byteLength(s.message!)).toBeLessThanOrEqual(4096);
+    expect(Buffer.byteLength(s.reason!)).toBeLessThanOrEqual(256);
+    expect(Buffer.byteLength(s.output!)).toBeLessThanOrEqual(128 * 1024);
+    expect(s.output).toMatch(/^\[\.\.\. \d+ bytes truncated\]/);
+    const small = { jobId: "j", message: "fine", output: "ok" };
+    expect(boundStatus(small, 128 * 1024)).toMatchObject(small);
+  });
+});

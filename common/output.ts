@@ -1,3 +1,6 @@
+// Bounding what tasks and devices produce: a task's output tail, and a status as a whole.
+import type { TaskStatus } from "../proto/index.js";
+
 /** Keeps the last `limit` bytes written, and counts what it dropped. */
 export class OutputTail {
   private chunks: Buffer[] = [];
@@ -41,4 +44,24 @@ export function truncateOutput(s: string, limit: number): string {
   const t = new OutputTail(limit);
   t.write(s);
   return t.toString();
+}
+
+const MAX_MESSAGE_BYTES = 4096;
+const MAX_REASON_BYTES = 256;
+
+/**
+ * Every status the agent reports is bounded (M1): its message, reason and output are cut (the
+ * tail of the output kept, the head of a message), so that whatever a task or a rejected job
+ * produced, the status fits a batch and the batch the broker's payload limit.
+ */
+export function boundStatus(s: TaskStatus, maxBytes: number): TaskStatus {
+  const head = (v: string | null | undefined, limit: number) => {
+    if (!v || Buffer.byteLength(v) <= limit) return v ?? "";
+    const cut = Buffer.from(v).subarray(0, limit - 16).toString("utf8").replace(/\uFFFD$/, "");
+    return `${cut} [… truncated]`;
+  };
+  const outputLimit = Math.max(1024, maxBytes - MAX_MESSAGE_BYTES - 1024);
+  const out = { ...s, message: head(s.message, MAX_MESSAGE_BYTES), reason: head(s.reason, MAX_REASON_BYTES) };
+  if (s.output && Buffer.byteLength(s.output) > outputLimit) out.output = truncateOutput(s.output, outputLimit);
+  return out;
 }
