@@ -20,9 +20,27 @@ const params = z
   .object({
     path: z.string().min(1),
     content: z.string(),
+    // Always octal (M7): "0644", "644", "0o644", or a number written in octal digits (YAML reads
+    // `mode: 0600` as the number 600, which means 0600 here, never decimal 600 = 0o1130).
+    // No setuid, setgid or sticky bit.
     mode: z
-      .union([z.number().int(), z.string().regex(/^0?[0-7]{3,4}$/, "an octal mode like 0644")])
-      .transform((m) => (typeof m === "number" ? m : Number.parseInt(m, 8)))
+      .union([z.number().int().nonnegative(), z.string()])
+      .transform((m, ctx) => {
+        const digits = String(m).replace(/^0o/, "");
+        if (!/^[0-7]{1,4}$/.test(digits)) {
+          ctx.addIssue({ code: "custom", message: `"${m}" is not an octal mode like 0644` });
+          return z.NEVER;
+        }
+        const mode = Number.parseInt(digits, 8);
+        if (mode > 0o777) {
+          ctx.addIssue({
+            code: "custom",
+            message: `mode ${m}: setuid, setgid and sticky bits are not allowed`,
+          });
+          return z.NEVER;
+        }
+        return mode;
+      })
       .optional(),
     validate: argv.optional(),
     reload: argv.optional(),

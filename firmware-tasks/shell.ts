@@ -5,12 +5,52 @@ import { taskEnv, underRoot } from "./paths.js";
 import { describeExit, runCommand } from "./process.js";
 import { defineHandler } from "./types.js";
 
+/**
+ * Variables a job may not set for an allow-listed command (M8): they make the loader, a shell or
+ * an interpreter run other code (`BASH_ENV`, `LD_PRELOAD`, `NODE_OPTIONS`, …) or change which
+ * program a name means (`PATH`).
+ */
+const LOADER_ENV =
+  /^(LD_|DYLD_|BASH_FUNC_|PYTHON|PERL|RUBY|NODE_|GCONV_|LUA_|JAVA_TOOL|_JAVA_|GIT_|MALLOC_|GLIBC_)/;
+const INTERPRETER_ENV = new Set([
+  "PATH",
+  "BASH_ENV",
+  "ENV",
+  "SHELLOPTS",
+  "BASHOPTS",
+  "IFS",
+  "PS4",
+  "PROMPT_COMMAND",
+  "CDPATH",
+  "HOSTALIASES",
+  "LOCALDOMAIN",
+  "RES_OPTIONS",
+  "TMPDIR",
+  "HOME",
+  "FLEET_ROOT",
+]);
+
+export function refusedEnv(name: string): string | undefined {
+  if (!/^[A-Za-z_][A-Za-z0-9_]{0,127}$/.test(name)) return "not a variable name";
+  if (LOADER_ENV.test(name) || INTERPRETER_ENV.has(name))
+    return `${name} may not be set by a job (it changes which code runs)`;
+  return undefined;
+}
+
 const params = z
   .object({
     command: z.string().refine(isAbsolute, "must be an absolute path"),
     args: z.array(z.string()).default([]),
     cwd: z.string().optional(),
-    env: z.record(z.string(), z.string()).default({}),
+    env: z
+      .record(z.string(), z.string())
+      .default({})
+      .superRefine((env, ctx) => {
+        for (const name of Object.keys(env)) {
+          const why = refusedEnv(name);
+          if (why) ctx.addIssue({ code: "custom", path: [name], message: why });
+        }
+      }),
   })
   .strict();
 

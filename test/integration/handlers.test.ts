@@ -69,9 +69,21 @@ describe("config", () => {
     expect(existsSync(join(root(), "etc/app/reloaded"))).toBe(true);
   });
 
+  it("reads a mode given as a YAML number (0600 -> 600) as octal, not decimal (M7)", async () => {
+    const r = await run({
+      id: "c",
+      type: "config",
+      params: { path: "etc/app/secret.conf", content: "k=v\n", mode: 600 },
+    });
+    expect(r.job.state).toBe(S.SUCCEEDED);
+    expect(statSync(join(root(), "etc/app/secret.conf")).mode & 0o7777).toBe(0o600);
+  });
+
   it.each<[string, object, S, string]>([
     ["a path outside the root", { path: "../../etc/passwd", content: "x" }, S.FAILED, "bad_path"],
     ["a bad mode", { path: "a", content: "x", mode: "999" }, S.REJECTED, "invalid_params"],
+    ["a setuid mode (M7)", { path: "a", content: "x", mode: "4755" }, S.REJECTED, "invalid_params"],
+    ["a setgid mode as a number (M7)", { path: "a", content: "x", mode: 2755 }, S.REJECTED, "invalid_params"],
     [
       "a validate command not allowed",
       { path: "a", content: "x", validate: ["/usr/bin/env", "true"] },

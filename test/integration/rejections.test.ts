@@ -181,6 +181,29 @@ describe("rejections", () => {
       /inside the release/,
     ],
     [
+      // M8: no loader or interpreter variables for an allow-listed command.
+      "invalid_params",
+      () => ({
+        spec: jobSpec([
+          { id: "a", type: "shell", params: { command: "/bin/true", env: { BASH_ENV: "/tmp/evil" } } },
+        ]),
+      }),
+      /env\.BASH_ENV: BASH_ENV may not be set by a job/,
+    ],
+    [
+      "invalid_params",
+      () => ({
+        spec: jobSpec([
+          {
+            id: "a",
+            type: "shell",
+            params: { command: "/bin/true", env: { LD_PRELOAD: "/tmp/x.so", OK_VAR: "1" } },
+          },
+        ]),
+      }),
+      /LD_PRELOAD may not be set/,
+    ],
+    [
       "invalid_params",
       () => ({ spec: jobSpec([{ id: "a", type: "shell", params: { command: "relative/path" } }]) }),
       /command: must be an absolute path/,

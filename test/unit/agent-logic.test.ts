@@ -160,7 +160,24 @@ describe("cron", () => {
     expect(m.windowOpen(at("2026-11-28T01:30:00Z"), 2 * 3600_000).open).toBe(true); // 02:30 Berlin
     expect(m.windowOpen(at("2026-11-28T03:30:00Z"), 2 * 3600_000).open).toBe(false); // 04:30 Berlin
     expect(m.windowOpen(at("2026-11-28T00:59:00Z"), 2 * 3600_000).open).toBe(false); // 01:59 Berlin
+    expect(m.windowOpen(at("2026-11-28T01:00:00Z"), 2 * 3600_000)).toEqual({
+      open: true,
+      until: at("2026-11-28T03:00:00Z"),
+    }); // opens at its slot
     m.dispose();
+  });
+  it("long windows are computed, not walked minute by minute (M5)", () => {
+    const yearly = new CronMatcher("0 0 1 1 *", "UTC");
+    const at = (iso: string) => Date.parse(iso);
+    const DAY = 86_400_000;
+    expect(yearly.windowOpen(at("2026-11-28T00:00:00Z"), 400 * DAY).open).toBe(true);
+    expect(yearly.windowOpen(at("2026-11-28T00:00:00Z"), 300 * DAY).open).toBe(false);
+    // Feb 29 only: the last slot is years back; still one computation.
+    const leap = new CronMatcher("0 0 29 2 *", "UTC");
+    expect(leap.windowOpen(at("2026-11-28T00:00:00Z"), 400 * DAY).open).toBe(false);
+    expect(leap.windowOpen(at("2028-03-01T00:00:00Z"), 2 * DAY).open).toBe(true);
+    yearly.dispose();
+    leap.dispose();
   });
 });
 
