@@ -163,8 +163,10 @@ export class ArtifactStore {
     if (!m) {
       // HTTPS with a fleet-CA client certificate: CN = device id.
       const sock = req.socket as TLSSocket;
-      const cn = sock.authorized ? sock.getPeerCertificate?.().subject?.CN : undefined;
-      if (typeof cn === "string" && this.o.registry.get(cn)) return { kind: "device", id: cn };
+      const peer = sock.authorized ? sock.getPeerCertificate?.() : undefined;
+      const cn = peer?.subject?.CN;
+      if (typeof cn === "string" && this.o.registry.certAllowed(cn, peer?.serialNumber))
+        return { kind: "device", id: cn };
       throw new HttpError(401, "authentication required");
     }
     const [user, ...rest] = Buffer.from(m[1]!, "base64").toString().split(":");
@@ -249,10 +251,16 @@ export class ArtifactStore {
   }
 
   /** The artifact, if the caller is an operator or a device with an open job naming it. */
+  /**
+   * The artifact a request is for, if the requester may have it: an operator any, a device one
+   * that a job currently assigned to it names. Several versions may share one blob (the same
+   * tarball pushed twice, M10): any of them named is enough.
+   */
   private async allowed(who: Who, match: (r: ArtifactRecord) => boolean): Promise<ArtifactRecord> {
-    const rec = (await this.records.values().all()).find(match);
-    if (!rec) throw new HttpError(404, "no such artifact");
-    if (who.kind === "operator") return rec;
+    const recs = (await this.records.values().all()).filter(match);
+    if (!recs.length) throw new HttpError(404, "no such artifact");
+    if (who.kind === "operator") return recs[0]!;
+    const named = new Set<string>();
     for (const a of await this.o.store.deviceAssignments(who.id)) {
       if (TERMINAL_STATES.has(a.state)) continue;
       const job = await this.o.store.jobs.get(a.jobId);
@@ -261,11 +269,13 @@ export class ArtifactStore {
       for (const t of spec.tasks) {
         if (t.type !== "software-update") continue;
         const p = JSON.parse(t.paramsJson || "{}") as { artifact?: string; version?: string };
-        if (p.artifact === rec.name && p.version === rec.version) return rec;
+        if (p.artifact && p.version) named.add(recordKey(p.artifact, p.version));
       }
     }
+    const rec = recs.find((r) => named.has(recordKey(r.name, r.version)));
+    if (rec) return rec;
     this.o.counters.inc("artifact_denied");
-    throw new HttpError(403, `no job assigned to ${who.id} names ${rec.name} ${rec.version}`);
+    throw new HttpError(403, `no job assigned to ${who.id} names ${recs[0]!.name} ${recs[0]!.version}`);
   }
 
   /**

@@ -30,6 +30,8 @@ export interface ClusterOptions {
   log: Logger;
 }
 
+type MirroredDevice = { id: string; tokenHash?: string; certSerials?: string[] };
+
 export class Cluster {
   readonly redis: Redis;
   private renewTimer: NodeJS.Timeout | undefined;
@@ -148,22 +150,43 @@ export class Cluster {
     return tokenMatches(password, hash) ? "ok" : "bad";
   }
 
+  /** The device's current client certificate serials (M9), from the mirror. */
+  async certAllowed(id: string, serial: string | undefined): Promise<boolean> {
+    if (!serial) return false;
+    const serials = (await this.redis.hget(this.certsKey, id)) ?? "";
+    return serials.split(",").includes(serial.toUpperCase());
+  }
+
+  private get certsKey(): string {
+    return `${this.devicesKey}:certs`;
+  }
+
   /** Replaces the mirror with the registry's devices (at takeover). */
-  async mirrorAll(devices: Iterable<{ id: string; tokenHash?: string }>): Promise<void> {
-    const m = this.redis.multi().del(this.devicesKey);
-    const fields: string[] = [];
-    for (const d of devices) if (d.tokenHash) fields.push(d.id, d.tokenHash);
-    for (let i = 0; i < fields.length; i += 2000) m.hset(this.devicesKey, ...fields.slice(i, i + 2000));
+  async mirrorAll(devices: Iterable<MirroredDevice>): Promise<void> {
+    const m = this.redis.multi().del(this.devicesKey).del(this.certsKey);
+    const tokens: string[] = [];
+    const certs: string[] = [];
+    for (const d of devices) {
+      if (d.tokenHash) tokens.push(d.id, d.tokenHash);
+      if (d.certSerials?.length) certs.push(d.id, d.certSerials.join(","));
+    }
+    for (let i = 0; i < tokens.length; i += 2000) m.hset(this.devicesKey, ...tokens.slice(i, i + 2000));
+    for (let i = 0; i < certs.length; i += 2000) m.hset(this.certsKey, ...certs.slice(i, i + 2000));
     await m.exec();
   }
 
-  async mirror(devices: ReadonlyArray<{ id: string; tokenHash?: string }>): Promise<void> {
-    const fields = devices.flatMap((d) => (d.tokenHash ? [d.id, d.tokenHash] : []));
-    if (fields.length) await this.redis.hset(this.devicesKey, ...fields);
+  async mirror(devices: ReadonlyArray<MirroredDevice>): Promise<void> {
+    const m = this.redis.multi();
+    for (const d of devices) {
+      if (d.tokenHash) m.hset(this.devicesKey, d.id, d.tokenHash);
+      if (d.certSerials?.length) m.hset(this.certsKey, d.id, d.certSerials.join(","));
+      else m.hdel(this.certsKey, d.id);
+    }
+    await m.exec();
   }
 
   async unmirror(id: string): Promise<void> {
-    await this.redis.hdel(this.devicesKey, id);
+    await this.redis.multi().hdel(this.devicesKey, id).hdel(this.certsKey, id).exec();
   }
 
   async stop(): Promise<void> {

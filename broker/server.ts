@@ -407,7 +407,12 @@ export class FleetServer {
     }
     if ((await this.verifyDevice(deviceId, undefined)) === "unknown")
       throw authError(`unknown device ${deviceId}`, 5);
-    if (certCn && certCn === deviceId) return { kind: "device", id: deviceId };
+    if (certCn && certCn === deviceId) {
+      const serial = tls.getPeerCertificate?.().serialNumber;
+      if (await this.certAllowed(deviceId, serial)) return { kind: "device", id: deviceId };
+      this.counters.inc("cert_revoked");
+      throw authError("client certificate revoked", 4);
+    }
     throw authError("no credentials", 4);
   }
 
@@ -415,6 +420,12 @@ export class FleetServer {
     const v = await this.passwords.check(address, password, stored);
     if (v !== "ok") this.counters.inc(`operator_login_${v}`);
     return v;
+  }
+
+  /** The device's current certificate (M9); on a cluster node, from the mirrored record. */
+  private async certAllowed(id: string, serial: string | undefined): Promise<boolean> {
+    if (this.cluster) return this.cluster.certAllowed(id, serial);
+    return Boolean(this.registry?.certAllowed(id, serial));
   }
 
   /** Against the registry, or on a cluster node against the credentials mirrored in Redis. */

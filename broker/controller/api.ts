@@ -1,5 +1,6 @@
 // The controller's side of the operator API (proto/api.ts): one handler per method, each
 // given its parsed params. Lists are paged and every page fits the payload limit.
+import { X509Certificate } from "node:crypto";
 import { ulid } from "ulid";
 import { checkGraph } from "../../agent/dag.js";
 import { AGENT_VERSION } from "../../agent/version.js";
@@ -146,7 +147,9 @@ export function operatorApi(c: ApiContext): Handlers {
     },
     "device.cert": async (p) => {
       if (!registry.get(p.id)) throw notFound(`device ${p.id}`);
-      return { ...issueDeviceCert(c.ca, p.id), caPem: c.ca.certPem };
+      const cert = issueDeviceCert(c.ca, p.id);
+      await registry.setCert(p.id, new X509Certificate(cert.certPem).serialNumber);
+      return { ...cert, caPem: c.ca.certPem };
     },
     "job.submit": async (p, operator) => {
       const record = await jobRecord(p.signedJob, operator);

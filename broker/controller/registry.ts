@@ -83,6 +83,21 @@ export class Registry {
     return reqs ? all.filter((d) => matchesSelector(reqs, d.labels)) : all;
   }
 
+  /** Records the one client certificate this device may use from now on (others are revoked). */
+  async setCert(id: string, serial: string): Promise<void> {
+    const d = this.devices.get(id);
+    if (!d) return;
+    d.certSerials = [serial.toUpperCase()];
+    await this.store.batch([this.store.put(this.store.devices, id, d)]);
+    await this.mirror?.put([d]);
+  }
+
+  /** A client certificate's serial is this device's current one. */
+  certAllowed(id: string, serial: string | undefined): boolean {
+    const d = this.devices.get(id);
+    return Boolean(d && serial && d.certSerials?.includes(serial.toUpperCase()));
+  }
+
   verifyToken(id: string, password: string | Buffer | undefined): boolean {
     const d = this.devices.get(id);
     return Boolean(d?.tokenHash && password && tokenMatches(password, d.tokenHash));
@@ -113,7 +128,7 @@ export class Registry {
       const token = newToken();
       const secret = { tokenHash: tokenHash(token), brokerHash: mosquittoHash(token) };
       const device: DeviceRecord = existing
-        ? { ...existing, labels: { ...existing.labels, ...labels }, ...secret }
+        ? { ...existing, labels: { ...existing.labels, ...labels }, ...secret, certSerials: [] }
         : {
             id,
             labels,

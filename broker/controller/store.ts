@@ -18,6 +18,12 @@ export interface DeviceRecord {
   agentVersion: string;
   queueDepth: number;
   facts?: Record<string, unknown>;
+  /**
+   * Serial numbers (hex, upper case) of the client certificates this device may log in with:
+   * only the latest one issued (M9). A certificate of a removed, re-added or re-flashed device
+   * is refused although the CA signed it.
+   */
+  certSerials?: string[];
 }
 
 export interface JobRecord {

@@ -244,6 +244,15 @@ describe("fleet end to end", () => {
     expect(cliJson<JobJson>(r).devices.map((d) => d.state)).toEqual(["SUCCEEDED", "SUCCEEDED"]);
     await stopAgent("gw-tls");
     await stopAgent("gw-ws");
+    // M9: removed and added again, the device's old certificate (CA-signed) no longer logs in.
+    expect((await cli(["device", "rm", "gw-tls"], env)).code).toBe(0);
+    expect((await cli(["device", "add", "gw-tls"], env)).code).toBe(0);
+    start("gw-tls");
+    await waitUntil("the old certificate refused", async () => {
+      const m = await (await fetch(`${server.urls.http}/metrics`)).text();
+      return /fleet_events_total\{name="cert_revoked"\} [1-9]/.test(m);
+    });
+    await stopAgent("gw-tls");
   });
 
   it("flash --tar writes the same root as a .tar.gz: config 0600, no absolute symlinks, and it runs", async () => {

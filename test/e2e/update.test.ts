@@ -179,6 +179,38 @@ describe("artifacts", () => {
     expect((await got.arrayBuffer()).byteLength).toBe(mine[0]!.size);
   });
 
+  it("the same tarball pushed under two versions: the second downloads too (M10)", async () => {
+    const r = makeRelease(data.dir, "app", "5.0.0");
+    const file = join(data.dir, "twice.tar.gz");
+    writeFileSync(file, r.bytes);
+    for (const v of ["5.0.0", "5.0.1"])
+      expect((await cli(["artifact", "push", file, "--name", "app", "--version", v], env)).code).toBe(0);
+    const dev = await flashMoved("upd-twice", env, ["--dry-run-system"]);
+    const a = startAgent(dev.root);
+    try {
+      await waitOnline(env, "upd-twice");
+      const run = await cli(
+        [
+          "run",
+          "software-update",
+          "--param",
+          "artifact=app",
+          "--param",
+          "version=5.0.1",
+          "--param",
+          "target=opt/app",
+        ].concat(["--device", "upd-twice", "--wait", "--json"]),
+        env,
+      );
+      expect(run.code, run.stdout).toBe(0);
+      expect(readlinkSync(join(dev.root, "opt/app/current"))).toBe("releases/5.0.1");
+    } finally {
+      a.proc.kill("SIGKILL");
+      dev.cleanup();
+      for (const v of ["5.0.0", "5.0.1"]) await cli(["artifact", "rm", "app", v], env);
+    }
+  });
+
   it("a device with a client certificate (no token) downloads over HTTPS", async () => {
     const tls = await flashMoved("upd-tls", env, [
       "--mtls",
