@@ -237,6 +237,16 @@ export class FleetServer {
       authenticate: (client, username, password, done) => {
         this.authenticate(client as FleetClient, username, password).then(
           (who) => {
+            // The Last Will is a publish like any other (M11): checked now, before it is kept.
+            const will = (client as unknown as { _will?: { topic: string; retain?: boolean } | null })._will;
+            if (will && !this.mayPublish(who, will.topic, Boolean(will.retain))) {
+              this.counters.inc("acl_will_denied");
+              this.log.warn(
+                { clientId: client.id, topic: will.topic },
+                "connection refused: will topic not allowed",
+              );
+              return done(authError(`not authorized to leave a will on ${will.topic}`, 5) as never, false);
+            }
             (client as FleetClient).fleet = who;
             done(null, true);
           },
@@ -250,10 +260,7 @@ export class FleetServer {
       authorizePublish: (client, packet, done) => {
         const who = (client as FleetClient | null)?.fleet;
         if (!who) return done(null); // the broker itself (will messages are checked at connect)
-        if (
-          !canPublish(who, this.config.prefix, packet.topic) ||
-          (packet.retain && !packet.topic.endsWith("/state"))
-        ) {
+        if (!this.mayPublish(who, packet.topic, packet.retain)) {
           this.counters.inc("acl_publish_denied");
           this.log.warn(
             { clientId: client?.id, topic: packet.topic },
@@ -420,6 +427,11 @@ export class FleetServer {
     const v = await this.passwords.check(address, password, stored);
     if (v !== "ok") this.counters.inc(`operator_login_${v}`);
     return v;
+  }
+
+  /** The ACL, and retained messages only on a device's own `state`. */
+  private mayPublish(who: Identity, topic: string, retain: boolean): boolean {
+    return canPublish(who, this.config.prefix, topic) && (!retain || topic.endsWith("/state"));
   }
 
   /** The device's current certificate (M9); on a cluster node, from the mirrored record. */

@@ -166,6 +166,27 @@ describe("H1: packet size and idle sockets before authentication", () => {
   });
 });
 
+describe("M11: Last Will topics", () => {
+  it("a device whose will names another device's topic is refused at connect", async () => {
+    const dev = JSON.parse((await cli(["device", "add", "will-1", "--json"], env)).stdout) as {
+      password: string;
+    };
+    const connect = (topic: string, retain = true) =>
+      mqtt.connectAsync(server.urls.mqtt, {
+        clientId: "will-1",
+        username: "will-1",
+        password: dev.password,
+        reconnectPeriod: 0,
+        will: { topic, payload: Buffer.from(""), qos: 1, retain },
+      });
+    await expect(connect("fleet/v1/d/other-device/state")).rejects.toThrow(/not authorized/i);
+    await expect(connect("fleet/v1/d/will-1/telemetry", true)).rejects.toThrow(/not authorized/i);
+    const ok = await connect("fleet/v1/d/will-1/state");
+    await ok.endAsync();
+    expect(await counter("acl_will_denied")).toBe(2);
+  });
+});
+
 describe("H2: a flood of wrong operator passwords", () => {
   it("is refused without running scrypt for each, and the operator still gets in", async () => {
     // The attacker from 127.0.0.2, the operator from 127.0.0.1 (both loopback).
