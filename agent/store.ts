@@ -241,10 +241,14 @@ export class AgentStore {
     return this.meta.put(key, value);
   }
 
-  /** The key-value store handlers get in their context. */
+  /**
+   * The key-value store handlers get in their context. Synced (M12): handlers save a state here
+   * before acting on it (the software update's "persist, then act"), so a power cut must not
+   * lose it.
+   */
   readonly kv: KeyValue = {
     get: async <T>(key: string) => (await this.kvs.get(key)) as T | undefined,
-    put: (key, value) => this.kvs.put(key, value),
-    del: (key) => this.kvs.del(key),
+    put: (key, value) => this.kvs.put(key, value, { sync: true } as never),
+    del: (key) => this.kvs.del(key, { sync: true } as never),
   };
 }

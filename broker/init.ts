@@ -3,10 +3,10 @@
 import { existsSync } from "node:fs";
 import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
+import { writeFileAtomic, writeSecretJson } from "../common/files.js";
 import { generateSigningKey } from "../proto/signing.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { hashPassword, mosquittoHash, newToken } from "./credentials.js";
-import { writeFileAtomic, writeSecretJson } from "./files.js";
 import { createCa, issueServerCert } from "./pki.js";
 
 export interface InitResult {

@@ -10,9 +10,9 @@
 // Mosquitto re-reads both files on SIGHUP, so adding a device is: `fleet device add`, re-export,
 // `kill -HUP $(pidof mosquitto)`.
 import { join } from "node:path";
+import { writeFileAtomic } from "../common/files.js";
 import type { ServerConfig } from "./config.js";
 import { mosquittoHash } from "./credentials.js";
-import { writeFileAtomic } from "./files.js";
 
 export interface MosquittoExport {
   passwordFile: string;

@@ -8,7 +8,7 @@ import { fileURLToPath } from "node:url";
 import type { Command } from "commander";
 import { create as createTar } from "tar";
 import { parseAgentConfig } from "../agent/config.js";
-import { writeFileAtomic, writeSecretJson } from "../broker/files.js";
+import { writeFileAtomic, writeSecretJson } from "../common/files.js";
 import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError, EXIT } from "./exit.js";
 import { collect, parseKv, printJson } from "./format.js";

@@ -6,6 +6,7 @@ import { randomBytes } from "node:crypto";
 import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, isAbsolute, join } from "node:path";
 import { z } from "zod";
+import { writeFileDurable } from "../common/files.js";
 import { TaskFailedError } from "./errors.js";
 import { taskEnv, underRoot } from "./paths.js";
 import { describeExit, runCommand } from "./process.js";
@@ -47,26 +48,6 @@ const params = z
   })
   .strict();
 
-export async function writeAtomic(path: string, data: string | Buffer, mode: number): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  const tmp = join(dirname(path), `.${basename(path)}.fleet-${randomBytes(4).toString("hex")}`);
-  const fh = await open(tmp, "w", mode);
-  try {
-    await fh.writeFile(data);
-    await fh.chmod(mode);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-  const dir = await open(dirname(path), "r");
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
-}
-
 async function runStep(ctx: TaskContext, what: string, cmd: string[], file: string, signal: AbortSignal) {
   const [command, ...args] = cmd.map((a) => a.replaceAll("{path}", file));
   const r = await runCommand(command!, args, {
@@ -94,12 +75,12 @@ export default defineHandler({
     const before = await stat(file).catch(() => undefined);
     const previous = before ? await readFile(file) : undefined;
     const mode = p.mode ?? (before ? before.mode & 0o7777 : 0o644);
-    await writeAtomic(file, p.content, mode);
+    await writeFileDurable(file, p.content, mode);
     ctx.progress(40, "written");
     if (p.validate) {
       const v = await runStep(ctx, "validate", p.validate, file, signal);
       if (!v.ok) {
-        if (previous) await writeAtomic(file, previous, before!.mode & 0o7777);
+        if (previous) await writeFileDurable(file, previous, before!.mode & 0o7777);
         else await rm(file, { force: true });
         throw new TaskFailedError(`${v.why}; previous content restored`, {
           reason: "validation_failed",

@@ -17,6 +17,7 @@ import { isAbsolute, join } from "node:path";
 import { extract as extractTar } from "tar";
 import { z } from "zod";
 import { compareValues } from "../agent/facts.js";
+import { fsyncPath, fsyncTree } from "../common/files.js";
 import { pb } from "../proto/index.js";
 import { type Manifest, verifyManifest } from "../proto/signing.js";
 import { TaskFailedError, UnrecoverableError } from "./errors.js";
@@ -152,17 +153,28 @@ export default defineHandler({
           await rm(staging, { recursive: true, force: true });
           await mkdir(staging, { recursive: true });
           try {
-            await extractTar({ file, cwd: staging, strict: true });
+            // As the agent's own user (not the archive's owners) and without setuid, setgid or
+            // sticky bits (M6); every file fsynced before the switch (M12).
+            await extractTar({
+              file,
+              cwd: staging,
+              strict: true,
+              preserveOwner: false,
+              filter: (_path, entry) => {
+                if ("mode" in entry && typeof entry.mode === "number") entry.mode &= 0o777;
+                return true;
+              },
+            });
           } catch (err) {
             await rm(staging, { recursive: true, force: true });
             throw new UnrecoverableError(`cannot unpack the artifact: ${(err as Error).message}`, {
               reason: "bad_archive",
             });
           }
-          await fsyncDir(staging);
+          await fsyncTree(staging);
           await rm(join(target, rel), { recursive: true, force: true });
           await rename(staging, join(target, rel));
-          await fsyncDir(join(target, "releases"));
+          await fsyncPath(join(target, "releases"));
           ctx.progress(75, "unpacked");
           await save({ ...saved, state: "SWITCHING", previous: await readCurrent(target) });
           break;
@@ -251,22 +263,13 @@ async function installedVersion(target: string): Promise<string | undefined> {
   return cur?.startsWith("releases/") ? cur.slice("releases/".length) : undefined;
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 /** Atomic: a new relative link, renamed over `current`. */
 async function switchCurrent(target: string, rel: string): Promise<void> {
   const tmp = join(target, ".current.new");
   await rm(tmp, { force: true });
   await symlink(rel, tmp);
   await rename(tmp, join(target, "current"));
-  await fsyncDir(target);
+  await fsyncPath(target);
 }
 
 function waitAbort(signal: AbortSignal, ms?: number): Promise<void> {

@@ -24,7 +24,14 @@ export function makeRelease(
   dir: string,
   name: string,
   version: string,
-  o: { healthExit?: number; padding?: number; hardware?: string[]; key?: KeyObject | string } = {},
+  o: {
+    healthExit?: number;
+    padding?: number;
+    hardware?: string[];
+    key?: KeyObject | string;
+    /** Archive entries owned by this uid/gid, and a setuid+setgid file `suid` in it. */
+    foreignOwner?: number;
+  } = {},
 ): Release {
   const src = join(dir, `src-${name}-${version}`);
   mkdirSync(src, { recursive: true });
@@ -36,7 +43,10 @@ export function makeRelease(
   );
   if (o.padding) writeFileSync(join(src, "padding.bin"), randomBytes(o.padding)); // incompressible
   const file = join(dir, `${name}-${version}.tar.gz`);
-  execFileSync("tar", ["czf", file, "-C", src, "."]);
+  if (o.foreignOwner !== undefined) writeFileSync(join(src, "suid"), "#!/bin/sh\n", { mode: 0o6755 });
+  const owner =
+    o.foreignOwner === undefined ? [] : [`--owner=${o.foreignOwner}`, `--group=${o.foreignOwner}`];
+  execFileSync("tar", ["czf", file, ...owner, "-C", src, "."]);
   const bytes = readFileSync(file);
   const sha256 = createHash("sha256").update(bytes).digest("hex");
   const signed = pb.SignedManifest.encode(

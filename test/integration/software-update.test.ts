@@ -1,6 +1,6 @@
 // The software-update task through a real agent (in-process), against a test artifact server
 // that can misbehave.
-import { existsSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
@@ -24,6 +24,7 @@ beforeAll(async () => {
     ["1.1.0", { padding: 200_000 }],
     ["1.2.0", { healthExit: 1 }],
     ["0.9.0", {}],
+    ["2.0.0", { foreignOwner: 1000 }],
   ] as const)
     serve(srv, makeRelease(work.dir, "app", v, o));
 });
@@ -213,6 +214,18 @@ describe("software-update", () => {
     expect(r.task).toMatchObject({ state: S.FAILED, reason: "rolled_back" });
     expect(r.task.message).toContain("did not confirm after a reboot");
     expect(currentVersion(a)).toBe("1.1.0");
+  });
+
+  it("unpacks as the agent's user, without setuid or setgid bits (M6)", async () => {
+    const a = await device();
+    const r = await update(a, "2.0.0");
+    expect(r.job.state).toBe(S.SUCCEEDED);
+    for (const f of ["suid", "health.sh", "VERSION"]) {
+      const st = statSync(join(a.config.root, "opt/app/releases/2.0.0", f));
+      expect(st.uid, f).toBe(process.getuid!());
+      expect(st.mode & 0o7000, f).toBe(0);
+    }
+    expect(statSync(join(a.config.root, "opt/app/releases/2.0.0/health.sh")).mode & 0o111).toBeTruthy();
   });
 
   it("refuses bad params", async () => {
