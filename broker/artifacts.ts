@@ -32,6 +32,8 @@ export interface ArtifactRecord {
 const MAX_UPLOAD = 2 * 1024 ** 3;
 
 const recordKey = (name: string, version: string) => `${name}@${version}`;
+const UPLOADS_PER_DEVICE = 50;
+const UPLOAD_BYTES_PER_DEVICE = 4 * 1024 ** 3;
 
 type Who = { kind: "operator"; name: string } | { kind: "device"; id: string };
 
@@ -261,21 +263,41 @@ export class ArtifactStore {
     if (!recs.length) throw new HttpError(404, "no such artifact");
     if (who.kind === "operator") return recs[0]!;
     const named = new Set<string>();
-    for (const a of await this.o.store.deviceAssignments(who.id)) {
+    await this.jobWants(who.id, (type, p) => {
+      if (type === "software-update" && typeof p.artifact === "string" && typeof p.version === "string")
+        named.add(recordKey(p.artifact, p.version));
+      return false;
+    });
+    const rec = recs.find((r) => named.has(recordKey(r.name, r.version)));
+    if (rec) return rec;
+    this.o.counters.inc("artifact_denied");
+    throw new HttpError(403, `no job assigned to ${who.id} names ${recs[0]!.name} ${recs[0]!.version}`);
+  }
+
+  /**
+   * Whether a job currently assigned to the device (not yet terminal) has a task for which
+   * `wants(type, params)` holds; it sees every such task.
+   */
+  private async jobWants(
+    deviceId: string,
+    wants: (type: string, params: Record<string, unknown>) => boolean,
+  ): Promise<boolean> {
+    for (const a of await this.o.store.deviceAssignments(deviceId)) {
       if (TERMINAL_STATES.has(a.state)) continue;
       const job = await this.o.store.jobs.get(a.jobId);
       if (!job) continue;
       const spec = decodeJobSpec(pb.SignedJob.decode(Buffer.from(job.signed, "base64")).spec);
       for (const t of spec.tasks) {
-        if (t.type !== "software-update") continue;
-        const p = JSON.parse(t.paramsJson || "{}") as { artifact?: string; version?: string };
-        if (p.artifact && p.version) named.add(recordKey(p.artifact, p.version));
+        let p: Record<string, unknown>;
+        try {
+          p = JSON.parse(t.paramsJson || "{}") as Record<string, unknown>;
+        } catch {
+          continue;
+        }
+        if (wants(t.type, p)) return true;
       }
     }
-    const rec = recs.find((r) => named.has(recordKey(r.name, r.version)));
-    if (rec) return rec;
-    this.o.counters.inc("artifact_denied");
-    throw new HttpError(403, `no job assigned to ${who.id} names ${recs[0]!.name} ${recs[0]!.version}`);
+    return false;
   }
 
   /**
@@ -288,6 +310,30 @@ export class ArtifactStore {
       s !== undefined && /^[A-Za-z0-9._-]{1,128}$/.test(s) && !s.startsWith(".");
     if (req.method === "PUT" && rest.length === 1 && who.kind === "device") {
       if (!safe(rest[0])) throw new HttpError(400, "bad file name");
+      // Only while a job asks for it, and within the device's quota (M4).
+      if (!(await this.jobWants(who.id, (t, p) => t === "backup" && p.upload === true)))
+        throw new HttpError(403, `no job assigned to ${who.id} asks for an upload`);
+      const mine = await readdir(join(dir, who.id)).catch(() => [] as string[]);
+      const sizes = await Promise.all(
+        mine.map((f) =>
+          stat(join(dir, who.id, f)).then(
+            (st) => st.size,
+            () => 0,
+          ),
+        ),
+      );
+      const used = sizes.reduce((a, b) => a + b, 0);
+      const declared = Number(req.headers["content-length"] ?? 0);
+      if (mine.length >= UPLOADS_PER_DEVICE)
+        throw new HttpError(
+          507,
+          `${who.id} has ${mine.length} uploads, the most a device may keep (${UPLOADS_PER_DEVICE})`,
+        );
+      if (used + declared > UPLOAD_BYTES_PER_DEVICE)
+        throw new HttpError(
+          507,
+          `${who.id} would exceed its upload quota of ${UPLOAD_BYTES_PER_DEVICE} bytes`,
+        );
       const want = String(req.headers["x-fleet-sha256"] ?? "");
       const target = join(dir, who.id, rest[0]!);
       await mkdir(join(dir, who.id), { recursive: true });

@@ -172,6 +172,20 @@ describe("artifacts", () => {
     expect(mine).toHaveLength(1);
     expect(mine[0]!.file).toMatch(/^app-.*\.tar\.gz$/);
     expect(mine[0]!.size).toBeGreaterThan(0);
+    // M4: with no job asking for one, a device cannot upload.
+    const password = JSON.parse(readFileSync(join(root, "etc/fleet-agent/config.json"), "utf8")).password;
+    const put = await fetch(`${server.urls.http}/v1/uploads/unasked.bin`, {
+      method: "PUT",
+      body: "x",
+      headers: {
+        authorization: `Basic ${Buffer.from(`${DEV}:${password}`).toString("base64")}`,
+        "x-fleet-sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+      },
+    });
+    expect(put.status).toBe(403);
+    expect(((await put.json()) as { error: string }).error).toMatch(
+      /no job assigned to upd-dev asks for an upload/,
+    );
     const got = await fetch(`${server.urls.http}/v1/uploads/${DEV}/${mine[0]!.file}`, {
       headers: operatorAuth(),
     });
