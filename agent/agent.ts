@@ -349,6 +349,8 @@ export class Agent {
       trustedKeys: this.trustedKeys,
       clock: this.clock,
       maxSkewMs: this.cfg.maxClockSkewS * 1000,
+      maxLifetimeMs: this.cfg.maxJobLifetimeDays * 86_400_000,
+      forgottenUpTo: this.store.forgottenUpTo,
       handlers: this.handlers,
       allowTaskTypes: this.cfg.allowTaskTypes,
       policy: this.policy,

@@ -52,6 +52,8 @@ export const agentConfigSchema = z
     systemDryRun: z.boolean().default(false),
     /** Seconds a job's issued_at may be ahead of a trusted device clock. */
     maxClockSkewS: z.number().min(0).default(600),
+    /** The longest validity (expiry - issue) of a job this device accepts (M14). */
+    maxJobLifetimeDays: z.number().min(1).default(400),
   })
   .strict()
   .superRefine((c, ctx) => {

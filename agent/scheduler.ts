@@ -800,6 +800,7 @@ export class Scheduler {
       dead.push(jobId);
     }
     if (!dead.length) return 0;
+    await this.o.store.forget(Math.max(...dead.map((id) => this.jobs.get(id)!.record.expiresAt)));
     const deleteExecutions: Array<{ jobId: string; execId: string }> = [];
     for (const e of await this.o.store.loadExecutions())
       if (dead.includes(e.jobId)) deleteExecutions.push({ jobId: e.jobId, execId: e.execId });

@@ -103,9 +103,22 @@ export class AgentStore {
 
   /** This database's epoch (random, made with it): the controller's seq for it starts at 0. */
   epoch = "";
+  /**
+   * The latest expiry among jobs whose records were compacted away (M14): a job expiring at or
+   * before it may have run here, so it is refused even if the clock says it has not expired.
+   */
+  forgottenUpTo = 0;
+
+  /** Raises the compaction watermark durably, before the records go. */
+  async forget(upTo: number): Promise<void> {
+    if (upTo <= this.forgottenUpTo) return;
+    await this.meta.put("forgottenUpTo", upTo, { sync: true } as never);
+    this.forgottenUpTo = upTo;
+  }
 
   async open(): Promise<void> {
     await this.db.open();
+    this.forgottenUpTo = ((await this.meta.get("forgottenUpTo")) as number | undefined) ?? 0;
     this.epoch = ((await this.meta.get("epoch")) as string | undefined) ?? "";
     if (!this.epoch) {
       this.epoch = randomBytes(8).toString("hex");

@@ -17,6 +17,7 @@ export type RejectReason =
   | "malformed"
   | "no_expiry"
   | "expired"
+  | "lifetime_too_long"
   | "issued_in_future"
   | "wrong_target"
   | "id_reused"
@@ -40,6 +41,10 @@ export interface VerifyContext {
   trustedKeys: ReadonlyMap<string, KeyObject>;
   clock: TrustedClock;
   maxSkewMs: number;
+  /** The longest a signed job may be valid (expires_at - issued_at). */
+  maxLifetimeMs: number;
+  /** Jobs expiring at or before this were forgotten (compacted): refused, they may have run. */
+  forgottenUpTo: number;
   handlers: ReadonlyMap<string, TaskHandler>;
   allowTaskTypes?: readonly string[];
   policy: TaskPolicy;
@@ -59,6 +64,16 @@ export function checkSpec(a: JobAssignment, spec: Spec, v: VerifyContext): Verdi
   if (!spec.expiresAtMs) return reject("no_expiry", "job has no expiry (expires_at_ms)");
   if (spec.expiresAtMs <= now)
     return reject("expired", `job expired at ${new Date(spec.expiresAtMs).toISOString()}`);
+  if (spec.expiresAtMs <= v.forgottenUpTo)
+    return reject(
+      "expired",
+      `job expires at ${new Date(spec.expiresAtMs).toISOString()}, before jobs this device has forgotten: it may have run`,
+    );
+  if (spec.expiresAtMs - spec.issuedAtMs > v.maxLifetimeMs)
+    return reject(
+      "lifetime_too_long",
+      `job is valid for ${Math.round((spec.expiresAtMs - spec.issuedAtMs) / 86_400_000)} days, more than this device allows (${Math.round(v.maxLifetimeMs / 86_400_000)})`,
+    );
   if (v.clock.wallTrusted() && spec.issuedAtMs > now + v.maxSkewMs) {
     return reject(
       "issued_in_future",

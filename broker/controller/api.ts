@@ -42,6 +42,9 @@ export type Handlers = {
   [M in Method]: (params: ParsedParams<M>, operator: string) => Promise<Result<M>>;
 };
 
+/** Agents refuse longer-lived jobs by default (maxJobLifetimeDays); so does the controller. */
+const MAX_JOB_LIFETIME_MS = 400 * 86_400_000;
+
 /** A device.show lists this many of the device's newest jobs. */
 const DEVICE_JOBS = 100;
 
@@ -91,6 +94,10 @@ export function operatorApi(c: ApiContext): Handlers {
     const graph = checkGraph(spec.tasks);
     if (graph) throw new ApiError(graph.message);
     if (spec.expiresAtMs <= Date.now()) throw new ApiError("job has already expired");
+    if (spec.expiresAtMs - spec.issuedAtMs > MAX_JOB_LIFETIME_MS)
+      throw new ApiError(
+        `job is valid for more than ${MAX_JOB_LIFETIME_MS / 86_400_000} days (devices refuse it: maxJobLifetimeDays)`,
+      );
     return {
       id: spec.jobId,
       name: spec.name || spec.tasks.map((t) => t.type).join("+"),

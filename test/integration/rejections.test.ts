@@ -257,6 +257,39 @@ describe("rejections", () => {
 });
 
 describe("bad payloads on the agent's topics", () => {
+  it("a job valid for longer than the device allows is refused (M14)", async () => {
+    const now = Date.now();
+    await expectRejected(
+      jobSpec(noop, { issuedAtMs: now, expiresAtMs: now + 500 * 86_400_000 }),
+      "lifetime_too_long",
+    );
+  });
+
+  it("a job forgotten by compaction is refused when replayed under a rolled-back clock (M14)", async () => {
+    const agent = h.agents.find((a) => a.deviceId === DEV)!;
+    const spec = jobSpec(noop, { expiresAtMs: Date.now() + 60_000 });
+    const jobId = await h.ctl.assign(DEV, spec);
+    await h.ctl.waitJob(DEV, jobId, TaskState.SUCCEEDED);
+    // Hours later the job has expired and its record is compacted away...
+    expect(await agent.scheduler.compact(spec.expiresAtMs! + 2 * 3600_000)).toBeGreaterThanOrEqual(1);
+    expect(agent.store.forgottenUpTo).toBeGreaterThanOrEqual(spec.expiresAtMs!);
+    // ...and the same signed job comes again while the device's clock is back before its expiry.
+    const before = h.ctl.statuses(DEV).length;
+    await h.ctl.publishRaw(
+      DEV,
+      "job",
+      encodeEnvelope({ jobAssignment: h.ctl.assignments.get(DEV)!.get(jobId)! }),
+    );
+    const s = await h.ctl.waitFor("the replay's status", () =>
+      h.ctl
+        .statuses(DEV)
+        .slice(before)
+        .find((x) => x.jobId === jobId && x.taskId === ""),
+    );
+    expect(TaskState[s.state!]).toBe("REJECTED");
+    expect(s.message).toMatch(/forgotten: it may have run/);
+  });
+
   it("a rejection of a job with thousands of bad params is bounded: the status fits any batch (M1)", async () => {
     const args = Array.from({ length: 5000 }, (_, i) => i); // numbers where strings belong
     const message = await expectRejected(
