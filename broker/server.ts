@@ -19,6 +19,7 @@ import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom
 import { createWebSocketStream, WebSocketServer } from "ws";
 import { Counters } from "../agent/counters.js";
 import { writeFileAtomic } from "../common/files.js";
+import { isLoopback } from "../common/net.js";
 import { settlesWithin } from "../common/timeout.js";
 import { DEVICE_ID_RE } from "../proto/topics.js";
 import { canPublish, canSubscribe, type Identity } from "./acl.js";
@@ -37,7 +38,13 @@ import { indexedMemoryPersistence } from "./retained.js";
 
 export interface ServerOptions {
   dir: string;
+  /** Where the TLS listeners (MQTT/TLS, HTTPS) bind. */
   host: string;
+  /**
+   * Where the plain listeners (MQTT, MQTT/WebSocket, HTTP) bind: loopback by default (M13), as
+   * they carry passwords and tokens in clear.
+   */
+  plainHost?: string;
   mqttPort: number;
   mqttsPort: number;
   wsPort: number;
@@ -118,6 +125,12 @@ export class FleetServer {
       await this.cluster.connect();
     }
     const host = this.o.host;
+    const plainHost = this.o.plainHost ?? "127.0.0.1";
+    if (!isLoopback(plainHost))
+      this.log.warn(
+        { plainHost },
+        "plain MQTT, WebSocket and HTTP listen beyond loopback: passwords and tokens cross the network in clear",
+      );
     const tlsOpts = {
       key: readFileSync(p.serverKey),
       cert: readFileSync(p.serverCert),
@@ -128,17 +141,17 @@ export class FleetServer {
     const http = createHttpServer((req, res) => this.serveHttp(req, res));
     const https = createHttpsServer(tlsOpts, (req, res) => this.serveHttp(req, res));
     const [httpPort, httpsPort] = await Promise.all([
-      listen(http, this.o.httpPort, host),
+      listen(http, this.o.httpPort, plainHost),
       listen(https, this.o.httpsPort ?? 8443, host),
     ]);
     this.servers = [http, https];
-    const shown = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+    const shown = (h: string) => (h === "0.0.0.0" || h === "::" ? "127.0.0.1" : h);
     let mqtt = { mqtt: this.o.externalBroker ?? "", mqtts: "-", ws: "-" };
-    if (!this.o.externalBroker) mqtt = await this.startBroker(tlsOpts, host, shown);
+    if (!this.o.externalBroker) mqtt = await this.startBroker(tlsOpts, { host, plainHost }, shown);
     this.listening = {
       ...mqtt,
-      http: `http://${shown}:${httpPort}`,
-      https: `https://${shown}:${httpsPort}`,
+      http: `http://${shown(plainHost)}:${httpPort}`,
+      https: `https://${shown(host)}:${httpsPort}`,
     };
     if (this.cluster) {
       this.cluster.campaign(
@@ -226,8 +239,8 @@ export class FleetServer {
   /** The embedded aedes on TCP, TLS and WebSocket, with our authentication and ACL. */
   private async startBroker(
     tlsOpts: Parameters<typeof createTlsServer>[0],
-    host: string,
-    shown: string,
+    { host, plainHost }: { host: string; plainHost: string },
+    shown: (h: string) => string,
   ): Promise<{ mqtt: string; mqtts: string; ws: string }> {
     const aedes = await Aedes.createBroker({
       ...(this.cluster ? this.cluster.brokerParts() : { persistence: indexedMemoryPersistence() }),
@@ -301,15 +314,15 @@ export class FleetServer {
     this.wss = new WebSocketServer({ server: wsHttp, maxPayload: limits.maxPacketBytes });
     this.wss.on("connection", (ws, req) => handle(createWebSocketStream(ws) as never, req));
     const ports = await Promise.all([
-      listen(mqttServer, this.o.mqttPort, host),
+      listen(mqttServer, this.o.mqttPort, plainHost),
       listen(tlsServer, this.o.mqttsPort, host),
-      listen(wsHttp, this.o.wsPort, host),
+      listen(wsHttp, this.o.wsPort, plainHost),
     ]);
     this.servers.push(mqttServer, tlsServer, wsHttp);
     return {
-      mqtt: `mqtt://${shown}:${ports[0]}`,
-      mqtts: `mqtts://${shown}:${ports[1]}`,
-      ws: `ws://${shown}:${ports[2]}`,
+      mqtt: `mqtt://${shown(plainHost)}:${ports[0]}`,
+      mqtts: `mqtts://${shown(host)}:${ports[1]}`,
+      ws: `ws://${shown(plainHost)}:${ports[2]}`,
     };
   }
 

@@ -9,6 +9,7 @@ import type { Command } from "commander";
 import { create as createTar } from "tar";
 import { parseAgentConfig } from "../agent/config.js";
 import { writeFileAtomic, writeSecretJson } from "../common/files.js";
+import { isLoopback } from "../common/net.js";
 import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError, EXIT } from "./exit.js";
 import { collect, parseKv, printJson } from "./format.js";
@@ -56,6 +57,15 @@ interface FlashOptions extends OperatorOptions {
   mtls?: boolean;
   artifactsUrl?: string;
   dryRunSystem?: boolean;
+  insecure?: boolean;
+}
+
+function hostOf(url: string): string {
+  try {
+    return new URL(url).hostname.replace(/^\[|\]$/g, "");
+  } catch {
+    return "";
+  }
 }
 
 export function registerFlash(program: Command): void {
@@ -77,6 +87,7 @@ export function registerFlash(program: Command): void {
       "the server's HTTP URL as the device sees it (default: the server's own)",
     )
     .option("--dry-run-system", "the device's reboots are only logged (demos, tests)")
+    .option("--insecure", "allow a plain (unencrypted) broker URL beyond loopback")
     .action(async (id: string, o: FlashOptions) => {
       if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
       const labels = parseKv(o.label, "--label") as Record<string, string>;
@@ -85,6 +96,13 @@ export function registerFlash(program: Command): void {
         .split(",")
         .map((u) => u.trim())
         .filter(Boolean);
+      // A device's token (or the operator's view of it) must not cross a network in clear (M13).
+      const clear = brokers.filter((b) => /^(mqtt|ws):\/\//.test(b) && !isLoopback(hostOf(b)));
+      if (clear.length && !o.insecure)
+        throw new CliError(
+          `${clear.join(", ")}: plain MQTT beyond loopback would carry the device's secret in clear; use mqtts:// (or --insecure)`,
+        );
+      const secure = brokers.every((b) => /^(mqtts|wss):\/\//.test(b));
       const bundle = agentBundleDir();
       const { info, secret, cert } = await withRpc(ctx, async (rpc) => {
         const info = await rpc.call("server.info", {});
@@ -112,9 +130,10 @@ export function registerFlash(program: Command): void {
         telemetryIntervalS: 60,
         ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,
-        // mTLS devices have no token: they fetch artifacts over HTTPS with their certificate.
-        ...((o.artifactsUrl ?? (cert ? info.https : info.http))
-          ? { artifactsUrl: o.artifactsUrl ?? (cert ? info.https : info.http) }
+        // Artifacts over HTTPS for mTLS devices (no token) and for devices that reach the server
+        // over TLS (their token must not cross in clear); plain HTTP only beside a plain broker.
+        ...((o.artifactsUrl ?? (cert || secure ? info.https : info.http))
+          ? { artifactsUrl: o.artifactsUrl ?? (cert || secure ? info.https : info.http) }
           : {}),
       };
       parseAgentConfig(config, "/"); // what we write must be what the agent accepts

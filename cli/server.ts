@@ -17,7 +17,12 @@ export function registerServer(program: Command): void {
     .command("server")
     .description("run the fleet server: embedded MQTT broker (TCP, TLS, WebSocket), controller, HTTP")
     .option("--dir <dir>", "data directory (initialized on first start)", "fleet-data")
-    .option("--host <host>", "address to listen on", "0.0.0.0")
+    .option("--host <host>", "address the TLS listeners (MQTT/TLS, HTTPS) listen on", "0.0.0.0")
+    .option(
+      "--plain-host <host>",
+      "address the plain listeners (MQTT, WebSocket, HTTP) listen on; beyond loopback they carry secrets in clear",
+      "127.0.0.1",
+    )
     .option("--mqtt-port <port>", "MQTT over TCP", port, 1883)
     .option("--mqtts-port <port>", "MQTT over TLS", port, 8883)
     .option("--ws-port <port>", "MQTT over WebSocket", port, 8083)

@@ -3,6 +3,7 @@
 import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { connect, type Socket } from "node:net";
+import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -184,6 +185,56 @@ describe("M11: Last Will topics", () => {
     const ok = await connect("fleet/v1/d/will-1/state");
     await ok.endAsync();
     expect(await counter("acl_will_denied")).toBe(2);
+  });
+});
+
+describe("M13: secrets do not cross a network in clear by default", () => {
+  it("flash refuses a plain broker URL beyond loopback (unless --insecure)", async () => {
+    const r = await cli(
+      ["flash", "clear-1", "--root", join(data.dir, "..", "clear-root"), "--broker", "mqtt://10.1.2.3:1883"],
+      env,
+    );
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/in clear; use mqtts/);
+  });
+
+  it("the plain listeners bind loopback only; the TLS ones bind --host", async () => {
+    const lan = Object.values(networkInterfaces())
+      .flat()
+      .find((i) => i && i.family === "IPv4" && !i.internal)?.address;
+    if (!lan) return; // no network interface besides loopback here
+    const other = tempDir("fleet-m13-");
+    try {
+      expect((await cli(["init", "--dir", other.dir])).code).toBe(0);
+      const srv = await startServer(other.dir, [0, 0, 0, 0, 0], ["--host", "0.0.0.0"]);
+      try {
+        const reach = (port: number, host: string) =>
+          new Promise<boolean>((resolve) => {
+            const sock = connect(port, host, () => {
+              sock.destroy();
+              resolve(true);
+            });
+            sock.on("error", () => resolve(false));
+          });
+        const [mqttPort, mqttsPort, wsPort, httpPort, httpsPort] = srv.ports as [
+          number,
+          number,
+          number,
+          number,
+          number,
+        ];
+        expect(await reach(mqttPort, "127.0.0.1")).toBe(true);
+        expect(await reach(mqttPort, lan)).toBe(false);
+        expect(await reach(wsPort, lan)).toBe(false);
+        expect(await reach(httpPort, lan)).toBe(false);
+        expect(await reach(mqttsPort, lan)).toBe(true);
+        expect(await reach(httpsPort, lan)).toBe(true);
+      } finally {
+        srv.proc.kill("SIGKILL");
+      }
+    } finally {
+      other.cleanup();
+    }
   });
 });
 
