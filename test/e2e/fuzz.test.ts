@@ -129,6 +129,8 @@ function randomValue(r: Rng, depth = 0): unknown {
   }
 }
 
+const unanswered: string[] = [];
+
 function httpFuzz(r: Rng): Promise<number> {
   const { hostname, port } = new URL(server.urls.http);
   const seg = () =>
@@ -160,8 +162,11 @@ function httpFuzz(r: Rng): Promise<number> {
         res.on("end", () => resolve(res.statusCode ?? 0));
       },
     );
-    req.on("error", () => resolve(-1));
-    req.setTimeout(5000, () => req.destroy());
+    req.on("error", (err) => {
+      unanswered.push(`${req.method} ${path} ${JSON.stringify(headers)}: ${err.message}`);
+      resolve(-1);
+    });
+    req.setTimeout(30_000, () => req.destroy(new Error("no answer within 30 s")));
     if (r() < 0.3) req.write(mutate(r, seeds()));
     req.end();
   });
@@ -234,6 +239,7 @@ describe("fuzz", () => {
     await device.endAsync();
     await operator.endAsync();
     console.log(`HTTP answers by status: ${JSON.stringify(statuses)}`);
+    if (unanswered.length) console.log(`unanswered:\n${unanswered.join("\n")}`);
     expect(server.proc.exitCode).toBeNull();
     expect(statuses[-1] ?? 0).toBe(0); // every request was answered
     expect(statuses[500] ?? 0).toBe(0);
