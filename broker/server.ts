@@ -421,12 +421,13 @@ export class FleetServer {
     }
     if (password?.length) {
       const verdict = await this.verifyDevice(deviceId, password);
-      if (verdict === "unknown") throw authError(`unknown device ${deviceId}`, 5);
+      // Unknown and wrong look the same to the client (no enumeration of device ids); the log tells.
+      if (verdict === "unknown") throw authError(`unknown device ${deviceId}`, 4);
       if (verdict === "ok") return { kind: "device", id: deviceId };
       throw authError("bad device credentials", 4);
     }
     if ((await this.verifyDevice(deviceId, undefined)) === "unknown")
-      throw authError(`unknown device ${deviceId}`, 5);
+      throw authError(`unknown device ${deviceId}`, 4);
     if (certCn && certCn === deviceId) {
       const serial = tls.getPeerCertificate?.().serialNumber;
       if (await this.certAllowed(deviceId, serial)) return { kind: "device", id: deviceId };

@@ -56,6 +56,8 @@ export class Controller {
   private readonly api: Handlers;
   private timers: NodeJS.Timeout[] = [];
   private soon: NodeJS.Timeout | undefined;
+  /** Nonces being recorded right now (the LevelDB check alone races with itself). */
+  private readonly nonces = new Set<string>();
   private lastStep = 0;
 
   constructor(private readonly o: ControllerOptions) {
@@ -302,12 +304,24 @@ export class Controller {
         1,
       );
     };
-    if (await this.o.store.nonces.get(call.nonce)) {
+    // Claimed in memory before the first await: two copies of one signed request arriving
+    // together run once (the LevelDB check alone races with itself).
+    const replayed = async () => {
+      if (this.nonces.has(call.nonce)) return true;
+      this.nonces.add(call.nonce);
+      try {
+        if (await this.o.store.nonces.get(call.nonce)) return true;
+        await this.o.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, { sync: true } as never);
+        return false;
+      } finally {
+        this.nonces.delete(call.nonce);
+      }
+    };
+    if (await replayed()) {
       this.counters.inc("rpc_replayed");
       this.log.warn({ method: call.method }, "rejected a replayed operator request");
       return fail(RpcErrorCode.RPC_REPLAYED, "replayed request");
     }
-    await this.o.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, { sync: true } as never);
     const method = call.method;
     if (!isMethod(method)) return fail(RpcErrorCode.RPC_UNKNOWN_METHOD, `unknown method ${method}`);
     const operator = this.operatorNames.get(env.rpcRequest!.keyId ?? "") ?? "?";

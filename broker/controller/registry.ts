@@ -13,7 +13,8 @@ import type { ControllerStore, DeviceRecord } from "./store.js";
 export const RESERVED_PREFIXES = ["op-", "fleet-"];
 
 export function checkDeviceId(id: string): void {
-  if (!DEVICE_ID_RE.test(id)) throw new ApiError(`device id "${id}" must match [A-Za-z0-9._-]{1,64}`);
+  if (!DEVICE_ID_RE.test(id) || id === "." || id === "..")
+    throw new ApiError(`device id "${id}" must match [A-Za-z0-9._-]{1,64} and not be . or ..`);
   if (RESERVED_PREFIXES.some((p) => id.startsWith(p))) {
     throw new ApiError(`device id "${id}" uses a reserved prefix (${RESERVED_PREFIXES.join(", ")})`);
   }

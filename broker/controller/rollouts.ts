@@ -28,6 +28,8 @@ export interface RolloutContext {
   telemetry(deviceId: string): TelemetrySample | undefined;
 }
 
+const MAX_WAVES = 1000;
+
 /** Cumulative wave targets: "1,10%,50%,100%" or exponential "base,factor"; the last reaches everyone. */
 export function planWaves(
   total: number,
@@ -40,11 +42,17 @@ export function planWaves(
     if (!b || !f || b < 1 || f <= 1)
       throw new ApiError(`--exponential "${o.exponential}": want base,factor with base >= 1 and factor > 1`);
     specs = [];
-    for (let n = b; ; n *= f) {
+    // Every wave adds at least one device (a factor near 1 must not loop for ever), and there
+    // are at most MAX_WAVES of them.
+    for (let n = b; ; n = Math.max(n * f, (targets.at(-1) ?? 0) + 1)) {
       const t = Math.min(total, Math.ceil(n));
       specs.push(String(t));
       targets.push(t);
       if (t >= total) break;
+      if (targets.length >= MAX_WAVES)
+        throw new ApiError(
+          `--exponential "${o.exponential}" makes more than ${MAX_WAVES} waves; use a larger factor`,
+        );
     }
   } else {
     specs = (o.waves ?? "100%")

@@ -8,6 +8,8 @@ import { join } from "node:path";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { hashPassword } from "../../broker/credentials.js";
+import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
+import { signRpcCall } from "../../proto/rpc.js";
 import { generateSigningKey } from "../../proto/signing.js";
 import {
   cli,
@@ -164,6 +166,49 @@ describe("H1: packet size and idle sockets before authentication", () => {
     expect(written).toBeLessThan(32 * 1024 * 1024);
     expect(await counter("packet_too_large")).toBe(before + 1);
     client.end(true);
+  });
+});
+
+describe("Low: two copies of one signed request arriving together", () => {
+  it("run once: the second is answered as a replay", async () => {
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+    const clientId = `op-${ctx.username}-twice`;
+    const op = await mqtt.connectAsync(server.urls.mqtt, {
+      clientId,
+      username: ctx.username,
+      password: ctx.password,
+      reconnectPeriod: 0,
+    });
+    try {
+      await op.subscribeAsync(`fleet/v1/rpc/res/${clientId}`, { qos: 1 });
+      const replies: Array<{ ok: boolean; error: string }> = [];
+      const two = new Promise<void>((resolve) =>
+        op.on("message", (_t, payload) => {
+          const r = decodeEnvelope(payload).rpcResponse!;
+          replies.push({ ok: Boolean(r.ok), error: r.error ?? "" });
+          if (replies.length === 2) resolve();
+        }),
+      );
+      const req = encodeEnvelope({
+        rpcRequest: signRpcCall(
+          {
+            requestId: "twice",
+            clientId,
+            method: "device.addMany",
+            params: { devices: [{ id: "twice-1" }] },
+          },
+          readFileSync(ctx.signingKey, "utf8"),
+          ctx.keyId,
+        ),
+      });
+      op.publish("fleet/v1/rpc/req", Buffer.from(req), { qos: 1 });
+      op.publish("fleet/v1/rpc/req", Buffer.from(req), { qos: 1 });
+      await two;
+      expect(replies.map((r) => r.ok).sort()).toEqual([false, true]);
+      expect(replies.find((r) => !r.ok)!.error).toBe("replayed request");
+    } finally {
+      await op.endAsync();
+    }
   });
 });
 

@@ -10,11 +10,16 @@ describe("wave planning", () => {
     [3, { waves: "5,100%" }, [3]],
     [100, { exponential: "1,2" }, [1, 2, 4, 8, 16, 32, 64, 100]],
     [10, { exponential: "2,3" }, [2, 6, 10]],
+    // A factor near 1 still adds a device a wave (it used to loop for ever).
+    [5, { exponential: "1,1.0000001" }, [1, 2, 3, 4, 5]],
     [0, { waves: "10%,100%" }, [0]],
   ])("%i devices, %o -> %o", (total, o, targets) => {
     expect(planWaves(total, o).targets).toEqual(targets);
   });
 
+  it("refuses a plan of more than 1,000 waves", () => {
+    expect(() => planWaves(100_000, { exponential: "1,1.0000001" })).toThrow(/more than 1000 waves/);
+  });
   it.each([{ waves: "10%,abc" }, { waves: "150%" }, { exponential: "1,1" }, { exponential: "x" }])(
     "refuses %o",
     (o) => {
