@@ -39,11 +39,21 @@ export function printJson(v: unknown): void {
   process.stdout.write(`${JSON.stringify(v, null, 2)}\n`);
 }
 
+/**
+ * Text from devices (messages, output, facts) made safe for a terminal: control characters
+ * (escape sequences could rewrite the screen or the title, or hide lines) shown as `\xNN`;
+ * with `lines`, newlines and tabs are kept.
+ */
+export function printable(s: string, lines = false): string {
+  const re = lines ? /[\x00-\x08\x0b-\x1f\x7f-\x9f]/g : /[\x00-\x1f\x7f-\x9f]/g;
+  return s.replace(re, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
 export function table(rows: Array<Record<string, unknown>>, columns?: string[]): string {
   if (!rows.length) return "(none)\n";
   const cols = columns ?? Object.keys(rows[0]!);
   const cell = (v: unknown) =>
-    v === undefined || v === null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+    printable(v === undefined || v === null ? "" : typeof v === "object" ? JSON.stringify(v) : String(v));
   const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
   const line = (vals: string[]) =>
     vals

@@ -3,7 +3,7 @@ import type { JobJson } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
 import { eventsTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
-import { type ListOptions, listOptions, printJson, printList, table } from "./format.js";
+import { type ListOptions, listOptions, printable, printJson, printList, table } from "./format.js";
 import { type RpcClient, withRpc } from "./rpc.js";
 
 /** A job with all of its devices: its first page, then the rest, page by page. */
@@ -52,7 +52,7 @@ export function printJob(j: JobJson): void {
     for (const t of d.tasks) {
       if (t.output)
         process.stdout.write(
-          `--- ${d.deviceId}/${t.id} output ---\n${t.output}${t.output.endsWith("\n") ? "" : "\n"}`,
+          `--- ${d.deviceId}/${t.id} output ---\n${printable(t.output, true)}${t.output.endsWith("\n") ? "" : "\n"}`,
         );
     }
   }

@@ -7,7 +7,7 @@ import { matchesSelector, parseSelector, type Requirement, SelectorError } from 
 import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
-import { table } from "./format.js";
+import { printable, table } from "./format.js";
 import { renderRollout } from "./rollout.js";
 import { RpcClient } from "./rpc.js";
 
@@ -58,10 +58,11 @@ export function registerWatch(program: Command): void {
       const emit = (e: Record<string, unknown>) => {
         if (o.json) process.stdout.write(`${JSON.stringify(e)}\n`);
         else {
-          const line =
+          const line = printable(
             `${String(e.at).slice(11, 23)} ${e.kind} ${e.deviceId ?? ""} ${e.jobId ?? ""}${e.taskId ? `/${e.taskId}` : ""} ${e.state ?? ""} ${e.message ?? ""}`
               .replace(/\s+/g, " ")
-              .trim();
+              .trim(),
+          );
           if (tty) {
             recent.push(line);
             if (recent.length > RECENT) recent.shift();

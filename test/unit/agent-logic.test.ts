@@ -242,3 +242,12 @@ describe("status bounds (M1)", () => {
     expect(boundStatus(small, 128 * 1024)).toMatchObject(small);
   });
 });
+
+describe("terminal safety", () => {
+  it("device text cannot carry escape sequences into the CLI's tables and outputs", async () => {
+    const { printable, table } = await import("../../cli/format.js");
+    expect(printable("ok\x1b]0;pwned\x07\x1b[2J")).toBe("ok\\x1b]0;pwned\\x07\\x1b[2J");
+    expect(printable("line 1\n\tline 2\x9b", true)).toBe("line 1\n\tline 2\\x9b");
+    expect(table([{ message: "a\x1b[31mred\nb" }])).toContain("a\\x1b[31mred\\x0ab");
+  });
+});
