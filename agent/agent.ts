@@ -103,7 +103,11 @@ export class Agent {
     this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
-    this.policy = { allowShell: this.cfg.allowShell, outputLimitBytes: this.cfg.outputLimitBytes };
+    this.policy = {
+      allowShell: this.cfg.allowShell,
+      outputLimitBytes: this.cfg.outputLimitBytes,
+      allowPaths: this.cfg.allowPaths,
+    };
     this.facts = this.baseFacts();
     this.scheduler = new Scheduler({
       store: this.store,

@@ -29,6 +29,8 @@ export const agentConfigSchema = z
     labels: z.record(z.string(), z.string()).default({}),
     dataDir: z.string().default("var/lib/fleet-agent"),
     allowShell: z.array(z.string().refine(isAbsolute, "must be an absolute path")).default([]),
+    /** Where config, backup and software-update may touch (relative to the root); unset: anywhere. */
+    allowPaths: z.array(z.string().min(1)).optional(),
     /** Task types this agent runs; default: every built-in type. */
     allowTaskTypes: z.array(z.string()).optional(),
     telemetryIntervalS: z.number().min(0).default(60),

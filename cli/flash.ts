@@ -54,6 +54,7 @@ interface FlashOptions extends OperatorOptions {
   broker?: string;
   label: string[];
   allowShell: string[];
+  allowPath: string[];
   mtls?: boolean;
   artifactsUrl?: string;
   dryRunSystem?: boolean;
@@ -81,6 +82,12 @@ export function registerFlash(program: Command): void {
     )
     .option("--label <k=v>", "a device label (repeatable)", collect, [])
     .option("--allow-shell <cmd>", "an absolute path the shell task may run (repeatable)", collect, [])
+    .option(
+      "--allow-path <path>",
+      "where config, backup and software-update may write, relative to the root (repeatable; default anywhere)",
+      collect,
+      [],
+    )
     .option("--mtls", "authenticate with a client certificate from the fleet CA instead of a token")
     .option(
       "--artifacts-url <url>",
@@ -127,6 +134,7 @@ export function registerFlash(program: Command): void {
         labels,
         dataDir: "var/lib/fleet-agent",
         allowShell: o.allowShell,
+        ...(o.allowPath.length ? { allowPaths: o.allowPath } : {}),
         telemetryIntervalS: 60,
         ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,

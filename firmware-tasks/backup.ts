@@ -8,7 +8,7 @@ import { basename, join, relative } from "node:path";
 import { create as createTar } from "tar";
 import { z } from "zod";
 import { TaskFailedError } from "./errors.js";
-import { underRoot } from "./paths.js";
+import { pathAllowed, underRoot } from "./paths.js";
 import { defineHandler } from "./types.js";
 
 const params = z
@@ -27,6 +27,13 @@ const params = z
 export default defineHandler({
   type: "backup",
   paramsSchema: params,
+  check(p, policy) {
+    for (const x of p.paths) {
+      const outside = pathAllowed(x, policy.allowPaths);
+      if (outside) return outside;
+    }
+    return undefined;
+  },
   idempotent: true,
   async run(ctx, p, signal) {
     const rel = p.paths.map((x) => relative(ctx.root, underRoot(ctx.root, x)));

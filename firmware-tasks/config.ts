@@ -8,7 +8,7 @@ import { basename, dirname, isAbsolute, join } from "node:path";
 import { z } from "zod";
 import { writeFileDurable } from "../common/files.js";
 import { TaskFailedError } from "./errors.js";
-import { taskEnv, underRoot } from "./paths.js";
+import { pathAllowed, taskEnv, underRoot } from "./paths.js";
 import { describeExit, runCommand } from "./process.js";
 import { defineHandler, type TaskContext } from "./types.js";
 
@@ -64,6 +64,8 @@ export default defineHandler({
   paramsSchema: params,
   idempotent: true,
   check(p, policy) {
+    const outside = pathAllowed(p.path, policy.allowPaths);
+    if (outside) return outside;
     for (const c of [p.validate, p.reload]) {
       if (c && !policy.allowShell.includes(c[0]!))
         return `command ${c[0]} is not in this agent's allowShell list`;

@@ -21,7 +21,7 @@ import { fsyncPath, fsyncTree } from "../common/files.js";
 import { pb } from "../proto/index.js";
 import { type Manifest, verifyManifest } from "../proto/signing.js";
 import { TaskFailedError, UnrecoverableError } from "./errors.js";
-import { taskEnv, underRoot } from "./paths.js";
+import { pathAllowed, taskEnv, underRoot } from "./paths.js";
 import { describeExit, runCommand } from "./process.js";
 import { defineHandler, type TaskContext } from "./types.js";
 
@@ -77,6 +77,8 @@ export default defineHandler({
    * or be a file of the release itself (`./health.sh`: signed and installed with it).
    */
   check(p, policy) {
+    const outside = pathAllowed(p.target, policy.allowPaths);
+    if (outside) return outside;
     const c = p.healthCheck?.command?.[0];
     if (c === undefined) return undefined;
     if (isAbsolute(c))

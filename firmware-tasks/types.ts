@@ -17,6 +17,11 @@ export interface TaskPolicy {
   allowShell: readonly string[];
   /** Output kept per task run, in bytes (the tail is kept). */
   outputLimitBytes: number;
+  /**
+   * Where `config`, `backup` and `software-update` may touch, as paths relative to the agent's
+   * root; undefined: anywhere under the root. The device owner's choice (agent config `allowPaths`).
+   */
+  allowPaths?: readonly string[];
 }
 
 /** What a task may do to the machine itself; injectable so that tests run it dry. */

@@ -257,6 +257,30 @@ describe("rejections", () => {
 });
 
 describe("bad payloads on the agent's topics", () => {
+  it("config, backup and software-update stay inside the device's allowPaths", async () => {
+    const id = "rej-paths";
+    await h.newAgent(id, {
+      allowPaths: ["etc/app", "opt"],
+      allowTaskTypes: ["config", "backup", "software-update"],
+    });
+    for (const [type, params] of [
+      ["config", { path: "etc/passwd", content: "x" }],
+      ["config", { path: "etc/app/../../etc/shadow", content: "x" }],
+      ["backup", { paths: ["etc/app", "root/.ssh"] }],
+      ["software-update", { artifact: "app", version: "1.0.0", target: "usr/bin" }],
+    ] as const) {
+      const jobId = await h.ctl.assign(id, jobSpec([{ id: "a", type, params }]));
+      const s = await h.ctl.waitJob(id, jobId);
+      expect(TaskState[s.state!], `${type} ${JSON.stringify(params)}`).toBe("REJECTED");
+      expect(s.message).toMatch(/outside this device's allowPaths/);
+    }
+    const ok = await h.ctl.assign(
+      id,
+      jobSpec([{ id: "a", type: "config", params: { path: "etc/app/a.conf", content: "x" } }]),
+    );
+    expect((await h.ctl.waitJob(id, ok)).state).toBe(TaskState.SUCCEEDED);
+  });
+
   it("a job valid for longer than the device allows is refused (M14)", async () => {
     const now = Date.now();
     await expectRejected(

@@ -251,3 +251,16 @@ describe("terminal safety", () => {
     expect(table([{ message: "a\x1b[31mred\nb" }])).toContain("a\\x1b[31mred\\x0ab");
   });
 });
+
+describe("allowPaths", () => {
+  it("compares normalised paths by segment", async () => {
+    const { pathAllowed } = await import("../../firmware-tasks/paths.js");
+    const allowed = ["etc/app", "opt/"];
+    expect(pathAllowed("etc/app/app.conf", allowed)).toBeUndefined();
+    expect(pathAllowed("/opt/app", allowed)).toBeUndefined();
+    expect(pathAllowed("etc/app", allowed)).toBeUndefined();
+    expect(pathAllowed("etc/apparmor.d/x", allowed)).toMatch(/outside this device's allowPaths/);
+    expect(pathAllowed("etc/app/../../etc/passwd", allowed)).toMatch(/outside/);
+    expect(pathAllowed("etc/passwd", undefined)).toBeUndefined();
+  });
+});
