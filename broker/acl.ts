@@ -40,7 +40,13 @@ export function canSubscribe(who: Identity, prefix: string, topic: string): bool
       return parts.length === 3 && parts[0] === "d" && parts[1] === who.id && DEVICE_SUBSCRIBE.has(parts[2]!);
     case "operator": {
       if (parts.length === 1 && parts[0] === "events") return true;
-      if (parts.length === 3 && parts[0] === "rpc" && parts[1] === "res" && parts[2] === who.clientId)
+      if (
+        parts.length === 4 &&
+        parts[0] === "rpc" &&
+        parts[1] === "res" &&
+        parts[2] === who.id &&
+        parts[3] === who.clientId
+      )
         return true;
       // Device state/telemetry/status of one device or of all (`+`), never `#`.
       return (

@@ -14,7 +14,16 @@ import { DEFAULT_PREFIX } from "../proto/topics.js";
 export const serverConfigSchema = z
   .object({
     prefix: z.string().default(DEFAULT_PREFIX),
-    controller: z.object({ username: z.string(), password: z.string() }),
+    controller: z.object({
+      username: z.string(),
+      password: z.string(),
+      /**
+       * The controller's MQTT client id: random, so that on a broker that does not tie client
+       * ids to users (Mosquitto) no client can take over its session (H8). Older data
+       * directories have none and use the username.
+       */
+      clientId: z.string().optional(),
+    }),
     operators: z
       .array(
         z.object({

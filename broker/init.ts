@@ -1,5 +1,6 @@
 // `fleet init`: operator signing key, fleet CA + server certificate, controller and operator
 // credentials, and the operator context.
+import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
@@ -51,7 +52,11 @@ export async function initFleet(
   writeFileAtomic(keyFile, key.privateKeyPem, 0o600);
   const server: ServerConfig = {
     prefix: "fleet/v1",
-    controller: { username: "fleet-controller", password: newToken() },
+    controller: {
+      username: "fleet-controller",
+      password: newToken(),
+      clientId: `fleet-controller-${randomBytes(16).toString("hex")}`,
+    },
     operators: [
       {
         username: "admin",

@@ -50,7 +50,7 @@ export function mosquittoExport(
       `# Operator ${op.username}: signed RPC requests, replies, events, device state/telemetry/status`,
       `user ${op.username}`,
       `topic write ${p}/rpc/req`,
-      `topic read ${p}/rpc/res/#`,
+      `topic read ${p}/rpc/res/${op.username}/#`,
       `topic read ${p}/events`,
       ...["state", "telemetry", "status"].map((t) => `topic read ${p}/d/+/${t}`),
     );

@@ -395,7 +395,8 @@ export class FleetServer {
   ): Promise<Identity> {
     const cfg = this.config;
     if (username === cfg.controller.username) {
-      if (client.id === cfg.controller.username && password && tokenMatches(password, this.controllerHash)) {
+      const id = cfg.controller.clientId ?? cfg.controller.username;
+      if (client.id === id && password && tokenMatches(password, this.controllerHash)) {
         return { kind: "controller", id: username };
       }
       throw authError("bad controller credentials", 4);

@@ -33,7 +33,8 @@ const EXIT_FOR: Record<RpcErrorCode, number> = {
 type Paged<M extends Method> = Result<M> extends { items: Array<infer T> } ? T : never;
 
 export async function connectOperator(ctx: LoadedContext): Promise<MqttClient> {
-  const clientId = `op-${ctx.username}-${randomBytes(4).toString("hex")}`;
+  // Unguessable: on a broker that does not tie client ids to users, nobody can take this session.
+  const clientId = `op-${ctx.username}-${randomBytes(16).toString("hex")}`;
   const client = mqtt.connect(ctx.server, {
     clientId,
     username: ctx.username,
@@ -93,7 +94,9 @@ export class RpcClient {
 
   static async open(ctx: LoadedContext): Promise<RpcClient> {
     const client = await connectOperator(ctx);
-    await client.subscribeAsync(rpcResponseTopic(ctx.prefix, client.options.clientId!), { qos: 1 });
+    await client.subscribeAsync(rpcResponseTopic(ctx.prefix, ctx.username, client.options.clientId!), {
+      qos: 1,
+    });
     return new RpcClient(client, ctx);
   }
 

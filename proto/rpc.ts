@@ -1,5 +1,6 @@
 // Operator RPC over MQTT 3.1.1 (aedes has no response-topic): the correlation id and the
-// reply address travel in the signed RpcCall; the controller answers on rpc/res/{clientId}.
+// reply address travel in the signed RpcCall; the controller answers on
+// rpc/res/{operator}/{clientId}, the operator being the owner of the signing key.
 import { createPrivateKey, type KeyObject, randomBytes, sign } from "node:crypto";
 import { pb } from "./index.js";
 import { verifies } from "./signing.js";
@@ -49,7 +50,7 @@ export function verifyRpcRequest(
     return { ok: false, error: "request outside the time window (clock skew or replay)" };
   if (!call.nonce || !call.requestId || !call.clientId)
     return { ok: false, error: "request lacks nonce, id or client id" };
-  // The reply goes to rpc/res/{clientId}: one topic level, no wildcards.
+  // The reply goes to rpc/res/{operator}/{clientId}: one topic level, no wildcards.
   if (!/^[A-Za-z0-9._-]{1,128}$/.test(call.clientId))
     return { ok: false, error: "client id is not a plain topic level ([A-Za-z0-9._-]{1,128})" };
   return { ok: true, call, params };

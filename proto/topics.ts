@@ -20,5 +20,10 @@ export function parseDeviceTopic(
 }
 
 export const rpcRequestTopic = (prefix: string) => `${prefix}/rpc/req`;
-export const rpcResponseTopic = (prefix: string, clientId: string) => `${prefix}/rpc/res/${clientId}`;
+/**
+ * Replies to an operator: under the operator's name (of the key that signed the request), so a
+ * broker's ACL can give each operator only its own replies (Mosquitto: `rpc/res/<user>/#`).
+ */
+export const rpcResponseTopic = (prefix: string, operator: string, clientId: string) =>
+  `${prefix}/rpc/res/${operator}/${clientId}`;
 export const eventsTopic = (prefix: string) => `${prefix}/events`;

@@ -107,7 +107,7 @@ export class Controller {
 
   async start(): Promise<void> {
     const client = mqtt.connect(this.o.brokerUrl, {
-      clientId: this.o.config.controller.username,
+      clientId: this.o.config.controller.clientId ?? this.o.config.controller.username,
       username: this.o.config.controller.username,
       password: this.o.config.controller.password,
       clean: false,
@@ -296,7 +296,8 @@ export class Controller {
       return;
     }
     const { call, params } = check;
-    const topic = rpcResponseTopic(this.prefix, call.clientId);
+    const operator = this.operatorNames.get(env.rpcRequest!.keyId ?? "") ?? "?";
+    const topic = rpcResponseTopic(this.prefix, operator, call.clientId);
     const fail = (code: RpcErrorCode, error: string): void => {
       this.publish(
         topic,
@@ -324,7 +325,6 @@ export class Controller {
     }
     const method = call.method;
     if (!isMethod(method)) return fail(RpcErrorCode.RPC_UNKNOWN_METHOD, `unknown method ${method}`);
-    const operator = this.operatorNames.get(env.rpcRequest!.keyId ?? "") ?? "?";
     let resultJson: string;
     try {
       const parsed = api[method].params.safeParse(params);

@@ -135,7 +135,7 @@ describe("ACL: what device A gets for reaching beyond its own topics", () => {
     "+/+/+/+/+",
     "$SYS/#",
     "fleet/v1/rpc/req",
-    "fleet/v1/rpc/res/op-admin-1",
+    "fleet/v1/rpc/res/admin/op-admin-1",
     "fleet/v1/events",
     "fleet/v1/d/dev-a/status",
   ])("subscribing to %s is refused (SUBACK 0x80)", async (topic) => {
@@ -208,7 +208,7 @@ describe("operator RPC", () => {
         "-P",
         operator.password,
         "-t",
-        `fleet/v1/rpc/res/${clientId}`,
+        `fleet/v1/rpc/res/${operator.username}/${clientId}`,
         "-F",
         "%x",
         "-W",

@@ -180,7 +180,7 @@ describe("Low: two copies of one signed request arriving together", () => {
       reconnectPeriod: 0,
     });
     try {
-      await op.subscribeAsync(`fleet/v1/rpc/res/${clientId}`, { qos: 1 });
+      await op.subscribeAsync(`fleet/v1/rpc/res/${ctx.username}/${clientId}`, { qos: 1 });
       const replies: Array<{ ok: boolean; error: string }> = [];
       const two = new Promise<void>((resolve) =>
         op.on("message", (_t, payload) => {

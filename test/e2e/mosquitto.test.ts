@@ -4,10 +4,12 @@
 // its own topics. Mosquitto grants a denied subscription and acknowledges a denied publish, then
 // drops the messages, so the matrix checks what is delivered, through an observer.
 import { execFile } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { hashPassword, mosquittoHash } from "../../broker/credentials.js";
 import type { JobJson } from "../../proto/api.js";
+import { generateSigningKey } from "../../proto/signing.js";
 import { type External, startMosquitto } from "../helpers/external.js";
 import {
   type AgentProc,
@@ -169,7 +171,7 @@ describe("fleet server --external-broker with Mosquitto", () => {
       8000,
     );
     await new Promise((r) => setTimeout(r, 700));
-    for (const t of ["d/dev-b/job", "d/dev-b/ctl", "d/dev-b/status", "rpc/res/op-admin-1", "events"]) {
+    for (const t of ["d/dev-b/job", "d/dev-b/ctl", "d/dev-b/status", "rpc/res/admin/op-admin-1", "events"]) {
       const r = await mosqTool("mosquitto_pub", [
         ...as("fleet-controller", "probe-ctl"),
         "-t",
@@ -220,7 +222,7 @@ describe("fleet server --external-broker with Mosquitto", () => {
       "d/dev-a/ctl",
       "rpc/req",
       "events",
-      "rpc/res/op-admin-1",
+      "rpc/res/admin/op-admin-1",
     ]) {
       await mosqTool("mosquitto_pub", [
         ...as("dev-a", "dev-a-probe"),
@@ -260,6 +262,48 @@ describe("fleet server --external-broker with Mosquitto", () => {
     const r = await pub();
     expect(r.code).not.toBe(0);
     expect(r.out).toMatch(/not authori[sz]ed|refused/i);
+  }, 30_000);
+
+  it("H8: an operator reads only its own replies; a device cannot take the controller's session", async () => {
+    // A second operator: the server restarted to know her, the files exported again.
+    const cfgFile = join(data.dir, "server.json");
+    const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
+    const eve = generateSigningKey();
+    cfg.operators.push({
+      username: "eve",
+      passwordHash: await hashPassword("eve-pass"),
+      keyId: eve.keyId,
+      publicKey: eve.publicKeyPem,
+      brokerHash: mosquittoHash("eve-pass"),
+    });
+    writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+    creds.eve = "eve-pass";
+    server.proc.kill("SIGTERM");
+    await server.exited;
+    server = await startServer(data.dir, [0, 0, 0, 0, 0], ["--external-broker", mosq.url]);
+    await reexport();
+    // Eve listens to every reply topic she can; admin asks for the fleet (with device tokens
+    // in other replies, e.g. device add).
+    const spy = mosqTool(
+      "mosquitto_sub",
+      [...as("eve", "op-eve-spy"), "-t", "fleet/v1/rpc/res/#", "-v", "-W", "4"],
+      8000,
+    );
+    await new Promise((r) => setTimeout(r, 700));
+    // A device connecting with the controller's former fixed client id: the controller (now a
+    // random id) keeps its session.
+    await mosqTool("mosquitto_pub", [
+      ...as("dev-a", "fleet-controller"),
+      "-t",
+      "fleet/v1/d/dev-a/telemetry",
+      "-m",
+      "x",
+    ]);
+    const add = await cli(["device", "add", "h8-dev", "--json"], env);
+    expect(add.code, add.stderr).toBe(0);
+    expect((await spy).out).not.toContain("fleet/v1/rpc/res/admin/");
+    expect((await cli(["device", "ls", "--json"], env)).code).toBe(0);
+    expect(server.stderr()).not.toContain("the controller lost its broker connection");
   }, 30_000);
 
   it("/healthz says so when the controller has lost its broker", async () => {

@@ -35,8 +35,10 @@ describe("ACL", () => {
   it("an operator sends RPC, reads its own responses, events and device state/telemetry/status", () => {
     expect(canPublish(op, P, `${P}/rpc/req`)).toBe(true);
     expect(canPublish(op, P, deviceTopic(P, "a", "job"))).toBe(false);
-    expect(canSubscribe(op, P, `${P}/rpc/res/op-admin-1`)).toBe(true);
-    expect(canSubscribe(op, P, `${P}/rpc/res/op-admin-2`)).toBe(false);
+    expect(canSubscribe(op, P, `${P}/rpc/res/admin/op-admin-1`)).toBe(true);
+    expect(canSubscribe(op, P, `${P}/rpc/res/admin/op-admin-2`)).toBe(false);
+    expect(canSubscribe(op, P, `${P}/rpc/res/eve/op-admin-1`)).toBe(false);
+    expect(canSubscribe(op, P, `${P}/rpc/res/op-admin-1`)).toBe(false);
     expect(canSubscribe(op, P, `${P}/events`)).toBe(true);
     expect(canSubscribe(op, P, `${P}/d/+/state`)).toBe(true);
     expect(canSubscribe(op, P, `${P}/d/a/telemetry`)).toBe(true);
