@@ -389,9 +389,15 @@ export class ArtifactStore {
     const size = (await stat(file)).size;
     const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? "");
     if (req.headers.range && !range) throw new HttpError(416, "only one simple byte range is supported");
+    if (size === 0) {
+      // Nothing to stream (a read stream cannot end before byte 0), whatever the range asked.
+      res.writeHead(200, { "content-type": "application/octet-stream", "content-length": "0" });
+      res.end();
+      return true;
+    }
     const start = range ? Number(range[1]) : 0;
     const end = range && range[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
-    if (start > end && size > 0) {
+    if (start > end) {
       res.writeHead(416, { "content-range": `bytes */${size}` });
       res.end();
       return true;

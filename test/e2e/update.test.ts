@@ -193,6 +193,21 @@ describe("artifacts", () => {
     expect((await got.arrayBuffer()).byteLength).toBe(mine[0]!.size);
   });
 
+  it("a zero-byte artifact is stored and downloads as zero bytes", async () => {
+    const file = join(data.dir, "empty.bin");
+    writeFileSync(file, "");
+    expect((await cli(["artifact", "push", file, "--name", "empty", "--version", "1"], env)).code).toBe(0);
+    const sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    for (const range of [undefined, "bytes=0-"]) {
+      const res = await fetch(`${server.urls.http}/v1/blobs/${sha}`, {
+        headers: { ...operatorAuth(), ...(range ? { range } : {}) },
+      });
+      expect(res.status).toBe(200);
+      expect((await res.arrayBuffer()).byteLength).toBe(0);
+    }
+    expect((await cli(["artifact", "rm", "empty", "1"], env)).code).toBe(0);
+  });
+
   it("the same tarball pushed under two versions: the second downloads too (M10)", async () => {
     const r = makeRelease(data.dir, "app", "5.0.0");
     const file = join(data.dir, "twice.tar.gz");
