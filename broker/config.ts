@@ -48,12 +48,18 @@ export const serverConfigSchema = z
           .default(256 * 1024),
         /** A connection that has not sent an accepted CONNECT by then is closed. */
         connectTimeoutMs: z.number().int().min(100).default(10_000),
+        /**
+         * Clients must declare a keepalive of at most this (and not 0): a silent connection is
+         * closed after 1.5 times its keepalive, so no socket stays idle for ever.
+         */
+        maxKeepaliveS: z.number().int().min(1).max(65535).default(600),
       })
       .default({
         maxConnections: 20_000,
         connectsPerSecondPerAddress: 50,
         maxPayloadBytes: 256 * 1024,
         connectTimeoutMs: 10_000,
+        maxKeepaliveS: 600,
       }),
     /** Hosts the server certificate is valid for. */
     hosts: z.array(z.string()).default(["localhost", "127.0.0.1"]),

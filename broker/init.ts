@@ -72,6 +72,7 @@ export async function initFleet(
       connectsPerSecondPerAddress: 50,
       maxPayloadBytes: 256 * 1024,
       connectTimeoutMs: 10_000,
+      maxKeepaliveS: 600,
     },
     hosts,
   };

@@ -246,6 +246,7 @@ export class FleetServer {
       ...(this.cluster ? this.cluster.brokerParts() : { persistence: indexedMemoryPersistence() }),
       id: this.o.cluster ? `fleet-${this.o.cluster.nodeId}` : "fleet",
       connectTimeout: this.config.limits.connectTimeoutMs,
+      keepaliveLimit: this.config.limits.maxKeepaliveS,
       preConnect: (client, _packet, done) => this.preConnect(client, done),
       authenticate: (client, username, password, done) => {
         this.authenticate(client as FleetClient, username, password).then(

@@ -146,6 +146,16 @@ describe("H1: packet size and idle sockets before authentication", () => {
     expect(ms).toBeLessThan(8000); // limits.connectTimeoutMs is 1.5 s here; aedes alone waits 30 s
   });
 
+  it("a client that would never send a keepalive (0) is refused; idle sockets cannot live for ever", async () => {
+    const dev = JSON.parse((await cli(["device", "add", "idle-1", "--json"], env)).stdout) as {
+      password: string;
+    };
+    const opts = { clientId: "idle-1", username: "idle-1", password: dev.password, reconnectPeriod: 0 };
+    await expect(mqtt.connectAsync(server.urls.mqtt, { ...opts, keepalive: 0 })).rejects.toThrow();
+    const ok = await mqtt.connectAsync(server.urls.mqtt, { ...opts, keepalive: 30 });
+    await ok.endAsync();
+  });
+
   it("an authenticated device announcing a packet over the limit is cut off at its header", async () => {
     const dev = JSON.parse((await cli(["device", "add", "big-talker", "--json"], env)).stdout) as {
       password: string;
