@@ -123,11 +123,17 @@ export class ArtifactStore {
    * authentication and error replies as the artifact routes.
    */
   async operatorJson(req: IncomingMessage, res: ServerResponse, produce: () => unknown): Promise<void> {
+    if (await this.operatorGate(req, res)) this.json(res, 200, produce());
+  }
+
+  /** True for an authenticated operator; otherwise the error reply is sent and false returned. */
+  async operatorGate(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     try {
       this.operatorOnly(await this.authenticate(req));
-      this.json(res, 200, produce());
+      return true;
     } catch (err) {
       this.fail(res, err);
+      return false;
     }
   }
 

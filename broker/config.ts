@@ -37,6 +37,8 @@ export const serverConfigSchema = z
       )
       .min(1),
     historyRetentionDays: z.number().min(1).default(30),
+    /** /metrics for operators only (HTTP Basic), instead of for whoever reaches the HTTP port. */
+    metricsAuth: z.boolean().default(false),
     limits: z
       .object({
         maxConnections: z.number().int().min(1).default(20_000),

@@ -67,6 +67,7 @@ export async function initFleet(
       },
     ],
     historyRetentionDays: 30,
+    metricsAuth: false,
     limits: {
       maxConnections: 20_000,
       connectsPerSecondPerAddress: 50,

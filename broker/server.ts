@@ -541,6 +541,12 @@ export class FleetServer {
       return this.artifacts.operatorJson(req, res, () => mosquittoExport(this.config, registry.all()));
     }
     if (url === "/metrics") {
+      // Open by default (the HTTP port is on loopback unless --plain-host); operators only with
+      // server.json "metricsAuth": true.
+      if (this.config.metricsAuth && !(await this.artifacts?.operatorGate(req, res))) {
+        if (!res.headersSent) res.writeHead(503).end("not the active node\n");
+        return;
+      }
       res.writeHead(200, { "content-type": this.metrics.contentType });
       res.end(await this.metrics.metrics());
       return;

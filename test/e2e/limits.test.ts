@@ -16,6 +16,7 @@ beforeAll(async () => {
   const cfgFile = join(data.dir, "server.json");
   const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
   cfg.limits.maxPayloadBytes = LIMIT;
+  cfg.metricsAuth = true;
   writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
   server = await startServer(data.dir);
   expect((await cli(["device", "add", "big-1"], env)).code).toBe(0);
@@ -47,7 +48,13 @@ it("a job whose device view is far over the payload limit: a clear error, and th
   expect(cliJson<{ jobs: Array<{ jobId: string }> }>(dev).jobs.map((j) => j.jobId)).toEqual([jobs[0]!.id]);
   const health = (await (await fetch(`${server.urls.http}/healthz`)).json()) as { controller: string };
   expect(health.controller).toBe("active");
-  const metrics = await (await fetch(`${server.urls.http}/metrics`)).text();
+  // metricsAuth: operators only.
+  expect((await fetch(`${server.urls.http}/metrics`)).status).toBe(401);
+  const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+  const auth = `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}`;
+  const metrics = await (
+    await fetch(`${server.urls.http}/metrics`, { headers: { authorization: auth } })
+  ).text();
   expect(metrics).toMatch(/fleet_events_total\{name="rpc_reply_too_large"\} 2/);
   expect(metrics).not.toContain('name="payload_too_large"');
 }, 60_000);
