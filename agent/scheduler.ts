@@ -663,6 +663,7 @@ export class Scheduler {
             artifacts: this.o.artifacts,
             trustedKeys: this.o.trustedKeys,
             resumed,
+            now: () => this.o.clock.now(),
             progress: (percent, message) => this.progress(e, taskId, entry, percent, message),
           },
           plan.params.get(taskId),

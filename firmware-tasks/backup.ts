@@ -43,7 +43,7 @@ export default defineHandler({
     }
     const dir = join(ctx.dataDir, "backups");
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    const stamp = new Date().toISOString().replace(/[:.]/g, "-");
+    const stamp = new Date(ctx.now()).toISOString().replace(/[:.]/g, "-");
     const file = join(dir, `${p.name}-${stamp}.tar.gz`);
     const tmp = `${file}.partial`;
     await createTar({ gzip: true, file: tmp, cwd: ctx.root, portable: true }, rel);

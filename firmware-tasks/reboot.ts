@@ -17,7 +17,7 @@ export default defineHandler({
       return { message: `rebooted; running again since boot ${boot.slice(0, 8)}` };
     }
     // Persist, then act: after the reboot the saved request tells us it happened.
-    await ctx.kv.put(key, { bootId: boot, at: Date.now() });
+    await ctx.kv.put(key, { bootId: boot, at: ctx.now() });
     ctx.progress(50, "reboot requested");
     await ctx.system.reboot();
     // The machine goes down under us; if it does not, the task's timeout ends it.

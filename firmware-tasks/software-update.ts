@@ -189,7 +189,7 @@ export default defineHandler({
               ...saved,
               state: "REBOOTING",
               bootId: await ctx.system.bootId(),
-              deadline: Date.now() + p.rebootDeadlineS * 1000,
+              deadline: ctx.now() + p.rebootDeadlineS * 1000,
             });
             await ctx.system.reboot(); // the machine goes down; the next start resumes in REBOOTING
           } else await save({ ...saved, state: "CHECKING" });
@@ -201,7 +201,7 @@ export default defineHandler({
             await save({ ...saved, state: "CHECKING" });
             break;
           }
-          if (Date.now() > (saved.deadline ?? 0)) {
+          if (ctx.now() > (saved.deadline ?? 0)) {
             await save({
               ...saved,
               state: "ROLLING_BACK",
@@ -209,7 +209,7 @@ export default defineHandler({
             });
             break;
           }
-          await waitAbort(signal, (saved.deadline ?? 0) - Date.now());
+          await waitAbort(signal, (saved.deadline ?? 0) - ctx.now());
           break;
         }
         case "CHECKING": {

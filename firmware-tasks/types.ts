@@ -67,6 +67,8 @@ export interface TaskContext {
   trustedKeys: ReadonlyMap<string, KeyObject>;
   /** True when a resumable task continues after an agent restart. */
   resumed: boolean;
+  /** The agent's trusted time (never below its durable floor; not the raw wall clock). */
+  now(): number;
   progress(percent: number, message?: string): void;
 }
 

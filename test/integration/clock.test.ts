@@ -1,4 +1,6 @@
 // Device clocks lie: a 1970 clock, and jumps of years during a recurring job (DESIGN.md §5).
+import { mkdirSync, readdirSync } from "node:fs";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { TimeSource } from "../../agent/clock.js";
 import { TaskState as S, TERMINAL_STATES } from "../../proto/index.js";
@@ -38,6 +40,20 @@ describe("device clock", () => {
     const jobId = await h.ctl.assign(id, jobSpec([{ id: "a", type: "noop" }]));
     expect((await h.ctl.waitJob(id, jobId)).state).toBe(S.SUCCEEDED);
     expect(again.clock.floor).toBeLessThan(Date.now() + YEAR);
+  });
+
+  it("a 1970 clock names backups by the agent's trusted time, not the wall clock", async () => {
+    const t0 = performance.now();
+    const time: TimeSource = { wall: () => performance.now() - t0, mono: () => performance.now() };
+    const agent = await h.newAgent("clock-backup", {}, { time });
+    mkdirSync(join(agent.config.root, "etc/app"), { recursive: true });
+    const jobId = await h.ctl.assign(
+      "clock-backup",
+      jobSpec([{ id: "b", type: "backup", params: { paths: ["etc/app"], name: "app" } }]),
+    );
+    expect((await h.ctl.waitJob("clock-backup", jobId)).state).toBe(S.SUCCEEDED);
+    const files = readdirSync(join(agent.config.root, agent.config.dataDir, "backups"));
+    expect(files.some((f) => f.startsWith(`app-${new Date().getUTCFullYear()}-`))).toBe(true);
   });
 
   it("a recurring job neither bursts nor stops when the clock jumps by years, and survives a restart", async () => {
