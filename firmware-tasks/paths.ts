@@ -1,12 +1,25 @@
-import { isAbsolute, posix, relative, resolve } from "node:path";
+import { existsSync, realpathSync } from "node:fs";
+import { dirname, isAbsolute, posix, relative, resolve } from "node:path";
 import { UnrecoverableError } from "./errors.js";
 
-/** Resolves `p` under `root`, refusing anything that escapes it. */
+/**
+ * Resolves `p` under `root`, refusing anything that escapes it: by its text (`..`), and through
+ * symlinks already under the root (the deepest part of the path that exists is resolved).
+ */
 export function underRoot(root: string, p: string): string {
   const abs = resolve(root, p.replace(/^\/+/, ""));
-  const rel = relative(root, abs);
-  if (rel.startsWith("..") || isAbsolute(rel))
+  const escapes = (base: string, x: string) => {
+    const rel = relative(base, x);
+    return rel.startsWith("..") || isAbsolute(rel);
+  };
+  if (escapes(root, abs))
     throw new UnrecoverableError(`path ${p} escapes the agent root`, { reason: "bad_path" });
+  let probe = abs;
+  while (!existsSync(probe) && probe !== dirname(probe)) probe = dirname(probe);
+  if (existsSync(probe) && existsSync(root) && escapes(realpathSync(root), realpathSync(probe)))
+    throw new UnrecoverableError(`path ${p} leads out of the agent root through a symlink`, {
+      reason: "bad_path",
+    });
   return abs;
 }
 

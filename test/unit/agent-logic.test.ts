@@ -264,3 +264,24 @@ describe("allowPaths", () => {
     expect(pathAllowed("etc/passwd", undefined)).toBeUndefined();
   });
 });
+
+describe("paths under the root", () => {
+  it("a symlink under the root cannot lead a path out of it", async () => {
+    const { mkdtempSync, mkdirSync, symlinkSync, rmSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const { underRoot } = await import("../../firmware-tasks/paths.js");
+    const root = mkdtempSync(join(tmpdir(), "fleet-root-"));
+    const outside = mkdtempSync(join(tmpdir(), "fleet-outside-"));
+    try {
+      mkdirSync(join(root, "etc"));
+      symlinkSync(outside, join(root, "etc", "app"));
+      expect(() => underRoot(root, "etc/app/app.conf")).toThrow(/through a symlink/);
+      expect(() => underRoot(root, "../x")).toThrow(/escapes the agent root/);
+      expect(underRoot(root, "etc/other/new.conf")).toBe(join(root, "etc/other/new.conf"));
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+      rmSync(outside, { recursive: true, force: true });
+    }
+  });
+});
