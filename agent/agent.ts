@@ -368,13 +368,19 @@ export class Agent {
    */
   private async accept(a: JobAssignment): Promise<void> {
     const sig = checkSignature(a, { trustedKeys: this.trustedKeys });
-    if (!sig.ok) return this.reject(unverifiedJobId(a), sig.reason, sig.message);
+    if (!sig.ok)
+      return this.reject(unverifiedJobId(a), sig.reason, sig.message, a.job ? specDigest(a.job) : "");
     const spec = sig.spec;
     const digest = specDigest(a.job!);
     const existing = this.scheduler.hasJob(spec.jobId);
     if (existing) {
       if (existing.digest !== digest) {
-        return this.reject(spec.jobId, "id_reused", "job id already used by a job with different content");
+        return this.reject(
+          spec.jobId,
+          "id_reused",
+          "job id already used by a job with different content",
+          digest,
+        );
       }
       this.counters.inc("duplicate_deliveries");
       await this.store.commit({ statuses: [this.scheduler.currentJobStatus(spec.jobId)] }, false);
@@ -382,7 +388,7 @@ export class Agent {
       return;
     }
     const v = checkSpec(a, spec, this.verifyContext());
-    if (!v.ok) return this.reject(spec.jobId, v.reason, v.message);
+    if (!v.ok) return this.reject(spec.jobId, v.reason, v.message, digest);
     this.observeTime(spec.issuedAtMs);
     const record: JobRecord = {
       jobId: spec.jobId,
@@ -396,7 +402,7 @@ export class Agent {
     this.counters.inc("jobs_accepted");
   }
 
-  private async reject(jobId: string, reason: string, message: string): Promise<void> {
+  private async reject(jobId: string, reason: string, message: string, specDigest: string): Promise<void> {
     this.counters.inc(`rejected_${reason}`);
     this.log.warn({ jobId, reason, message }, "job rejected");
     const status: TaskStatus = {
@@ -405,6 +411,7 @@ export class Agent {
       state: TaskState.REJECTED,
       reason,
       message,
+      specDigest,
       atMs: this.clock.now(),
     };
     await this.store.commit({ statuses: [status] }, true);

@@ -6,6 +6,7 @@ import type { Counters } from "../../agent/counters.js";
 import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import { pb, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
+import { specDigest } from "../../proto/signing.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
 import type { Registry } from "./registry.js";
 import { type Assignment, asgKey, type ControllerStore, type JobRecord, type Op } from "./store.js";
@@ -338,6 +339,14 @@ export class Delivery {
       if (job && !job.tasks.some((t) => t.id === s.taskId)) {
         this.c.counters.inc("statuses_unknown_task");
         continue;
+      }
+      // A rejection counts for the job whose bytes were rejected, not for whatever id they claim.
+      if (a && !s.taskId && s.state === TaskState.REJECTED && s.specDigest) {
+        const job = await this.job(a.jobId);
+        if (job && s.specDigest !== specDigest(pb.SignedJob.decode(Buffer.from(job.signed, "base64")))) {
+          this.c.counters.inc("rejections_of_other_bytes");
+          continue;
+        }
       }
       if (!a) {
         this.c.counters.inc("statuses_unknown_job");

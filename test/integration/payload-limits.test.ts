@@ -10,6 +10,7 @@ import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
 import { signRpcCall, verifyRpcRequest } from "../../proto/rpc.js";
+import { specDigest } from "../../proto/signing.js";
 import { tempDir } from "../helpers/keys.js";
 
 const LIMIT = 256 * 1024;
@@ -145,5 +146,27 @@ describe("payload limits", () => {
     expect(boundedFacts(JSON.stringify({ big: "x".repeat(40_000) }))).toBeUndefined();
     expect(boundedFacts("[1,2]")).toBeUndefined();
     expect(boundedFacts("not json")).toBeUndefined();
+  });
+
+  it("a rejection applies only to the job whose bytes were rejected, not to an id an unverified job claims", async () => {
+    const job = bigJob("01JOBEEEEEEEEEEEEEEEEEEEEE", 100);
+    await delivery.submit(job);
+    const mine = specDigest(pb.SignedJob.decode(Buffer.from(job.signed, "base64")));
+    const reject = (seq: number, digest: string) =>
+      delivery.onStatusBatch("dev-1", [
+        {
+          seq,
+          jobId: job.id,
+          taskId: "",
+          state: TaskState.REJECTED,
+          reason: "bad_signature",
+          specDigest: digest,
+        },
+      ]);
+    await reject(30_000, "0".repeat(64)); // a forged job claiming this id
+    expect((await store.assignments.get(asgKey("dev-1", job.id)))!.state).not.toBe(TaskState.REJECTED);
+    expect(counters.get("rejections_of_other_bytes")).toBe(1);
+    await reject(30_001, mine);
+    expect((await store.assignments.get(asgKey("dev-1", job.id)))!.state).toBe(TaskState.REJECTED);
   });
 });
