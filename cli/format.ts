@@ -45,6 +45,7 @@ export function printJson(v: unknown): void {
  * with `lines`, newlines and tabs are kept.
  */
 export function printable(s: string, lines = false): string {
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is the point
   const re = lines ? /[\x00-\x08\x0b-\x1f\x7f-\x9f]/g : /[\x00-\x1f\x7f-\x9f]/g;
   return s.replace(re, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
 }

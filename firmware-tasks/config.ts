@@ -1,10 +1,5 @@
-// `config {path, content, mode?, validate?: [argv], reload?: [argv]}` (DESIGN.md §5): writes a
-// file under the agent's root atomically (temp file, fsync, rename, fsync of the directory),
-// runs `validate` and restores the previous content if it fails, then runs `reload`.
-// "{path}" in an argv stands for the file. Commands must be in allowShell.
-import { randomBytes } from "node:crypto";
-import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
-import { basename, dirname, isAbsolute, join } from "node:path";
+import { readFile, rm, stat } from "node:fs/promises";
+import { dirname, isAbsolute } from "node:path";
 import { z } from "zod";
 import { writeFileDurable } from "../common/files.js";
 import { TaskFailedError } from "./errors.js";

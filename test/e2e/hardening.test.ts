@@ -7,12 +7,12 @@ import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { hashPassword } from "../../broker/credentials.js";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { signRpcCall } from "../../proto/rpc.js";
-import { generateSigningKey } from "../../proto/signing.js";
 import {
+  addOperator,
   cli,
+  editServerConfig,
   flashMoved,
   type ServerProcess,
   setContextServer,
@@ -28,10 +28,9 @@ let env: Record<string, string>;
 
 beforeAll(async () => {
   expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  const cfgFile = join(data.dir, "server.json");
-  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-  cfg.limits.connectTimeoutMs = 1500;
-  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+  editServerConfig(data.dir, (cfg) => {
+    cfg.limits.connectTimeoutMs = 1500;
+  });
   server = await startServer(data.dir);
   env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
 }, 60_000);
@@ -334,16 +333,7 @@ describe("H4: trust comes from the operator, not from the server", () => {
   });
 
   it("a key added on the server is not trusted by a newly flashed device; a server with another CA is refused", async () => {
-    const cfgFile = join(data.dir, "server.json");
-    const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-    const rogue = generateSigningKey();
-    cfg.operators.push({
-      username: "mallory",
-      passwordHash: await hashPassword("x"),
-      keyId: rogue.keyId,
-      publicKey: rogue.publicKeyPem,
-    });
-    writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+    await addOperator(data.dir, "mallory", "x");
     server.proc.kill("SIGTERM");
     await server.exited;
     server = await startServer(data.dir);
@@ -359,11 +349,11 @@ describe("H4: trust comes from the operator, not from the server", () => {
     expect((await cli(["init", "--dir", other.dir])).code).toBe(0);
     // A rogue server that knows our public key (public, after all) and so answers our requests.
     const mine0 = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
-    const otherCfgFile = join(other.dir, "server.json");
-    const otherCfg = JSON.parse(readFileSync(otherCfgFile, "utf8"));
-    otherCfg.operators[0].keyId = mine0.keyId;
-    otherCfg.operators[0].publicKey = cfg.operators[0].publicKey;
-    writeFileSync(otherCfgFile, JSON.stringify(otherCfg), { mode: 0o600 });
+    const ours = JSON.parse(readFileSync(join(data.dir, "server.json"), "utf8")).operators[0];
+    editServerConfig(other.dir, (c) => {
+      c.operators[0].keyId = mine0.keyId;
+      c.operators[0].publicKey = ours.publicKey;
+    });
     const otherServer = await startServer(other.dir);
     try {
       const ctxOther = JSON.parse(readFileSync(join(other.dir, "operator.json"), "utf8"));

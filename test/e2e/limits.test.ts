@@ -3,7 +3,7 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { cli, cliJson, type ServerProcess, startServer } from "../helpers/fleet.js";
+import { cli, cliJson, editServerConfig, type ServerProcess, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
 const LIMIT = 64 * 1024;
@@ -13,11 +13,10 @@ let server: ServerProcess;
 
 beforeAll(async () => {
   expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  const cfgFile = join(data.dir, "server.json");
-  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-  cfg.limits.maxPayloadBytes = LIMIT;
-  cfg.metricsAuth = true;
-  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+  editServerConfig(data.dir, (cfg) => {
+    cfg.limits.maxPayloadBytes = LIMIT;
+    cfg.metricsAuth = true;
+  });
   server = await startServer(data.dir);
   expect((await cli(["device", "add", "big-1"], env)).code).toBe(0);
 }, 60_000);

@@ -4,15 +4,14 @@
 // its own topics. Mosquitto grants a denied subscription and acknowledges a denied publish, then
 // drops the messages, so the matrix checks what is delivered, through an observer.
 import { execFile } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { hashPassword, mosquittoHash } from "../../broker/credentials.js";
 import type { JobJson } from "../../proto/api.js";
-import { generateSigningKey } from "../../proto/signing.js";
 import { type External, startMosquitto } from "../helpers/external.js";
 import {
   type AgentProc,
+  addOperator,
   cli,
   cliJson,
   flashMoved,
@@ -266,17 +265,7 @@ describe("fleet server --external-broker with Mosquitto", () => {
 
   it("H8: an operator reads only its own replies; a device cannot take the controller's session", async () => {
     // A second operator: the server restarted to know her, the files exported again.
-    const cfgFile = join(data.dir, "server.json");
-    const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-    const eve = generateSigningKey();
-    cfg.operators.push({
-      username: "eve",
-      passwordHash: await hashPassword("eve-pass"),
-      keyId: eve.keyId,
-      publicKey: eve.publicKeyPem,
-      brokerHash: mosquittoHash("eve-pass"),
-    });
-    writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+    await addOperator(data.dir, "eve", "eve-pass");
     creds.eve = "eve-pass";
     server.proc.kill("SIGTERM");
     await server.exited;

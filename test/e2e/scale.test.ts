@@ -3,11 +3,10 @@
 // directory alone (it listens on ephemeral ports; the context names 1883).
 // FLEET_E2E_DEVICES sets the size (default 2,000; run it at 10,000 by hand).
 import { type ChildProcess, spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeviceJson, JobJson, RolloutJson } from "../../proto/api.js";
-import { cli, cliJson, FLEET, type ServerProcess, startServer } from "../helpers/fleet.js";
+import { cli, cliJson, editServerConfig, FLEET, type ServerProcess, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
 const N = Number(process.env.FLEET_E2E_DEVICES ?? 2000);
@@ -26,10 +25,9 @@ const timed = async <T>(what: string, fn: () => Promise<T>): Promise<T> => {
 
 beforeAll(async () => {
   expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  const cfgFile = join(data.dir, "server.json");
-  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-  cfg.limits.connectsPerSecondPerAddress = 100_000;
-  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
+  editServerConfig(data.dir, (cfg) => {
+    cfg.limits.connectsPerSecondPerAddress = 100_000;
+  });
   server = await startServer(data.dir);
   sim = spawn(
     process.execPath,

@@ -2,6 +2,8 @@
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
+import { hashPassword, mosquittoHash } from "../../broker/credentials.js";
+import { generateSigningKey } from "../../proto/signing.js";
 import { tempDir } from "./keys.js";
 
 export const FLEET = resolve(import.meta.dirname, "..", "..", "bin", "fleet");
@@ -162,4 +164,28 @@ export async function waitOnline(env: Record<string, string>, id: string, want =
     const ls = cliJson<Array<{ id: string; online: boolean }>>(await cli(["device", "ls", "--json"], env));
     return ls.find((d) => d.id === id)?.online === want;
   });
+}
+
+/** Changes a data directory's server.json (the server reads it at start). */
+export function editServerConfig(dir: string, edit: (cfg: Record<string, any>) => void): void {
+  const file = join(dir, "server.json");
+  const cfg = JSON.parse(readFileSync(file, "utf8"));
+  edit(cfg);
+  writeFileSync(file, JSON.stringify(cfg), { mode: 0o600 });
+}
+
+/** Adds an operator account (with a fresh signing key) to a data directory's server.json. */
+export async function addOperator(dir: string, username: string, password: string) {
+  const key = generateSigningKey();
+  const passwordHash = await hashPassword(password);
+  editServerConfig(dir, (cfg) => {
+    cfg.operators.push({
+      username,
+      passwordHash,
+      keyId: key.keyId,
+      publicKey: key.publicKeyPem,
+      brokerHash: mosquittoHash(password),
+    });
+  });
+  return key;
 }
