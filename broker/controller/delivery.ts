@@ -377,6 +377,20 @@ export class Delivery {
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
       if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.c.onFinished?.(s.jobId ?? "");
     }
+    // A job the controller already ended here (withdrawn by an aborted rollout, timed out)
+    // that reaches the device anyway — a copy the broker queued for it while it was offline —
+    // is cancelled as soon as the device says it has it (M14).
+    const late = [...touched.values()].filter(
+      (a) => a.closed && fresh.some((s) => s.jobId === a.jobId && !TERMINAL_STATES.has(s.state ?? 0)),
+    );
+    for (const a of late) {
+      this.c.counters.inc("late_deliveries_canceled");
+      this.c.publish(
+        deviceTopic(this.c.prefix, deviceId, "ctl"),
+        encodeEnvelope({ cancel: { jobId: a.jobId, reason: a.message || "ended by the controller" } }),
+        1,
+      );
+    }
   }
 
   /** Cancels a job: withdraws what was not delivered, tells devices to cancel the rest. */

@@ -169,4 +169,18 @@ describe("payload limits", () => {
     await reject(30_001, mine);
     expect((await store.assignments.get(asgKey("dev-1", job.id)))!.state).toBe(TaskState.REJECTED);
   });
+
+  it("a withdrawn job that reaches the device anyway (a copy the broker kept) is cancelled at once (M14)", async () => {
+    const job = bigJob("01JOBFFFFFFFFFFFFFFFFFFFFF", 100);
+    await delivery.submit(job);
+    const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
+    await delivery.close(job, [a], TaskState.CANCELED, "aborted", "rollout aborted");
+    sent.length = 0;
+    await delivery.onStatusBatch("dev-1", [
+      { seq: 40_000, jobId: job.id, taskId: "", state: TaskState.QUEUED },
+    ]);
+    const cancels = sent.map((m) => decodeEnvelope(m.payload).cancel).filter(Boolean);
+    expect(cancels).toEqual([expect.objectContaining({ jobId: job.id, reason: "rollout aborted" })]);
+    expect(counters.get("late_deliveries_canceled")).toBe(1);
+  });
 });
