@@ -33,6 +33,10 @@ RestartSec=5
 # Stopping the agent also stops what its shell tasks started.
 KillMode=control-group
 TimeoutStopSec=20
+# Logs go to the journal (bounded by journald's SystemMaxUse); a task or device in a loop cannot
+# flood it either.
+LogRateLimitIntervalSec=30s
+LogRateLimitBurst=2000
 
 [Install]
 WantedBy=multi-user.target

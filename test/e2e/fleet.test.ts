@@ -282,6 +282,9 @@ describe("fleet end to end", () => {
     expect(readFileSync(join(root, "etc", "systemd", "system", "fleet-agent.service"), "utf8")).toContain(
       "ExecStart=/opt/fleet-agent/run --root /",
     );
+    expect(readFileSync(join(root, "etc", "systemd", "system", "fleet-agent.service"), "utf8")).toContain(
+      "LogRateLimitBurst=",
+    );
     for (const arch of ["linux-x64", "linux-arm64", "linux-arm"])
       expect(existsSync(join(root, "opt", "fleet-agent", "prebuilds", arch))).toBe(true);
     roots.set("gw-tar", root);
