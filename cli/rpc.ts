@@ -2,6 +2,7 @@
 // timeouts, and exit code 3 with a one-line reason when the server cannot be reached.
 import { randomBytes } from "node:crypto";
 import mqtt, { type MqttClient } from "mqtt";
+import { settlesWithin } from "../common/timeout.js";
 import {
   api,
   formatIssues,
@@ -191,8 +192,13 @@ export class RpcClient {
     }
   }
 
+  /**
+   * Bounded: a graceful end waits for un-acknowledged QoS 1 publishes, which never settle once
+   * the server is gone (found by the crash campaign: a CLI whose server died mid-request hung
+   * here for ever).
+   */
   async close(): Promise<void> {
-    await this.client.endAsync().catch(() => {});
+    if (!(await settlesWithin(this.client.endAsync(), 2000))) this.client.end(true);
   }
 }
 

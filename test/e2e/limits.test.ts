@@ -3,6 +3,8 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, expect, it } from "vitest";
+import { loadContext } from "../../cli/context.js";
+import { RpcClient } from "../../cli/rpc.js";
 import { cli, cliJson, editServerConfig, type ServerProcess, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
@@ -57,3 +59,16 @@ it("a job whose device view is far over the payload limit: a clear error, and th
   expect(metrics).toMatch(/fleet_events_total\{name="rpc_reply_too_large"\} 2/);
   expect(metrics).not.toContain('name="payload_too_large"');
 }, 60_000);
+
+it("a CLI whose server stops answering mid-request still exits (close is bounded)", async () => {
+  const rpc = await RpcClient.open(loadContext({ context: env.FLEET_CONTEXT }));
+  server.proc.kill("SIGSTOP"); // the connection stays open; nothing answers, not even a PUBACK
+  try {
+    await expect(rpc.call("device.ls", {}, 1000)).rejects.toThrow(/no answer/);
+    const t0 = performance.now();
+    await rpc.close();
+    expect(performance.now() - t0).toBeLessThan(10_000); // 2 s grace; unbounded before
+  } finally {
+    server.proc.kill("SIGCONT");
+  }
+}, 30_000);
