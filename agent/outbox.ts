@@ -50,8 +50,14 @@ export class OutboxSender {
   }
 
   async onAck(upTo: number): Promise<void> {
+    const before = this.o.store.lastAckedSeq;
     await this.o.store.ack(upTo);
-    this.lastProgressAt = Date.now();
+    if (upTo > before) this.lastProgressAt = Date.now();
+    else if (upTo === before && this.sentUpTo > before) {
+      // The controller applies seqs only in order: an ack that does not move while more is
+      // out means it is waiting for the next one (lost with a connection): go back to it.
+      this.sentUpTo = before;
+    }
     if (this.sentUpTo < this.o.store.lastAckedSeq) this.sentUpTo = this.o.store.lastAckedSeq;
     this.flush();
   }
@@ -88,8 +94,8 @@ export class OutboxSender {
         batch.push(s);
         bytes += size;
       }
-      if (!this.o.publish(encodeEnvelope({ statusBatch: { statuses: batch, epoch: this.o.store.epoch } })))
-        return;
+      const body = { statuses: batch, epoch: this.o.store.epoch, ackedSeq: this.o.store.lastAckedSeq };
+      if (!this.o.publish(encodeEnvelope({ statusBatch: body }))) return;
       this.sentUpTo = batch[batch.length - 1]!.seq!;
     }
   }

@@ -250,6 +250,7 @@ export class Controller {
           t.deviceId,
           env.statusBatch!.statuses ?? [],
           env.statusBatch!.epoch ?? "",
+          Number(env.statusBatch!.ackedSeq ?? 0),
         );
       case "syncRequest":
         this.o.registry.seen(t.deviceId, Date.now());

@@ -289,10 +289,10 @@ export class Delivery {
     if (resent) this.c.counters.inc("assignments_resent", resent);
   }
 
-  onStatusBatch(deviceId: string, statuses: TaskStatus[], epoch = ""): Promise<void> {
+  onStatusBatch(deviceId: string, statuses: TaskStatus[], epoch = "", ackedSeq = 0): Promise<void> {
     const prev = this.chains.get(deviceId) ?? Promise.resolve();
     const next = prev
-      .then(() => this.apply(deviceId, statuses, epoch))
+      .then(() => this.apply(deviceId, statuses, epoch, ackedSeq))
       .catch((err) => {
         this.c.counters.inc("status_apply_failed");
         this.c.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
@@ -304,7 +304,18 @@ export class Delivery {
     return next;
   }
 
-  private async apply(deviceId: string, statuses: TaskStatus[], epoch: string): Promise<void> {
+  /**
+   * Applies a batch strictly in seq order (go-back-N): a status is applied only when it is the
+   * next one; at a gap (the statuses before it were lost with a connection) the rest is left
+   * for the agent to send again, and the ack says where the controller is. Acknowledging past
+   * a gap would make the agent delete statuses never applied (found by the crash campaign).
+   */
+  private async apply(
+    deviceId: string,
+    statuses: TaskStatus[],
+    epoch: string,
+    ackedSeq: number,
+  ): Promise<void> {
     const { store } = this.c;
     const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
     const known = typeof rec === "number" ? { epoch: "", seq: rec } : rec;
@@ -321,7 +332,12 @@ export class Delivery {
       }
       last = 0;
     }
-    const start = last;
+    if (ackedSeq > last) {
+      // The agent no longer has anything up to ackedSeq (our state was restored or reset).
+      this.c.counters.inc("seq_fast_forward");
+      last = ackedSeq;
+    }
+    const start = known.seq;
     const touched = new Map<string, Assignment>();
     const fresh: TaskStatus[] = [];
     for (const s of statuses) {
@@ -329,6 +345,10 @@ export class Delivery {
       if (seq <= last) {
         this.c.counters.inc("statuses_duplicate");
         continue;
+      }
+      if (seq !== last + 1) {
+        this.c.counters.inc("statuses_out_of_order");
+        break;
       }
       last = seq;
       fresh.push(s);
@@ -359,7 +379,7 @@ export class Delivery {
       applyStatus(a, boundStatus(s, STATUS_BYTES), this.c.now());
       touched.set(key, a);
     }
-    if (last > start || newEpoch) {
+    if (last !== start || newEpoch) {
       const ops: Op[] = [...touched.values()].map((a) =>
         store.put(store.assignments, asgKey(a.deviceId, a.jobId), a),
       );

@@ -41,6 +41,10 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
+/** dev-1's statuses must come in seq order (the controller applies them go-back-N). */
+let seq = 0;
+const nextSeq = () => ++seq;
+
 function bigJob(id: string, bytes: number): JobRecord {
   const signed = pb.SignedJob.encode({
     spec: Buffer.alloc(bytes, 7),
@@ -120,7 +124,7 @@ describe("payload limits", () => {
     const job = bigJob("01JOBDDDDDDDDDDDDDDDDDDDDD", 100);
     await delivery.submit(job);
     const statuses = Array.from({ length: 1000 }, (_, i) => ({
-      seq: 10_000 + i,
+      seq: nextSeq(),
       jobId: job.id,
       taskId: `made-up-${i}`,
       state: TaskState.RUNNING,
@@ -128,7 +132,7 @@ describe("payload limits", () => {
     }));
     await delivery.onStatusBatch("dev-1", [
       ...statuses,
-      { seq: 20_000, jobId: job.id, taskId: "t", state: TaskState.RUNNING },
+      { seq: nextSeq(), jobId: job.id, taskId: "t", state: TaskState.RUNNING },
     ]);
     const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
     expect(Object.keys(a.tasks)).toEqual(["t"]);
@@ -152,10 +156,10 @@ describe("payload limits", () => {
     const job = bigJob("01JOBEEEEEEEEEEEEEEEEEEEEE", 100);
     await delivery.submit(job);
     const mine = specDigest(pb.SignedJob.decode(Buffer.from(job.signed, "base64")));
-    const reject = (seq: number, digest: string) =>
+    const reject = (digest: string) =>
       delivery.onStatusBatch("dev-1", [
         {
-          seq,
+          seq: nextSeq(),
           jobId: job.id,
           taskId: "",
           state: TaskState.REJECTED,
@@ -163,10 +167,10 @@ describe("payload limits", () => {
           specDigest: digest,
         },
       ]);
-    await reject(30_000, "0".repeat(64)); // a forged job claiming this id
+    await reject("0".repeat(64)); // a forged job claiming this id
     expect((await store.assignments.get(asgKey("dev-1", job.id)))!.state).not.toBe(TaskState.REJECTED);
     expect(counters.get("rejections_of_other_bytes")).toBe(1);
-    await reject(30_001, mine);
+    await reject(mine);
     expect((await store.assignments.get(asgKey("dev-1", job.id)))!.state).toBe(TaskState.REJECTED);
   });
 
@@ -177,10 +181,54 @@ describe("payload limits", () => {
     await delivery.close(job, [a], TaskState.CANCELED, "aborted", "rollout aborted");
     sent.length = 0;
     await delivery.onStatusBatch("dev-1", [
-      { seq: 40_000, jobId: job.id, taskId: "", state: TaskState.QUEUED },
+      { seq: nextSeq(), jobId: job.id, taskId: "", state: TaskState.QUEUED },
     ]);
     const cancels = sent.map((m) => decodeEnvelope(m.payload).cancel).filter(Boolean);
     expect(cancels).toEqual([expect.objectContaining({ jobId: job.id, reason: "rollout aborted" })]);
     expect(counters.get("late_deliveries_canceled")).toBe(1);
+  });
+
+  it("applies statuses only in seq order: at a gap the rest waits, and the ack stays before it", async () => {
+    const job = bigJob("01JOBGGGGGGGGGGGGGGGGGGGGG", 100);
+    await delivery.submit(job);
+    const s1 = nextSeq();
+    const s2 = nextSeq();
+    const s3 = nextSeq();
+    sent.length = 0;
+    // s1 was lost with a connection; s2 and s3 arrive: nothing applied, ack stays at s1 - 1.
+    await delivery.onStatusBatch("dev-1", [
+      { seq: s2, jobId: job.id, taskId: "t", state: TaskState.RUNNING },
+      { seq: s3, jobId: job.id, taskId: "t", state: TaskState.SUCCEEDED },
+    ]);
+    const ack = () =>
+      sent
+        .map((m) => decodeEnvelope(m.payload).statusAck)
+        .filter(Boolean)
+        .at(-1)!;
+    expect(Number(ack().upToSeq)).toBe(s1 - 1);
+    expect((await store.assignments.get(asgKey("dev-1", job.id)))!.tasks.t).toBeUndefined();
+    expect(counters.get("statuses_out_of_order")).toBeGreaterThanOrEqual(1);
+    // The agent goes back and sends all three: applied in order.
+    await delivery.onStatusBatch("dev-1", [
+      { seq: s1, jobId: job.id, taskId: "", state: TaskState.QUEUED },
+      { seq: s2, jobId: job.id, taskId: "t", state: TaskState.RUNNING },
+      { seq: s3, jobId: job.id, taskId: "t", state: TaskState.SUCCEEDED },
+    ]);
+    expect(Number(ack().upToSeq)).toBe(s3);
+    expect((await store.assignments.get(asgKey("dev-1", job.id)))!.tasks.t?.state).toBe(TaskState.SUCCEEDED);
+  });
+
+  it("fast-forwards to what the agent says it no longer has (its acked seq)", async () => {
+    const job = bigJob("01JOBHHHHHHHHHHHHHHHHHHHHH", 100);
+    await delivery.submit(job);
+    seq += 50; // statuses the agent had acknowledged by a controller whose state was lost
+    await delivery.onStatusBatch(
+      "dev-1",
+      [{ seq: nextSeq(), jobId: job.id, taskId: "", state: TaskState.QUEUED }],
+      "",
+      seq - 1,
+    );
+    expect((await store.assignments.get(asgKey("dev-1", job.id)))!.acked).toBe(true);
+    expect(counters.get("seq_fast_forward")).toBe(1);
   });
 });
