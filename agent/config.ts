@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import { z } from "zod";
+import { bullets, formatIssues } from "../common/issues.js";
 import { DEFAULT_MAX_PAYLOAD } from "../proto/envelope.js";
 import { DEFAULT_PREFIX, DEVICE_ID_RE } from "../proto/topics.js";
 
@@ -88,15 +89,6 @@ export class ConfigError extends Error {
 }
 
 /** Problems as an indented list, one per line. */
-export function bullets(problems: readonly string[]): string {
-  return problems.map((p) => `  - ${p}`).join("\n");
-}
-
-/** Every problem in one list, each as `path: message`. */
-export function formatIssues(issues: readonly z.core.$ZodIssue[]): string[] {
-  return issues.map((i) => `${i.path.length ? i.path.join(".") : "(root)"}: ${i.message}`);
-}
-
 export function parseAgentConfig(raw: unknown, root: string, file = "<config>"): AgentConfig {
   const r = agentConfigSchema.safeParse(raw);
   if (!r.success) throw new ConfigError(file, formatIssues(r.error.issues));

@@ -5,8 +5,8 @@ import { EventEmitter } from "node:events";
 import { readFileSync } from "node:fs";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
+import type { Counters } from "../common/counters.js";
 import { settlesWithin } from "../common/timeout.js";
-import type { Counters } from "./counters.js";
 
 export interface BackoffOptions {
   minMs: number;

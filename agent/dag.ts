@@ -1,52 +1,5 @@
 // Task graph checks and trigger rules (DESIGN.md §5).
-import { FAILED_STATES, type TaskSpec, TaskState, TERMINAL_STATES, Trigger } from "../proto/index.js";
-
-export const JOB_DEP_PREFIX = "job:";
-
-export type GraphProblem = {
-  reason: "duplicate_task_id" | "unknown_dependency" | "dependency_cycle";
-  message: string;
-};
-
-/** Finds duplicate ids, unknown in-job dependencies and cycles. Cross-job deps are not checked here. */
-export function checkGraph(tasks: readonly TaskSpec[]): GraphProblem | undefined {
-  const ids = new Set<string>();
-  for (const t of tasks) {
-    if (!t.id) return { reason: "duplicate_task_id", message: "a task has no id" };
-    if (ids.has(t.id)) return { reason: "duplicate_task_id", message: `task id ${t.id} appears twice` };
-    ids.add(t.id);
-  }
-  const deps = new Map<string, string[]>();
-  for (const t of tasks) {
-    const inJob = (t.dependsOn ?? []).filter((d) => !d.startsWith(JOB_DEP_PREFIX));
-    for (const d of inJob)
-      if (!ids.has(d))
-        return { reason: "unknown_dependency", message: `task ${t.id} depends on unknown task ${d}` };
-    deps.set(t.id!, inJob);
-  }
-  // Iterative DFS with colors; reports the cycle path.
-  const color = new Map<string, 0 | 1 | 2>();
-  for (const start of ids) {
-    if (color.get(start)) continue;
-    const stack: Array<{ id: string; i: number }> = [{ id: start, i: 0 }];
-    color.set(start, 1);
-    while (stack.length) {
-      const top = stack[stack.length - 1]!;
-      const next = deps.get(top.id)![top.i++];
-      if (next === undefined) {
-        color.set(top.id, 2);
-        stack.pop();
-      } else if (color.get(next) === 1) {
-        const path = stack.slice(stack.findIndex((f) => f.id === next)).map((f) => f.id);
-        return { reason: "dependency_cycle", message: `dependency cycle: ${[...path, next].join(" -> ")}` };
-      } else if (!color.get(next)) {
-        color.set(next, 1);
-        stack.push({ id: next, i: 0 });
-      }
-    }
-  }
-  return undefined;
-}
+import { FAILED_STATES, TaskState, TERMINAL_STATES, Trigger } from "../proto/index.js";
 
 export type TriggerDecision =
   | { kind: "ready" }

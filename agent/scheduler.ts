@@ -13,6 +13,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Logger } from "pino";
+import type { Counters } from "../common/counters.js";
 import { truncateOutput } from "../common/output.js";
 import {
   TaskCanceledError,
@@ -22,10 +23,10 @@ import {
 } from "../firmware-tasks/errors.js";
 import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { type DecodedTask as TaskSpec, TaskState, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
+import { JOB_DEP_PREFIX } from "../proto/jobspec.js";
 import type { TrustedClock } from "./clock.js";
-import type { Counters } from "./counters.js";
 import { CronMatcher } from "./cron.js";
-import { deriveJobState, evaluateTrigger, JOB_DEP_PREFIX } from "./dag.js";
+import { deriveJobState, evaluateTrigger } from "./dag.js";
 import { checkRequirements, type Facts } from "./facts.js";
 import type { AgentStore, ExecutionRecord, JobRecord, TaskRun } from "./store.js";
 import type { Spec } from "./verify.js";

@@ -10,10 +10,10 @@
 //                                                                   re-measures; sends are idempotent.
 import { randomBytes } from "node:crypto";
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
+import { GroupCommit } from "../common/group-commit.js";
 import { boundStatus } from "../common/output.js";
 import type { KeyValue } from "../firmware-tasks/types.js";
 import { pb, type TaskStatus } from "../proto/index.js";
-import { GroupCommit } from "./group-commit.js";
 
 export interface TaskRun {
   state: number; // pb TaskState

@@ -3,11 +3,11 @@
 import type { KeyObject } from "node:crypto";
 import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import type { DecodedJobSpec, JobAssignment } from "../proto/index.js";
+import { checkGraph } from "../proto/jobspec.js";
 import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import { type SignatureCheck, verifySignedJob } from "../proto/signing.js";
 import type { TrustedClock } from "./clock.js";
 import { cronProblem } from "./cron.js";
-import { checkGraph } from "./dag.js";
 import { REQUIREMENT_OPS } from "./facts.js";
 
 export type RejectReason =

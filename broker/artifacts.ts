@@ -10,7 +10,7 @@ import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
-import type { Counters } from "../agent/counters.js";
+import type { Counters } from "../common/counters.js";
 import { ApiError, cursor, DEFAULT_PAGE, fillPage, MAX_PAGE } from "../proto/api.js";
 import { decodeJobSpec, pb, TERMINAL_STATES } from "../proto/index.js";
 import { verifyManifest } from "../proto/signing.js";

@@ -8,7 +8,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { z } from "zod";
-import { bullets, formatIssues } from "../agent/config.js";
+import { bullets, formatIssues } from "../common/issues.js";
 import { DEFAULT_PREFIX } from "../proto/topics.js";
 
 export const serverConfigSchema = z

@@ -17,7 +17,7 @@ import { Aedes, type Client } from "aedes";
 import type { Logger } from "pino";
 import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom-client";
 import { createWebSocketStream, WebSocketServer } from "ws";
-import { Counters } from "../agent/counters.js";
+import { Counters } from "../common/counters.js";
 import { writeFileAtomic } from "../common/files.js";
 import { isLoopback } from "../common/net.js";
 import { settlesWithin } from "../common/timeout.js";

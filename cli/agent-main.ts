@@ -1,6 +1,6 @@
 // Entry point of the flashed, self-contained agent bundle (opt/fleet-agent/agent.cjs).
 import { Command, CommanderError } from "commander";
-import { AGENT_VERSION } from "../agent/version.js";
+import { AGENT_VERSION } from "../common/version.js";
 import { registerAgent } from "./agent.js";
 import { CliError, EXIT } from "./exit.js";
 

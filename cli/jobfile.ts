@@ -3,9 +3,9 @@ import { readFileSync } from "node:fs";
 import { ulid } from "ulid";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
-import { bullets, formatIssues } from "../agent/config.js";
-import { checkGraph } from "../agent/dag.js";
+import { bullets, formatIssues } from "../common/issues.js";
 import { type JobSpec, OnUnmet, Trigger } from "../proto/index.js";
+import { checkGraph } from "../proto/jobspec.js";
 import { CliError, EXIT } from "./exit.js";
 import { parseDuration } from "./format.js";
 

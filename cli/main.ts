@@ -1,5 +1,5 @@
 import { Command, CommanderError } from "commander";
-import { AGENT_VERSION } from "../agent/version.js";
+import { AGENT_VERSION } from "../common/version.js";
 import { registerAcl } from "./acl.js";
 import { registerAgent } from "./agent.js";
 import { registerArtifact } from "./artifact.js";

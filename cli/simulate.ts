@@ -10,7 +10,7 @@ import type { Command } from "commander";
 import pino from "pino";
 import { Agent } from "../agent/agent.js";
 import { parseAgentConfig } from "../agent/config.js";
-import { GroupCommit } from "../agent/group-commit.js";
+import { GroupCommit } from "../common/group-commit.js";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { TaskHandler } from "../firmware-tasks/types.js";

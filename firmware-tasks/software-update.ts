@@ -16,9 +16,9 @@ import { mkdir, open, readdir, readlink, rename, rm, stat, symlink } from "node:
 import { isAbsolute, join } from "node:path";
 import { extract as extractTar } from "tar";
 import { z } from "zod";
-import { compareValues } from "../agent/facts.js";
 import { fsyncPath, fsyncTree } from "../common/files.js";
 import { pb } from "../proto/index.js";
+import { compareValues } from "../proto/jobspec.js";
 import { type Manifest, verifyManifest } from "../proto/signing.js";
 import { TaskFailedError, UnrecoverableError } from "./errors.js";
 import { pathAllowed, taskEnv, underRoot } from "./paths.js";

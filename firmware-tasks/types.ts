@@ -3,7 +3,9 @@ import type { KeyObject } from "node:crypto";
 import type { Logger } from "pino";
 import type { z } from "zod";
 
-export type FactValue = string | number | boolean;
+import type { FactValue } from "../proto/jobspec.js";
+
+export type { FactValue };
 
 /** The agent's durable key-value store, as handlers see it. */
 export interface KeyValue {

@@ -2,8 +2,7 @@
 // given its parsed params. Lists are paged and every page fits the payload limit.
 import { X509Certificate } from "node:crypto";
 import { ulid } from "ulid";
-import { checkGraph } from "../../agent/dag.js";
-import { AGENT_VERSION } from "../../agent/version.js";
+import { AGENT_VERSION } from "../../common/version.js";
 import {
   ApiError,
   cursor,
@@ -15,6 +14,7 @@ import {
 } from "../../proto/api.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import { pb, stateName } from "../../proto/index.js";
+import { checkGraph } from "../../proto/jobspec.js";
 import { parseSelector, SelectorError } from "../../proto/selector.js";
 import { verifySignedJob } from "../../proto/signing.js";
 import type { ServerConfig } from "../config.js";

@@ -4,7 +4,7 @@
 import { createPublicKey, type KeyObject } from "node:crypto";
 import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
-import { Counters } from "../../agent/counters.js";
+import { Counters } from "../../common/counters.js";
 import { settlesWithin } from "../../common/timeout.js";
 import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";

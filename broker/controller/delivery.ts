@@ -2,7 +2,7 @@
 // a device has not acknowledged on every SyncRequest; apply StatusBatches idempotently by seq,
 // persist, then StatusAck; aggregate task and job states per device and per job.
 import type { Logger } from "pino";
-import type { Counters } from "../../agent/counters.js";
+import type { Counters } from "../../common/counters.js";
 import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import { pb, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";

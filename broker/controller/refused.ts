@@ -5,7 +5,7 @@
 // after connection dies right after it was (re)sent, and drops that one message.
 import type { MqttClient } from "mqtt";
 import type { Logger } from "pino";
-import type { Counters } from "../../agent/counters.js";
+import type { Counters } from "../../common/counters.js";
 
 interface StoredPacket {
   messageId?: number;

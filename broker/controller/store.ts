@@ -4,7 +4,7 @@
 // from disk when needed.
 import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
-import { GroupCommit } from "../../agent/group-commit.js";
+import { GroupCommit } from "../../common/group-commit.js";
 
 export interface DeviceRecord {
   id: string;

@@ -8,7 +8,7 @@ import { request } from "node:http";
 import { join } from "node:path";
 import mqtt, { type MqttClient } from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { Counters } from "../../agent/counters.js";
+import type { Counters } from "../../common/counters.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
 import { signRpcCall } from "../../proto/rpc.js";

@@ -3,10 +3,10 @@
 import { generateKeyPairSync } from "node:crypto";
 import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Counters } from "../../agent/counters.js";
 import { Delivery } from "../../broker/controller/delivery.js";
 import { boundedFacts, Registry } from "../../broker/controller/registry.js";
 import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller/store.js";
+import { Counters } from "../../common/counters.js";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
 import { signRpcCall, verifyRpcRequest } from "../../proto/rpc.js";

@@ -3,8 +3,8 @@
 // a few connections, counted, and the messages behind it get through.
 import mqtt from "mqtt";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { Counters } from "../../agent/counters.js";
 import { dropRefusedPublishes } from "../../broker/controller/refused.js";
+import { Counters } from "../../common/counters.js";
 import { startBroker, type TestBroker } from "../helpers/broker.js";
 import { quietLog } from "../helpers/harness.js";
 

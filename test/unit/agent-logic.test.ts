@@ -3,9 +3,10 @@ import { TrustedClock } from "../../agent/clock.js";
 import { ConfigError, parseAgentConfig } from "../../agent/config.js";
 import { backoffDelay } from "../../agent/connection.js";
 import { CronMatcher, cronProblem } from "../../agent/cron.js";
-import { checkGraph, deriveJobState, evaluateTrigger } from "../../agent/dag.js";
-import { checkRequirements, compareValues } from "../../agent/facts.js";
+import { deriveJobState, evaluateTrigger } from "../../agent/dag.js";
+import { checkRequirements } from "../../agent/facts.js";
 import { OnUnmet, TaskState as S, Trigger } from "../../proto/index.js";
+import { checkGraph, compareValues } from "../../proto/jobspec.js";
 
 const t = (id: string, dependsOn: string[] = []) => ({ id, type: "noop", dependsOn });
 
