@@ -68,17 +68,32 @@ export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
   return asgs.every((a) => a.state === TaskState.SUCCEEDED) ? "SUCCEEDED" : "FAILED";
 }
 
-/** How many of a job's devices are where (a summary that stays small at any fleet size). */
-export function jobCounts(job: JobRecord, asgs: readonly Assignment[]) {
-  const c = { total: job.devices.length, pending: 0, running: 0, succeeded: 0, failed: 0, canceled: 0 };
+/** A device's outcome that counts as a failure (for counts, rollout thresholds, failure lists). */
+export const FAILED = new Set<number>([
+  TaskState.FAILED,
+  TaskState.TIMED_OUT,
+  TaskState.REJECTED,
+  TaskState.SKIPPED,
+]);
+
+/** Where assignments are: one tally for a job's counts and a rollout's. */
+export function tally(asgs: readonly Assignment[]) {
+  const c = { pending: 0, running: 0, succeeded: 0, failed: 0, canceled: 0, timedOut: 0 };
   for (const a of asgs) {
     if (a.state === TaskState.SUCCEEDED) c.succeeded++;
-    else if (a.state === TaskState.CANCELED) c.canceled++;
-    else if (TERMINAL_STATES.has(a.state)) c.failed++;
+    else if (FAILED.has(a.state)) {
+      c.failed++;
+      if (a.state === TaskState.TIMED_OUT) c.timedOut++;
+    } else if (a.state === TaskState.CANCELED) c.canceled++;
     else if (a.acked) c.running++;
     else c.pending++;
   }
   return c;
+}
+
+/** How many of a job's devices are where (a summary that stays small at any fleet size). */
+export function jobCounts(job: JobRecord, asgs: readonly Assignment[]) {
+  return { total: job.devices.length, ...tally(asgs) };
 }
 
 /**

@@ -7,12 +7,10 @@ import type { Logger } from "pino";
 import { ApiError, RpcErrorCode } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { matchesSelector, parseSelector } from "../../proto/selector.js";
-import type { Delivery } from "./delivery.js";
+import { type Delivery, FAILED, tally } from "./delivery.js";
 import type { Registry } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
-
-export const FAILED = new Set<number>([TaskState.FAILED, TaskState.TIMED_OUT, TaskState.REJECTED]);
 
 export interface TelemetrySample {
   at: number;
@@ -110,22 +108,9 @@ function holds(v: number, op: string, want: number): boolean {
 }
 
 export function counts(r: RolloutRecord, asgs: readonly Assignment[]) {
-  let pending = r.pool.length - asgs.length;
-  let running = 0;
-  let succeeded = 0;
-  let failed = 0;
-  let canceled = 0;
-  let timedOut = 0;
-  for (const a of asgs) {
-    if (a.state === TaskState.SUCCEEDED) succeeded++;
-    else if (FAILED.has(a.state)) {
-      failed++;
-      if (a.state === TaskState.TIMED_OUT) timedOut++;
-    } else if (a.state === TaskState.CANCELED) canceled++;
-    else if (a.acked) running++;
-    else pending++;
-  }
-  return { total: r.pool.length, pending, running, succeeded, failed, canceled, timedOut };
+  const t = tally(asgs);
+  // Devices of the pool not assigned yet (later waves) are pending too.
+  return { total: r.pool.length, ...t, pending: t.pending + r.pool.length - asgs.length };
 }
 
 export class Rollouts {

@@ -41,23 +41,24 @@ function operatorAuth(): Record<string, string> {
   return { authorization: `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}` };
 }
 
+/** `fleet run software-update` of app `version` into opt/app on `device`. */
+const updateArgs = (device: string, version: string, ...more: string[]) => [
+  "run",
+  "software-update",
+  "--param",
+  "artifact=app",
+  "--param",
+  `version=${version}`,
+  "--param",
+  "target=opt/app",
+  "--device",
+  device,
+  ...more,
+];
+
 async function send(version: string): Promise<string> {
   const r = await cli(
-    [
-      "run",
-      "software-update",
-      "--param",
-      "artifact=app",
-      "--param",
-      `version=${version}`,
-      "--param",
-      "target=opt/app",
-      "--param",
-      'healthCheck={"command":["./health.sh"]}',
-      "--device",
-      DEV,
-      "--json",
-    ],
+    updateArgs(DEV, version, "--param", 'healthCheck={"command":["./health.sh"]}', "--json"),
     env,
   );
   expect(r.code, r.stderr).toBe(0);
@@ -218,19 +219,7 @@ describe("artifacts", () => {
     const a = startAgent(dev.root);
     try {
       await waitOnline(env, "upd-twice");
-      const run = await cli(
-        [
-          "run",
-          "software-update",
-          "--param",
-          "artifact=app",
-          "--param",
-          "version=5.0.1",
-          "--param",
-          "target=opt/app",
-        ].concat(["--device", "upd-twice", "--wait", "--json"]),
-        env,
-      );
+      const run = await cli(updateArgs("upd-twice", "5.0.1", "--wait", "--json"), env);
       expect(run.code, run.stdout).toBe(0);
       expect(readlinkSync(join(dev.root, "opt/app/current"))).toBe("releases/5.0.1");
     } finally {
@@ -253,23 +242,7 @@ describe("artifacts", () => {
     const a = startAgent(tls.root);
     try {
       await waitOnline(env, "upd-tls");
-      const r = await cli(
-        [
-          "run",
-          "software-update",
-          "--param",
-          "artifact=app",
-          "--param",
-          "version=1.0.0",
-          "--param",
-          "target=opt/app",
-          "--device",
-          "upd-tls",
-          "--wait",
-          "--json",
-        ],
-        env,
-      );
+      const r = await cli(updateArgs("upd-tls", "1.0.0", "--wait", "--json"), env);
       expect(r.code, r.stdout).toBe(0);
       expect(readlinkSync(join(tls.root, "opt/app/current"))).toBe("releases/1.0.0");
     } finally {
