@@ -14,14 +14,7 @@ import { AGENT_VERSION, BUILD_TIME_FLOOR } from "../common/version.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
-import {
-  decodeJobSpec,
-  type JobAssignment,
-  pb,
-  TaskState,
-  type TaskStatus,
-  type Telemetry,
-} from "../proto/index.js";
+import { decodeJobSpec, type JobAssignment, pb, TaskState, type Telemetry } from "../proto/index.js";
 import { specDigest } from "../proto/signing.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import { httpArtifactSource } from "./artifacts.js";
@@ -30,9 +23,10 @@ import { type AgentConfig, rootPath } from "./config.js";
 import { Connection } from "./connection.js";
 import type { Facts } from "./facts.js";
 import { createLogger } from "./log.js";
-import { OutboxSender } from "./outbox.js";
+import type { Outbox } from "./outbox.js";
 import { Scheduler } from "./scheduler.js";
-import { AgentStore, type Db, type JobRecord } from "./store.js";
+import { jobStatus } from "./status.js";
+import { AgentStore, type Db, type StoredJob } from "./store.js";
 import { dryRunSystem, realSystem } from "./system.js";
 import { collectFacts, collectTelemetry } from "./telemetry.js";
 import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
@@ -80,7 +74,7 @@ export class Agent {
   private readonly trustedKeys: Map<string, KeyObject>;
   private readonly policy: TaskPolicy;
   private readonly connection: Connection;
-  private readonly outbox: OutboxSender;
+  private readonly outbox: Outbox;
   private facts: Facts;
   private timers: NodeJS.Timeout[] = [];
   private stateTimer: NodeJS.Timeout | undefined;
@@ -134,17 +128,9 @@ export class Agent {
       trustedKeys: this.trustedKeys,
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,
-      onStatuses: () => {
-        this.outbox.flush();
-        this.publishStateSoon();
-      },
+      onChange: () => this.publishStateSoon(),
     });
-    this.outbox = new OutboxSender({
-      store: this.store,
-      log: this.log.child({ component: "outbox" }),
-      publish: (payload) => this.publish("status", payload, 1),
-      maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
-    });
+    this.outbox = this.store.outbox;
     this.connection = new Connection({
       brokers: this.cfg.brokers,
       clientId: this.cfg.deviceId,
@@ -189,7 +175,11 @@ export class Agent {
     await this.scheduler.load((r) => this.decodeRecord(r));
     await this.refreshFacts();
     this.scheduler.start();
-    this.outbox.start();
+    this.outbox.start({
+      log: this.log.child({ component: "outbox" }),
+      publish: (payload) => this.publish("status", payload, 1),
+      maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
+    });
     this.connection.start();
     this.timers.push(setInterval(() => void this.refreshFacts(), FACTS_REFRESH_MS));
     if (this.cfg.telemetryIntervalS > 0) {
@@ -268,7 +258,7 @@ export class Agent {
     const ids = this.scheduler.jobIds().sort();
     const digest = createHash("sha256").update(ids.join("\n")).digest();
     const body = {
-      lastAckedSeq: this.store.lastAckedSeq,
+      lastAckedSeq: this.outbox.lastAckedSeq,
       knownJobsDigest: digest,
       knownJobCount: ids.length,
       agentVersion: AGENT_VERSION,
@@ -306,7 +296,7 @@ export class Agent {
       case "statusAck": {
         // An ack for another epoch (of this device's previous database) is not ours.
         const epoch = env.statusAck!.epoch ?? "";
-        if (epoch && epoch !== this.store.epoch) return this.drop("other_epoch", `ack for epoch ${epoch}`);
+        if (epoch && epoch !== this.outbox.epoch) return this.drop("other_epoch", `ack for epoch ${epoch}`);
         await this.outbox.onAck(env.statusAck!.upToSeq ?? 0);
         return;
       }
@@ -372,7 +362,7 @@ export class Agent {
       return this.reject(unverifiedJobId(a), sig.reason, sig.message, a.job ? specDigest(a.job) : "");
     const spec = sig.spec;
     const digest = specDigest(a.job!);
-    const existing = this.scheduler.hasJob(spec.jobId);
+    const existing = this.scheduler.job(spec.jobId);
     if (existing) {
       if (existing.digest !== digest) {
         return this.reject(
@@ -384,16 +374,15 @@ export class Agent {
       }
       this.counters.inc("duplicate_deliveries");
       await this.store.commit({ statuses: [this.scheduler.currentJobStatus(spec.jobId)] }, false);
-      this.outbox.flush();
       return;
     }
     const v = checkSpec(a, spec, this.verifyContext());
     if (!v.ok) return this.reject(spec.jobId, v.reason, v.message, digest);
     this.observeTime(spec.issuedAtMs);
-    const record: JobRecord = {
+    const record: StoredJob = {
       jobId: spec.jobId,
       digest,
-      signed: Buffer.from(pb.SignedJob.encode(a.job!).finish()).toString("base64"),
+      signed: pb.SignedJob.encode(a.job!).finish(),
       receivedAt: this.clock.now(),
       expiresAt: spec.expiresAtMs,
       ...(a.rolloutId ? { rolloutId: a.rolloutId } : {}),
@@ -405,23 +394,14 @@ export class Agent {
   private async reject(jobId: string, reason: string, message: string, specDigest: string): Promise<void> {
     this.counters.inc(`rejected_${reason}`);
     this.log.warn({ jobId, reason, message }, "job rejected");
-    const status: TaskStatus = {
-      jobId,
-      taskId: "",
-      state: TaskState.REJECTED,
-      reason,
-      message,
-      specDigest,
-      atMs: this.clock.now(),
-    };
+    const status = jobStatus(jobId, TaskState.REJECTED, message, this.clock.now(), { reason, specDigest });
     await this.store.commit({ statuses: [status] }, true);
-    this.outbox.flush();
   }
 
   /** Re-reads a stored job (its signature was checked when it was accepted). */
-  private decodeRecord(r: JobRecord): { spec: Spec; params: Map<string, unknown> } | undefined {
+  private decodeRecord(r: StoredJob): { spec: Spec; params: Map<string, unknown> } | undefined {
     try {
-      const signed = pb.SignedJob.decode(Buffer.from(r.signed, "base64"));
+      const signed = pb.SignedJob.decode(r.signed);
       const spec = decodeJobSpec(signed.spec);
       const params = new Map<string, unknown>();
       for (const t of spec.tasks) {

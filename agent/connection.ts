@@ -7,18 +7,7 @@ import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 
 import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
 import { settlesWithin } from "../common/timeout.js";
-
-export interface BackoffOptions {
-  minMs: number;
-  maxMs: number;
-  random?: () => number;
-}
-
-/** Full jitter: a uniform delay in [0, min(max, min * 2^attempt)). */
-export function backoffDelay(attempt: number, o: BackoffOptions): number {
-  const cap = Math.min(o.maxMs, o.minMs * 2 ** Math.min(attempt, 30));
-  return Math.floor((o.random ?? Math.random)() * cap);
-}
+import { type BackoffOptions, backoffDelay } from "./retry.js";
 
 export interface ConnectionOptions {
   brokers: string[];

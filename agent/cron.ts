@@ -1,10 +1,11 @@
 // Cron evaluation for maintenance windows and recurring jobs.
 //
-// node-cron parses and matches the expressions (with time zones), but its runner is not used:
-// it reads only the wall clock, and on a forward clock jump it walks every missed slot one by
-// one (years of per-second slots freeze the process). Our driver asks "did a slot pass since
-// the last check?" against the agent's trusted clock, at most once per tick, so a jump in
-// either direction neither bursts nor stops a schedule. See docs/time.md.
+// node-cron validates the expressions users write (the named stack; the CLI and the agent give
+// its detailed messages), but its runner is not used: it reads only the wall clock, and on a
+// forward clock jump it walks every missed slot one by one (years of per-second slots freeze
+// the process). cron-parser computes the previous slot directly, with time zones; our driver
+// asks "did a slot pass since the last check?" against the agent's trusted clock, at most once
+// per tick, so a jump in either direction neither bursts nor stops a schedule. See docs/time.md.
 import { CronExpressionParser } from "cron-parser";
 import cron from "node-cron";
 
@@ -12,7 +13,7 @@ export function cronProblem(expr: string, timezone?: string | null): string | un
   const d = cron.validateDetailed(expr);
   if (!d.valid) return `invalid cron "${expr}": ${d.errors.map((e) => `${e.field} ${e.message}`).join("; ")}`;
   try {
-    CronExpressionParser.parse(expr); // windows are computed with it: it must read the same expression
+    CronExpressionParser.parse(expr); // slots are computed with it: it must read the same expression
   } catch (err) {
     return `invalid cron "${expr}": ${(err as Error).message}`;
   }
@@ -27,27 +28,29 @@ export function cronProblem(expr: string, timezone?: string | null): string | un
 }
 
 export class CronMatcher {
-  private readonly task: ReturnType<typeof cron.createTask>;
-  readonly hasSeconds: boolean;
-
   constructor(
     private readonly expr: string,
     private readonly timezone?: string | null,
-  ) {
-    this.task = cron.createTask(expr, () => {}, timezone ? { timezone } : {});
-    this.hasSeconds = expr.trim().split(/\s+/).length === 6;
-  }
+  ) {}
 
-  matches(ms: number): boolean {
-    return this.task.match(new Date(ms));
+  /** The latest slot at or before `at`; undefined when there is none. */
+  previous(at: number): number | undefined {
+    try {
+      return CronExpressionParser.parse(this.expr, {
+        currentDate: new Date(at + 1),
+        ...(this.timezone ? { tz: this.timezone } : {}),
+      })
+        .prev()
+        .getTime();
+    } catch {
+      return undefined; // no slot before `at` (or none at all)
+    }
   }
 
   /** The latest slot in (after, now], looking back at most `lookbackMs`; undefined if none. */
   latestSlot(after: number, now: number, lookbackMs: number): number | undefined {
-    const step = this.hasSeconds ? 1000 : 60_000;
-    const from = Math.max(after, now - lookbackMs);
-    for (let t = Math.floor(now / step) * step; t > from; t -= step) if (this.matches(t)) return t;
-    return undefined;
+    const slot = this.previous(now);
+    return slot !== undefined && slot > Math.max(after, now - lookbackMs) ? slot : undefined;
   }
 
   /**
@@ -56,20 +59,8 @@ export class CronMatcher {
    * costs what a window of a minute does.
    */
   windowOpen(now: number, durationMs: number): { open: boolean; until?: number } {
-    let slot: number;
-    try {
-      const it = CronExpressionParser.parse(this.expr, {
-        currentDate: new Date(now + 1),
-        ...(this.timezone ? { tz: this.timezone } : {}),
-      });
-      slot = it.prev().getTime();
-    } catch {
-      return { open: false }; // no slot before now (or none at all)
-    }
+    const slot = this.previous(now);
+    if (slot === undefined) return { open: false };
     return now - slot < durationMs ? { open: true, until: slot + durationMs } : { open: false };
-  }
-
-  dispose(): void {
-    void this.task.destroy();
   }
 }

@@ -1,17 +1,26 @@
-// Publishes the durable status outbox (DESIGN.md §4.3): batches in seq order, a bounded window
-// of un-acknowledged statuses in flight, re-send from the last cumulative StatusAck on every
-// reconnect and when acks stop arriving. Entries leave the store only on a StatusAck.
+// The durable status outbox (DESIGN.md §4.3), in one class: statuses get their seq and enter
+// LevelDB here (in the same atomic batch as the state they describe), leave it only on a
+// cumulative StatusAck, and are published in seq order, in batches, with a bounded window of
+// un-acknowledged statuses in flight; re-sent from the last ack on every reconnect and when
+// acks stop arriving.
+import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
+import type { GroupCommit } from "../common/group-commit.js";
+import { boundStatus } from "../common/output.js";
 import { encodeEnvelope } from "../proto/envelope.js";
 import { pb, type TaskStatus } from "../proto/index.js";
-import type { AgentStore } from "./store.js";
 
 const MAX_BATCH_COUNT = 500;
 const WINDOW = 2000;
 const RESEND_AFTER_MS = 15_000;
+/** At most this many un-acknowledged statuses are kept in memory (the rest are read back). */
+const RECENT_MAX = 5000;
 
-export interface OutboxOptions {
-  store: AgentStore;
+type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
+type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
+export type Op = AbstractBatchOperation<Db, string, unknown>;
+
+export interface OutboxSending {
   log: Logger;
   /** Publishes one encoded StatusBatch envelope (QoS 1); false when not connected. */
   publish: (payload: Uint8Array) => boolean;
@@ -19,7 +28,22 @@ export interface OutboxOptions {
   maxBatchBytes: number;
 }
 
-export class OutboxSender {
+const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
+
+export class Outbox {
+  private nextSeq = 1;
+  private ackedSeq = 0;
+  /**
+   * The un-acknowledged statuses committed since `recentFrom`, in seq order: they are sent
+   * from memory instead of read back. Older ones (after a restart, a write failure or more
+   * than RECENT_MAX) come from LevelDB.
+   */
+  private readonly recent = new Map<number, TaskStatus>();
+  private recentFrom = 1;
+  /** This database's epoch (random, made with it): the controller's seq for it starts at 0. */
+  epoch = "";
+
+  private sending: OutboxSending | undefined;
   private sentUpTo = 0;
   private flushing = false;
   private again = false;
@@ -27,9 +51,128 @@ export class OutboxSender {
   private lastProgressAt = Date.now();
   private timer: NodeJS.Timeout | undefined;
 
-  constructor(private readonly o: OutboxOptions) {}
+  constructor(
+    private readonly entries: Sub<Uint8Array>,
+    private readonly meta: Sub<unknown>,
+    private readonly writer: GroupCommit<Op>,
+    /** No status may be larger than this (M1): a batch of one must still fit the payload limit. */
+    private readonly maxStatusBytes: number,
+  ) {}
 
-  start(): void {
+  async open(newEpoch: () => string): Promise<void> {
+    this.epoch = ((await this.meta.get("epoch")) as string | undefined) ?? "";
+    if (!this.epoch) {
+      this.epoch = newEpoch();
+      await this.meta.put("epoch", this.epoch, { sync: true } as never);
+    }
+    this.ackedSeq = ((await this.meta.get("ackedSeq")) as number | undefined) ?? 0;
+    // The next seq is derived from what is on disk, so an unflushed counter can never reuse a seq.
+    let last = this.ackedSeq;
+    for await (const key of this.entries.keys({ reverse: true, limit: 1 }))
+      last = Math.max(last, Number.parseInt(key, 16));
+    const stored = ((await this.meta.get("seq")) as number | undefined) ?? 0;
+    this.nextSeq = Math.max(last, stored) + 1;
+    this.recentFrom = this.nextSeq;
+  }
+
+  get lastAckedSeq(): number {
+    return this.ackedSeq;
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  // ---- the durable part ---------------------------------------------------------------------
+
+  /**
+   * The one entrance: numbers the statuses and writes them with `ops` (the state they
+   * describe) in one atomic batch; once on disk they are sent. Commits are serialized.
+   */
+  append(statuses: readonly TaskStatus[], ops: Op[], sync: boolean): Promise<TaskStatus[]> {
+    const numbered = statuses.map((s) => ({ ...boundStatus(s, this.maxStatusBytes), seq: this.nextSeq++ }));
+    for (const s of numbered)
+      ops.push({
+        type: "put",
+        sublevel: this.entries,
+        key: seqKey(s.seq),
+        value: pb.TaskStatus.encode(s).finish(),
+      });
+    if (numbered.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
+    return this.writer.write(ops, sync).then(
+      () => {
+        for (const st of numbered) this.recent.set(st.seq, st);
+        if (this.recent.size > RECENT_MAX) this.forgetRecent();
+        if (numbered.length) this.flush();
+        return numbered;
+      },
+      (err) => {
+        this.forgetRecent(); // a gap: read from disk until new statuses follow
+        throw err;
+      },
+    );
+  }
+
+  private forgetRecent(): void {
+    this.recent.clear();
+    this.recentFrom = this.nextSeq;
+  }
+
+  /** Drops entries up to `upTo` (a cumulative StatusAck); returns how many. */
+  private async release(upTo: number): Promise<number> {
+    if (upTo <= this.ackedSeq) return 0;
+    const upper = Math.min(upTo, this.lastSeq);
+    const ops: Op[] = [];
+    if (this.ackedSeq + 1 >= this.recentFrom) {
+      // Everything un-acknowledged is in memory: no need to ask LevelDB which keys exist.
+      for (const seq of this.recent.keys()) {
+        if (seq > upper) break;
+        ops.push({ type: "del", sublevel: this.entries, key: seqKey(seq) });
+        this.recent.delete(seq);
+      }
+    } else {
+      // From the last ack on: everything before it is already deleted (and skipping LevelDB's
+      // tombstones of a long outbox history on every ack would make acks quadratic).
+      for await (const key of this.entries.keys({ gt: seqKey(this.ackedSeq), lte: seqKey(upper) }))
+        ops.push({ type: "del", sublevel: this.entries, key });
+      for (const seq of this.recent.keys()) {
+        if (seq > upper) break;
+        this.recent.delete(seq);
+      }
+    }
+    this.ackedSeq = Math.max(this.ackedSeq, upper);
+    ops.push({ type: "put", sublevel: this.meta, key: "ackedSeq", value: this.ackedSeq });
+    await this.writer.write(ops, false);
+    return ops.length - 1;
+  }
+
+  /** Un-acked statuses with seq > `after`, oldest first. */
+  async pending(after: number, limit: number): Promise<TaskStatus[]> {
+    const from = Math.max(after, this.ackedSeq);
+    const out: TaskStatus[] = [];
+    if (from + 1 >= this.recentFrom) {
+      for (const [seq, st] of this.recent) {
+        if (seq <= from) continue;
+        out.push(st);
+        if (out.length >= limit) break;
+      }
+      return out;
+    }
+    for await (const value of this.entries.values({ gt: seqKey(from), limit }))
+      out.push(pb.TaskStatus.decode(value));
+    return out;
+  }
+
+  async pendingCount(): Promise<number> {
+    let n = 0;
+    for await (const _ of this.entries.keys()) n++;
+    return n;
+  }
+
+  // ---- the sending part -----------------------------------------------------------------------
+
+  start(sending: OutboxSending): void {
+    this.sending = sending;
     this.timer = setInterval(() => this.checkStalled(), 5000);
   }
 
@@ -40,7 +183,7 @@ export class OutboxSender {
 
   onConnected(): void {
     this.connected = true;
-    this.sentUpTo = this.o.store.lastAckedSeq;
+    this.sentUpTo = this.ackedSeq;
     this.lastProgressAt = Date.now();
     this.flush();
   }
@@ -50,28 +193,29 @@ export class OutboxSender {
   }
 
   async onAck(upTo: number): Promise<void> {
-    const before = this.o.store.lastAckedSeq;
-    await this.o.store.ack(upTo);
+    const before = this.ackedSeq;
+    await this.release(upTo);
     if (upTo > before) this.lastProgressAt = Date.now();
     else if (upTo === before && this.sentUpTo > before) {
       // The controller applies seqs only in order: an ack that does not move while more is
       // out means it is waiting for the next one (lost with a connection): go back to it.
       this.sentUpTo = before;
     }
-    if (this.sentUpTo < this.o.store.lastAckedSeq) this.sentUpTo = this.o.store.lastAckedSeq;
+    if (this.sentUpTo < this.ackedSeq) this.sentUpTo = this.ackedSeq;
     this.flush();
   }
 
-  /** New statuses were committed. */
+  /** Sends what is committed and not yet out, within the window. */
   flush(): void {
-    if (!this.connected) return;
+    if (!this.connected || !this.sending) return;
     if (this.flushing) {
       this.again = true;
       return;
     }
+    const { log } = this.sending;
     this.flushing = true;
     this.drain()
-      .catch((err) => this.o.log.error({ err }, "outbox flush failed"))
+      .catch((err) => log.error({ err }, "outbox flush failed"))
       .finally(() => {
         this.flushing = false;
         if (this.again) {
@@ -82,30 +226,31 @@ export class OutboxSender {
   }
 
   private async drain(): Promise<void> {
-    while (this.connected && this.sentUpTo - this.o.store.lastAckedSeq < WINDOW) {
-      const room = WINDOW - (this.sentUpTo - this.o.store.lastAckedSeq);
-      const pending = await this.o.store.pending(this.sentUpTo, Math.min(MAX_BATCH_COUNT, room));
+    const { publish, maxBatchBytes } = this.sending!;
+    while (this.connected && this.sentUpTo - this.ackedSeq < WINDOW) {
+      const room = WINDOW - (this.sentUpTo - this.ackedSeq);
+      const pending = await this.pending(this.sentUpTo, Math.min(MAX_BATCH_COUNT, room));
       if (!pending.length) return;
       const batch: TaskStatus[] = [];
       let bytes = 0;
       for (const s of pending) {
         const size = pb.TaskStatus.encodeDelimited(s).len;
-        if (batch.length && bytes + size > this.o.maxBatchBytes) break;
+        if (batch.length && bytes + size > maxBatchBytes) break;
         batch.push(s);
         bytes += size;
       }
-      const body = { statuses: batch, epoch: this.o.store.epoch, ackedSeq: this.o.store.lastAckedSeq };
-      if (!this.o.publish(encodeEnvelope({ statusBatch: body }))) return;
+      const body = { statuses: batch, epoch: this.epoch, ackedSeq: this.ackedSeq };
+      if (!publish(encodeEnvelope({ statusBatch: body }))) return;
       this.sentUpTo = batch[batch.length - 1]!.seq!;
     }
   }
 
   /** No ack for a while although statuses are out: send again from the last ack. */
   private checkStalled(): void {
-    if (!this.connected || this.sentUpTo <= this.o.store.lastAckedSeq) return;
+    if (!this.connected || this.sentUpTo <= this.ackedSeq) return;
     if (Date.now() - this.lastProgressAt < RESEND_AFTER_MS) return;
-    this.o.log.warn({ from: this.o.store.lastAckedSeq }, "no status ack; re-sending the outbox");
-    this.sentUpTo = this.o.store.lastAckedSeq;
+    this.sending?.log.warn({ from: this.ackedSeq }, "no status ack; re-sending the outbox");
+    this.sentUpTo = this.ackedSeq;
     this.lastProgressAt = Date.now();
     this.flush();
   }

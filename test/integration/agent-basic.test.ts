@@ -22,6 +22,6 @@ describe("agent basics", () => {
     expect(states).toEqual([":QUEUED", "a:RUNNING", "a:SUCCEEDED", ":SUCCEEDED"]);
     expect(a.counters.get("jobs_accepted")).toBe(1);
     // Every status was acknowledged, so the outbox is empty.
-    await h.ctl.waitFor("outbox drained", async () => (await a.store.pendingCount()) === 0);
+    await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
   });
 });

@@ -61,7 +61,7 @@ describe("agent", () => {
     await h.ctl.waitJob("compact-1", jobId, TaskState.SUCCEEDED);
     expect(await agent.scheduler.compact(Date.now())).toBe(0);
     expect(await agent.scheduler.compact(Date.now() + 2 * 3600_000)).toBe(1);
-    expect(agent.scheduler.hasJob(jobId)).toBeUndefined();
+    expect(agent.scheduler.job(jobId)).toBeUndefined();
     expect(await agent.store.loadJobs()).toHaveLength(0);
     expect(await agent.store.loadExecutions()).toHaveLength(0);
   });

@@ -49,14 +49,14 @@ describe("delivery", () => {
     await new Promise((r) => setTimeout(r, 400));
     agent = await h.restartAgent(agent, { waitSync: false });
     await new Promise((r) => setTimeout(r, 600));
-    expect(await agent.store.pendingCount()).toBeGreaterThan(3);
+    expect(await agent.store.outbox.pendingCount()).toBeGreaterThan(3);
     const syncs = h.ctl.syncs.get("dlv-outage") ?? 0;
     await h.broker.start();
     await h.waitSynced(agent, syncs);
     expect((await h.ctl.waitJob("dlv-outage", jobId)).state).toBe(S.SUCCEEDED);
     for (const t of tasks) expect(h.ctl.latest("dlv-outage", jobId, t.id)?.state).toBe(S.SUCCEEDED);
     expectContiguous("dlv-outage");
-    await h.ctl.waitFor("outbox empty", async () => (await agent.store.pendingCount()) === 0);
+    await h.ctl.waitFor("outbox empty", async () => (await agent.store.outbox.pendingCount()) === 0);
   });
 
   it("re-sends a SyncRequest that nobody answered (e.g. the controller was not subscribed yet)", async () => {
@@ -82,7 +82,7 @@ describe("delivery", () => {
     try {
       const jobId = await h.ctl.assign("dlv-noack", jobSpec([{ id: "a", type: "noop" }]));
       await h.ctl.waitJob("dlv-noack", jobId);
-      const pending = await agent.store.pendingCount();
+      const pending = await agent.store.outbox.pendingCount();
       expect(pending).toBe(4);
       // Restart: everything is re-sent on sync, and the controller ignores what it already applied.
       const dup = h.ctl.duplicatesIgnored;
@@ -90,7 +90,7 @@ describe("delivery", () => {
       await h.ctl.waitFor("re-sent", () => h.ctl.duplicatesIgnored >= dup + 4);
       h.ctl.ackStatuses = true;
       await h.ctl.ctl("dlv-noack", { statusAck: { upToSeq: h.ctl.lastSeq.get("dlv-noack")! } });
-      await h.ctl.waitFor("released", async () => (await again.store.pendingCount()) === 0);
+      await h.ctl.waitFor("released", async () => (await again.store.outbox.pendingCount()) === 0);
       expectContiguous("dlv-noack");
     } finally {
       h.ctl.ackStatuses = true;

@@ -1,10 +1,10 @@
 import { describe, expect, it } from "vitest";
 import { TrustedClock } from "../../agent/clock.js";
 import { ConfigError, parseAgentConfig } from "../../agent/config.js";
-import { backoffDelay } from "../../agent/connection.js";
 import { CronMatcher, cronProblem } from "../../agent/cron.js";
 import { deriveJobState, evaluateTrigger } from "../../agent/dag.js";
 import { checkRequirements } from "../../agent/facts.js";
+import { backoffDelay } from "../../agent/retry.js";
 import { OnUnmet, TaskState as S, Trigger } from "../../proto/index.js";
 import { checkGraph, compareValues } from "../../proto/jobspec.js";
 
@@ -165,7 +165,6 @@ describe("cron", () => {
       open: true,
       until: at("2026-11-28T03:00:00Z"),
     }); // opens at its slot
-    m.dispose();
   });
   it("long windows are computed, not walked minute by minute (M5)", () => {
     const yearly = new CronMatcher("0 0 1 1 *", "UTC");
@@ -177,8 +176,28 @@ describe("cron", () => {
     const leap = new CronMatcher("0 0 29 2 *", "UTC");
     expect(leap.windowOpen(at("2026-11-28T00:00:00Z"), 400 * DAY).open).toBe(false);
     expect(leap.windowOpen(at("2028-03-01T00:00:00Z"), 2 * DAY).open).toBe(true);
-    yearly.dispose();
-    leap.dispose();
+  });
+});
+
+describe("recurring slots", () => {
+  const at = (iso: string) => Date.parse(iso);
+  it("finds the latest slot since the last check, computed from the expression", () => {
+    const m = new CronMatcher("*/5 * * * *", "UTC");
+    expect(m.latestSlot(at("2026-11-28T10:04:00Z"), at("2026-11-28T10:05:30Z"), 60_000)).toBe(
+      at("2026-11-28T10:05:00Z"),
+    );
+    // Already seen: the last check was after the slot.
+    expect(m.latestSlot(at("2026-11-28T10:05:10Z"), at("2026-11-28T10:05:30Z"), 60_000)).toBeUndefined();
+    // Older than the look-back (the clock jumped): not fired late.
+    expect(m.latestSlot(0, at("2026-11-28T10:07:30Z"), 60_000)).toBeUndefined();
+  });
+  it("six fields count seconds; a time zone shifts the slots", () => {
+    const everySecond = new CronMatcher("* * * * * *");
+    expect(everySecond.latestSlot(at("2026-11-28T10:00:00Z"), at("2026-11-28T10:00:01.400Z"), 60_000)).toBe(
+      at("2026-11-28T10:00:01Z"),
+    );
+    const berlin = new CronMatcher("0 3 * * *", "Europe/Berlin");
+    expect(berlin.previous(at("2026-11-28T12:00:00Z"))).toBe(at("2026-11-28T02:00:00Z"));
   });
 });
 

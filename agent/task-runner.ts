@@ -1,0 +1,83 @@
+// Runs one attempt of a task and says how it ended: the handler raced against its abort signal
+// (cancel, timeout, agent stop), a scratch directory made and removed around it, the output cut
+// to the policy's limit. It writes no state: the scheduler turns the outcome into a transition.
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { truncateOutput } from "../common/output.js";
+import {
+  TaskCanceledError,
+  TaskFailedError,
+  TaskTimeoutError,
+  UnrecoverableError,
+} from "../firmware-tasks/errors.js";
+import type { TaskContext, TaskHandler } from "../firmware-tasks/types.js";
+
+export type Outcome =
+  | { kind: "succeeded"; message: string; output: string }
+  | { kind: "canceled"; message: string; output: string }
+  | { kind: "timed_out"; message: string; output: string }
+  | { kind: "failed"; message: string; reason: string; output: string; retryable: boolean };
+
+export interface RunRequest {
+  handler: TaskHandler;
+  /** The context without its scratch directory (made here). */
+  context: Omit<TaskContext, "scratchDir">;
+  params: unknown;
+  /** Aborted with a TaskCanceledError to cancel; the runner aborts it on timeout. */
+  controller: AbortController;
+  timeoutS: number;
+  outputLimitBytes: number;
+}
+
+export async function runTask(r: RunRequest): Promise<Outcome> {
+  const { controller } = r;
+  const signal = controller.signal;
+  const timer =
+    r.timeoutS > 0
+      ? setTimeout(() => controller.abort(new TaskTimeoutError(r.timeoutS)), r.timeoutS * 1000)
+      : undefined;
+  // A handler that ignores its signal must not hold the task: the race settles on abort.
+  const aborted = new Promise<never>((_, reject) => {
+    if (signal.aborted) reject(signal.reason);
+    signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+  });
+  aborted.catch(() => {});
+  const scratchDir = r.handler.scratch === false ? "" : await mkdtemp(join(tmpdir(), "fleet-task-"));
+  try {
+    const result = await Promise.race([
+      r.handler.run({ ...r.context, scratchDir }, r.params, signal),
+      aborted,
+    ]);
+    return {
+      kind: "succeeded",
+      message: result?.message ?? "ok",
+      output: truncateOutput(result?.output ?? "", r.outputLimitBytes),
+    };
+  } catch (err) {
+    return classify(signal.aborted ? signal.reason : err, err, r.outputLimitBytes);
+  } finally {
+    if (timer) clearTimeout(timer);
+    if (scratchDir) await rm(scratchDir, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/** Maps why an attempt ended (the abort reason if aborted, else the error thrown) to an outcome. */
+export function classify(reason: unknown, thrown: unknown, outputLimitBytes: number): Outcome {
+  const output = truncateOutput(
+    thrown instanceof TaskFailedError ? (thrown.details.output ?? "") : "",
+    outputLimitBytes,
+  );
+  if (reason instanceof TaskCanceledError) return { kind: "canceled", message: reason.message, output };
+  if (reason instanceof TaskTimeoutError) return { kind: "timed_out", message: reason.message, output };
+  const message = (reason as Error)?.message ?? String(reason);
+  if (reason instanceof TaskFailedError)
+    return {
+      kind: "failed",
+      message,
+      reason: reason.details.reason ?? "failed",
+      output,
+      retryable: !(reason instanceof UnrecoverableError),
+    };
+  return { kind: "failed", message, reason: "error", output, retryable: true };
+}
