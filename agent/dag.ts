@@ -1,5 +1,5 @@
 // Task graph checks and trigger rules (DESIGN.md §5).
-import { FAILED_STATES, TaskState, TERMINAL_STATES, Trigger } from "../proto/index.js";
+import { TaskState, TERMINAL_STATES, Trigger, UPSTREAM_FAILED_STATES } from "../proto/index.js";
 
 export type TriggerDecision =
   | { kind: "ready" }
@@ -12,7 +12,7 @@ export function evaluateTrigger(
   depStates: ReadonlyMap<string, TaskState>,
 ): TriggerDecision {
   const pending = [...depStates].filter(([, s]) => !TERMINAL_STATES.has(s)).map(([d]) => d);
-  const failed = [...depStates].filter(([, s]) => FAILED_STATES.has(s)).map(([d]) => d);
+  const failed = [...depStates].filter(([, s]) => UPSTREAM_FAILED_STATES.has(s)).map(([d]) => d);
   switch (trigger) {
     case Trigger.TRIGGER_ALL_DONE:
       return pending.length ? { kind: "wait", on: pending } : { kind: "ready" };

@@ -15,8 +15,9 @@ import { ApiError, cursor, DEFAULT_PAGE, fillPage, MAX_PAGE } from "../proto/api
 import { decodeJobSpec, pb, TERMINAL_STATES } from "../proto/index.js";
 import { verifyManifest } from "../proto/signing.js";
 import type { ServerConfig } from "./config.js";
+import type { JobStore } from "./controller/job-store.js";
 import type { Registry } from "./controller/registry.js";
-import type { ControllerStore } from "./controller/store.js";
+import type { ControllerStore, JobNames } from "./controller/store.js";
 import type { PasswordGate } from "./password-gate.js";
 
 export interface ArtifactRecord {
@@ -31,6 +32,7 @@ export interface ArtifactRecord {
 
 const MAX_UPLOAD = 2 * 1024 ** 3;
 
+/** An artifact's key; jobs name artifacts the same way (job-store.ts jobNames). */
 const recordKey = (name: string, version: string) => `${name}@${version}`;
 const UPLOADS_PER_DEVICE = 50;
 const UPLOAD_BYTES_PER_DEVICE = 4 * 1024 ** 3;
@@ -59,6 +61,7 @@ export class ArtifactStore {
     private readonly o: {
       dir: string;
       store: ControllerStore;
+      jobs: JobStore;
       registry: Registry;
       config: ServerConfig;
       operatorKeys: ReadonlyMap<string, KeyObject>;
@@ -269,9 +272,8 @@ export class ArtifactStore {
     if (!recs.length) throw new HttpError(404, "no such artifact");
     if (who.kind === "operator") return recs[0]!;
     const named = new Set<string>();
-    await this.jobWants(who.id, (type, p) => {
-      if (type === "software-update" && typeof p.artifact === "string" && typeof p.version === "string")
-        named.add(recordKey(p.artifact, p.version));
+    await this.jobWants(who.id, (names) => {
+      for (const key of names.artifacts) named.add(key);
       return false;
     });
     const rec = recs.find((r) => named.has(recordKey(r.name, r.version)));
@@ -281,27 +283,14 @@ export class ArtifactStore {
   }
 
   /**
-   * Whether a job currently assigned to the device (not yet terminal) has a task for which
-   * `wants(type, params)` holds; it sees every such task.
+   * Whether a job currently assigned to the device (not yet terminal) names what `wants` asks
+   * for: a lookup in what each job's tasks named when it was submitted.
    */
-  private async jobWants(
-    deviceId: string,
-    wants: (type: string, params: Record<string, unknown>) => boolean,
-  ): Promise<boolean> {
-    for (const a of await this.o.store.deviceAssignments(deviceId)) {
+  private async jobWants(deviceId: string, wants: (names: JobNames) => boolean): Promise<boolean> {
+    for (const a of await this.o.jobs.ofDevice(deviceId)) {
       if (TERMINAL_STATES.has(a.state)) continue;
-      const job = await this.o.store.jobs.get(a.jobId);
-      if (!job) continue;
-      const spec = decodeJobSpec(pb.SignedJob.decode(Buffer.from(job.signed, "base64")).spec);
-      for (const t of spec.tasks) {
-        let p: Record<string, unknown>;
-        try {
-          p = JSON.parse(t.paramsJson || "{}") as Record<string, unknown>;
-        } catch {
-          continue;
-        }
-        if (wants(t.type, p)) return true;
-      }
+      const job = await this.o.jobs.get(a.jobId);
+      if (job && wants(await this.o.jobs.names(job))) return true;
     }
     return false;
   }
@@ -317,7 +306,7 @@ export class ArtifactStore {
     if (req.method === "PUT" && rest.length === 1 && who.kind === "device") {
       if (!safe(rest[0])) throw new HttpError(400, "bad file name");
       // Only while a job asks for it, and within the device's quota (M4).
-      if (!(await this.jobWants(who.id, (t, p) => t === "backup" && p.upload === true)))
+      if (!(await this.jobWants(who.id, (names) => names.uploads)))
         throw new HttpError(403, `no job assigned to ${who.id} asks for an upload`);
       const mine = await readdir(join(dir, who.id)).catch(() => [] as string[]);
       const sizes = await Promise.all(

@@ -27,6 +27,7 @@ import { ArtifactStore } from "./artifacts.js";
 import { Cluster } from "./cluster.js";
 import { paths, readJsonFile, type ServerConfig, serverConfigSchema } from "./config.js";
 import { Controller, type ControllerOptions } from "./controller/controller.js";
+import { JobStore } from "./controller/job-store.js";
 import { Registry } from "./controller/registry.js";
 import { ControllerStore } from "./controller/store.js";
 import { tokenHash, tokenMatches, verifyPassword } from "./credentials.js";
@@ -193,9 +194,11 @@ export class FleetServer {
       registry.mirror = { put: (d) => cluster.mirror(d), del: (id) => cluster.unmirror(id) };
     }
     this.registry = registry;
+    const jobs = new JobStore(store);
     this.artifacts = new ArtifactStore({
       dir: this.o.dir,
       store: store,
+      jobs,
       registry,
       config: this.config,
       operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
@@ -206,6 +209,7 @@ export class FleetServer {
     const controller = new Controller({
       config: this.config,
       store: store,
+      jobs,
       registry,
       brokerUrl: this.listening.mqtt,
       ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },

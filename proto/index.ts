@@ -32,7 +32,7 @@ export const TERMINAL_STATES: ReadonlySet<TaskState> = new Set([
 ]);
 
 /** States that count as a failure for `all_success` / `one_failed` triggers. */
-export const FAILED_STATES: ReadonlySet<TaskState> = new Set([
+export const UPSTREAM_FAILED_STATES: ReadonlySet<TaskState> = new Set([
   TaskState.FAILED,
   TaskState.TIMED_OUT,
   TaskState.CANCELED,

@@ -19,15 +19,17 @@ import { parseSelector, SelectorError } from "../../proto/selector.js";
 import { verifySignedJob } from "../../proto/signing.js";
 import type { ServerConfig } from "../config.js";
 import { type CertPair, issueDeviceCert } from "../pki.js";
-import { type Delivery, jobState } from "./delivery.js";
+import type { Delivery } from "./delivery.js";
 import type { WorkQueue } from "./dispatch.js";
+import { jobState } from "./job-state.js";
+import { type JobStore, jobNames, type NewJob } from "./job-store.js";
 import { deviceJson, type Registry } from "./registry.js";
 import type { Rollouts } from "./rollouts.js";
-import type { ControllerStore, JobRecord, RolloutRecord } from "./store.js";
+import type { JobRecord, RolloutRecord } from "./store.js";
 
 export interface ApiContext {
   config: ServerConfig;
-  store: ControllerStore;
+  jobs: JobStore;
   registry: Registry;
   delivery: Delivery;
   rollouts: Rollouts;
@@ -49,7 +51,7 @@ const MAX_JOB_LIFETIME_MS = 400 * 86_400_000;
 const DEVICE_JOBS = 100;
 
 export function operatorApi(c: ApiContext): Handlers {
-  const { registry, store, delivery, rollouts } = c;
+  const { registry, jobs, delivery, rollouts } = c;
   const limit = c.config.limits.maxPayloadBytes;
   // What a page's items may take: the rest of the reply (envelope, job header) is small.
   const budget = Math.max(limit / 2, limit - 16 * 1024);
@@ -75,22 +77,21 @@ export function operatorApi(c: ApiContext): Handlers {
   };
 
   /** Checks a signed job from an operator and makes its record (no devices yet). */
-  const jobRecord = async (signedJob: string, operator: string): Promise<JobRecord> => {
+  const jobRecord = async (signedJob: string, operator: string): Promise<NewJob> => {
     const bytes = Buffer.from(signedJob, "base64");
+    const signed = pb.SignedJob.decode(bytes); // decoded once: sized, verified, stored as bytes
     // A device must be able to receive it: the assignment has to fit the payload limit.
-    const size = encodeEnvelope({
-      jobAssignment: { job: pb.SignedJob.decode(bytes), deviceId: "x".repeat(64) },
-    }).length;
+    const size = encodeEnvelope({ jobAssignment: { job: signed, deviceId: "x".repeat(64) } }).length;
     if (size > limit)
       throw new ApiError(
         `the signed job is ${size} bytes as an assignment, over the payload limit of ${limit} bytes`,
         RpcErrorCode.RPC_TOO_LARGE,
       );
-    const v = verifySignedJob(pb.SignedJob.decode(bytes), c.operatorKeys);
+    const v = verifySignedJob(signed, c.operatorKeys);
     if (!v.ok) throw new ApiError(`job signature: ${v.message}`);
     const spec = v.spec;
     if (!/^[0-9A-HJKMNP-TV-Z]{26}$/.test(spec.jobId)) throw new ApiError("job id must be a ULID");
-    if (await store.jobs.get(spec.jobId)) throw new ApiError(`job ${spec.jobId} already exists`);
+    if (await jobs.get(spec.jobId)) throw new ApiError(`job ${spec.jobId} already exists`);
     const graph = checkGraph(spec.tasks);
     if (graph) throw new ApiError(graph.message);
     if (spec.expiresAtMs <= Date.now()) throw new ApiError("job has already expired");
@@ -98,10 +99,10 @@ export function operatorApi(c: ApiContext): Handlers {
       throw new ApiError(
         `job is valid for more than ${MAX_JOB_LIFETIME_MS / 86_400_000} days (devices refuse it: maxJobLifetimeDays)`,
       );
-    return {
+    const record: JobRecord = {
       id: spec.jobId,
       name: spec.name || spec.tasks.map((t) => t.type).join("+"),
-      signed: signedJob,
+      names: jobNames(spec),
       createdAt: Date.now(),
       expiresAt: spec.expiresAtMs,
       recurring: Boolean(spec.schedule?.cron),
@@ -110,6 +111,7 @@ export function operatorApi(c: ApiContext): Handlers {
       devices: [],
       createdBy: operator,
     };
+    return { record, signed: bytes };
   };
 
   return {
@@ -137,9 +139,7 @@ export function operatorApi(c: ApiContext): Handlers {
     "device.show": async (p) => {
       const d = registry.get(p.id);
       if (!d) throw notFound(`device ${p.id}`);
-      const asgs = await store.assignments
-        .values({ gt: `${d.id}!`, lt: `${d.id}!\xff`, reverse: true, limit: DEVICE_JOBS + 1 })
-        .all();
+      const asgs = await jobs.ofDevice(d.id, { newestFirst: true, limit: DEVICE_JOBS + 1 });
       return {
         ...deviceJson(d),
         queueDepth: d.queueDepth,
@@ -159,7 +159,8 @@ export function operatorApi(c: ApiContext): Handlers {
       return { ...cert, caPem: c.ca.certPem };
     },
     "job.submit": async (p, operator) => {
-      const record = await jobRecord(p.signedJob, operator);
+      const newJob = await jobRecord(p.signedJob, operator);
+      const { record } = newJob;
       const { deviceIds: targetIds, selector: target } = record.target;
       if (p.deviceIds.join(",") !== targetIds.join(",") || p.selector !== target) {
         throw new ApiError("targets in the request differ from the signed job's target");
@@ -167,7 +168,7 @@ export function operatorApi(c: ApiContext): Handlers {
       if (p.any) {
         if (!target) throw new ApiError("--any needs --selector");
         record.any = { need: p.any, selector: target, timeoutS: p.timeoutS };
-        await c.workQueue.create(record);
+        await c.workQueue.create(newJob);
       } else {
         if (targetIds.length) {
           const unknown = targetIds.filter((d) => !registry.get(d));
@@ -180,7 +181,7 @@ export function operatorApi(c: ApiContext): Handlers {
           record.devices = registry.select(selector(target)).map((d) => d.id);
           if (!record.devices.length) throw new ApiError(`no device matches selector "${target}"`);
         } else throw new ApiError("job has no target (device ids or selector)");
-        await delivery.submit(record);
+        await delivery.submit(newJob);
       }
       return job(record.id, { limit: 0 });
     },
@@ -189,12 +190,12 @@ export function operatorApi(c: ApiContext): Handlers {
       const summary = async (j: JobRecord) => ({
         id: j.id,
         name: j.name,
-        state: jobState(j, await store.jobAssignments(j)),
+        state: jobState(j, await jobs.ofJob(j)),
         createdAt: new Date(j.createdAt).toISOString(),
         devices: j.devices.length,
       });
       if (!p.device) {
-        return fillPage(store.jobs.values({ reverse: true, ...(after ? { lt: after } : {}) }), {
+        return fillPage(jobs.all({ newestFirst: true, before: after }), {
           limit: p.limit,
           budget,
           json: summary,
@@ -202,19 +203,14 @@ export function operatorApi(c: ApiContext): Handlers {
         });
       }
       // A device's jobs: its assignments, newest job first.
-      const prefix = `${p.device}!`;
-      const keys = store.assignments.keys({
-        gt: prefix,
-        lt: after ? `${prefix}${after}` : `${prefix}\xff`,
-        reverse: true,
-      });
-      async function* jobs() {
-        for await (const k of keys) {
-          const j = await delivery.job(k.slice(prefix.length));
+      const device = p.device;
+      async function* deviceJobs() {
+        for await (const id of jobs.deviceJobIds(device, after)) {
+          const j = await jobs.get(id);
           if (j) yield j;
         }
       }
-      return fillPage(jobs(), { limit: p.limit, budget, json: summary, key: (j) => j.id });
+      return fillPage(deviceJobs(), { limit: p.limit, budget, json: summary, key: (j) => j.id });
     },
     "jobs.show": async (p) => job(p.id, p),
     "jobs.cancel": async (p) => {
@@ -223,12 +219,13 @@ export function operatorApi(c: ApiContext): Handlers {
     },
     "rollout.create": async (p, operator) => {
       selector(p.selector);
-      const record = await jobRecord(p.signedJob, operator);
+      const newJob = await jobRecord(p.signedJob, operator);
+      const { record } = newJob;
       if (record.target.selector !== p.selector || record.target.deviceIds.length) {
         throw new ApiError("the signed job must target the rollout's selector (and no device ids)");
       }
       record.rolloutId = ulid();
-      return rollouts.view(await rollouts.create(record, p));
+      return rollouts.view(await rollouts.create(newJob, p));
     },
     "rollout.ls": async (p) => {
       const after = cursor.decode(p.cursor);

@@ -15,6 +15,7 @@ import type { CertPair } from "../pki.js";
 import { type Handlers, operatorApi } from "./api.js";
 import { Delivery } from "./delivery.js";
 import { WorkQueue } from "./dispatch.js";
+import { JobStore } from "./job-store.js";
 import { dropRefusedPublishes } from "./refused.js";
 import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
@@ -25,6 +26,8 @@ const RPC_WINDOW_MS = 5 * 60_000;
 export interface ControllerOptions {
   config: ServerConfig;
   store: ControllerStore;
+  /** Shared with the artifact server; made from `store` when absent. */
+  jobs?: JobStore;
   registry: Registry;
   brokerUrl: string;
   ca: CertPair;
@@ -66,8 +69,10 @@ export class Controller {
     this.prefix = o.config.prefix;
     this.operatorKeys = new Map(o.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)]));
     this.operatorNames = new Map(o.config.operators.map((op) => [op.keyId, op.username]));
+    const jobs = o.jobs ?? new JobStore(o.store);
     this.delivery = new Delivery({
       store: o.store,
+      jobs,
       registry: o.registry,
       prefix: this.prefix,
       log: this.log.child({ component: "delivery" }),
@@ -77,7 +82,13 @@ export class Controller {
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),
     });
-    const parts = { store: o.store, registry: o.registry, delivery: this.delivery, now: () => Date.now() };
+    const parts = {
+      store: o.store,
+      jobs,
+      registry: o.registry,
+      delivery: this.delivery,
+      now: () => Date.now(),
+    };
     this.rollouts = new Rollouts({
       ...parts,
       log: this.log.child({ component: "rollouts" }),
@@ -93,7 +104,7 @@ export class Controller {
     };
     this.api = operatorApi({
       config: o.config,
-      store: o.store,
+      jobs,
       registry: o.registry,
       delivery: this.delivery,
       rollouts: this.rollouts,

@@ -5,14 +5,19 @@ import type { Logger } from "pino";
 import type { Counters } from "../../common/counters.js";
 import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
-import { pb, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
+import { type SignedJob, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
 import { specDigest } from "../../proto/signing.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
+import { applyStatus } from "./job-state.js";
+import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
-import { type Assignment, asgKey, type ControllerStore, type JobRecord, type Op } from "./store.js";
+import type { Assignment, ControllerStore, JobRecord, Op } from "./store.js";
+import { jobView } from "./views.js";
 
 export interface DeliveryContext {
+  /** For the per-device status seqs; jobs and assignments go through `jobs`. */
   store: ControllerStore;
+  jobs: JobStore;
   registry: Registry;
   prefix: string;
   log: Logger;
@@ -28,145 +33,28 @@ export interface DeliveryContext {
 /** What one status may add to an assignment (an agent of ours bounds it already). */
 const STATUS_BYTES = 96 * 1024;
 
-export function assignmentJson(a: Assignment, job?: JobRecord) {
-  const order = job?.tasks.map((t) => t.id) ?? Object.keys(a.tasks);
-  return {
-    deviceId: a.deviceId,
-    state: stateName(a.state),
-    ...(a.reason ? { reason: a.reason } : {}),
-    ...(a.message ? { message: a.message } : {}),
-    tasks: order.map((id) => {
-      const t = a.tasks[id];
-      return {
-        id,
-        type: t?.type ?? job?.tasks.find((x) => x.id === id)?.type ?? "",
-        state: stateName(t?.state ?? TaskState.TASK_STATE_UNSPECIFIED),
-        attempt: t?.attempt ?? 0,
-        message: t?.message ?? "",
-        ...(t?.reason ? { reason: t.reason } : {}),
-        ...(t?.output ? { output: t.output } : {}),
-      };
-    }),
-  };
-}
-
-/** A job's state across its devices. */
-export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
-  if (job.any) {
-    // Work-queue: done when `need` devices succeeded; failed when nobody is left to try.
-    const ok = asgs.filter((a) => a.state === TaskState.SUCCEEDED).length;
-    if (ok >= job.any.need) return "SUCCEEDED";
-    if (asgs.some((a) => !TERMINAL_STATES.has(a.state))) return job.cancelled ? "CANCELING" : "RUNNING";
-    if (job.cancelled) return "CANCELED";
-    return job.any.exhausted ? "FAILED" : "RUNNING";
-  }
-  if (asgs.some((a) => !TERMINAL_STATES.has(a.state))) {
-    if (job.cancelled) return "CANCELING";
-    return asgs.some((a) => a.acked) ? "RUNNING" : "PENDING";
-  }
-  if (job.cancelled) return "CANCELED";
-  return asgs.every((a) => a.state === TaskState.SUCCEEDED) ? "SUCCEEDED" : "FAILED";
-}
-
-/** A device's outcome that counts as a failure (for counts, rollout thresholds, failure lists). */
-export const FAILED = new Set<number>([
-  TaskState.FAILED,
-  TaskState.TIMED_OUT,
-  TaskState.REJECTED,
-  TaskState.SKIPPED,
-]);
-
-/** Where assignments are: one tally for a job's counts and a rollout's. */
-export function tally(asgs: readonly Assignment[]) {
-  const c = { pending: 0, running: 0, succeeded: 0, failed: 0, canceled: 0, timedOut: 0 };
-  for (const a of asgs) {
-    if (a.state === TaskState.SUCCEEDED) c.succeeded++;
-    else if (FAILED.has(a.state)) {
-      c.failed++;
-      if (a.state === TaskState.TIMED_OUT) c.timedOut++;
-    } else if (a.state === TaskState.CANCELED) c.canceled++;
-    else if (a.acked) c.running++;
-    else c.pending++;
-  }
-  return c;
-}
-
-/** How many of a job's devices are where (a summary that stays small at any fleet size). */
-export function jobCounts(job: JobRecord, asgs: readonly Assignment[]) {
-  return { total: job.devices.length, ...tally(asgs) };
-}
-
-/**
- * A job with one page of its devices: those after device `after` (in assignment order), at
- * most `limit`, and no more than `budget` bytes of JSON (at least one). `next` names the last
- * device given when more follow.
- */
-export function jobView(
-  job: JobRecord,
-  asgs: readonly Assignment[],
-  page: { limit: number; after?: string; budget: number },
-) {
-  const byDevice = new Map(asgs.map((a) => [a.deviceId, a]));
-  const start = page.after === undefined ? 0 : job.devices.indexOf(page.after) + 1;
-  const devices: Array<ReturnType<typeof assignmentJson> & { outputOmitted?: boolean }> = [];
-  let bytes = 0;
-  let next: string | undefined;
-  for (let i = start; i < job.devices.length && page.limit > 0; i++) {
-    const a = byDevice.get(job.devices[i]!);
-    if (!a) continue;
-    let item: ReturnType<typeof assignmentJson> & { outputOmitted?: boolean } = assignmentJson(a, job);
-    let size = Buffer.byteLength(JSON.stringify(item));
-    if (size > page.budget) {
-      // One device's task outputs alone would not fit a reply: leave them out, say so.
-      item = { ...item, tasks: item.tasks.map(({ output: _, ...t }) => t), outputOmitted: true };
-      size = Buffer.byteLength(JSON.stringify(item));
-    }
-    bytes += size;
-    if (devices.length && (devices.length >= page.limit || bytes > page.budget)) {
-      next = devices.at(-1)!.deviceId;
-      break;
-    }
-    devices.push(item);
-  }
-  return {
-    id: job.id,
-    name: job.name,
-    state: jobState(job, asgs),
-    createdAt: new Date(job.createdAt).toISOString(),
-    ...(job.cancelled ? { cancelled: job.cancelled.reason } : {}),
-    ...(job.rolloutId ? { rolloutId: job.rolloutId } : {}),
-    counts: jobCounts(job, asgs),
-    devices,
-    ...(next !== undefined ? { next } : {}),
-  };
-}
-
 export class Delivery {
   /** Per-device chains so one device's batches apply in order while devices run in parallel. */
   private readonly chains = new Map<string, Promise<void>>();
-  private readonly jobCache = new Map<string, JobRecord>();
 
   constructor(private readonly c: DeliveryContext) {}
 
-  async job(jobId: string): Promise<JobRecord | undefined> {
-    const cached = this.jobCache.get(jobId);
-    if (cached) return cached;
-    const j = await this.c.store.jobs.get(jobId);
-    if (j && this.jobCache.size < 10_000) this.jobCache.set(jobId, j);
-    return j;
+  job(jobId: string): Promise<JobRecord | undefined> {
+    return this.c.jobs.get(jobId);
   }
 
-  private assignmentPayload(job: JobRecord, deviceId: string): Uint8Array {
-    return encodeEnvelope({
-      jobAssignment: { job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId },
-    });
+  private async assignmentPayload(job: JobRecord, deviceId: string): Promise<Uint8Array> {
+    return encodeEnvelope({ jobAssignment: { job: await this.c.jobs.signed(job), deviceId } });
   }
 
-  /** Stores the job and its assignments (one synced batch), then publishes to online devices. */
-  async submit(job: JobRecord, extra: Op[] = []): Promise<void> {
+  /**
+   * Stores a new job, its signed bytes and its assignments (one synced batch), then publishes
+   * to online devices.
+   */
+  async submit({ record: job, signed }: NewJob, extra: Op[] = []): Promise<void> {
     const devices = job.devices;
     job.devices = [];
-    await this.addDevices(job, devices, extra);
+    await this.addDevices(job, devices, [...this.c.jobs.create(job, signed), ...extra]);
     this.event({
       kind: "job.created",
       jobId: job.id,
@@ -184,7 +72,7 @@ export class Delivery {
     const known = new Set(job.devices);
     const fresh = [...new Set(deviceIds)].filter((d) => !known.has(d));
     job.devices.push(...fresh);
-    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job), ...extra];
+    const ops: Op[] = [this.c.jobs.put(job), ...extra];
     for (const d of fresh) {
       const a: Assignment = {
         jobId: job.id,
@@ -199,13 +87,12 @@ export class Delivery {
         runs: 0,
         assignedAt: now,
       };
-      ops.push(this.c.store.put(this.c.store.assignments, asgKey(d, job.id), a));
+      ops.push(this.c.jobs.putAssignment(a));
     }
-    await this.c.store.batch(ops);
-    this.jobCache.set(job.id, job);
+    await this.c.jobs.batch(ops);
     for (const d of fresh) {
       if (this.c.registry.get(d)?.online) {
-        this.c.publish(deviceTopic(this.c.prefix, d, "job"), this.assignmentPayload(job, d), 1);
+        this.c.publish(deviceTopic(this.c.prefix, d, "job"), await this.assignmentPayload(job, d), 1);
       }
     }
     return fresh;
@@ -231,9 +118,9 @@ export class Delivery {
       a.message = message;
       a.closed = true;
       a.updatedAt = now;
-      ops.push(this.c.store.put(this.c.store.assignments, asgKey(a.deviceId, a.jobId), a));
+      ops.push(this.c.jobs.putAssignment(a));
     }
-    await this.c.store.batch(ops);
+    await this.c.jobs.batch(ops);
     for (const a of asgs) {
       if (a.acked && this.c.registry.get(a.deviceId)?.online) {
         this.c.publish(
@@ -257,7 +144,7 @@ export class Delivery {
    * ordinary JobAssignments on the device's job topic (each fits: checked at submit).
    */
   async onSync(deviceId: string): Promise<void> {
-    const inSync: Array<{ job: ReturnType<typeof pb.SignedJob.decode>; deviceId: string }> = [];
+    const inSync: Array<{ job: SignedJob; deviceId: string }> = [];
     const overflow: JobRecord[] = [];
     const cancels: Array<{ jobId: string; reason: string }> = [];
     const moreCancels: typeof cancels = [];
@@ -271,7 +158,7 @@ export class Delivery {
         cancels.push(c);
       } else moreCancels.push(c);
     };
-    for (const a of await this.c.store.deviceAssignments(deviceId)) {
+    for (const a of await this.c.jobs.ofDevice(deviceId)) {
       if (a.closed) {
         // Ended by the controller: make sure the device stops too (it may have missed the Cancel).
         if (a.acked && Object.values(a.tasks).some((t) => !TERMINAL_STATES.has(t.state)))
@@ -284,10 +171,10 @@ export class Delivery {
       if (job.cancelled) {
         if (a.acked) cancel(job.id, job.cancelled.reason);
       } else if (!a.acked && job.expiresAt > this.c.now()) {
-        const size = (job.signed.length * 3) / 4 + 128;
+        const size = (await this.c.jobs.signedSize(job)) + 128;
         if (size <= room) {
           room -= size;
-          inSync.push({ job: pb.SignedJob.decode(Buffer.from(job.signed, "base64")), deviceId });
+          inSync.push({ job: await this.c.jobs.signed(job), deviceId });
         } else overflow.push(job);
       }
     }
@@ -297,7 +184,11 @@ export class Delivery {
       1,
     );
     for (const job of overflow)
-      this.c.publish(deviceTopic(this.c.prefix, deviceId, "job"), this.assignmentPayload(job, deviceId), 1);
+      this.c.publish(
+        deviceTopic(this.c.prefix, deviceId, "job"),
+        await this.assignmentPayload(job, deviceId),
+        1,
+      );
     for (const c of moreCancels)
       this.c.publish(deviceTopic(this.c.prefix, deviceId, "ctl"), encodeEnvelope({ cancel: c }), 1);
     const resent = inSync.length + overflow.length;
@@ -367,8 +258,8 @@ export class Delivery {
       }
       last = seq;
       fresh.push(s);
-      const key = asgKey(deviceId, s.jobId ?? "");
-      const a = touched.get(key) ?? (await store.assignments.get(key));
+      const key = s.jobId ?? "";
+      const a = touched.get(key) ?? (await this.c.jobs.assignment(deviceId, key));
       // Only the job's own tasks (M3): a device cannot grow an assignment with made-up ones.
       const job = a && s.taskId ? await this.job(a.jobId) : undefined;
       if (job && !job.tasks.some((t) => t.id === s.taskId)) {
@@ -378,7 +269,7 @@ export class Delivery {
       // A rejection counts for the job whose bytes were rejected, not for whatever id they claim.
       if (a && !s.taskId && s.state === TaskState.REJECTED && s.specDigest) {
         const job = await this.job(a.jobId);
-        if (job && s.specDigest !== specDigest(pb.SignedJob.decode(Buffer.from(job.signed, "base64")))) {
+        if (job && s.specDigest !== specDigest(await this.c.jobs.signed(job))) {
           this.c.counters.inc("rejections_of_other_bytes");
           continue;
         }
@@ -395,11 +286,9 @@ export class Delivery {
       touched.set(key, a);
     }
     if (last !== start || newEpoch) {
-      const ops: Op[] = [...touched.values()].map((a) =>
-        store.put(store.assignments, asgKey(a.deviceId, a.jobId), a),
-      );
+      const ops: Op[] = [...touched.values()].map((a) => this.c.jobs.putAssignment(a));
       ops.push(store.put(store.seqs, deviceId, { epoch: newEpoch ? epoch : known.epoch, seq: last }));
-      await store.batch(ops);
+      await this.c.jobs.batch(ops);
     }
     this.c.registry.seen(deviceId, this.c.now());
     // Persisted (or nothing new): acknowledge cumulatively.
@@ -434,8 +323,8 @@ export class Delivery {
     if (!job) return undefined;
     if (job.cancelled) return job;
     job.cancelled = { reason, at: this.c.now() };
-    const asgs = await this.c.store.jobAssignments(job);
-    const ops: Op[] = [this.c.store.put(this.c.store.jobs, job.id, job)];
+    const asgs = await this.c.jobs.ofJob(job);
+    const ops: Op[] = [this.c.jobs.put(job)];
     const notify: string[] = [];
     for (const a of asgs) {
       if (TERMINAL_STATES.has(a.state)) continue;
@@ -444,10 +333,10 @@ export class Delivery {
         a.reason = "withdrawn";
         a.message = reason;
         a.updatedAt = this.c.now();
-        ops.push(this.c.store.put(this.c.store.assignments, asgKey(a.deviceId, a.jobId), a));
+        ops.push(this.c.jobs.putAssignment(a));
       } else notify.push(a.deviceId);
     }
-    await this.c.store.batch(ops);
+    await this.c.jobs.batch(ops);
     for (const d of notify) {
       if (this.c.registry.get(d)?.online) {
         this.c.publish(
@@ -464,24 +353,17 @@ export class Delivery {
   async view(jobId: string, page: Parameters<typeof jobView>[2]) {
     const job = await this.job(jobId);
     if (!job) return undefined;
-    return jobView(job, await this.c.store.jobAssignments(job), page);
+    return jobView(job, await this.c.jobs.ofJob(job), page);
   }
 
   /** Drops jobs (and their assignments) created before `before` whose assignments are all terminal. */
   async prune(before: number): Promise<number> {
     let n = 0;
-    for await (const job of this.c.store.jobs.values()) {
+    for await (const job of this.c.jobs.all()) {
       if (job.createdAt >= before) continue;
-      const asgs = await this.c.store.jobAssignments(job);
+      const asgs = await this.c.jobs.ofJob(job);
       if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.c.now()) continue;
-      await this.c.store.batch(
-        [
-          this.c.store.del(this.c.store.jobs, job.id),
-          ...job.devices.map((d) => this.c.store.del(this.c.store.assignments, asgKey(d, job.id))),
-        ],
-        false,
-      );
-      this.jobCache.delete(job.id);
+      await this.c.jobs.batch(this.c.jobs.remove(job), false);
       n++;
     }
     return n;
@@ -500,42 +382,4 @@ export class Delivery {
       0,
     );
   }
-}
-
-/** Folds one status into an assignment. */
-export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
-  const state = s.state ?? TaskState.TASK_STATE_UNSPECIFIED;
-  const execId = s.executionId ?? "";
-  a.updatedAt = now;
-  if (execId !== a.execId && execId) {
-    // A new occurrence of a recurring job: its tasks start over.
-    a.execId = execId;
-    a.tasks = {};
-  }
-  if (!s.taskId) {
-    if (state === TaskState.QUEUED || state === TaskState.REJECTED || s.reason === "duplicate_delivery")
-      a.acked = true;
-    if (a.closed) return; // the controller already decided this device's outcome
-    if (execId && TERMINAL_STATES.has(state)) {
-      a.runs++; // a recurring occurrence ended; the job itself goes on
-      a.message = `last run ${TaskState[state]}`;
-      return;
-    }
-    if (s.reason === "duplicate_delivery" && !TERMINAL_STATES.has(state)) return;
-    if (TERMINAL_STATES.has(a.state) && !TERMINAL_STATES.has(state)) return;
-    a.state = state;
-    a.reason = s.reason ?? "";
-    a.message = s.message ?? "";
-    return;
-  }
-  a.acked = true;
-  a.tasks[s.taskId] = {
-    type: s.taskType ?? a.tasks[s.taskId]?.type ?? "",
-    state,
-    attempt: s.attempt ?? 0,
-    message: s.message ?? "",
-    reason: s.reason ?? "",
-    ...(s.output ? { output: s.output } : {}),
-  };
-  if (!a.closed && !TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
 }

@@ -6,12 +6,13 @@ import { ApiError } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { parseSelector } from "../../proto/selector.js";
 import type { Delivery } from "./delivery.js";
+import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
-import type { ControllerStore, JobRecord } from "./store.js";
+import type { JobRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
 
 export interface DispatchContext {
-  store: ControllerStore;
+  jobs: JobStore;
   registry: Registry;
   delivery: Delivery;
   log: Logger;
@@ -25,7 +26,7 @@ export class WorkQueue {
   constructor(private readonly c: DispatchContext) {}
 
   async load(): Promise<void> {
-    for await (const j of this.c.store.jobs.values())
+    for await (const j of this.c.jobs.all())
       if (j.any && !j.any.exhausted && !j.cancelled) this.active.set(j.id, j);
   }
 
@@ -40,11 +41,12 @@ export class WorkQueue {
       .map((d) => d.id);
   }
 
-  async create(job: JobRecord): Promise<void> {
+  async create(newJob: NewJob): Promise<void> {
+    const job = newJob.record;
     const first = this.candidates(job, job.any!.need);
     if (!first.length) throw new ApiError(`no online device matches selector "${job.any!.selector}"`);
     job.devices = first;
-    await this.c.delivery.submit(job);
+    await this.c.delivery.submit(newJob);
     this.active.set(job.id, job);
   }
 
@@ -64,7 +66,7 @@ export class WorkQueue {
     }
     const any = current.any!;
     const now = this.c.now();
-    let asgs = await this.c.store.jobAssignments(current);
+    let asgs = await this.c.jobs.ofJob(current);
     const open = asgs.filter((a) => !TERMINAL_STATES.has(a.state));
     const gone = open.filter((a) => !this.c.registry.get(a.deviceId)?.online);
     if (gone.length)
@@ -87,7 +89,7 @@ export class WorkQueue {
         "timeout",
         `no result within ${any.timeoutS}s; re-dispatched`,
       );
-    if (gone.length || late.length) asgs = await this.c.store.jobAssignments(current);
+    if (gone.length || late.length) asgs = await this.c.jobs.ofJob(current);
     const ok = asgs.filter((a) => a.state === TaskState.SUCCEEDED).length;
     const running = asgs.filter((a) => !TERMINAL_STATES.has(a.state)).length;
     if (ok >= any.need) {
@@ -109,7 +111,7 @@ export class WorkQueue {
       });
     } else if (running === 0) {
       any.exhausted = true;
-      await this.c.store.batch([this.c.store.put(this.c.store.jobs, current.id, current)]);
+      await this.c.jobs.batch([this.c.jobs.put(current)]);
       this.active.delete(job.id);
       this.c.delivery.event({
         kind: "job.dispatch_exhausted",

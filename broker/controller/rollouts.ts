@@ -7,7 +7,9 @@ import type { Logger } from "pino";
 import { ApiError, RpcErrorCode } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { matchesSelector, parseSelector } from "../../proto/selector.js";
-import { type Delivery, FAILED, tally } from "./delivery.js";
+import type { Delivery } from "./delivery.js";
+import { FAILED_OUTCOMES, tally } from "./job-state.js";
+import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
@@ -18,7 +20,9 @@ export interface TelemetrySample {
 }
 
 export interface RolloutContext {
+  /** For the rollout records; jobs and assignments go through `jobs`. */
   store: ControllerStore;
+  jobs: JobStore;
   registry: Registry;
   delivery: Delivery;
   log: Logger;
@@ -128,7 +132,7 @@ export class Rollouts {
   }
 
   async create(
-    job: JobRecord,
+    newJob: NewJob,
     o: Pick<
       RolloutRecord,
       "selector" | "maxFailuresPct" | "minFinished" | "bakeS" | "timeoutS" | "gate" | "continuous" | "force"
@@ -138,6 +142,7 @@ export class Rollouts {
     },
   ): Promise<RolloutRecord> {
     parseGate(o.gate);
+    const job = newJob.record;
     const pool = this.c.registry.select(parseSelector(o.selector)).map((d) => d.id);
     if (!pool.length && !o.continuous) throw new ApiError(`no device matches selector "${o.selector}"`);
     const { specs, targets } = planWaves(pool.length, o);
@@ -161,7 +166,7 @@ export class Rollouts {
       force: o.force,
     };
     job.devices = [];
-    await this.c.delivery.submit(job, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    await this.c.delivery.submit(newJob, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
     await this.step(r); // the first wave starts now, not at the next tick
     if (this.isLive(r)) this.active.set(r.id, r); // only now: the tick must not step it concurrently
     this.c.delivery.event({
@@ -219,7 +224,7 @@ export class Rollouts {
     await this.save(r, "rollout.aborted", { reason });
     const job = await this.c.delivery.job(r.jobId);
     if (!job) return;
-    const open = (await this.c.store.jobAssignments(job)).filter((a) => !TERMINAL_STATES.has(a.state));
+    const open = (await this.c.jobs.ofJob(job)).filter((a) => !TERMINAL_STATES.has(a.state));
     const stop = open.filter((a) => r.force || a.state !== TaskState.RUNNING);
     await this.c.delivery.close(
       job,
@@ -261,7 +266,7 @@ export class Rollouts {
       });
       return;
     }
-    const asgs = await this.c.store.jobAssignments(job);
+    const asgs = await this.c.jobs.ofJob(job);
     // Per-device timeout: a device that has not finished in time ends TIMED_OUT.
     if (r.timeoutS > 0) {
       const late = asgs.filter(
@@ -362,7 +367,7 @@ export class Rollouts {
 
   async view(r: RolloutRecord) {
     const job = await this.c.delivery.job(r.jobId);
-    const asgs = job ? await this.c.store.jobAssignments(job) : [];
+    const asgs = job ? await this.c.jobs.ofJob(job) : [];
     const byDevice = new Map(asgs.map((a) => [a.deviceId, a]));
     return {
       id: r.id,
@@ -391,16 +396,16 @@ export class Rollouts {
                   ? "BAKING"
                   : "RUNNING",
           succeeded: a.filter((x) => x.state === TaskState.SUCCEEDED).length,
-          failed: a.filter((x) => FAILED.has(x.state)).length,
+          failed: a.filter((x) => FAILED_OUTCOMES.has(x.state)).length,
         };
       }),
       counts: counts(r, asgs),
       failures: asgs
-        .filter((a) => FAILED.has(a.state))
+        .filter((a) => FAILED_OUTCOMES.has(a.state))
         .sort((x, y) => y.updatedAt - x.updatedAt)
         .slice(0, 10)
         .map((a) => {
-          const task = Object.entries(a.tasks).find(([, t]) => FAILED.has(t.state));
+          const task = Object.entries(a.tasks).find(([, t]) => FAILED_OUTCOMES.has(t.state));
           return {
             deviceId: a.deviceId,
             state: TaskState[a.state] ?? String(a.state),

@@ -1,6 +1,7 @@
-// The controller's durable state, one LevelDB: devices, jobs, assignments (one per job and
-// device, carrying the aggregated task states), the last applied status seq per device, and
-// RPC nonces. Devices are cached in memory (a few hundred bytes each); assignments are read
+// The controller's durable state, one LevelDB: devices, jobs (with their signed bytes),
+// assignments (one per job and device, carrying the aggregated task states), rollouts, the
+// last applied status seq per device, and RPC nonces. Jobs and assignments are reached only
+// through job-store.ts. Devices are cached in memory (a few hundred bytes each); assignments are read
 // from disk when needed.
 import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
@@ -26,10 +27,18 @@ export interface DeviceRecord {
   certSerials?: string[];
 }
 
+/** What a job's tasks name: artifacts (`name@version`) they download, and whether one uploads. */
+export interface JobNames {
+  artifacts: string[];
+  uploads: boolean;
+}
+
+/** A job; its signed bytes are stored beside it (job-store.ts). */
 export interface JobRecord {
   id: string;
   name: string;
-  signed: string; // base64 SignedJob, as signed by the operator
+  /** Recorded at submit (absent on jobs from before: the signed job is read instead). */
+  names?: JobNames;
   createdAt: number;
   expiresAt: number;
   recurring: boolean;
@@ -117,6 +126,7 @@ export class ControllerStore {
   readonly db: Db;
   readonly devices: Sub<DeviceRecord>;
   readonly jobs: Sub<JobRecord>;
+  readonly signedJobs: Sub<Uint8Array>;
   readonly assignments: Sub<Assignment>;
   /** The last applied status seq per device, in the epoch of its agent's database. */
   readonly seqs: Sub<SeqRecord>;
@@ -131,6 +141,9 @@ export class ControllerStore {
       valueEncoding: "json",
     }) as Sub<DeviceRecord>;
     this.jobs = this.db.sublevel<string, JobRecord>("job", { valueEncoding: "json" }) as Sub<JobRecord>;
+    this.signedJobs = this.db.sublevel<string, Uint8Array>("signedjob", {
+      valueEncoding: "view",
+    }) as Sub<Uint8Array>;
     this.assignments = this.db.sublevel<string, Assignment>("asg", {
       valueEncoding: "json",
     }) as Sub<Assignment>;
@@ -161,14 +174,5 @@ export class ControllerStore {
   /** One atomic batch; concurrent batches share one write and fsync (group commit). */
   batch(ops: Op[], sync = true): Promise<void> {
     return this.writer.write(ops, sync);
-  }
-
-  async deviceAssignments(deviceId: string): Promise<Assignment[]> {
-    return this.assignments.values({ gt: `${deviceId}!`, lt: `${deviceId}!\xff` }).all();
-  }
-
-  async jobAssignments(job: JobRecord): Promise<Assignment[]> {
-    const got = await this.assignments.getMany(job.devices.map((d) => asgKey(d, job.id)));
-    return got.filter((a): a is Assignment => a !== undefined);
   }
 }

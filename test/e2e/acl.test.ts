@@ -249,9 +249,10 @@ describe("operator RPC", () => {
       .split("\n")
       .filter((l) => /^[0-9a-f]+$/.test(l))
       .map((hex) => decodeEnvelope(Buffer.from(hex, "hex")).rpcResponse!);
-    expect(responses.map((r) => [r.requestId, r.ok, r.error || ""])).toEqual([
-      ["r3", true, ""],
+    // One answer each; the refusal of the replay may overtake the answer to the original.
+    expect(responses.map((r) => [r.requestId, r.ok, r.error || ""]).sort()).toEqual([
       ["r3", false, "replayed request"],
+      ["r3", true, ""],
     ]);
   }, 30_000);
 });

@@ -4,6 +4,7 @@ import { generateKeyPairSync } from "node:crypto";
 import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Delivery } from "../../broker/controller/delivery.js";
+import { JobStore, type NewJob } from "../../broker/controller/job-store.js";
 import { boundedFacts, Registry } from "../../broker/controller/registry.js";
 import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller/store.js";
 import { Counters } from "../../common/counters.js";
@@ -19,8 +20,10 @@ const store = new ControllerStore(tmp.dir);
 const registry = new Registry(store);
 const sent: Array<{ topic: string; payload: Uint8Array }> = [];
 const counters = new Counters();
+const jobs = new JobStore(store);
 const delivery = new Delivery({
   store,
+  jobs,
   registry,
   prefix: "fleet/v1",
   log: pino({ level: "silent" }),
@@ -45,16 +48,15 @@ afterAll(async () => {
 let seq = 0;
 const nextSeq = () => ++seq;
 
-function bigJob(id: string, bytes: number): JobRecord {
+function bigJob(id: string, bytes: number): NewJob {
   const signed = pb.SignedJob.encode({
     spec: Buffer.alloc(bytes, 7),
     signature: Buffer.alloc(64),
     keyId: "k",
   }).finish();
-  return {
+  const record: JobRecord = {
     id,
     name: id,
-    signed: Buffer.from(signed).toString("base64"),
     createdAt: Date.now(),
     expiresAt: Date.now() + 3600_000,
     recurring: false,
@@ -63,6 +65,7 @@ function bigJob(id: string, bytes: number): JobRecord {
     devices: ["dev-1"],
     createdBy: "admin",
   };
+  return { record, signed };
 }
 
 describe("payload limits", () => {
@@ -81,8 +84,8 @@ describe("payload limits", () => {
   });
 
   it("task output full of NUL and control characters (6 bytes each in JSON) still gives a page that fits", async () => {
-    const job = bigJob("01JOBCCCCCCCCCCCCCCCCCCCCC", 100);
-    await delivery.submit(job);
+    const { record: job, signed } = bigJob("01JOBCCCCCCCCCCCCCCCCCCCCC", 100);
+    await delivery.submit({ record: job, signed });
     const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
     a.acked = true;
     a.state = TaskState.FAILED;
@@ -121,8 +124,8 @@ describe("payload limits", () => {
   });
 
   it("a device cannot grow an assignment with tasks the job does not have (M3)", async () => {
-    const job = bigJob("01JOBDDDDDDDDDDDDDDDDDDDDD", 100);
-    await delivery.submit(job);
+    const { record: job, signed } = bigJob("01JOBDDDDDDDDDDDDDDDDDDDDD", 100);
+    await delivery.submit({ record: job, signed });
     const statuses = Array.from({ length: 1000 }, (_, i) => ({
       seq: nextSeq(),
       jobId: job.id,
@@ -153,9 +156,9 @@ describe("payload limits", () => {
   });
 
   it("a rejection applies only to the job whose bytes were rejected, not to an id an unverified job claims", async () => {
-    const job = bigJob("01JOBEEEEEEEEEEEEEEEEEEEEE", 100);
-    await delivery.submit(job);
-    const mine = specDigest(pb.SignedJob.decode(Buffer.from(job.signed, "base64")));
+    const { record: job, signed } = bigJob("01JOBEEEEEEEEEEEEEEEEEEEEE", 100);
+    await delivery.submit({ record: job, signed });
+    const mine = specDigest(pb.SignedJob.decode(signed));
     const reject = (digest: string) =>
       delivery.onStatusBatch("dev-1", [
         {
@@ -175,8 +178,8 @@ describe("payload limits", () => {
   });
 
   it("a withdrawn job that reaches the device anyway (a copy the broker kept) is cancelled at once (M14)", async () => {
-    const job = bigJob("01JOBFFFFFFFFFFFFFFFFFFFFF", 100);
-    await delivery.submit(job);
+    const { record: job, signed } = bigJob("01JOBFFFFFFFFFFFFFFFFFFFFF", 100);
+    await delivery.submit({ record: job, signed });
     const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
     await delivery.close(job, [a], TaskState.CANCELED, "aborted", "rollout aborted");
     sent.length = 0;
@@ -189,8 +192,8 @@ describe("payload limits", () => {
   });
 
   it("applies statuses only in seq order: at a gap the rest waits, and the ack stays before it", async () => {
-    const job = bigJob("01JOBGGGGGGGGGGGGGGGGGGGGG", 100);
-    await delivery.submit(job);
+    const { record: job, signed } = bigJob("01JOBGGGGGGGGGGGGGGGGGGGGG", 100);
+    await delivery.submit({ record: job, signed });
     const s1 = nextSeq();
     const s2 = nextSeq();
     const s3 = nextSeq();
@@ -219,8 +222,8 @@ describe("payload limits", () => {
   });
 
   it("fast-forwards to what the agent says it no longer has (its acked seq)", async () => {
-    const job = bigJob("01JOBHHHHHHHHHHHHHHHHHHHHH", 100);
-    await delivery.submit(job);
+    const { record: job, signed } = bigJob("01JOBHHHHHHHHHHHHHHHHHHHHH", 100);
+    await delivery.submit({ record: job, signed });
     seq += 50; // statuses the agent had acknowledged by a controller whose state was lost
     await delivery.onStatusBatch(
       "dev-1",

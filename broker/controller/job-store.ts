@@ -1,0 +1,175 @@
+// The seam under Delivery, Rollouts and the work queue: jobs and their per-device assignments
+// in the controller's LevelDB, with the cache in front of them. Nothing else reads or writes
+// the job, signed-job or assignment sublevels.
+//
+// A signed job is kept as the bytes the operator signed (its own sublevel, not base64 inside
+// the JSON record) and decoded at most once per process; what its tasks name (artifacts,
+// uploads) is recorded on the job record at submit, so an artifact download check is a lookup.
+import { type DecodedJobSpec, decodeJobSpec, pb, type SignedJob } from "../../proto/index.js";
+import {
+  type Assignment,
+  asgKey,
+  type ControllerStore,
+  type JobNames,
+  type JobRecord,
+  type Op,
+} from "./store.js";
+
+const CACHE_MAX = 10_000;
+
+/** What a job's tasks name, for the artifact server's checks (recorded at submit). */
+export function jobNames(spec: Pick<DecodedJobSpec, "tasks">): JobNames {
+  const names: JobNames = { artifacts: [], uploads: false };
+  for (const t of spec.tasks) {
+    let p: Record<string, unknown>;
+    try {
+      p = JSON.parse(t.paramsJson || "{}") as Record<string, unknown>;
+    } catch {
+      continue;
+    }
+    if (t.type === "software-update" && typeof p.artifact === "string" && typeof p.version === "string")
+      names.artifacts.push(`${p.artifact}@${p.version}`);
+    if (t.type === "backup" && p.upload === true) names.uploads = true;
+  }
+  return names;
+}
+
+/** A job being submitted: its record and the bytes the operator signed. */
+export interface NewJob {
+  record: JobRecord;
+  signed: Uint8Array;
+}
+
+/** A job record as an older controller stored it: the signed job as base64 inside. */
+type Stored = JobRecord & { signed?: string };
+
+export class JobStore {
+  private readonly cache = new Map<string, JobRecord>();
+  private readonly decoded = new Map<string, { signed: SignedJob; bytes: Uint8Array }>();
+
+  constructor(private readonly store: ControllerStore) {}
+
+  // ---- jobs -----------------------------------------------------------------------------------
+
+  async get(jobId: string): Promise<JobRecord | undefined> {
+    const cached = this.cache.get(jobId);
+    if (cached) return cached;
+    const stored = (await this.store.jobs.get(jobId)) as Stored | undefined;
+    if (!stored) return undefined;
+    const { signed, ...job } = stored;
+    if (signed !== undefined) this.remember(jobId, Buffer.from(signed, "base64"));
+    this.keep(job);
+    return job;
+  }
+
+  /** The operator's signed job: decoded once, then from memory. */
+  async signed(job: JobRecord): Promise<SignedJob> {
+    return (await this.signedEntry(job)).signed;
+  }
+
+  /** What the job's tasks name (recorded at submit; read from the signed job for older jobs). */
+  async names(job: JobRecord): Promise<JobNames> {
+    if (!job.names) job.names = jobNames(decodeJobSpec((await this.signed(job)).spec ?? new Uint8Array()));
+    return job.names;
+  }
+
+  /** The signed job's serialized size (what it adds to an assignment). */
+  async signedSize(job: JobRecord): Promise<number> {
+    return (await this.signedEntry(job)).bytes.length;
+  }
+
+  private async signedEntry(job: JobRecord): Promise<{ signed: SignedJob; bytes: Uint8Array }> {
+    const hit = this.decoded.get(job.id);
+    if (hit) return hit;
+    const bytes = await this.store.signedJobs.get(job.id);
+    if (!bytes) throw new Error(`job ${job.id} has no signed bytes`);
+    return this.remember(job.id, bytes);
+  }
+
+  private remember(jobId: string, bytes: Uint8Array) {
+    const entry = { signed: pb.SignedJob.decode(bytes), bytes };
+    if (this.decoded.size >= CACHE_MAX) this.decoded.delete(this.decoded.keys().next().value!);
+    this.decoded.set(jobId, entry);
+    return entry;
+  }
+
+  private keep(job: JobRecord): void {
+    if (this.cache.size >= CACHE_MAX) this.cache.delete(this.cache.keys().next().value!);
+    this.cache.set(job.id, job);
+  }
+
+  /** Ops that store a new job with its signed bytes. */
+  create(job: JobRecord, signedBytes: Uint8Array): Op[] {
+    this.remember(job.id, signedBytes);
+    return [this.put(job), this.store.put(this.store.signedJobs, job.id, signedBytes)];
+  }
+
+  /** The op that stores a changed job record (the cache holds the same object). */
+  put(job: JobRecord): Op {
+    this.keep(job);
+    return this.store.put(this.store.jobs, job.id, job);
+  }
+
+  /** Ops that delete a job, its signed bytes and its assignments. */
+  remove(job: JobRecord): Op[] {
+    this.cache.delete(job.id);
+    this.decoded.delete(job.id);
+    return [
+      this.store.del(this.store.jobs, job.id),
+      this.store.del(this.store.signedJobs, job.id),
+      ...job.devices.map((d) => this.store.del(this.store.assignments, asgKey(d, job.id))),
+    ];
+  }
+
+  /** Every job, oldest id first (or newest first from before `before`, for listings). */
+  async *all(o: { newestFirst?: boolean; before?: string } = {}): AsyncGenerator<JobRecord> {
+    const range = o.newestFirst ? { reverse: true, ...(o.before ? { lt: o.before } : {}) } : {};
+    for await (const stored of this.store.jobs.values(range)) {
+      const { signed: _bytes, ...job } = stored as Stored;
+      yield this.cache.get(job.id) ?? job;
+    }
+  }
+
+  // ---- assignments ------------------------------------------------------------------------------
+
+  assignment(deviceId: string, jobId: string): Promise<Assignment | undefined> {
+    return this.store.assignments.get(asgKey(deviceId, jobId));
+  }
+
+  putAssignment(a: Assignment): Op {
+    return this.store.put(this.store.assignments, asgKey(a.deviceId, a.jobId), a);
+  }
+
+  async ofJob(job: JobRecord): Promise<Assignment[]> {
+    const got = await this.store.assignments.getMany(job.devices.map((d) => asgKey(d, job.id)));
+    return got.filter((a): a is Assignment => a !== undefined);
+  }
+
+  /** A device's assignments, oldest job first (or the newest `limit` first). */
+  ofDevice(deviceId: string, o: { newestFirst?: boolean; limit?: number } = {}): Promise<Assignment[]> {
+    return this.store.assignments
+      .values({
+        gt: `${deviceId}!`,
+        lt: `${deviceId}!\xff`,
+        ...(o.newestFirst ? { reverse: true } : {}),
+        ...(o.limit !== undefined ? { limit: o.limit } : {}),
+      })
+      .all();
+  }
+
+  /** Ids of a device's jobs, newest first, before job id `before`. */
+  async *deviceJobIds(deviceId: string, before?: string): AsyncGenerator<string> {
+    const prefix = `${deviceId}!`;
+    const keys = this.store.assignments.keys({
+      gt: prefix,
+      lt: before ? `${prefix}${before}` : `${prefix}\xff`,
+      reverse: true,
+    });
+    for await (const k of keys) yield k.slice(prefix.length);
+  }
+
+  /** One atomic batch (group commit). */
+  batch(ops: Op[], sync = true): Promise<void> {
+    return this.store.batch(ops, sync);
+  }
+}
