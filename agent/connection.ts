@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
+import { wrapSendPacket } from "../common/internals.js";
 import { settlesWithin } from "../common/timeout.js";
 import { type BackoffOptions, backoffDelay } from "./retry.js";
 
@@ -138,12 +139,6 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   }
 }
 
-type SendPacket = (
-  packet: { cmd: string; messageId?: number },
-  cb?: (err?: Error) => void,
-  ...rest: unknown[]
-) => void;
-
 /**
  * A QoS 1 message is acknowledged only after `handle` has stored it (DESIGN.md §4.2), but
  * without waiting for one message's fsync before reading the next: MQTT.js reads the next
@@ -154,11 +149,9 @@ type SendPacket = (
  * no PUBACK: the broker delivers it again.
  */
 export function pipelineAcks(client: MqttClient, handle: (packet: IPublishPacket) => Promise<boolean>): void {
-  const inner = client as unknown as { _sendPacket: SendPacket };
-  const send = inner._sendPacket.bind(client);
   const held = new Map<number, Promise<boolean>>();
   let order: Promise<unknown> = Promise.resolve();
-  inner._sendPacket = (packet, cb, ...rest) => {
+  wrapSendPacket(client, (send) => (packet, cb, ...rest) => {
     const stored =
       packet.cmd === "puback" && packet.messageId !== undefined ? held.get(packet.messageId) : undefined;
     if (!stored) return send(packet, cb, ...rest);
@@ -169,7 +162,7 @@ export function pipelineAcks(client: MqttClient, handle: (packet: IPublishPacket
         if (ok && client.connected) send(packet);
       });
     cb?.(); // read the next message now
-  };
+  });
   client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
     const stored = handle(packet);
     if (packet.qos === 1 && packet.messageId !== undefined) {

@@ -12,7 +12,7 @@ import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
 import { ApiError, cursor, DEFAULT_PAGE, fillPage, MAX_PAGE } from "../proto/api.js";
-import { decodeJobSpec, pb, TERMINAL_STATES } from "../proto/index.js";
+import { pb, TERMINAL_STATES } from "../proto/index.js";
 import { verifyManifest } from "../proto/signing.js";
 import type { ServerConfig } from "./config.js";
 import type { JobStore } from "./controller/job-store.js";
@@ -391,7 +391,7 @@ export class ArtifactStore {
       return true;
     }
     const start = range ? Number(range[1]) : 0;
-    const end = range && range[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
+    const end = range?.[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
     if (start > end) {
       res.writeHead(416, { "content-range": `bytes */${size}` });
       res.end();

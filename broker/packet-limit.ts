@@ -1,16 +1,10 @@
 // aedes parses MQTT with mqtt-packet, which buffers a whole packet before looking at it: a
 // client, authenticated or not, could announce a 256 MiB PUBLISH and make the server hold it
 // all. This checks each packet's declared length as soon as its header is read, and caps what
-// a connection may send before its CONNECT is accepted. Reaches into aedes 1.x (`_parser`) and
-// mqtt-packet 9.x (`_parseLength`, `packet.length`, `_emitError`).
+// a connection may send before its CONNECT is accepted. The parser is reached through
+// common/internals.ts.
 import type { Client } from "aedes";
-
-interface Parser {
-  packet: { cmd?: string; length: number };
-  parse(buf: Buffer): number;
-  _parseLength(): boolean;
-  _emitError(err: Error): void;
-}
+import { packetParser } from "../common/internals.js";
 
 export interface PacketLimits {
   /** Largest packet once connected: payload limit plus topic and header. */
@@ -22,12 +16,7 @@ export interface PacketLimits {
 }
 
 export function limitPackets(client: Client, o: PacketLimits): Client {
-  const parser = (client as unknown as { _parser?: Parser })._parser;
-  if (!parser || typeof parser._parseLength !== "function") {
-    throw new Error(
-      "aedes/mqtt-packet internals changed: cannot limit packet sizes (broker/packet-limit.ts)",
-    );
-  }
+  const parser = packetParser(client);
   let preAuth = 0;
   let refused = false;
   const refuse = (reason: string) => {

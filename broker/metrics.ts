@@ -1,0 +1,36 @@
+// Prometheus metrics of the fleet server (`/metrics`): process defaults, connected clients,
+// registered devices, and every named server counter.
+import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom-client";
+import type { Counters } from "../common/counters.js";
+
+export function serverMetrics(o: { counters: Counters; clients(): number; devices(): number }): Metrics {
+  const metrics = new Metrics();
+  collectDefaultMetrics({ register: metrics });
+  new Gauge({
+    name: "fleet_connected_clients",
+    help: "MQTT clients connected to the embedded broker",
+    registers: [metrics],
+    collect() {
+      this.set(o.clients());
+    },
+  });
+  new Gauge({
+    name: "fleet_registered_devices",
+    help: "Devices in the registry",
+    registers: [metrics],
+    collect() {
+      this.set(o.devices());
+    },
+  });
+  new Counter({
+    name: "fleet_events_total",
+    help: "Server counters by name: auth failures, ACL denials, dropped payloads, ...",
+    labelNames: ["name"],
+    registers: [metrics],
+    collect() {
+      this.reset();
+      for (const [name, v] of Object.entries(o.counters.toObject())) this.inc({ name }, v);
+    },
+  });
+  return metrics;
+}
