@@ -83,19 +83,19 @@ export class Agent {
   private lastStateAt = 0;
   private readonly startedAt = Date.now();
 
-  constructor(private readonly o: AgentOptions) {
-    this.cfg = o.config;
-    this.log = (o.log ?? createLogger()).child({ component: "agent", deviceId: o.config.deviceId });
+  constructor(private readonly opts: AgentOptions) {
+    this.cfg = opts.config;
+    this.log = (opts.log ?? createLogger()).child({ component: "agent", deviceId: opts.config.deviceId });
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
-    if (!o.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    if (!opts.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     this.store = new AgentStore(
-      o.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db),
-      o.writer,
+      opts.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db),
+      opts.writer,
       // A batch of one status must fit the payload limit, with room for the envelope.
       Math.floor(this.cfg.maxPayloadBytes / 2),
     );
-    this.clock = new TrustedClock(o.time ?? systemTime, BUILD_TIME_FLOOR);
-    this.handlers = new Map((o.handlers ?? builtinHandlers).map((h) => [h.type, h]));
+    this.clock = new TrustedClock(opts.time ?? systemTime, BUILD_TIME_FLOOR);
+    this.handlers = new Map((opts.handlers ?? builtinHandlers).map((h) => [h.type, h]));
     this.trustedKeys = new Map(this.cfg.trustedKeys.map((k) => [k.keyId, createPublicKey(k.publicKey)]));
     this.policy = {
       allowShell: this.cfg.allowShell,
@@ -114,10 +114,10 @@ export class Agent {
       counters: this.counters,
       facts: () => this.facts,
       system:
-        o.system ??
+        opts.system ??
         (this.cfg.systemDryRun ? dryRunSystem(this.log) : realSystem(this.cfg.rebootCommand, this.log)),
       artifacts:
-        o.artifacts ??
+        opts.artifacts ??
         httpArtifactSource(this.cfg.artifactsUrl, {
           deviceId: this.cfg.deviceId,
           password: this.cfg.password,
@@ -237,7 +237,7 @@ export class Agent {
     this.sendSync();
     this.outbox.onConnected();
     void this.sendTelemetry();
-    if (await settlesWithin(subscribed, this.o.subackTimeoutMs ?? SUBACK_TIMEOUT_MS)) {
+    if (await settlesWithin(subscribed, this.opts.subackTimeoutMs ?? SUBACK_TIMEOUT_MS)) {
       await subscribed; // a failed SUBSCRIBE (connection lost) is logged by the caller
       return;
     }
@@ -424,17 +424,17 @@ export class Agent {
       "os.platform": process.platform,
     };
     for (const [k, v] of Object.entries(this.cfg.labels)) f[`labels.${k}`] = v;
-    return { ...f, ...this.o.extraFacts };
+    return { ...f, ...this.opts.extraFacts };
   }
 
   private async refreshFacts(): Promise<void> {
-    if (this.o.measureFacts === false) return;
+    if (this.opts.measureFacts === false) return;
     try {
       this.facts = await collectFacts({
         dataDir: rootPath(this.cfg, this.cfg.dataDir),
         agentVersion: AGENT_VERSION,
         labels: this.cfg.labels,
-        extra: this.o.extraFacts,
+        extra: this.opts.extraFacts,
       });
       this.scheduler.kick();
     } catch (err) {
@@ -475,8 +475,8 @@ export class Agent {
   private async sendTelemetry(): Promise<void> {
     if (!this.connection.connected || this.cfg.telemetryIntervalS <= 0) return;
     try {
-      const t = this.o.telemetry
-        ? await this.o.telemetry()
+      const t = this.opts.telemetry
+        ? await this.opts.telemetry()
         : await collectTelemetry(rootPath(this.cfg, this.cfg.dataDir), this.clock.now());
       this.publish("telemetry", encodeEnvelope({ telemetry: t }), 0);
     } catch (err) {

@@ -40,7 +40,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   private isUp = false;
   readonly attemptTimes: number[] = [];
 
-  constructor(private readonly o: ConnectionOptions) {
+  constructor(private readonly opts: ConnectionOptions) {
     super();
   }
 
@@ -59,30 +59,30 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 
   private connectNext(): void {
     if (this.stopped) return;
-    const url = this.o.brokers[this.brokerIndex % this.o.brokers.length]!;
+    const url = this.opts.brokers[this.brokerIndex % this.opts.brokers.length]!;
     this.brokerIndex++;
-    this.o.counters.inc("connect_attempts");
+    this.opts.counters.inc("connect_attempts");
     this.attemptTimes.push(Date.now());
     if (this.attemptTimes.length > 100) this.attemptTimes.shift();
     const opts: IClientOptions = {
-      clientId: this.o.clientId,
-      username: this.o.username ?? this.o.clientId,
-      password: this.o.password,
+      clientId: this.opts.clientId,
+      username: this.opts.username ?? this.opts.clientId,
+      password: this.opts.password,
       clean: false,
       protocolVersion: 4,
       reconnectPeriod: 0, // we schedule reconnects ourselves
       connectTimeout: 10_000,
       keepalive: 30,
-      will: { topic: this.o.will.topic, payload: this.o.will.payload, qos: 1, retain: true },
-      ...(this.o.caCertFile ? { ca: readFileSync(this.o.caCertFile) } : {}),
-      ...(this.o.certFile && this.o.keyFile
-        ? { cert: readFileSync(this.o.certFile), key: readFileSync(this.o.keyFile) }
+      will: { topic: this.opts.will.topic, payload: this.opts.will.payload, qos: 1, retain: true },
+      ...(this.opts.caCertFile ? { ca: readFileSync(this.opts.caCertFile) } : {}),
+      ...(this.opts.certFile && this.opts.keyFile
+        ? { cert: readFileSync(this.opts.certFile), key: readFileSync(this.opts.keyFile) }
         : {}),
     };
     const client = mqtt.connect(url, opts);
     this.client = client;
     pipelineAcks(client, (packet) =>
-      this.o
+      this.opts
         .onMessage(
           packet.topic,
           Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
@@ -91,8 +91,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
           () => true,
           (err: Error) => {
             // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
-            this.o.counters.inc("message_not_acked");
-            this.o.log.error({ err, topic: packet.topic }, "could not handle message; not acknowledging it");
+            this.opts.counters.inc("message_not_acked");
+            this.opts.log.error({ err, topic: packet.topic }, "could not handle message; not acknowledging it");
             return false;
           },
         ),
@@ -100,12 +100,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     client.on("connect", (connack) => {
       this.attempt = 0;
       this.isUp = true;
-      this.o.log.info({ broker: url, sessionPresent: connack.sessionPresent }, "connected");
+      this.opts.log.info({ broker: url, sessionPresent: connack.sessionPresent }, "connected");
       this.emit("up", client, connack.sessionPresent);
     });
     client.on("error", (err) => {
-      this.o.counters.inc("connection_errors");
-      this.o.log.warn({ broker: url, err: err.message }, "connection error");
+      this.opts.counters.inc("connection_errors");
+      this.opts.log.warn({ broker: url, err: err.message }, "connection error");
     });
     client.on("close", () => {
       if (this.client !== client) return;
@@ -116,8 +116,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       client.removeAllListeners("close");
       client.end(true);
       if (this.stopped) return;
-      const delay = backoffDelay(this.attempt++, this.o.backoff);
-      this.o.log.info({ delayMs: delay, attempt: this.attempt }, "disconnected; reconnecting after backoff");
+      const delay = backoffDelay(this.attempt++, this.opts.backoff);
+      this.opts.log.info({ delayMs: delay, attempt: this.attempt }, "disconnected; reconnecting after backoff");
       this.timer = setTimeout(() => this.connectNext(), delay);
     });
   }

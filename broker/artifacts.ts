@@ -58,7 +58,7 @@ export class ArtifactStore {
   private readonly blobs: string;
 
   constructor(
-    private readonly o: {
+    private readonly opts: {
       dir: string;
       store: ControllerStore;
       jobs: JobStore;
@@ -70,8 +70,8 @@ export class ArtifactStore {
       passwords: PasswordGate;
     },
   ) {
-    this.records = o.store.db.sublevel<string, ArtifactRecord>("art", { valueEncoding: "json" }) as never;
-    this.blobs = join(o.dir, "artifacts", "blobs");
+    this.records = opts.store.db.sublevel<string, ArtifactRecord>("art", { valueEncoding: "json" }) as never;
+    this.blobs = join(opts.dir, "artifacts", "blobs");
   }
 
   /** Handles /v1/artifacts and /v1/blobs; false for any other URL. */
@@ -147,8 +147,8 @@ export class ArtifactStore {
         : err instanceof ApiError
           ? new HttpError(400, err.message)
           : new HttpError(500, (err as Error).message);
-    if (e.status >= 500) this.o.log.error({ err }, "HTTP request failed");
-    else this.o.counters.inc(`artifact_http_${e.status}`);
+    if (e.status >= 500) this.opts.log.error({ err }, "HTTP request failed");
+    else this.opts.counters.inc(`artifact_http_${e.status}`);
     if (!res.headersSent) this.json(res, e.status, { error: e.message });
     else res.destroy();
     return true;
@@ -160,7 +160,7 @@ export class ArtifactStore {
     const limit = raw === null ? DEFAULT_PAGE : Number(raw);
     if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PAGE)
       throw new HttpError(400, `limit must be a whole number from 1 to ${MAX_PAGE}`);
-    return { limit, budget: this.o.config.limits.maxPayloadBytes };
+    return { limit, budget: this.opts.config.limits.maxPayloadBytes };
   }
 
   private json(res: ServerResponse, status: number, body: unknown): true {
@@ -176,24 +176,24 @@ export class ArtifactStore {
       const sock = req.socket as TLSSocket;
       const peer = sock.authorized ? sock.getPeerCertificate?.() : undefined;
       const cn = peer?.subject?.CN;
-      if (typeof cn === "string" && this.o.registry.certAllowed(cn, peer?.serialNumber))
+      if (typeof cn === "string" && this.opts.registry.certAllowed(cn, peer?.serialNumber))
         return { kind: "device", id: cn };
       throw new HttpError(401, "authentication required");
     }
     const [user, ...rest] = Buffer.from(m[1]!, "base64").toString().split(":");
     const pass = rest.join(":");
-    const op = this.o.config.operators.find((x) => x.username === user);
+    const op = this.opts.config.operators.find((x) => x.username === user);
     if (op) {
-      const verdict = await this.o.passwords.check(req.socket.remoteAddress ?? "?", pass, op.passwordHash);
+      const verdict = await this.opts.passwords.check(req.socket.remoteAddress ?? "?", pass, op.passwordHash);
       if (verdict === "ok") return { kind: "operator", name: op.username };
-      this.o.counters.inc(`operator_login_${verdict}`);
+      this.opts.counters.inc(`operator_login_${verdict}`);
       if (verdict === "throttled")
         throw new HttpError(429, "too many failed logins from this address; try later");
       if (verdict === "busy") throw new HttpError(503, "too many logins in progress; try again");
       throw new HttpError(401, "bad credentials");
     }
-    if (user && this.o.registry.verifyToken(user, pass)) return { kind: "device", id: user };
-    this.o.counters.inc("artifact_auth_failed");
+    if (user && this.opts.registry.verifyToken(user, pass)) return { kind: "device", id: user };
+    this.opts.counters.inc("artifact_auth_failed");
     throw new HttpError(401, "bad credentials");
   }
 
@@ -213,7 +213,7 @@ export class ArtifactStore {
     const header = req.headers["x-fleet-manifest"];
     if (typeof header !== "string") throw new HttpError(400, "X-Fleet-Manifest header missing");
     const signed = pb.SignedManifest.decode(Buffer.from(header, "base64"));
-    const v = verifyManifest(signed, this.o.operatorKeys);
+    const v = verifyManifest(signed, this.opts.operatorKeys);
     if (!v.ok) throw new HttpError(400, v.message);
     const m = v.manifest;
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(m.name) || !/^[A-Za-z0-9._+-]{1,64}$/.test(m.version))
@@ -246,7 +246,7 @@ export class ArtifactStore {
       signed: Buffer.from(pb.SignedManifest.encode(signed).finish()).toString("base64"),
     };
     await this.records.put(key, rec, { sync: true } as never);
-    this.o.log.info({ name: m.name, version: m.version, size, operator }, "artifact stored");
+    this.opts.log.info({ name: m.name, version: m.version, size, operator }, "artifact stored");
     const { signed: _s, ...shown } = rec;
     return shown;
   }
@@ -278,7 +278,7 @@ export class ArtifactStore {
     });
     const rec = recs.find((r) => named.has(recordKey(r.name, r.version)));
     if (rec) return rec;
-    this.o.counters.inc("artifact_denied");
+    this.opts.counters.inc("artifact_denied");
     throw new HttpError(403, `no job assigned to ${who.id} names ${recs[0]!.name} ${recs[0]!.version}`);
   }
 
@@ -287,10 +287,10 @@ export class ArtifactStore {
    * for: a lookup in what each job's tasks named when it was submitted.
    */
   private async jobWants(deviceId: string, wants: (names: JobNames) => boolean): Promise<boolean> {
-    for (const a of await this.o.jobs.ofDevice(deviceId)) {
+    for (const a of await this.opts.jobs.ofDevice(deviceId)) {
       if (TERMINAL_STATES.has(a.state)) continue;
-      const job = await this.o.jobs.get(a.jobId);
-      if (job && wants(await this.o.jobs.names(job))) return true;
+      const job = await this.opts.jobs.get(a.jobId);
+      if (job && wants(await this.opts.jobs.names(job))) return true;
     }
     return false;
   }
@@ -300,7 +300,7 @@ export class ArtifactStore {
    * list them (GET /v1/uploads) and fetch one (GET /v1/uploads/<device>/<file>).
    */
   private async uploads(req: IncomingMessage, res: ServerResponse, who: Who, rest: string[]): Promise<true> {
-    const dir = join(this.o.dir, "artifacts", "uploads");
+    const dir = join(this.opts.dir, "artifacts", "uploads");
     const safe = (s: string | undefined) =>
       s !== undefined && /^[A-Za-z0-9._-]{1,128}$/.test(s) && !s.startsWith(".");
     if (req.method === "PUT" && rest.length === 1 && who.kind === "device") {
@@ -339,7 +339,7 @@ export class ArtifactStore {
         throw new HttpError(400, "upload does not match its X-Fleet-Sha256");
       }
       await rename(tmp, target);
-      this.o.log.info({ deviceId: who.id, file: rest[0], size }, "device upload stored");
+      this.opts.log.info({ deviceId: who.id, file: rest[0], size }, "device upload stored");
       return this.json(res, 201, { deviceId: who.id, file: rest[0], size, sha256: sha });
     }
     if (req.method === "GET" && who.kind === "operator") {

@@ -41,11 +41,11 @@ export class Cluster {
   private leader = false;
   private renewedAt = 0;
 
-  constructor(private readonly o: ClusterOptions) {
-    this.redis = new Redis(o.url, { lazyConnect: true, maxRetriesPerRequest: 2 });
-    this.redis.on("error", (err) => o.log.warn({ err: err.message }, "redis connection error"));
-    this.leaseKey = `${o.prefix}:controller-lease`;
-    this.devicesKey = `${o.prefix}:device-tokens`;
+  constructor(private readonly opts: ClusterOptions) {
+    this.redis = new Redis(opts.url, { lazyConnect: true, maxRetriesPerRequest: 2 });
+    this.redis.on("error", (err) => opts.log.warn({ err: err.message }, "redis connection error"));
+    this.leaseKey = `${opts.prefix}:controller-lease`;
+    this.devicesKey = `${opts.prefix}:device-tokens`;
   }
 
   async connect(): Promise<void> {
@@ -54,7 +54,7 @@ export class Cluster {
       await this.redis.ping();
     } catch (err) {
       this.redis.disconnect();
-      throw new Error(`cannot reach the cluster's Redis at ${this.o.url}: ${(err as Error).message}`);
+      throw new Error(`cannot reach the cluster's Redis at ${this.opts.url}: ${(err as Error).message}`);
     }
   }
 
@@ -62,10 +62,10 @@ export class Cluster {
   brokerParts(): { mq: unknown; persistence: unknown } {
     // A subscriber connection must not run ioredis' ready check (INFO) once it has subscribed.
     const mq = MQEmitterRedis({
-      subConn: new Redis(this.o.url, { enableReadyCheck: false }),
-      pubConn: new Redis(this.o.url),
+      subConn: new Redis(this.opts.url, { enableReadyCheck: false }),
+      pubConn: new Redis(this.opts.url),
     });
-    const p = persistence({ conn: new Redis(this.o.url) }) as Record<string, unknown>;
+    const p = persistence({ conn: new Redis(this.opts.url) }) as Record<string, unknown>;
     // aedes 1.2 calls addSubscriptions once per topic of a SUBSCRIBE, each time with the whole
     // list; the Redis persistence then waits for one broadcast per call under the same key, and
     // all but the last wait forever (a multi-topic SUBSCRIBE never gets its SUBACK). One call
@@ -90,13 +90,13 @@ export class Cluster {
    * expires), then keeps renewing it; `onLost` when it is lost or cannot be kept.
    */
   campaign(onLeader: () => Promise<void>, onLost: (why: string) => void): void {
-    const every = Math.max(100, Math.floor(this.o.leaseMs / 3));
+    const every = Math.max(100, Math.floor(this.opts.leaseMs / 3));
     const attempt = async () => {
       let got: string | null = null;
       try {
-        got = await this.redis.set(this.leaseKey, this.o.nodeId, "PX", this.o.leaseMs, "NX");
+        got = await this.redis.set(this.leaseKey, this.opts.nodeId, "PX", this.opts.leaseMs, "NX");
       } catch (err) {
-        this.o.log.warn({ err: (err as Error).message }, "lease: cannot reach Redis");
+        this.opts.log.warn({ err: (err as Error).message }, "lease: cannot reach Redis");
       }
       if (got !== "OK") {
         this.acquireTimer = setTimeout(() => void attempt(), every);
@@ -104,7 +104,7 @@ export class Cluster {
       }
       this.leader = true;
       this.renewedAt = Date.now();
-      this.o.log.info({ node: this.o.nodeId }, "lease acquired: this node runs the controller");
+      this.opts.log.info({ node: this.opts.nodeId }, "lease acquired: this node runs the controller");
       this.renewTimer = setInterval(() => void this.renew(onLost, every), every);
       try {
         await onLeader();
@@ -123,15 +123,21 @@ export class Cluster {
   private async renew(onLost: (why: string) => void, every: number): Promise<void> {
     let why: string;
     try {
-      const ok = (await this.redis.eval(RENEW, 1, this.leaseKey, this.o.nodeId, this.o.leaseMs)) as number;
+      const ok = (await this.redis.eval(
+        RENEW,
+        1,
+        this.leaseKey,
+        this.opts.nodeId,
+        this.opts.leaseMs,
+      )) as number;
       if (ok) {
         this.renewedAt = Date.now();
         return;
       }
       why = "the controller lease is held by another node or expired";
     } catch (err) {
-      this.o.log.warn({ err: (err as Error).message }, "lease: renewal failed");
-      if (Date.now() + every < this.renewedAt + this.o.leaseMs) return;
+      this.opts.log.warn({ err: (err as Error).message }, "lease: renewal failed");
+      if (Date.now() + every < this.renewedAt + this.opts.leaseMs) return;
       why = `the controller lease could not be renewed in time: ${(err as Error).message}`;
     }
     this.leader = false;
@@ -199,7 +205,7 @@ export class Cluster {
           `if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end return 0`,
           1,
           this.leaseKey,
-          this.o.nodeId,
+          this.opts.nodeId,
         )
         .catch(() => 0);
       this.leader = false;

@@ -43,14 +43,14 @@ export class BrokerGate {
   private readonly rate = new Map<string, { tokens: number; at: number }>();
   private readonly controllerHash: string;
 
-  constructor(private readonly o: GateOptions) {
-    this.controllerHash = tokenHash(o.config.controller.password);
+  constructor(private readonly opts: GateOptions) {
+    this.controllerHash = tokenHash(opts.config.controller.password);
   }
 
   /** Forgets per-address connection rates (call every minute). */
   prune(): void {
     this.rate.clear();
-    this.o.passwords.prune();
+    this.opts.passwords.prune();
   }
 
   readonly hooks: Required<
@@ -63,8 +63,8 @@ export class BrokerGate {
           // The Last Will is a publish like any other (M11): checked now, before it is kept.
           const will = clientWill(client);
           if (will && !this.mayPublish(who, will.topic, Boolean(will.retain))) {
-            this.o.counters.inc("acl_will_denied");
-            this.o.log.warn(
+            this.opts.counters.inc("acl_will_denied");
+            this.opts.log.warn(
               { clientId: client.id, topic: will.topic },
               "connection refused: will topic not allowed",
             );
@@ -74,8 +74,8 @@ export class BrokerGate {
           done(null, true);
         },
         (err: AuthenticateError) => {
-          this.o.counters.inc("auth_failed");
-          this.o.log.warn({ clientId: client.id, username, reason: err.message }, "connection refused");
+          this.opts.counters.inc("auth_failed");
+          this.opts.log.warn({ clientId: client.id, username, reason: err.message }, "connection refused");
           done(err, false);
         },
       );
@@ -84,49 +84,49 @@ export class BrokerGate {
       const who = (client as FleetClient | null)?.fleet;
       if (!who) return done(null); // the broker itself (will messages are checked at connect)
       if (!this.mayPublish(who, packet.topic, packet.retain)) {
-        this.o.counters.inc("acl_publish_denied");
-        this.o.log.warn(
+        this.opts.counters.inc("acl_publish_denied");
+        this.opts.log.warn(
           { clientId: client?.id, topic: packet.topic },
           "publish denied; closing the connection",
         );
         return done(new Error(`not authorized to publish to ${packet.topic}`));
       }
-      if (packet.payload.length > this.o.config.limits.maxPayloadBytes) {
-        this.o.counters.inc("payload_too_large");
+      if (packet.payload.length > this.opts.config.limits.maxPayloadBytes) {
+        this.opts.counters.inc("payload_too_large");
         return done(new Error(`payload of ${packet.payload.length} bytes exceeds the limit`));
       }
       done(null);
     },
     authorizeSubscribe: (client, sub, done) => {
       const who = (client as FleetClient).fleet;
-      if (who && canSubscribe(who, this.o.config.prefix, sub.topic)) return done(null, sub);
-      this.o.counters.inc("acl_subscribe_denied");
-      this.o.log.warn({ clientId: client.id, topic: sub.topic }, "subscription denied");
+      if (who && canSubscribe(who, this.opts.config.prefix, sub.topic)) return done(null, sub);
+      this.opts.counters.inc("acl_subscribe_denied");
+      this.opts.log.warn({ clientId: client.id, topic: sub.topic }, "subscription denied");
       done(null, null);
     },
   };
 
   /** The ACL, and retained messages only on a device's own `state`. */
   mayPublish(who: Identity, topic: string, retain: boolean): boolean {
-    return canPublish(who, this.o.config.prefix, topic) && (!retain || topic.endsWith("/state"));
+    return canPublish(who, this.opts.config.prefix, topic) && (!retain || topic.endsWith("/state"));
   }
 
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
-    this.o.prepare?.(client);
-    this.o.counters.inc("connect_attempts");
-    if (this.o.connected() >= this.o.config.limits.maxConnections) {
-      this.o.counters.inc("connections_refused_max");
+    this.opts.prepare?.(client);
+    this.opts.counters.inc("connect_attempts");
+    if (this.opts.connected() >= this.opts.config.limits.maxConnections) {
+      this.opts.counters.inc("connections_refused_max");
       done(new Error("too many connections"), false);
       return;
     }
     const addr = remoteAddress(client);
-    const limit = this.o.config.limits.connectsPerSecondPerAddress;
+    const limit = this.opts.config.limits.connectsPerSecondPerAddress;
     const now = Date.now();
     const b = this.rate.get(addr) ?? { tokens: limit, at: now };
     b.tokens = Math.min(limit, b.tokens + ((now - b.at) / 1000) * limit);
     b.at = now;
     if (b.tokens < 1) {
-      this.o.counters.inc("connections_refused_rate");
+      this.opts.counters.inc("connections_refused_rate");
       done(new Error(`connection rate from ${addr} over ${limit}/s`), false);
       return;
     }
@@ -140,7 +140,7 @@ export class BrokerGate {
     username: Readonly<string | undefined>,
     password: Readonly<Buffer | undefined>,
   ): Promise<Identity> {
-    const cfg = this.o.config;
+    const cfg = this.opts.config;
     if (username === cfg.controller.username) {
       const id = cfg.controller.clientId ?? cfg.controller.username;
       if (client.id === id && password && tokenMatches(password, this.controllerHash)) {
@@ -167,7 +167,7 @@ export class BrokerGate {
     if (!deviceId || !DEVICE_ID_RE.test(deviceId) || client.id !== deviceId) {
       throw authError("client id must equal the device id (username)", 2);
     }
-    const devices = this.o.devices;
+    const devices = this.opts.devices;
     if (password?.length) {
       const verdict = await devices.verify(deviceId, password as Buffer);
       // Unknown and wrong look the same to the client (no enumeration of device ids); the log tells.
@@ -180,15 +180,15 @@ export class BrokerGate {
     if (certCn && certCn === deviceId) {
       const serial = tls.getPeerCertificate?.().serialNumber;
       if (await devices.certAllowed(deviceId, serial)) return { kind: "device", id: deviceId };
-      this.o.counters.inc("cert_revoked");
+      this.opts.counters.inc("cert_revoked");
       throw authError("client certificate revoked", 4);
     }
     throw authError("no credentials", 4);
   }
 
   private async passwordCheck(address: string, password: string, stored: string): Promise<Verdict> {
-    const v = await this.o.passwords.check(address, password, stored);
-    if (v !== "ok") this.o.counters.inc(`operator_login_${v}`);
+    const v = await this.opts.passwords.check(address, password, stored);
+    if (v !== "ok") this.opts.counters.inc(`operator_login_${v}`);
     return v;
   }
 }

@@ -32,10 +32,10 @@ export class PasswordGate {
   /** How many scrypt checks ran (for tests and metrics). */
   checks = 0;
 
-  constructor(private readonly o: PasswordGateOptions) {}
+  constructor(private readonly opts: PasswordGateOptions) {}
 
   private now(): number {
-    return (this.o.now ?? Date.now)();
+    return (this.opts.now ?? Date.now)();
   }
 
   async check(address: string, password: string, stored: string): Promise<Verdict> {
@@ -43,11 +43,11 @@ export class PasswordGate {
     const until = this.remembered.get(key);
     if (until !== undefined && until > this.now()) return "ok";
     const f = this.failed.get(address);
-    const windowMs = this.o.windowMs ?? 60_000;
-    if (f && this.now() - f.since < windowMs && f.n >= (this.o.failures ?? 10)) return "throttled";
+    const windowMs = this.opts.windowMs ?? 60_000;
+    if (f && this.now() - f.since < windowMs && f.n >= (this.opts.failures ?? 10)) return "throttled";
     const mine = this.inFlight.get(address) ?? 0;
-    if (mine >= (this.o.perAddress ?? 2)) return "busy";
-    if (this.running >= (this.o.maxConcurrent ?? 2) && this.waiting.length >= (this.o.maxQueued ?? 16))
+    if (mine >= (this.opts.perAddress ?? 2)) return "busy";
+    if (this.running >= (this.opts.maxConcurrent ?? 2) && this.waiting.length >= (this.opts.maxQueued ?? 16))
       return "busy";
     this.inFlight.set(address, mine + 1);
     try {
@@ -55,7 +55,7 @@ export class PasswordGate {
       let ok: boolean;
       try {
         this.checks++;
-        ok = await this.o.verify(password, stored);
+        ok = await this.opts.verify(password, stored);
       } finally {
         this.release();
       }
@@ -78,11 +78,11 @@ export class PasswordGate {
 
   private remember(key: string): void {
     if (this.remembered.size > 1000) this.remembered.clear(); // operators are few; bound it anyway
-    this.remembered.set(key, this.now() + (this.o.rememberMs ?? 5 * 60_000));
+    this.remembered.set(key, this.now() + (this.opts.rememberMs ?? 5 * 60_000));
   }
 
   private slot(): Promise<void> {
-    if (this.running < (this.o.maxConcurrent ?? 2)) {
+    if (this.running < (this.opts.maxConcurrent ?? 2)) {
       this.running++;
       return Promise.resolve();
     }
@@ -98,7 +98,8 @@ export class PasswordGate {
   /** Drops failure records older than the window (called from a periodic timer). */
   prune(): void {
     const now = this.now();
-    for (const [a, f] of this.failed) if (now - f.since >= (this.o.windowMs ?? 60_000)) this.failed.delete(a);
+    for (const [a, f] of this.failed)
+      if (now - f.since >= (this.opts.windowMs ?? 60_000)) this.failed.delete(a);
     for (const [k, until] of this.remembered) if (until <= now) this.remembered.delete(k);
   }
 }

@@ -99,10 +99,10 @@ export class FleetServer {
     registry: () => this.registry,
     controllerConnected: () => this.controller?.connected,
     health: () => ({
-      broker: this.o.externalBroker ? "external" : "embedded",
+      broker: this.opts.externalBroker ? "external" : "embedded",
       clients: this.aedes?.connectedClients ?? null,
       devices: this.registry?.size ?? null,
-      ...(this.o.cluster ? { node: this.o.cluster.nodeId } : {}),
+      ...(this.opts.cluster ? { node: this.opts.cluster.nodeId } : {}),
     }),
     metrics: this.metrics,
     counters: this.counters,
@@ -110,8 +110,8 @@ export class FleetServer {
   });
   listening!: Listening;
 
-  constructor(private readonly o: ServerOptions) {
-    this.log = o.log.child({ component: "server" });
+  constructor(private readonly opts: ServerOptions) {
+    this.log = opts.log.child({ component: "server" });
   }
 
   /** Starts everything; if any part fails, what was started is stopped again before the error. */
@@ -125,20 +125,20 @@ export class FleetServer {
   }
 
   private async boot(): Promise<Listening> {
-    const init = await initFleet(this.o.dir);
-    if (init.created) this.log.info({ dir: this.o.dir }, "initialized a new fleet data directory");
-    const p = paths(this.o.dir);
+    const init = await initFleet(this.opts.dir);
+    if (init.created) this.log.info({ dir: this.opts.dir }, "initialized a new fleet data directory");
+    const p = paths(this.opts.dir);
     this.config = readJsonFile(p.server, serverConfigSchema);
-    if (this.o.cluster) {
+    if (this.opts.cluster) {
       this.cluster = new Cluster({
-        ...this.o.cluster,
+        ...this.opts.cluster,
         prefix: `edgefleet:${this.config.prefix}`,
-        log: this.o.log.child({ component: "cluster" }),
+        log: this.opts.log.child({ component: "cluster" }),
       });
       await this.cluster.connect();
     }
-    const host = this.o.host;
-    const plainHost = this.o.plainHost ?? "127.0.0.1";
+    const host = this.opts.host;
+    const plainHost = this.opts.plainHost ?? "127.0.0.1";
     if (!isLoopback(plainHost))
       this.log.warn(
         { plainHost },
@@ -154,13 +154,13 @@ export class FleetServer {
     const http = createHttpServer(this.serveHttp);
     const https = createHttpsServer(tlsOpts, this.serveHttp);
     const [httpPort, httpsPort] = await Promise.all([
-      listen(http, this.o.httpPort, plainHost),
-      listen(https, this.o.httpsPort ?? 8443, host),
+      listen(http, this.opts.httpPort, plainHost),
+      listen(https, this.opts.httpsPort ?? 8443, host),
     ]);
     this.servers = [http, https];
     const shown = (h: string) => (h === "0.0.0.0" || h === "::" ? "127.0.0.1" : h);
-    let mqtt = { mqtt: this.o.externalBroker ?? "", mqtts: "-", ws: "-" };
-    if (!this.o.externalBroker) mqtt = await this.startBroker(tlsOpts, { host, plainHost }, shown);
+    let mqtt = { mqtt: this.opts.externalBroker ?? "", mqtts: "-", ws: "-" };
+    if (!this.opts.externalBroker) mqtt = await this.startBroker(tlsOpts, { host, plainHost }, shown);
     this.listening = {
       ...mqtt,
       http: `http://${shown(plainHost)}:${httpPort}`,
@@ -183,7 +183,7 @@ export class FleetServer {
   /** Registry, artifact store and controller, on the one node that runs them. */
   private async startController(p: ReturnType<typeof paths>): Promise<void> {
     const store = new ControllerStore(p.db);
-    await openStore(store, this.cluster ? this.o.cluster!.leaseMs * 3 : 0);
+    await openStore(store, this.cluster ? this.opts.cluster!.leaseMs * 3 : 0);
     this.store = store;
     const registry = new Registry(store);
     // A removed device loses its live connection too, not only its next login.
@@ -204,13 +204,13 @@ export class FleetServer {
     this.registry = registry;
     const jobs = new JobStore(store);
     this.artifacts = new ArtifactStore({
-      dir: this.o.dir,
+      dir: this.opts.dir,
       store: store,
       jobs,
       registry,
       config: this.config,
       operatorKeys: new Map(this.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)])),
-      log: this.o.log.child({ component: "artifacts" }),
+      log: this.opts.log.child({ component: "artifacts" }),
       counters: this.counters,
       passwords: this.passwords,
     });
@@ -221,7 +221,7 @@ export class FleetServer {
       registry,
       brokerUrl: this.listening.mqtt,
       ca: { certPem: readFileSync(p.caCert, "utf8"), keyPem: readFileSync(p.caKey, "utf8") },
-      log: this.o.log,
+      log: this.opts.log,
       counters: this.counters,
       httpUrl: this.listening.http,
       httpsUrl: this.listening.https,
@@ -244,7 +244,7 @@ export class FleetServer {
 
   private fatal(why: string): void {
     this.log.error({ reason: why }, "this node must stop");
-    if (this.o.onFatal) this.o.onFatal(why);
+    if (this.opts.onFatal) this.opts.onFatal(why);
     else throw new Error(why);
   }
 
@@ -259,7 +259,7 @@ export class FleetServer {
       devices: this.deviceCredentials(),
       passwords: this.passwords,
       counters: this.counters,
-      log: this.o.log.child({ component: "gate" }),
+      log: this.opts.log.child({ component: "gate" }),
       connected: () => this.aedes?.connectedClients ?? 0,
       // Cluster: aedes drops a message whose per-node counter is not above the last one it
       // forwarded to the client ("dedupe"), but through Redis a retained message (stored first)
@@ -271,7 +271,7 @@ export class FleetServer {
     this.gate = gate;
     const aedes = await Aedes.createBroker({
       ...(this.cluster ? this.cluster.brokerParts() : { persistence: indexedMemoryPersistence() }),
-      id: this.o.cluster ? `fleet-${this.o.cluster.nodeId}` : "fleet",
+      id: this.opts.cluster ? `fleet-${this.opts.cluster.nodeId}` : "fleet",
       connectTimeout: this.config.limits.connectTimeoutMs,
       keepaliveLimit: this.config.limits.maxKeepaliveS,
       ...gate.hooks,
@@ -295,9 +295,9 @@ export class FleetServer {
     this.wss = new WebSocketServer({ server: wsHttp, maxPayload: limits.maxPacketBytes });
     this.wss.on("connection", (ws, req) => handle(createWebSocketStream(ws) as never, req));
     const ports = await Promise.all([
-      listen(mqttServer, this.o.mqttPort, plainHost),
-      listen(tlsServer, this.o.mqttsPort, host),
-      listen(wsHttp, this.o.wsPort, plainHost),
+      listen(mqttServer, this.opts.mqttPort, plainHost),
+      listen(tlsServer, this.opts.mqttsPort, host),
+      listen(wsHttp, this.opts.wsPort, plainHost),
     ]);
     this.servers.push(mqttServer, tlsServer, wsHttp);
     return {

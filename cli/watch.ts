@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import type { RolloutJson } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
 import { stateName } from "../proto/index.js";
-import { matchesSelector, parseSelector, type Requirement, SelectorError } from "../proto/selector.js";
+import { matchesSelector, parseSelector, type LabelRequirement, SelectorError } from "../proto/selector.js";
 import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
@@ -29,7 +29,7 @@ export function registerWatch(program: Command): void {
     .option("--selector <s>", "only devices whose labels match")
     .option("--rollout <id>", "only this rollout and its devices' events")
     .action(async (o: OperatorOptions & { selector?: string; rollout?: string }) => {
-      let sel: Requirement[] | undefined;
+      let sel: LabelRequirement[] | undefined;
       try {
         sel = o.selector ? parseSelector(o.selector) : undefined;
       } catch (err) {

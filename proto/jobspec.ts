@@ -1,6 +1,7 @@
 // What a job spec means, for everyone who checks one (the controller at submit, the agent at
 // accept, handlers): the task graph's rules and how requirement values compare.
 import type { TaskSpec } from "./index.js";
+import semver from "semver";
 
 /** A fact's value (firmware-tasks re-exports it). */
 export type FactValue = string | number | boolean;
@@ -68,7 +69,7 @@ const UNITS: Record<string, number> = {
   TB: 1024 ** 4,
   TIB: 1024 ** 4,
 };
-const VERSION_RE = /^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[-+].*)?$/;
+const VERSION_RE = /^v?\d+(?:\.\d+)?(?:\.\d+)?(?:[-+].*)?$/;
 
 /** Numbers and sizes ("500MB" = 500 MiB) as numbers; anything else stays a string. */
 export function parseQuantity(v: FactValue): number | undefined {
@@ -79,21 +80,19 @@ export function parseQuantity(v: FactValue): number | undefined {
   return Number(m[1]) * (UNITS[(m[2] ?? "B").toUpperCase()] ?? 1);
 }
 
+/** Versions compared by semver (a pre-release orders before its release); partial ones pad with 0. */
 function compareVersions(a: string, b: string): number | undefined {
-  const x = VERSION_RE.exec(a);
-  const y = VERSION_RE.exec(b);
+  if (!VERSION_RE.test(a) || !VERSION_RE.test(b)) return undefined;
+  const x = semver.coerce(a, { includePrerelease: true });
+  const y = semver.coerce(b, { includePrerelease: true });
   if (!x || !y) return undefined;
-  for (let i = 1; i <= 3; i++) {
-    const d = Number(x[i] ?? 0) - Number(y[i] ?? 0);
-    if (d !== 0) return Math.sign(d);
-  }
-  return 0;
+  return semver.compare(x, y);
 }
 
 /** Compares as versions when both look like versions with a dot, else as quantities, else as strings. */
 export function compareValues(actual: FactValue, expected: string): number {
   const a = String(actual);
-  if (a.includes(".") && expected.includes(".") && !/[a-z]/i.test(expected.replace(/^v/, ""))) {
+  if (a.includes(".") && expected.includes(".")) {
     const v = compareVersions(a, expected);
     if (v !== undefined) return v;
   }

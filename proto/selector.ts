@@ -1,6 +1,6 @@
 // Label selectors (Kubernetes-like): `k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`; comma = and.
 
-export type Requirement =
+export type LabelRequirement =
   | { key: string; op: "=" | "!="; value: string }
   | { key: string; op: "in" | "notin"; values: string[] }
   | { key: string; op: "exists" | "!exists" };
@@ -18,8 +18,8 @@ export class SelectorError extends Error {
 
 const WORD = /[A-Za-z0-9._/-]/;
 
-export function parseSelector(input: string): Requirement[] {
-  const reqs: Requirement[] = [];
+export function parseSelector(input: string): LabelRequirement[] {
+  const reqs: LabelRequirement[] = [];
   let i = 0;
   const ws = () => {
     while (input[i] === " ") i++;
@@ -77,7 +77,7 @@ export function parseSelector(input: string): Requirement[] {
 }
 
 export function matchesSelector(
-  reqs: readonly Requirement[],
+  reqs: readonly LabelRequirement[],
   labels: Readonly<Record<string, string>>,
 ): boolean {
   return reqs.every((r) => {

@@ -9,11 +9,12 @@ import { settlesWithin } from "../../common/timeout.js";
 import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
 import { verifyRpcRequest } from "../../proto/rpc.js";
-import { parseDeviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
+import { rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
 import { type Handlers, operatorApi } from "./api.js";
 import { Delivery } from "./delivery.js";
+import { deviceInbox } from "./device-inbox.js";
 import { WorkQueue } from "./dispatch.js";
 import { JobStore } from "./job-store.js";
 import { dropRefusedPublishes } from "./refused.js";
@@ -62,30 +63,31 @@ export class Controller {
   /** Nonces being recorded right now (the LevelDB check alone races with itself). */
   private readonly nonces = new Set<string>();
   private lastStep = 0;
+  private readonly inbox: (topic: string, payload: Buffer) => Promise<void>;
 
-  constructor(private readonly o: ControllerOptions) {
-    this.log = o.log.child({ component: "controller" });
-    this.counters = o.counters ?? new Counters();
-    this.prefix = o.config.prefix;
-    this.operatorKeys = new Map(o.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)]));
-    this.operatorNames = new Map(o.config.operators.map((op) => [op.keyId, op.username]));
-    const jobs = o.jobs ?? new JobStore(o.store);
+  constructor(private readonly opts: ControllerOptions) {
+    this.log = opts.log.child({ component: "controller" });
+    this.counters = opts.counters ?? new Counters();
+    this.prefix = opts.config.prefix;
+    this.operatorKeys = new Map(opts.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)]));
+    this.operatorNames = new Map(opts.config.operators.map((op) => [op.keyId, op.username]));
+    const jobs = opts.jobs ?? new JobStore(opts.store);
     this.delivery = new Delivery({
-      store: o.store,
+      store: opts.store,
       jobs,
-      registry: o.registry,
+      registry: opts.registry,
       prefix: this.prefix,
       log: this.log.child({ component: "delivery" }),
       counters: this.counters,
       publish: (topic, payload, qos) => this.publish(topic, payload, qos),
-      maxPayloadBytes: o.config.limits.maxPayloadBytes,
+      maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),
     });
     const parts = {
-      store: o.store,
+      store: opts.store,
       jobs,
-      registry: o.registry,
+      registry: opts.registry,
       delivery: this.delivery,
       now: () => Date.now(),
     };
@@ -95,7 +97,7 @@ export class Controller {
       telemetry: (d) => this.telemetry.get(d),
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
-    o.registry.onBadFacts = (deviceId) => {
+    opts.registry.onBadFacts = (deviceId) => {
       this.counters.inc("device_facts_refused");
       this.log.warn(
         { deviceId },
@@ -103,24 +105,45 @@ export class Controller {
       );
     };
     this.api = operatorApi({
-      config: o.config,
+      config: opts.config,
       jobs,
-      registry: o.registry,
+      registry: opts.registry,
       delivery: this.delivery,
       rollouts: this.rollouts,
       workQueue: this.workQueue,
-      ca: o.ca,
+      ca: opts.ca,
       operatorKeys: this.operatorKeys,
-      httpUrl: o.httpUrl,
-      httpsUrl: o.httpsUrl,
+      httpUrl: opts.httpUrl,
+      httpsUrl: opts.httpsUrl,
+    });
+    this.inbox = deviceInbox({
+      prefix: this.opts.config.prefix,
+      maxPayloadBytes: this.opts.config.limits.maxPayloadBytes,
+      registry: this.opts.registry,
+      delivery: this.delivery,
+      onTelemetry: (deviceId, m) => {
+        const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
+        this.telemetry.set(deviceId, {
+          at: Date.now(),
+          values: {
+            "cpu.load": m.cpuLoad ?? 0,
+            "mem.used_pct": memPct,
+            "disk.free": m.diskFree ?? 0,
+            temperature: m.temperatureC ?? Number.NaN,
+            uptime: m.uptimeS ?? 0,
+          },
+        });
+      },
+      drop: (reason, detail) => this.drop(reason, detail),
+      now: () => Date.now(),
     });
   }
 
   async start(): Promise<void> {
-    const client = mqtt.connect(this.o.brokerUrl, {
-      clientId: this.o.config.controller.clientId ?? this.o.config.controller.username,
-      username: this.o.config.controller.username,
-      password: this.o.config.controller.password,
+    const client = mqtt.connect(this.opts.brokerUrl, {
+      clientId: this.opts.config.controller.clientId ?? this.opts.config.controller.username,
+      username: this.opts.config.controller.username,
+      password: this.opts.config.controller.password,
       clean: false,
       reconnectPeriod: 1000,
       protocolVersion: 4,
@@ -141,7 +164,7 @@ export class Controller {
       client.once("connect", () => resolve());
       client.once("error", (err) => {
         client.end(true);
-        reject(new Error(`the controller cannot connect to ${this.o.brokerUrl}: ${err.message}`));
+        reject(new Error(`the controller cannot connect to ${this.opts.brokerUrl}: ${err.message}`));
       });
     });
     const p = this.prefix;
@@ -150,8 +173,8 @@ export class Controller {
     await client.subscribeAsync([`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)], {
       qos: 1,
     });
-    if (this.o.telemetryTap)
-      this.o.telemetryTap((topic, payload) =>
+    if (this.opts.telemetryTap)
+      this.opts.telemetryTap((topic, payload) =>
         this.route(topic, payload).catch((err) =>
           this.log.error({ err, topic }, "telemetry handling failed"),
         ),
@@ -160,14 +183,15 @@ export class Controller {
     this.timers.push(setInterval(() => this.step(), 1000));
     this.timers.push(
       setInterval(
-        () => void this.o.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed")),
+        () =>
+          void this.opts.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed")),
         5000,
       ),
     );
     this.timers.push(setInterval(() => void this.pruneNonces(), 60_000));
     this.timers.push(
       setInterval(() => {
-        const before = Date.now() - this.o.config.historyRetentionDays * 86_400_000;
+        const before = Date.now() - this.opts.config.historyRetentionDays * 86_400_000;
         this.delivery.prune(before).catch((err) => this.log.error({ err }, "history pruning failed"));
       }, 3600_000),
     );
@@ -207,7 +231,7 @@ export class Controller {
   async stop(graceMs = 2000): Promise<void> {
     if (this.soon) clearTimeout(this.soon);
     for (const t of this.timers) clearInterval(t);
-    await this.o.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed"));
+    await this.opts.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed"));
     const client = this.client;
     if (!client) return;
     if (!(await settlesWithin(client.endAsync(), graceMs))) client.end(true);
@@ -215,7 +239,7 @@ export class Controller {
 
   /** Never publishes what the broker would refuse (it would close our connection instead). */
   private publish(topic: string, payload: Uint8Array, qos: 0 | 1): boolean {
-    const limit = this.o.config.limits.maxPayloadBytes;
+    const limit = this.opts.config.limits.maxPayloadBytes;
     if (payload.length > limit) {
       this.counters.inc("publish_too_large");
       this.log.error(
@@ -237,56 +261,7 @@ export class Controller {
 
   private async route(topic: string, payload: Buffer): Promise<void> {
     if (topic === rpcRequestTopic(this.prefix)) return this.onRpc(payload);
-    const t = parseDeviceTopic(this.prefix, topic);
-    if (!t) return this.drop("unexpected_topic", topic);
-    if (t.channel === "state" && payload.length === 0) return; // a cleared retained message
-    let env: ReturnType<typeof decodeEnvelope>;
-    try {
-      env = decodeEnvelope(payload, this.o.config.limits.maxPayloadBytes);
-    } catch (err) {
-      if (err instanceof PayloadError) return this.drop(err.reason, `${topic}: ${err.message}`);
-      throw err;
-    }
-    if (!this.o.registry.get(t.deviceId)) return this.drop("unknown_device", topic);
-    const expected = {
-      status: "statusBatch",
-      sync: "syncRequest",
-      state: "deviceState",
-      telemetry: "telemetry",
-    }[t.channel];
-    if (env.body !== expected) return this.drop("unexpected_body", `${env.body} on ${topic}`);
-    switch (env.body) {
-      case "statusBatch":
-        return this.delivery.onStatusBatch(
-          t.deviceId,
-          env.statusBatch!.statuses ?? [],
-          env.statusBatch!.epoch ?? "",
-          Number(env.statusBatch!.ackedSeq ?? 0),
-        );
-      case "syncRequest":
-        this.o.registry.seen(t.deviceId, Date.now());
-        return this.delivery.onSync(t.deviceId);
-      case "telemetry": {
-        const m = env.telemetry!;
-        const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
-        this.telemetry.set(t.deviceId, {
-          at: Date.now(),
-          values: {
-            "cpu.load": m.cpuLoad ?? 0,
-            "mem.used_pct": memPct,
-            "disk.free": m.diskFree ?? 0,
-            temperature: m.temperatureC ?? Number.NaN,
-            uptime: m.uptimeS ?? 0,
-          },
-        });
-        return;
-      }
-      case "deviceState": {
-        const change = this.o.registry.observeState(t.deviceId, env.deviceState!, Date.now());
-        if (change) this.delivery.event({ kind: `device.${change}`, deviceId: t.deviceId });
-        return;
-      }
-    }
+    return this.inbox(topic, payload);
   }
 
   // ---- operator RPC ---------------------------------------------------------------------------
@@ -294,7 +269,7 @@ export class Controller {
   private async onRpc(payload: Buffer): Promise<void> {
     let env: ReturnType<typeof decodeEnvelope>;
     try {
-      env = decodeEnvelope(payload, this.o.config.limits.maxPayloadBytes);
+      env = decodeEnvelope(payload, this.opts.config.limits.maxPayloadBytes);
     } catch (err) {
       if (err instanceof PayloadError) return this.drop(err.reason, `rpc: ${err.message}`);
       throw err;
@@ -323,8 +298,10 @@ export class Controller {
       if (this.nonces.has(call.nonce)) return true;
       this.nonces.add(call.nonce);
       try {
-        if (await this.o.store.nonces.get(call.nonce)) return true;
-        await this.o.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, { sync: true } as never);
+        if (await this.opts.store.nonces.get(call.nonce)) return true;
+        await this.opts.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, {
+          sync: true,
+        } as never);
         return false;
       } finally {
         this.nonces.delete(call.nonce);
@@ -350,12 +327,12 @@ export class Controller {
       return fail(RpcErrorCode.RPC_INTERNAL, `internal error: ${(err as Error).message}`);
     }
     const reply = encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: true, resultJson } });
-    if (reply.length > this.o.config.limits.maxPayloadBytes) {
+    if (reply.length > this.opts.config.limits.maxPayloadBytes) {
       this.counters.inc("rpc_reply_too_large");
       this.log.warn({ method, bytes: reply.length }, "reply over the payload limit; answering with an error");
       return fail(
         RpcErrorCode.RPC_TOO_LARGE,
-        `the reply to ${method} would be ${reply.length} bytes, over the payload limit of ${this.o.config.limits.maxPayloadBytes} bytes (limits.maxPayloadBytes)`,
+        `the reply to ${method} would be ${reply.length} bytes, over the payload limit of ${this.opts.config.limits.maxPayloadBytes} bytes (limits.maxPayloadBytes)`,
       );
     }
     this.publish(topic, reply, 1);
@@ -364,8 +341,8 @@ export class Controller {
   private async pruneNonces(): Promise<void> {
     const now = Date.now();
     const ops = [];
-    for await (const [k, exp] of this.o.store.nonces.iterator())
-      if (exp < now) ops.push(this.o.store.del(this.o.store.nonces, k));
-    if (ops.length) await this.o.store.batch(ops, false);
+    for await (const [k, exp] of this.opts.store.nonces.iterator())
+      if (exp < now) ops.push(this.opts.store.del(this.opts.store.nonces, k));
+    if (ops.length) await this.opts.store.batch(ops, false);
   }
 }

@@ -37,14 +37,14 @@ export class Delivery {
   /** Per-device chains so one device's batches apply in order while devices run in parallel. */
   private readonly chains = new Map<string, Promise<void>>();
 
-  constructor(private readonly c: DeliveryContext) {}
+  constructor(private readonly ctx: DeliveryContext) {}
 
   job(jobId: string): Promise<JobRecord | undefined> {
-    return this.c.jobs.get(jobId);
+    return this.ctx.jobs.get(jobId);
   }
 
   private async assignmentPayload(job: JobRecord, deviceId: string): Promise<Uint8Array> {
-    return encodeEnvelope({ jobAssignment: { job: await this.c.jobs.signed(job), deviceId } });
+    return encodeEnvelope({ jobAssignment: { job: await this.ctx.jobs.signed(job), deviceId } });
   }
 
   /**
@@ -54,7 +54,7 @@ export class Delivery {
   async submit({ record: job, signed }: NewJob, extra: Op[] = []): Promise<void> {
     const devices = job.devices;
     job.devices = [];
-    await this.addDevices(job, devices, [...this.c.jobs.create(job, signed), ...extra]);
+    await this.addDevices(job, devices, [...this.ctx.jobs.create(job, signed), ...extra]);
     this.event({
       kind: "job.created",
       jobId: job.id,
@@ -68,11 +68,11 @@ export class Delivery {
    * assigned is skipped, so a repeated call (after a restart) never delivers twice.
    */
   async addDevices(job: JobRecord, deviceIds: readonly string[], extra: Op[] = []): Promise<string[]> {
-    const now = this.c.now();
+    const now = this.ctx.now();
     const known = new Set(job.devices);
     const fresh = [...new Set(deviceIds)].filter((d) => !known.has(d));
     job.devices.push(...fresh);
-    const ops: Op[] = [this.c.jobs.put(job), ...extra];
+    const ops: Op[] = [this.ctx.jobs.put(job), ...extra];
     for (const d of fresh) {
       const a: Assignment = {
         jobId: job.id,
@@ -87,12 +87,12 @@ export class Delivery {
         runs: 0,
         assignedAt: now,
       };
-      ops.push(this.c.jobs.putAssignment(a));
+      ops.push(this.ctx.jobs.putAssignment(a));
     }
-    await this.c.jobs.batch(ops);
+    await this.ctx.jobs.batch(ops);
     for (const d of fresh) {
-      if (this.c.registry.get(d)?.online) {
-        this.c.publish(deviceTopic(this.c.prefix, d, "job"), await this.assignmentPayload(job, d), 1);
+      if (this.ctx.registry.get(d)?.online) {
+        this.ctx.publish(deviceTopic(this.ctx.prefix, d, "job"), await this.assignmentPayload(job, d), 1);
       }
     }
     return fresh;
@@ -110,7 +110,7 @@ export class Delivery {
     message: string,
   ): Promise<void> {
     if (!asgs.length) return;
-    const now = this.c.now();
+    const now = this.ctx.now();
     const ops: Op[] = [];
     for (const a of asgs) {
       a.state = state;
@@ -118,13 +118,13 @@ export class Delivery {
       a.message = message;
       a.closed = true;
       a.updatedAt = now;
-      ops.push(this.c.jobs.putAssignment(a));
+      ops.push(this.ctx.jobs.putAssignment(a));
     }
-    await this.c.jobs.batch(ops);
+    await this.ctx.jobs.batch(ops);
     for (const a of asgs) {
-      if (a.acked && this.c.registry.get(a.deviceId)?.online) {
-        this.c.publish(
-          deviceTopic(this.c.prefix, a.deviceId, "ctl"),
+      if (a.acked && this.ctx.registry.get(a.deviceId)?.online) {
+        this.ctx.publish(
+          deviceTopic(this.ctx.prefix, a.deviceId, "ctl"),
           encodeEnvelope({ cancel: { jobId: job.id, reason: message } }),
           1,
         );
@@ -149,7 +149,7 @@ export class Delivery {
     const cancels: Array<{ jobId: string; reason: string }> = [];
     const moreCancels: typeof cancels = [];
     // What does not fit the SyncResponse (envelope and time need little) goes separately.
-    let room = this.c.maxPayloadBytes - 1024;
+    let room = this.ctx.maxPayloadBytes - 1024;
     const cancel = (jobId: string, reason: string) => {
       const c = { jobId, reason: reason.slice(0, 256) };
       const size = c.jobId.length + Buffer.byteLength(c.reason) + 16;
@@ -158,7 +158,7 @@ export class Delivery {
         cancels.push(c);
       } else moreCancels.push(c);
     };
-    for (const a of await this.c.jobs.ofDevice(deviceId)) {
+    for (const a of await this.ctx.jobs.ofDevice(deviceId)) {
       if (a.closed) {
         // Ended by the controller: make sure the device stops too (it may have missed the Cancel).
         if (a.acked && Object.values(a.tasks).some((t) => !TERMINAL_STATES.has(t.state)))
@@ -170,29 +170,29 @@ export class Delivery {
       if (!job) continue;
       if (job.cancelled) {
         if (a.acked) cancel(job.id, job.cancelled.reason);
-      } else if (!a.acked && job.expiresAt > this.c.now()) {
-        const size = (await this.c.jobs.signedSize(job)) + 128;
+      } else if (!a.acked && job.expiresAt > this.ctx.now()) {
+        const size = (await this.ctx.jobs.signedSize(job)) + 128;
         if (size <= room) {
           room -= size;
-          inSync.push({ job: await this.c.jobs.signed(job), deviceId });
+          inSync.push({ job: await this.ctx.jobs.signed(job), deviceId });
         } else overflow.push(job);
       }
     }
-    this.c.publish(
-      deviceTopic(this.c.prefix, deviceId, "ctl"),
-      encodeEnvelope({ syncResponse: { assignments: inSync, cancels, nowMs: this.c.now() } }),
+    this.ctx.publish(
+      deviceTopic(this.ctx.prefix, deviceId, "ctl"),
+      encodeEnvelope({ syncResponse: { assignments: inSync, cancels, nowMs: this.ctx.now() } }),
       1,
     );
     for (const job of overflow)
-      this.c.publish(
-        deviceTopic(this.c.prefix, deviceId, "job"),
+      this.ctx.publish(
+        deviceTopic(this.ctx.prefix, deviceId, "job"),
         await this.assignmentPayload(job, deviceId),
         1,
       );
     for (const c of moreCancels)
-      this.c.publish(deviceTopic(this.c.prefix, deviceId, "ctl"), encodeEnvelope({ cancel: c }), 1);
+      this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ cancel: c }), 1);
     const resent = inSync.length + overflow.length;
-    if (resent) this.c.counters.inc("assignments_resent", resent);
+    if (resent) this.ctx.counters.inc("assignments_resent", resent);
   }
 
   onStatusBatch(deviceId: string, statuses: TaskStatus[], epoch = "", ackedSeq = 0): Promise<void> {
@@ -200,8 +200,8 @@ export class Delivery {
     const next = prev
       .then(() => this.apply(deviceId, statuses, epoch, ackedSeq))
       .catch((err) => {
-        this.c.counters.inc("status_apply_failed");
-        this.c.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
+        this.ctx.counters.inc("status_apply_failed");
+        this.ctx.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
       });
     this.chains.set(deviceId, next);
     void next.then(() => {
@@ -222,7 +222,7 @@ export class Delivery {
     epoch: string,
     ackedSeq: number,
   ): Promise<void> {
-    const { store } = this.c;
+    const { store } = this.ctx;
     const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
     const known = typeof rec === "number" ? { epoch: "", seq: rec } : rec;
     let last = known.seq;
@@ -230,8 +230,8 @@ export class Delivery {
     const newEpoch = epoch !== "" && epoch !== known.epoch;
     if (newEpoch) {
       if (known.epoch || known.seq) {
-        this.c.counters.inc("device_epoch_changed");
-        this.c.log.info(
+        this.ctx.counters.inc("device_epoch_changed");
+        this.ctx.log.info(
           { deviceId, epoch, was: known.epoch },
           "device has a new database; its status seq starts over",
         );
@@ -240,7 +240,7 @@ export class Delivery {
     }
     if (ackedSeq > last) {
       // The agent no longer has anything up to ackedSeq (our state was restored or reset).
-      this.c.counters.inc("seq_fast_forward");
+      this.ctx.counters.inc("seq_fast_forward");
       last = ackedSeq;
     }
     const start = known.seq;
@@ -249,57 +249,57 @@ export class Delivery {
     for (const s of statuses) {
       const seq = s.seq ?? 0;
       if (seq <= last) {
-        this.c.counters.inc("statuses_duplicate");
+        this.ctx.counters.inc("statuses_duplicate");
         continue;
       }
       if (seq !== last + 1) {
-        this.c.counters.inc("statuses_out_of_order");
+        this.ctx.counters.inc("statuses_out_of_order");
         break;
       }
       last = seq;
       fresh.push(s);
       const key = s.jobId ?? "";
-      const a = touched.get(key) ?? (await this.c.jobs.assignment(deviceId, key));
+      const a = touched.get(key) ?? (await this.ctx.jobs.assignment(deviceId, key));
       // Only the job's own tasks (M3): a device cannot grow an assignment with made-up ones.
       const job = a && s.taskId ? await this.job(a.jobId) : undefined;
       if (job && !job.tasks.some((t) => t.id === s.taskId)) {
-        this.c.counters.inc("statuses_unknown_task");
+        this.ctx.counters.inc("statuses_unknown_task");
         continue;
       }
       // A rejection counts for the job whose bytes were rejected, not for whatever id they claim.
       if (a && !s.taskId && s.state === TaskState.REJECTED && s.specDigest) {
         const job = await this.job(a.jobId);
-        if (job && s.specDigest !== specDigest(await this.c.jobs.signed(job))) {
-          this.c.counters.inc("rejections_of_other_bytes");
+        if (job && s.specDigest !== specDigest(await this.ctx.jobs.signed(job))) {
+          this.ctx.counters.inc("rejections_of_other_bytes");
           continue;
         }
       }
       if (!a) {
-        this.c.counters.inc("statuses_unknown_job");
-        this.c.log.warn(
+        this.ctx.counters.inc("statuses_unknown_job");
+        this.ctx.log.warn(
           { deviceId, jobId: s.jobId, state: stateName(s.state ?? 0), reason: s.reason },
           "status for a job this device was not assigned",
         );
         continue;
       }
-      applyStatus(a, boundStatus(s, STATUS_BYTES), this.c.now());
+      applyStatus(a, boundStatus(s, STATUS_BYTES), this.ctx.now());
       touched.set(key, a);
     }
     if (last !== start || newEpoch) {
-      const ops: Op[] = [...touched.values()].map((a) => this.c.jobs.putAssignment(a));
+      const ops: Op[] = [...touched.values()].map((a) => this.ctx.jobs.putAssignment(a));
       ops.push(store.put(store.seqs, deviceId, { epoch: newEpoch ? epoch : known.epoch, seq: last }));
-      await this.c.jobs.batch(ops);
+      await this.ctx.jobs.batch(ops);
     }
-    this.c.registry.seen(deviceId, this.c.now());
+    this.ctx.registry.seen(deviceId, this.ctx.now());
     // Persisted (or nothing new): acknowledge cumulatively.
-    this.c.publish(
-      deviceTopic(this.c.prefix, deviceId, "ctl"),
+    this.ctx.publish(
+      deviceTopic(this.ctx.prefix, deviceId, "ctl"),
       encodeEnvelope({ statusAck: { upToSeq: last, epoch: newEpoch ? epoch : known.epoch } }),
       1,
     );
     for (const s of fresh) {
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
-      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.c.onFinished?.(s.jobId ?? "");
+      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.ctx.onFinished?.(s.jobId ?? "");
     }
     // A job the controller already ended here (withdrawn by an aborted rollout, timed out)
     // that reaches the device anyway — a copy the broker queued for it while it was offline —
@@ -308,9 +308,9 @@ export class Delivery {
       (a) => a.closed && fresh.some((s) => s.jobId === a.jobId && !TERMINAL_STATES.has(s.state ?? 0)),
     );
     for (const a of late) {
-      this.c.counters.inc("late_deliveries_canceled");
-      this.c.publish(
-        deviceTopic(this.c.prefix, deviceId, "ctl"),
+      this.ctx.counters.inc("late_deliveries_canceled");
+      this.ctx.publish(
+        deviceTopic(this.ctx.prefix, deviceId, "ctl"),
         encodeEnvelope({ cancel: { jobId: a.jobId, reason: a.message || "ended by the controller" } }),
         1,
       );
@@ -322,9 +322,9 @@ export class Delivery {
     const job = await this.job(jobId);
     if (!job) return undefined;
     if (job.cancelled) return job;
-    job.cancelled = { reason, at: this.c.now() };
-    const asgs = await this.c.jobs.ofJob(job);
-    const ops: Op[] = [this.c.jobs.put(job)];
+    job.cancelled = { reason, at: this.ctx.now() };
+    const asgs = await this.ctx.jobs.ofJob(job);
+    const ops: Op[] = [this.ctx.jobs.put(job)];
     const notify: string[] = [];
     for (const a of asgs) {
       if (TERMINAL_STATES.has(a.state)) continue;
@@ -332,15 +332,15 @@ export class Delivery {
         a.state = TaskState.CANCELED;
         a.reason = "withdrawn";
         a.message = reason;
-        a.updatedAt = this.c.now();
-        ops.push(this.c.jobs.putAssignment(a));
+        a.updatedAt = this.ctx.now();
+        ops.push(this.ctx.jobs.putAssignment(a));
       } else notify.push(a.deviceId);
     }
-    await this.c.jobs.batch(ops);
+    await this.ctx.jobs.batch(ops);
     for (const d of notify) {
-      if (this.c.registry.get(d)?.online) {
-        this.c.publish(
-          deviceTopic(this.c.prefix, d, "ctl"),
+      if (this.ctx.registry.get(d)?.online) {
+        this.ctx.publish(
+          deviceTopic(this.ctx.prefix, d, "ctl"),
           encodeEnvelope({ cancel: { jobId, reason } }),
           1,
         );
@@ -353,17 +353,17 @@ export class Delivery {
   async view(jobId: string, page: Parameters<typeof jobView>[2]) {
     const job = await this.job(jobId);
     if (!job) return undefined;
-    return jobView(job, await this.c.jobs.ofJob(job), page);
+    return jobView(job, await this.ctx.jobs.ofJob(job), page);
   }
 
   /** Drops jobs (and their assignments) created before `before` whose assignments are all terminal. */
   async prune(before: number): Promise<number> {
     let n = 0;
-    for await (const job of this.c.jobs.all()) {
+    for await (const job of this.ctx.jobs.all()) {
       if (job.createdAt >= before) continue;
-      const asgs = await this.c.jobs.ofJob(job);
-      if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.c.now()) continue;
-      await this.c.jobs.batch(this.c.jobs.remove(job), false);
+      const asgs = await this.ctx.jobs.ofJob(job);
+      if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.ctx.now()) continue;
+      await this.ctx.jobs.batch(this.ctx.jobs.remove(job), false);
       n++;
     }
     return n;
@@ -376,9 +376,9 @@ export class Delivery {
     status?: TaskStatus;
     detailJson?: string;
   }): void {
-    this.c.publish(
-      eventsTopic(this.c.prefix),
-      encodeEnvelope({ fleetEvent: { ...e, atMs: this.c.now() } }),
+    this.ctx.publish(
+      eventsTopic(this.ctx.prefix),
+      encodeEnvelope({ fleetEvent: { ...e, atMs: this.ctx.now() } }),
       0,
     );
   }

@@ -23,17 +23,17 @@ export class WorkQueue {
   private readonly active = new Map<string, JobRecord>();
   private readonly ticker = new Ticker();
 
-  constructor(private readonly c: DispatchContext) {}
+  constructor(private readonly ctx: DispatchContext) {}
 
   async load(): Promise<void> {
-    for await (const j of this.c.jobs.all())
+    for await (const j of this.ctx.jobs.all())
       if (j.any && !j.any.exhausted && !j.cancelled) this.active.set(j.id, j);
   }
 
   private candidates(job: JobRecord, n: number): string[] {
     if (n <= 0) return [];
     const tried = new Set(job.devices);
-    return this.c.registry
+    return this.ctx.registry
       .select(parseSelector(job.any!.selector))
       .filter((d) => d.online && !tried.has(d.id))
       .sort((a, b) => a.queueDepth - b.queueDepth || a.id.localeCompare(b.id))
@@ -46,7 +46,7 @@ export class WorkQueue {
     const first = this.candidates(job, job.any!.need);
     if (!first.length) throw new ApiError(`no online device matches selector "${job.any!.selector}"`);
     job.devices = first;
-    await this.c.delivery.submit(newJob);
+    await this.ctx.delivery.submit(newJob);
     this.active.set(job.id, job);
   }
 
@@ -54,23 +54,23 @@ export class WorkQueue {
     return this.ticker.run(
       this.active.values(),
       (job) => this.step(job),
-      (job, err) => this.c.log.error({ err, jobId: job.id }, "work-queue step failed"),
+      (job, err) => this.ctx.log.error({ err, jobId: job.id }, "work-queue step failed"),
     );
   }
 
   private async step(job: JobRecord): Promise<void> {
-    const current = await this.c.delivery.job(job.id);
+    const current = await this.ctx.delivery.job(job.id);
     if (!current || current.cancelled) {
       this.active.delete(job.id);
       return;
     }
     const any = current.any!;
-    const now = this.c.now();
-    let asgs = await this.c.jobs.ofJob(current);
+    const now = this.ctx.now();
+    let asgs = await this.ctx.jobs.ofJob(current);
     const open = asgs.filter((a) => !TERMINAL_STATES.has(a.state));
-    const gone = open.filter((a) => !this.c.registry.get(a.deviceId)?.online);
+    const gone = open.filter((a) => !this.ctx.registry.get(a.deviceId)?.online);
     if (gone.length)
-      await this.c.delivery.close(
+      await this.ctx.delivery.close(
         current,
         gone,
         TaskState.CANCELED,
@@ -82,19 +82,19 @@ export class WorkQueue {
         ? open.filter((a) => !gone.includes(a) && now - (a.assignedAt ?? 0) > any.timeoutS * 1000)
         : [];
     if (late.length)
-      await this.c.delivery.close(
+      await this.ctx.delivery.close(
         current,
         late,
         TaskState.TIMED_OUT,
         "timeout",
         `no result within ${any.timeoutS}s; re-dispatched`,
       );
-    if (gone.length || late.length) asgs = await this.c.jobs.ofJob(current);
+    if (gone.length || late.length) asgs = await this.ctx.jobs.ofJob(current);
     const ok = asgs.filter((a) => a.state === TaskState.SUCCEEDED).length;
     const running = asgs.filter((a) => !TERMINAL_STATES.has(a.state)).length;
     if (ok >= any.need) {
       this.active.delete(job.id);
-      this.c.delivery.event({
+      this.ctx.delivery.event({
         kind: "job.dispatch_done",
         jobId: job.id,
         detailJson: JSON.stringify({ succeeded: ok }),
@@ -103,17 +103,17 @@ export class WorkQueue {
     }
     const more = this.candidates(current, any.need - ok - running);
     if (more.length) {
-      await this.c.delivery.addDevices(current, more);
-      this.c.delivery.event({
+      await this.ctx.delivery.addDevices(current, more);
+      this.ctx.delivery.event({
         kind: "job.redispatched",
         jobId: job.id,
         detailJson: JSON.stringify({ devices: more }),
       });
     } else if (running === 0) {
       any.exhausted = true;
-      await this.c.jobs.batch([this.c.jobs.put(current)]);
+      await this.ctx.jobs.batch([this.ctx.jobs.put(current)]);
       this.active.delete(job.id);
-      this.c.delivery.event({
+      this.ctx.delivery.event({
         kind: "job.dispatch_exhausted",
         jobId: job.id,
         detailJson: JSON.stringify({ succeeded: ok, need: any.need }),

@@ -4,7 +4,7 @@
 
 import { ApiError } from "../../proto/api.js";
 import type { DeviceState } from "../../proto/index.js";
-import { matchesSelector, type Requirement } from "../../proto/selector.js";
+import { type LabelRequirement, matchesSelector } from "../../proto/selector.js";
 import { DEVICE_ID_RE } from "../../proto/topics.js";
 import { mosquittoHash, newToken, tokenHash, tokenMatches } from "../credentials.js";
 import type { ControllerStore, DeviceRecord } from "./store.js";
@@ -61,7 +61,7 @@ export class Registry {
    * Devices in id order after `after` (exclusive) that match `reqs`, lazily: a page reads
    * only as far as it needs.
    */
-  *ordered(reqs: readonly Requirement[] | undefined, after?: string): Generator<DeviceRecord> {
+  *ordered(reqs: readonly LabelRequirement[] | undefined, after?: string): Generator<DeviceRecord> {
     this.sorted ??= [...this.devices.keys()].sort();
     const ids = this.sorted;
     let lo = 0;
@@ -79,7 +79,7 @@ export class Registry {
     }
   }
 
-  select(reqs: readonly Requirement[] | undefined): DeviceRecord[] {
+  select(reqs: readonly LabelRequirement[] | undefined): DeviceRecord[] {
     const all = [...this.all()];
     return reqs ? all.filter((d) => matchesSelector(reqs, d.labels)) : all;
   }

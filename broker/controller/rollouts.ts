@@ -121,10 +121,10 @@ export class Rollouts {
   private readonly active = new Map<string, RolloutRecord>();
   private readonly ticker = new Ticker();
 
-  constructor(private readonly c: RolloutContext) {}
+  constructor(private readonly ctx: RolloutContext) {}
 
   async load(): Promise<void> {
-    for await (const r of this.c.store.rollouts.values()) if (this.isLive(r)) this.active.set(r.id, r);
+    for await (const r of this.ctx.store.rollouts.values()) if (this.isLive(r)) this.active.set(r.id, r);
   }
 
   private isLive(r: RolloutRecord): boolean {
@@ -143,7 +143,7 @@ export class Rollouts {
   ): Promise<RolloutRecord> {
     parseGate(o.gate);
     const job = newJob.record;
-    const pool = this.c.registry.select(parseSelector(o.selector)).map((d) => d.id);
+    const pool = this.ctx.registry.select(parseSelector(o.selector)).map((d) => d.id);
     if (!pool.length && !o.continuous) throw new ApiError(`no device matches selector "${o.selector}"`);
     const { specs, targets } = planWaves(pool.length, o);
     const r: RolloutRecord = {
@@ -151,7 +151,7 @@ export class Rollouts {
       jobId: job.id,
       name: job.name,
       selector: o.selector,
-      createdAt: this.c.now(),
+      createdAt: this.ctx.now(),
       state: "RUNNING",
       pool,
       waveSpecs: specs,
@@ -166,10 +166,10 @@ export class Rollouts {
       force: o.force,
     };
     job.devices = [];
-    await this.c.delivery.submit(newJob, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    await this.ctx.delivery.submit(newJob, [this.ctx.store.put(this.ctx.store.rollouts, r.id, r)]);
     await this.step(r); // the first wave starts now, not at the next tick
     if (this.isLive(r)) this.active.set(r.id, r); // only now: the tick must not step it concurrently
-    this.c.delivery.event({
+    this.ctx.delivery.event({
       kind: "rollout.created",
       jobId: job.id,
       detailJson: JSON.stringify({ rolloutId: r.id, devices: pool.length, waves: specs }),
@@ -178,7 +178,7 @@ export class Rollouts {
   }
 
   get(id: string): Promise<RolloutRecord | undefined> {
-    return Promise.resolve(this.active.get(id) ?? this.c.store.rollouts.get(id));
+    return Promise.resolve(this.active.get(id) ?? this.ctx.store.rollouts.get(id));
   }
 
   async setState(
@@ -206,10 +206,10 @@ export class Rollouts {
   }
 
   private async save(r: RolloutRecord, event?: string, detail: object = {}): Promise<void> {
-    await this.c.store.batch([this.c.store.put(this.c.store.rollouts, r.id, r)]);
+    await this.ctx.store.batch([this.ctx.store.put(this.ctx.store.rollouts, r.id, r)]);
     if (!this.isLive(r)) this.active.delete(r.id);
     if (event)
-      this.c.delivery.event({
+      this.ctx.delivery.event({
         kind: event,
         jobId: r.jobId,
         detailJson: JSON.stringify({ rolloutId: r.id, state: r.state, ...detail }),
@@ -220,20 +220,20 @@ export class Rollouts {
   private async abort(r: RolloutRecord, reason: string): Promise<void> {
     r.state = "ABORTED";
     r.reason = reason;
-    r.finishedAt = this.c.now();
+    r.finishedAt = this.ctx.now();
     await this.save(r, "rollout.aborted", { reason });
-    const job = await this.c.delivery.job(r.jobId);
+    const job = await this.ctx.delivery.job(r.jobId);
     if (!job) return;
-    const open = (await this.c.jobs.ofJob(job)).filter((a) => !TERMINAL_STATES.has(a.state));
+    const open = (await this.ctx.jobs.ofJob(job)).filter((a) => !TERMINAL_STATES.has(a.state));
     const stop = open.filter((a) => r.force || a.state !== TaskState.RUNNING);
-    await this.c.delivery.close(
+    await this.ctx.delivery.close(
       job,
       stop,
       TaskState.CANCELED,
       "rollout_aborted",
       `rollout aborted: ${reason}`,
     );
-    this.c.log.warn({ rolloutId: r.id, reason, canceled: stop.length }, "rollout aborted");
+    this.ctx.log.warn({ rolloutId: r.id, reason, canceled: stop.length }, "rollout aborted");
   }
 
   /** Advances every live rollout; called once a second. */
@@ -241,14 +241,14 @@ export class Rollouts {
     return this.ticker.run(
       this.active.values(),
       (r) => this.step(r),
-      (r, err) => this.c.log.error({ err, rolloutId: r.id }, "rollout step failed"),
+      (r, err) => this.ctx.log.error({ err, rolloutId: r.id }, "rollout step failed"),
     );
   }
 
   private async step(r: RolloutRecord): Promise<void> {
-    const job = await this.c.delivery.job(r.jobId);
+    const job = await this.ctx.delivery.job(r.jobId);
     if (!job) return;
-    const now = this.c.now();
+    const now = this.ctx.now();
     if (r.continuous && r.state !== "PAUSED") await this.includeNewDevices(r, job);
     if (r.state !== "RUNNING") return;
     const wave = r.waves[r.current];
@@ -258,22 +258,24 @@ export class Rollouts {
       const from = r.current === 0 ? 0 : r.waves[r.current - 1]!.target;
       wave.devices = r.pool.slice(from, wave.target);
       wave.startedAt = now;
-      await this.c.delivery.addDevices(job, wave.devices, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
-      this.c.delivery.event({
+      await this.ctx.delivery.addDevices(job, wave.devices, [
+        this.ctx.store.put(this.ctx.store.rollouts, r.id, r),
+      ]);
+      this.ctx.delivery.event({
         kind: "rollout.wave_started",
         jobId: r.jobId,
         detailJson: JSON.stringify({ rolloutId: r.id, wave: r.current + 1, devices: wave.devices.length }),
       });
       return;
     }
-    const asgs = await this.c.jobs.ofJob(job);
+    const asgs = await this.ctx.jobs.ofJob(job);
     // Per-device timeout: a device that has not finished in time ends TIMED_OUT.
     if (r.timeoutS > 0) {
       const late = asgs.filter(
         (a) => !TERMINAL_STATES.has(a.state) && now - (a.assignedAt ?? wave.startedAt!) > r.timeoutS * 1000,
       );
       if (late.length)
-        await this.c.delivery.close(
+        await this.ctx.delivery.close(
           job,
           late,
           TaskState.TIMED_OUT,
@@ -303,7 +305,7 @@ export class Rollouts {
     const ok = waveAsgs.filter((a) => a.state === TaskState.SUCCEEDED);
     if (r.gate && parseGate(r.gate).metric) {
       const silent = ok
-        .filter((a) => (this.c.telemetry(a.deviceId)?.at ?? 0) < wave.finishedAt!)
+        .filter((a) => (this.ctx.telemetry(a.deviceId)?.at ?? 0) < wave.finishedAt!)
         .map((a) => a.deviceId);
       if (silent.length)
         return this.abort(
@@ -324,17 +326,17 @@ export class Rollouts {
     const gate = parseGate(r.gate);
     if (!gate.online) return undefined;
     const ok = waveAsgs.filter((a) => a.state === TaskState.SUCCEEDED).map((a) => a.deviceId);
-    const offline = ok.filter((d) => !this.c.registry.get(d)?.online);
+    const offline = ok.filter((d) => !this.ctx.registry.get(d)?.online);
     if (offline.length)
       return `gate ${r.gate}: device(s) went offline during the bake: ${offline.slice(0, 10).join(", ")}`;
     if (!gate.metric) return undefined;
     const { name, op, value } = gate.metric;
     const bad = ok.filter((d) => {
-      const t = this.c.telemetry(d);
+      const t = this.ctx.telemetry(d);
       return t && t.at >= since && t.values[name] !== undefined && !holds(t.values[name]!, op, value);
     });
     if (bad.length) {
-      const show = bad.slice(0, 10).map((d) => `${d} (${name}=${this.c.telemetry(d)?.values[name]})`);
+      const show = bad.slice(0, 10).map((d) => `${d} (${name}=${this.ctx.telemetry(d)?.values[name]})`);
       return `gate ${r.gate}: violated by ${show.join(", ")}`;
     }
     return undefined;
@@ -344,7 +346,7 @@ export class Rollouts {
   private async includeNewDevices(r: RolloutRecord, job: JobRecord): Promise<void> {
     const known = new Set(r.pool);
     const reqs = parseSelector(r.selector);
-    const fresh = this.c.registry
+    const fresh = this.ctx.registry
       .select(undefined)
       .filter((d) => !known.has(d.id) && matchesSelector(reqs, d.labels))
       .map((d) => d.id);
@@ -356,9 +358,9 @@ export class Rollouts {
     r.waves.at(-1)!.target = r.pool.length;
     if (wave && (r.state === "SUCCEEDED" || wave === r.waves.at(-1))) {
       wave.devices.push(...fresh);
-      await this.c.delivery.addDevices(job, fresh, [this.c.store.put(this.c.store.rollouts, r.id, r)]);
+      await this.ctx.delivery.addDevices(job, fresh, [this.ctx.store.put(this.ctx.store.rollouts, r.id, r)]);
     } else await this.save(r);
-    this.c.delivery.event({
+    this.ctx.delivery.event({
       kind: "rollout.devices_added",
       jobId: r.jobId,
       detailJson: JSON.stringify({ rolloutId: r.id, devices: fresh }),
@@ -366,8 +368,8 @@ export class Rollouts {
   }
 
   async view(r: RolloutRecord) {
-    const job = await this.c.delivery.job(r.jobId);
-    const asgs = job ? await this.c.jobs.ofJob(job) : [];
+    const job = await this.ctx.delivery.job(r.jobId);
+    const asgs = job ? await this.ctx.jobs.ofJob(job) : [];
     const byDevice = new Map(asgs.map((a) => [a.deviceId, a]));
     return {
       id: r.id,
@@ -429,7 +431,7 @@ export class Rollouts {
       }
       return;
     }
-    for await (const r of this.c.store.rollouts.values({ reverse: true, ...(after ? { lt: after } : {}) }))
+    for await (const r of this.ctx.store.rollouts.values({ reverse: true, ...(after ? { lt: after } : {}) }))
       yield this.active.get(r.id) ?? r;
   }
 }

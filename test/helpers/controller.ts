@@ -1,49 +1,103 @@
-// Plays the controller's side of the delivery protocol (DESIGN.md §4) for agent tests:
-// stores assignments, publishes them, answers SyncRequests, applies StatusBatches
-// idempotently by seq and acknowledges them cumulatively.
+// The controller's side of the delivery protocol (DESIGN.md §4) for agent tests: the real
+// Delivery, Registry and JobStore on a temporary LevelDB, fed through the real device inbox
+// (broker/controller/device-inbox.ts) — not a second implementation. What it adds is for the
+// tests: every applied status in order (from Delivery's events), switches that withhold sync
+// answers or status acks, and raw publishes of assignments the controller would never make.
+import { Buffer } from "node:buffer";
 import mqtt, { type MqttClient } from "mqtt";
+import pino from "pino";
+import { Delivery } from "../../broker/controller/delivery.js";
+import { deviceInbox } from "../../broker/controller/device-inbox.js";
+import { JobStore } from "../../broker/controller/job-store.js";
+import { Registry } from "../../broker/controller/registry.js";
+import { ControllerStore, type JobRecord } from "../../broker/controller/store.js";
+import { Counters } from "../../common/counters.js";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
-import { type JobAssignment, type JobSpec, TaskState, type TaskStatus } from "../../proto/index.js";
-import { deviceTopic, parseDeviceTopic } from "../../proto/topics.js";
-import { sign } from "./keys.js";
+import { type JobAssignment, type JobSpec, pb, TaskState, type TaskStatus } from "../../proto/index.js";
+import { deviceTopic, eventsTopic, parseDeviceTopic } from "../../proto/topics.js";
+import { sign, tempDir } from "./keys.js";
+
+const MAX_PAYLOAD = 256 * 1024;
 
 export class TestController {
   readonly applied = new Map<string, TaskStatus[]>();
   readonly lastSeq = new Map<string, number>();
+  /** Every assignment made, as sent (raw ones included). */
   readonly assignments = new Map<string, Map<string, JobAssignment>>();
-  readonly telemetry: Array<{ deviceId: string }> = [];
-  readonly states = new Map<string, { online: boolean }>();
-  duplicatesIgnored = 0;
-  syncRequests = 0;
   readonly syncs = new Map<string, number>();
+  readonly counters = new Counters();
   ackStatuses = true;
   answerSync = true;
   private client!: MqttClient;
+  private readonly tmp = tempDir("fleet-testctl-");
+  private readonly store = new ControllerStore(this.tmp.dir);
+  private readonly registry = new Registry(this.store);
+  private readonly jobs = new JobStore(this.store);
+  /** Jobs whose assignment publish is withheld (`assign(..., { publish: false })`). */
+  private readonly withheld = new Set<string>();
+  private readonly delivery: Delivery;
+  private readonly inbox: (topic: string, payload: Buffer) => Promise<void>;
+  private queue: Promise<void> = Promise.resolve();
 
   constructor(
     readonly url: string,
     readonly prefix = "fleet/v1",
-  ) {}
+  ) {
+    const log = pino({ level: "silent" });
+    this.delivery = new Delivery({
+      store: this.store,
+      jobs: this.jobs,
+      registry: this.registry,
+      prefix,
+      log,
+      counters: this.counters,
+      publish: (topic, payload, qos) => this.publish(topic, payload, qos),
+      maxPayloadBytes: MAX_PAYLOAD,
+      now: () => Date.now(),
+    });
+    this.inbox = deviceInbox({
+      prefix,
+      maxPayloadBytes: MAX_PAYLOAD,
+      registry: this.registry,
+      delivery: this.delivery,
+      onTelemetry: () => {},
+      drop: (reason) => this.counters.inc(`dropped_${reason}`),
+      now: () => Date.now(),
+    });
+  }
+
+  /** Statuses a device sent again after they were applied (go-back-N re-sends). */
+  get duplicatesIgnored(): number {
+    return this.counters.get("statuses_duplicate");
+  }
 
   async start(): Promise<void> {
+    await this.store.open();
+    await this.registry.load();
     this.client = await mqtt.connectAsync(this.url, {
       clientId: `controller-${Math.random().toString(16).slice(2)}`,
       reconnectPeriod: 100,
     });
-    this.client.on("message", (topic, payload) => this.onMessage(topic, payload));
+    this.client.on("message", (topic, payload) => {
+      // In arrival order, as the controller's MQTT client hands them over.
+      this.queue = this.queue.then(() => this.onMessage(topic, payload)).catch(() => {});
+    });
     await this.client.subscribeAsync(
-      [
-        `${this.prefix}/d/+/status`,
-        `${this.prefix}/d/+/sync`,
-        `${this.prefix}/d/+/state`,
-        `${this.prefix}/d/+/telemetry`,
-      ],
+      [`${this.prefix}/d/+/status`, `${this.prefix}/d/+/sync`, `${this.prefix}/d/+/state`],
       { qos: 1 },
     );
   }
 
   async stop(): Promise<void> {
     await this.client.endAsync(true);
+    await this.queue;
+    await this.store.close();
+    this.tmp.cleanup();
+  }
+
+  /** Whether the registry has the device online (its DeviceState arrived). */
+  online(deviceId: string): boolean {
+    return Boolean(this.registry.get(deviceId)?.online);
   }
 
   statuses(deviceId: string): TaskStatus[] {
@@ -61,22 +115,42 @@ export class TestController {
     return all[all.length - 1];
   }
 
+  /**
+   * Assigns a signed job through Delivery (stored, then published to the device if online). A
+   * `raw` assignment — unsigned, forged, for another device — is published as it is: the real
+   * controller refuses those at submit, and the tests are about what the agent does with them.
+   */
   async assign(
     deviceId: string,
     spec: JobSpec,
     opts: { publish?: boolean; raw?: JobAssignment } = {},
   ): Promise<string> {
-    const a = opts.raw ?? { job: sign(spec), deviceId };
     const jobId = spec.jobId!;
+    const a = opts.raw ?? { job: sign(spec), deviceId };
     const m = this.assignments.get(deviceId) ?? new Map<string, JobAssignment>();
     this.assignments.set(deviceId, m);
     m.set(jobId, a);
-    if (opts.publish !== false) {
-      await this.client.publishAsync(
-        deviceTopic(this.prefix, deviceId, "job"),
-        Buffer.from(encodeEnvelope({ jobAssignment: a })),
-        { qos: 1 },
+    await this.ensureDevice(deviceId);
+    const signed = pb.SignedJob.encode(a.job!).finish();
+    const existing = await this.jobs.get(jobId);
+    const same =
+      existing &&
+      Buffer.from(await this.jobs.signed(existing).then((j) => pb.SignedJob.encode(j).finish())).equals(
+        signed,
       );
+    // Raw, a different job under a used id, or a job the device already has (a re-delivery, as
+    // the broker makes after a lost PUBACK): published as it is.
+    if (opts.raw || (existing && (!same || existing.devices.includes(deviceId)))) {
+      if (opts.publish !== false)
+        await this.publishRaw(deviceId, "job", encodeEnvelope({ jobAssignment: a }));
+      return jobId;
+    }
+    if (opts.publish === false) this.withheld.add(jobId);
+    try {
+      if (existing) await this.delivery.addDevices(existing, [deviceId]);
+      else await this.delivery.submit({ record: jobRecord(spec, deviceId), signed });
+    } finally {
+      this.withheld.delete(jobId);
     }
     return jobId;
   }
@@ -91,49 +165,44 @@ export class TestController {
     await this.publishRaw(deviceId, "ctl", encodeEnvelope(body));
   }
 
+  /** Cancels through Delivery; a job it never stored (a raw one) gets a bare Cancel. */
   async cancel(deviceId: string, jobId: string, reason = "operator"): Promise<void> {
-    await this.ctl(deviceId, { cancel: { jobId, reason } });
+    if (!(await this.delivery.cancel(jobId, reason))) await this.ctl(deviceId, { cancel: { jobId, reason } });
   }
 
-  /** An assignment counts as acknowledged once a job-level QUEUED or REJECTED status arrived. */
-  private unacked(deviceId: string): JobAssignment[] {
-    const m = this.assignments.get(deviceId);
-    if (!m) return [];
-    return [...m.entries()]
-      .filter(([jobId]) => !this.statuses(deviceId).some((s) => s.jobId === jobId && s.taskId === ""))
-      .map(([, a]) => a);
+  private async ensureDevice(deviceId: string): Promise<void> {
+    if (!this.registry.get(deviceId)) await this.registry.add(deviceId, {});
   }
 
-  private onMessage(topic: string, payload: Buffer): void {
+  private async onMessage(topic: string, payload: Buffer): Promise<void> {
     const t = parseDeviceTopic(this.prefix, topic);
     if (!t) return;
-    const env = decodeEnvelope(payload);
-    if (env.body === "statusBatch") {
-      const list = this.applied.get(t.deviceId) ?? [];
-      this.applied.set(t.deviceId, list);
-      let last = this.lastSeq.get(t.deviceId) ?? 0;
-      for (const s of env.statusBatch!.statuses ?? []) {
-        if ((s.seq ?? 0) <= last) {
-          this.duplicatesIgnored++;
-          continue;
-        }
-        last = s.seq!;
-        list.push(s);
-      }
-      this.lastSeq.set(t.deviceId, last);
-      if (this.ackStatuses) void this.ctl(t.deviceId, { statusAck: { upToSeq: last } });
-    } else if (env.body === "syncRequest") {
-      this.syncRequests++;
+    await this.ensureDevice(t.deviceId);
+    if (t.channel === "sync") {
       this.syncs.set(t.deviceId, (this.syncs.get(t.deviceId) ?? 0) + 1);
       if (!this.answerSync) return;
-      void this.ctl(t.deviceId, {
-        syncResponse: { assignments: this.unacked(t.deviceId), nowMs: Date.now() },
-      });
-    } else if (env.body === "deviceState") {
-      this.states.set(t.deviceId, { online: Boolean(env.deviceState!.online) });
-    } else if (env.body === "telemetry") {
-      this.telemetry.push({ deviceId: t.deviceId });
     }
+    await this.inbox(topic, payload);
+  }
+
+  /** Delivery's publishes: to the broker, except what a test withholds; events are recorded. */
+  private publish(topic: string, payload: Uint8Array, qos: 0 | 1): boolean {
+    if (topic === eventsTopic(this.prefix)) {
+      const e = decodeEnvelope(payload).fleetEvent;
+      if (e?.kind === "task.status" && e.status) {
+        const list = this.applied.get(e.deviceId!) ?? [];
+        this.applied.set(e.deviceId!, list);
+        list.push(e.status);
+        this.lastSeq.set(e.deviceId!, Number(e.status.seq ?? 0));
+      }
+      return true;
+    }
+    const env = decodeEnvelope(payload);
+    if (env.statusAck && !this.ackStatuses) return true;
+    if (env.jobAssignment && this.withheld.has(env.jobAssignment.job ? jobIdOf(env.jobAssignment) : ""))
+      return true;
+    this.client.publish(topic, Buffer.from(payload), { qos });
+    return true;
   }
 
   async waitFor<T>(what: string, fn: () => T | undefined | false, timeoutMs = 20_000): Promise<T> {
@@ -159,4 +228,22 @@ export class TestController {
       timeoutMs,
     );
   }
+}
+
+function jobIdOf(a: JobAssignment): string {
+  return pb.JobSpec.decode(a.job!.spec!).jobId;
+}
+
+function jobRecord(spec: JobSpec, deviceId: string): JobRecord {
+  return {
+    id: spec.jobId!,
+    name: spec.name || "test",
+    createdAt: Date.now(),
+    expiresAt: Number(spec.expiresAtMs ?? Date.now() + 3600_000),
+    recurring: Boolean(spec.schedule?.cron),
+    tasks: (spec.tasks ?? []).map((t) => ({ id: t.id ?? "", type: t.type ?? "" })),
+    target: { deviceIds: [deviceId], selector: "" },
+    devices: [deviceId],
+    createdBy: "test",
+  };
 }

@@ -58,7 +58,8 @@ export async function harness(brokerHooks: Parameters<typeof startBroker>[1] = {
     async waitSynced(agent, syncsBefore) {
       await ctl.waitFor(
         `${agent.deviceId} synced`,
-        () => agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore,
+        () =>
+          agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore && ctl.online(agent.deviceId),
         60_000,
       );
     },

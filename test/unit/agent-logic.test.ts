@@ -94,6 +94,13 @@ describe("preconditions", () => {
   });
   it("compares versions numerically, sizes by unit", () => {
     expect(compareValues("1.10.0", "1.9.0")).toBe(1);
+    // semver: a pre-release comes before its release; partial versions pad with zeros.
+    expect(compareValues("1.2.0-rc1", "1.2.0")).toBe(-1);
+    expect(compareValues("1.2.0", "1.2.0-rc1")).toBe(1);
+    expect(compareValues("1.2.0-rc.2", "1.2.0-rc.10")).toBe(-1);
+    expect(compareValues("v2.0", "1.9.9")).toBe(1);
+    expect(compareValues("1.2", "1.2.0")).toBe(0);
+    expect(compareValues("1.5GB", "1.4GB")).toBe(1); // sizes, not versions
     expect(compareValues(2048, "2KB")).toBe(0);
   });
 });
