@@ -92,7 +92,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
           (err: Error) => {
             // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
             this.opts.counters.inc("message_not_acked");
-            this.opts.log.error({ err, topic: packet.topic }, "could not handle message; not acknowledging it");
+            this.opts.log.error(
+              { err, topic: packet.topic },
+              "could not handle message; not acknowledging it",
+            );
             return false;
           },
         ),
@@ -117,7 +120,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       client.end(true);
       if (this.stopped) return;
       const delay = backoffDelay(this.attempt++, this.opts.backoff);
-      this.opts.log.info({ delayMs: delay, attempt: this.attempt }, "disconnected; reconnecting after backoff");
+      this.opts.log.info(
+        { delayMs: delay, attempt: this.attempt },
+        "disconnected; reconnecting after backoff",
+      );
       this.timer = setTimeout(() => this.connectNext(), delay);
     });
   }

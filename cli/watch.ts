@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import type { RolloutJson } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
 import { stateName } from "../proto/index.js";
-import { matchesSelector, parseSelector, type LabelRequirement, SelectorError } from "../proto/selector.js";
+import { type LabelRequirement, matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import { eventsTopic, parseDeviceTopic } from "../proto/topics.js";
 import { loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";

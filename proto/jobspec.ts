@@ -1,7 +1,8 @@
 // What a job spec means, for everyone who checks one (the controller at submit, the agent at
 // accept, handlers): the task graph's rules and how requirement values compare.
-import type { TaskSpec } from "./index.js";
+
 import semver from "semver";
+import type { TaskSpec } from "./index.js";
 
 /** A fact's value (firmware-tasks re-exports it). */
 export type FactValue = string | number | boolean;
