@@ -1,7 +1,3 @@
-// B4 broker overhead: QoS 1 messages per second through `fleet server` (authentication, ACL,
-// the controller subscribed and decoding) vs a bare aedes vs Mosquitto (when installed), with
-// the same clients in the same run.
-import { spawn } from "node:child_process";
 import mqtt, { type MqttClient } from "mqtt";
 import { it } from "vitest";
 import { encodeEnvelope } from "../../proto/envelope.js";

@@ -16,7 +16,9 @@ import {
   type ServerProcess,
   setContextServer,
   startAgent,
+  startFleet,
   startServer,
+  stopAll,
   waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
@@ -71,10 +73,8 @@ async function counterGrew(name: string, before: Record<string, number>, by = 1)
 }
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  server = await startServer(data.dir);
+  ({ server, env } = await startFleet(data.dir));
   port = server.urls.mqtt.split(":").pop()!;
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
   for (const id of ["dev-a", "dev-b"]) {
     const { root, cleanup } = await flashMoved(id, env);
     cleanups.push(cleanup);
@@ -92,12 +92,7 @@ beforeAll(async () => {
   await waitOnline(env, "dev-b");
 }, 120_000);
 
-afterAll(async () => {
-  for (const a of agents) a.proc.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  for (const c of cleanups) c();
-  data.cleanup();
-});
+afterAll(() => stopAll(agents, server, cleanups, data.cleanup));
 
 describe("authentication", () => {
   it.each([

@@ -15,12 +15,13 @@ import { pb } from "../../proto/index.js";
 import { signJob } from "../../proto/signing.js";
 import {
   type AgentProc,
-  cli,
   flashMoved,
   type ServerProcess,
   setContextServer,
   startAgent,
+  startFleet,
   startServer,
+  stopAll,
   waitOnline,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
@@ -40,8 +41,7 @@ const cleanups: Array<() => void> = [];
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  server = await startServer(data.dir);
+  ({ server } = await startFleet(data.dir));
   ports = server.ports;
   env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
   for (const id of DEVICES) {
@@ -53,12 +53,7 @@ beforeAll(async () => {
   for (const id of DEVICES) await waitOnline(env, id);
 }, 120_000);
 
-afterAll(() => {
-  for (const a of agents.values()) a.proc.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  for (const c of cleanups) c();
-  data.cleanup();
-});
+afterAll(() => stopAll(agents.values(), server, cleanups, data.cleanup));
 
 /** Calls the server, riding out its restarts (a submit that did land answers "already exists"). */
 async function call<T>(fn: (rpc: RpcClient) => Promise<T>): Promise<T> {

@@ -11,9 +11,10 @@ import {
   cliJson,
   flashMoved,
   type ServerProcess,
-  setContextServer,
   startAgent,
+  startFleet,
   startServer,
+  stopAll,
   waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
@@ -39,9 +40,7 @@ async function stopAgent(id: string, signal: NodeJS.Signals = "SIGTERM") {
 }
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  server = await startServer(data.dir);
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  ({ server, env } = await startFleet(data.dir));
   for (const [id, labels] of [
     ["gw-berlin", ["--label", "site=berlin", "--label", "role=gateway"]],
     ["gw-paris", ["--label", "site=paris"]],
@@ -55,12 +54,7 @@ beforeAll(async () => {
   await online("gw-paris");
 }, 120_000);
 
-afterAll(async () => {
-  for (const a of agents.values()) a.proc.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  for (const c of cleanups) c();
-  data.cleanup();
-});
+afterAll(() => stopAll(agents.values(), server, cleanups, data.cleanup));
 
 describe("fleet end to end", () => {
   it("runs a job by device id and by selector, with --wait", async () => {

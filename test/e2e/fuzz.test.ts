@@ -14,7 +14,7 @@ import { pb, TaskState } from "../../proto/index.js";
 import { signRpcCall } from "../../proto/rpc.js";
 import { generateSigningKey } from "../../proto/signing.js";
 import { mutate, type Rng, rng, savedCorpus } from "../fuzz/mutate.js";
-import { cli, cliJson, type ServerProcess, setContextServer, startServer } from "../helpers/fleet.js";
+import { cli, cliJson, type ServerProcess, startFleet, stopAll } from "../helpers/fleet.js";
 import { type Harness, harness } from "../helpers/harness.js";
 import { jobSpec, sign, tempDir } from "../helpers/keys.js";
 
@@ -77,19 +77,14 @@ async function metrics(): Promise<Record<string, number>> {
 
 beforeAll(async () => {
   console.log(`fuzz: ${N} inputs, FLEET_FUZZ_SEED=${SEED}`);
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  server = await startServer(data.dir);
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  ({ server, env } = await startFleet(data.dir));
   devicePassword = cliJson<{ password: string }>(
     await cli(["device", "add", "fz-dev", "--json"], env),
   ).password;
   ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
 }, 60_000);
 
-afterAll(() => {
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(server, data.cleanup));
 
 const pick = <T>(r: Rng, xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
 

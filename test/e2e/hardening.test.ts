@@ -17,7 +17,9 @@ import {
   type ServerProcess,
   setContextServer,
   startAgent,
+  startFleet,
   startServer,
+  stopAll,
   waitOnline,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
@@ -27,18 +29,14 @@ let server: ServerProcess;
 let env: Record<string, string>;
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  editServerConfig(data.dir, (cfg) => {
-    cfg.limits.connectTimeoutMs = 1500;
-  });
-  server = await startServer(data.dir);
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  ({ server, env } = await startFleet(data.dir, {
+    config: (cfg) => {
+      cfg.limits.connectTimeoutMs = 1500;
+    },
+  }));
 }, 60_000);
 
-afterAll(() => {
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(server, data.cleanup));
 
 /** A raw HTTP request: the path goes on the wire exactly as given (no URL normalisation). */
 function raw(

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, expect, it } from "vitest";
 import { loadContext } from "../../cli/context.js";
 import { RpcClient } from "../../cli/rpc.js";
-import { cli, cliJson, editServerConfig, type ServerProcess, startServer } from "../helpers/fleet.js";
+import { cli, cliJson, type ServerProcess, startFleet, stopAll } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
 const LIMIT = 64 * 1024;
@@ -14,19 +14,16 @@ const env = { FLEET_CONTEXT: join(data.dir, "operator.json") };
 let server: ServerProcess;
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  editServerConfig(data.dir, (cfg) => {
-    cfg.limits.maxPayloadBytes = LIMIT;
-    cfg.metricsAuth = true;
-  });
-  server = await startServer(data.dir);
+  ({ server } = await startFleet(data.dir, {
+    config: (cfg) => {
+      cfg.limits.maxPayloadBytes = LIMIT;
+      cfg.metricsAuth = true;
+    },
+  }));
   expect((await cli(["device", "add", "big-1"], env)).code).toBe(0);
 }, 60_000);
 
-afterAll(() => {
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(server, data.cleanup));
 
 it("a job whose device view is far over the payload limit: a clear error, and the controller serves on", async () => {
   // 1,500 tasks: the signed job fits a request, its view for one device (every task) does not.

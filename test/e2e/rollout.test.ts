@@ -1,7 +1,7 @@
 // Rollouts, work-queue dispatch and watch with simulated devices (real `fleet simulate`
 // processes running the real agent code) against a real `fleet server`.
 import { type ChildProcess, spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { JobJson, RolloutJson } from "../../proto/api.js";
@@ -10,8 +10,9 @@ import {
   cliJson,
   FLEET,
   type ServerProcess,
-  setContextServer,
+  startFleet,
   startServer,
+  stopAll,
   waitUntil,
 } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
@@ -47,24 +48,19 @@ async function simulate(args: string[]): Promise<ChildProcess> {
 const show = async (id: string) => cliJson<RolloutJson>(await cli(["rollout", "show", id, "--json"], env));
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  const cfgFile = join(data.dir, "server.json");
-  const cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-  cfg.limits = { ...cfg.limits, connectsPerSecondPerAddress: 5000 }; // simulated fleets connect from one address
-  writeFileSync(cfgFile, JSON.stringify(cfg), { mode: 0o600 });
-  server = await startServer(data.dir);
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  ({ server, env } = await startFleet(data.dir, {
+    // Simulated fleets connect from one address.
+    config: (cfg) => {
+      cfg.limits.connectsPerSecondPerAddress = 5000;
+    },
+  }));
   writeFileSync(noop, "name: noop-rollout\ntasks:\n  - { id: a, type: noop }\n");
   writeFileSync(nap, "name: nap-rollout\ntasks:\n  - { id: a, type: sleep, params: { seconds: 0.5 } }\n");
   await simulate(["--devices", "200", "--prefix", "ok-", "--label", "pool=ok"]);
   await simulate(["--devices", "100", "--prefix", "bad-", "--label", "pool=bad", "--fail-rate", "0.5"]);
 }, 120_000);
 
-afterAll(async () => {
-  for (const s of sims) s.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(sims, server, data.cleanup));
 
 describe("rollouts", () => {
   it("rolls out to 200 devices in waves 10%,50%,100%, in order, while watch --json streams NDJSON", async () => {

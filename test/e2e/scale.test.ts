@@ -6,7 +6,15 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeviceJson, JobJson, RolloutJson } from "../../proto/api.js";
-import { cli, cliJson, editServerConfig, FLEET, type ServerProcess, startServer } from "../helpers/fleet.js";
+import {
+  cli,
+  cliJson,
+  FLEET,
+  type ServerProcess,
+  startFleet,
+  startServer,
+  stopAll,
+} from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 
 const N = Number(process.env.FLEET_E2E_DEVICES ?? 2000);
@@ -24,11 +32,11 @@ const timed = async <T>(what: string, fn: () => Promise<T>): Promise<T> => {
 };
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  editServerConfig(data.dir, (cfg) => {
-    cfg.limits.connectsPerSecondPerAddress = 100_000;
-  });
-  server = await startServer(data.dir);
+  ({ server } = await startFleet(data.dir, {
+    config: (cfg) => {
+      cfg.limits.connectsPerSecondPerAddress = 100_000;
+    },
+  }));
   sim = spawn(
     process.execPath,
     [FLEET, "simulate", "--devices", String(N), "--connect-rate", "1000", "--label", "pool=scale"],
@@ -54,11 +62,7 @@ beforeAll(async () => {
   expect(simErr).not.toContain("\r");
 }, 600_000);
 
-afterAll(async () => {
-  sim?.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(sim, server, data.cleanup));
 
 describe(`operator API with ${N} devices`, () => {
   let jobId = "";

@@ -11,9 +11,9 @@ import {
   cliJson,
   flashMoved,
   type ServerProcess,
-  setContextServer,
   startAgent,
-  startServer,
+  startFleet,
+  stopAll,
   waitOnline,
   waitUntil,
 } from "../helpers/fleet.js";
@@ -88,9 +88,7 @@ function currentVersion(): string {
 }
 
 beforeAll(async () => {
-  expect((await cli(["init", "--dir", data.dir])).code).toBe(0);
-  server = await startServer(data.dir);
-  env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
+  ({ server, env } = await startFleet(data.dir));
   const flashed = await flashMoved(DEV, env, ["--dry-run-system"]);
   root = flashed.root;
   agent = startAgent(root);
@@ -100,11 +98,7 @@ beforeAll(async () => {
   expect(first.state).toBe("SUCCEEDED");
 }, 120_000);
 
-afterAll(async () => {
-  agent?.proc.kill("SIGKILL");
-  server?.proc.kill("SIGKILL");
-  data.cleanup();
-});
+afterAll(() => stopAll(agent, server, data.cleanup));
 
 describe("artifacts", () => {
   it("push, ls, rm; devices read only what a job names for them", async () => {

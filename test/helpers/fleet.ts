@@ -189,3 +189,29 @@ export async function addOperator(dir: string, username: string, password: strin
   });
   return key;
 }
+
+/**
+ * The prologue of every e2e file: `fleet init` in `dir`, an optional server.json edit, the
+ * server started, and an operator context pointing at it.
+ */
+export async function startFleet(
+  dir: string,
+  o: { config?: (cfg: Record<string, any>) => void; serverArgs?: string[] } = {},
+): Promise<{ server: ServerProcess; env: Record<string, string> }> {
+  const init = await cli(["init", "--dir", dir]);
+  if (init.code !== 0) throw new Error(`fleet init failed: ${init.stderr}`);
+  if (o.config) editServerConfig(dir, o.config);
+  const server = await startServer(dir, undefined, o.serverArgs);
+  return { server, env: { FLEET_CONTEXT: setContextServer(dir, server.urls.mqtt) } };
+}
+
+type Ending = { proc: ChildProcess } | ChildProcess | (() => void) | undefined;
+
+/** The epilogue: processes SIGKILLed, then directories removed (functions called). */
+export function stopAll(...parts: Array<Ending | Iterable<Ending>>): void {
+  const flat = parts.flatMap((p) =>
+    p && typeof p === "object" && Symbol.iterator in p ? [...(p as Iterable<Ending>)] : [p as Ending],
+  );
+  for (const p of flat) if (p && typeof p === "object") ("proc" in p ? p.proc : p).kill("SIGKILL");
+  for (const p of flat) if (typeof p === "function") p();
+}
