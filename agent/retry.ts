@@ -1,5 +1,5 @@
-// Backoff arithmetic, in one place: a task's retries (deterministic, from its signed spec) and
-// the connection's reconnects (full jitter, so a broker restart does not become a storm).
+// Backoff arithmetic: a task's retries (deterministic, from its signed spec) here, and the
+// connection's reconnects (full jitter, common/backoff.ts, shared with the controller).
 
 export interface RetryPolicy {
   maxAttempts?: number | null;
@@ -19,14 +19,4 @@ export function retryDelay(policy: RetryPolicy | null | undefined, attempt: numb
   return (policy?.backoffS ?? 0) * 1000 * factor ** (done - 1);
 }
 
-export interface BackoffOptions {
-  minMs: number;
-  maxMs: number;
-  random?: () => number;
-}
-
-/** Full jitter: a uniform delay in [0, min(max, min × 2^attempt)). */
-export function backoffDelay(attempt: number, o: BackoffOptions): number {
-  const cap = Math.min(o.maxMs, o.minMs * 2 ** Math.min(attempt, 30));
-  return Math.floor((o.random ?? Math.random)() * cap);
-}
+export { type BackoffOptions, backoffDelay } from "../common/backoff.js";

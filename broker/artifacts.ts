@@ -56,6 +56,8 @@ export class ArtifactStore {
     ArtifactRecord
   >;
   private readonly blobs: string;
+  /** An artifact was stored (notifications). */
+  onPushed?: (a: { name: string; version: string; size: number; operator: string }) => Promise<void>;
 
   constructor(
     private readonly opts: {
@@ -247,6 +249,8 @@ export class ArtifactStore {
     };
     await this.records.put(key, rec, { sync: true } as never);
     this.opts.log.info({ name: m.name, version: m.version, size, operator }, "artifact stored");
+    // Queued before the operator hears it is stored.
+    await this.onPushed?.({ name: m.name, version: m.version, size, operator });
     const { signed: _s, ...shown } = rec;
     return shown;
   }

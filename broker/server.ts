@@ -229,6 +229,7 @@ export class FleetServer {
     });
     await controller.start();
     this.controller = controller;
+    this.artifacts.onPushed = (a) => controller.notifier.emit("artifact.pushed", a);
   }
 
   /** Device telemetry straight from the embedded (single-node) broker's publish pipeline. */

@@ -8,6 +8,7 @@ import { CliError, EXIT } from "./exit.js";
 import { registerFlash } from "./flash.js";
 import { registerInit } from "./init.js";
 import { registerJobs } from "./jobs.js";
+import { registerNotify } from "./notify.js";
 import { registerRollout } from "./rollout.js";
 import { registerRun } from "./run.js";
 import { registerServer } from "./server.js";
@@ -33,6 +34,7 @@ export async function main(argv: string[]): Promise<number> {
   registerRollout(program);
   registerArtifact(program);
   registerAcl(program);
+  registerNotify(program);
   registerWatch(program);
   registerSimulate(program);
   for (const c of program.commands) {

@@ -113,6 +113,43 @@ const rollout = z.looseObject({
   ),
 });
 
+/** Events a receiver may subscribe to (DESIGN.md §12). */
+export const NOTIFY_EVENTS = [
+  "job.succeeded",
+  "job.failed",
+  "rollout.succeeded",
+  "rollout.aborted",
+  "rollout.paused",
+  "device.online",
+  "device.offline",
+  "artifact.pushed",
+] as const;
+export type NotifyEvent = (typeof NOTIFY_EVENTS)[number];
+
+const receiver = z.looseObject({
+  name: z.string(),
+  /** Credentials in the URL are shown as `***`. */
+  url: z.string(),
+  events: z.array(z.string()),
+  selector: z.string(),
+  signed: z.boolean(),
+  queued: z.number(),
+  lastSuccess: z.string().nullable(),
+  lastError: z.string().nullable(),
+  delivered: z.number(),
+  dropped: z.number(),
+});
+
+const auditEntry = z.looseObject({
+  seq: z.number(),
+  at: z.string(),
+  operator: z.string(),
+  method: z.string(),
+  paramsDigest: z.string(),
+  result: z.string(),
+  hash: z.string(),
+});
+
 const credentials = z.looseObject({ id: z.string(), username: z.string(), password: z.string() });
 
 const method = <P extends z.ZodType, R extends z.ZodType>(params: P, result: R) => ({ params, result });
@@ -197,6 +234,46 @@ export const api = {
     id.extend({ reason: z.string().optional(), force: z.boolean().optional() }),
     rollout,
   ),
+  "notify.add": method(
+    z.object({
+      name: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, "a name of letters, digits, . _ -"),
+      url: z.string().max(2048),
+      events: z.array(z.enum(NOTIFY_EVENTS)).min(1),
+      selector: z.string().default(""),
+      secret: z.string().max(1024).default(""),
+    }),
+    receiver,
+  ),
+  "notify.ls": method(z.object({}), z.array(receiver)),
+  "notify.rm": method(
+    z.object({ name: z.string() }),
+    z.looseObject({ name: z.string(), removed: z.boolean() }),
+  ),
+  /** Sends a `notify.test` event now and says how the receiver answered. */
+  "notify.test": method(
+    z.object({ name: z.string() }),
+    z.looseObject({
+      name: z.string(),
+      ok: z.boolean(),
+      status: z.number().optional(),
+      error: z.string().optional(),
+      ms: z.number(),
+    }),
+  ),
+  /** Oldest first, from `since` (ms) on. */
+  "audit.ls": method(
+    z.object({ since: z.number().optional(), operator: z.string().optional(), ...pageParams }),
+    page(auditEntry),
+  ),
+  /** Recomputes the hash chain; names the first entry that does not fit. */
+  "audit.verify": method(
+    z.object({}),
+    z.looseObject({
+      ok: z.boolean(),
+      entries: z.number(),
+      broken: z.looseObject({ seq: z.number(), reason: z.string() }).optional(),
+    }),
+  ),
 } as const;
 
 export type Api = typeof api;
@@ -212,6 +289,8 @@ export type JobJson = z.output<typeof job>;
 export type JobDeviceJson = z.output<typeof jobDevice>;
 export type JobSummaryJson = z.output<typeof jobSummary>;
 export type RolloutJson = z.output<typeof rollout>;
+export type ReceiverJson = z.output<typeof receiver>;
+export type AuditEntryJson = z.output<typeof auditEntry>;
 
 export function isMethod(m: string): m is Method {
   return Object.hasOwn(api, m);

@@ -19,10 +19,12 @@ import { parseSelector, SelectorError } from "../../proto/selector.js";
 import { verifySignedJob } from "../../proto/signing.js";
 import type { ServerConfig } from "../config.js";
 import { type CertPair, issueDeviceCert } from "../pki.js";
+import type { AuditLog } from "./audit.js";
 import type { Delivery } from "./delivery.js";
 import type { WorkQueue } from "./dispatch.js";
 import { jobState } from "./job-state.js";
 import { type JobStore, jobNames, type NewJob } from "./job-store.js";
+import type { Notifier } from "./notify.js";
 import { deviceJson, type Registry } from "./registry.js";
 import type { Rollouts } from "./rollouts.js";
 import type { JobRecord, RolloutRecord } from "./store.js";
@@ -34,6 +36,8 @@ export interface ApiContext {
   delivery: Delivery;
   rollouts: Rollouts;
   workQueue: WorkQueue;
+  notifier: Notifier;
+  audit: AuditLog;
   ca: CertPair;
   operatorKeys: Parameters<typeof verifySignedJob>[1];
   httpUrl?: string;
@@ -241,5 +245,36 @@ export function operatorApi(c: ApiContext): Handlers {
     "rollout.resume": async (p) => rollouts.view(await rollouts.setState(p.id, "resume")),
     "rollout.abort": async (p) =>
       rollouts.view(await rollouts.setState(p.id, "abort", p.reason ?? "aborted by operator", p.force)),
+    "notify.add": async (p, operator) => {
+      await c.notifier.add({ ...p, createdBy: operator });
+      return c.notifier.list().find((r) => r.name === p.name)!;
+    },
+    "notify.ls": async () => c.notifier.list(),
+    "notify.rm": async (p) => {
+      if (!(await c.notifier.remove(p.name))) throw notFound(`receiver ${p.name}`);
+      return { name: p.name, removed: true };
+    },
+    "notify.test": async (p) => c.notifier.test(p.name),
+    "audit.ls": async (p) => {
+      const after = cursor.decode(p.cursor);
+      return fillPage(
+        c.audit.entries({ after: after ? Number(after) : undefined, since: p.since, operator: p.operator }),
+        {
+          limit: p.limit,
+          budget,
+          json: (e) => ({
+            seq: e.seq,
+            at: new Date(e.at).toISOString(),
+            operator: e.operator,
+            method: e.method,
+            paramsDigest: e.paramsDigest,
+            result: e.result,
+            hash: e.hash,
+          }),
+          key: (e) => String(e.seq),
+        },
+      );
+    },
+    "audit.verify": async () => c.audit.verify(),
   };
 }

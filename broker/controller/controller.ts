@@ -8,19 +8,24 @@ import { Counters } from "../../common/counters.js";
 import { settlesWithin } from "../../common/timeout.js";
 import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
+import { stateName } from "../../proto/index.js";
 import { verifyRpcRequest } from "../../proto/rpc.js";
 import { rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
 import { type Handlers, operatorApi } from "./api.js";
+import { AuditLog } from "./audit.js";
 import { Delivery } from "./delivery.js";
 import { deviceInbox } from "./device-inbox.js";
 import { WorkQueue } from "./dispatch.js";
+import { FAILED_OUTCOMES } from "./job-state.js";
 import { JobStore } from "./job-store.js";
+import { Notifier } from "./notify.js";
 import { dropRefusedPublishes } from "./refused.js";
 import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
 import type { ControllerStore } from "./store.js";
+import { jobCounts } from "./views.js";
 
 const RPC_WINDOW_MS = 5 * 60_000;
 
@@ -64,6 +69,9 @@ export class Controller {
   private readonly nonces = new Set<string>();
   private lastStep = 0;
   private readonly inbox: (topic: string, payload: Buffer) => Promise<void>;
+  /** Operator requests, accepted and refused (hash-chained). */
+  readonly audit: AuditLog;
+  readonly notifier: Notifier;
 
   constructor(private readonly opts: ControllerOptions) {
     this.log = opts.log.child({ component: "controller" });
@@ -72,6 +80,14 @@ export class Controller {
     this.operatorKeys = new Map(opts.config.operators.map((op) => [op.keyId, createPublicKey(op.publicKey)]));
     this.operatorNames = new Map(opts.config.operators.map((op) => [op.keyId, op.username]));
     const jobs = opts.jobs ?? new JobStore(opts.store);
+    this.audit = new AuditLog(opts.store);
+    this.notifier = new Notifier({
+      store: opts.store,
+      registry: opts.registry,
+      log: this.log.child({ component: "notify" }),
+      counters: this.counters,
+      now: () => Date.now(),
+    });
     this.delivery = new Delivery({
       store: opts.store,
       jobs,
@@ -83,6 +99,19 @@ export class Controller {
       maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),
+      wantsJobEnds: () => this.notifier.wants("job.succeeded") || this.notifier.wants("job.failed"),
+      onJobEnded: (job, state, asgs) =>
+        this.notifier.ops(state === "SUCCEEDED" ? "job.succeeded" : "job.failed", {
+          jobId: job.id,
+          name: job.name,
+          state,
+          ...(job.rolloutId ? { rolloutId: job.rolloutId } : {}),
+          counts: jobCounts(job, asgs),
+          failed: asgs
+            .filter((a) => FAILED_OUTCOMES.has(a.state))
+            .slice(0, 20)
+            .map((a) => ({ deviceId: a.deviceId, state: stateName(a.state), message: a.message })),
+        }),
     });
     const parts = {
       store: opts.store,
@@ -95,6 +124,16 @@ export class Controller {
       ...parts,
       log: this.log.child({ component: "rollouts" }),
       telemetry: (d) => this.telemetry.get(d),
+      notifyOps: (event, r, detail) =>
+        event === "rollout.succeeded" || event === "rollout.aborted" || event === "rollout.paused"
+          ? this.notifier.ops(event, {
+              rolloutId: r.id,
+              jobId: r.jobId,
+              name: r.name,
+              state: r.state,
+              ...detail,
+            })
+          : [],
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
     opts.registry.onBadFacts = (deviceId) => {
@@ -111,6 +150,8 @@ export class Controller {
       delivery: this.delivery,
       rollouts: this.rollouts,
       workQueue: this.workQueue,
+      notifier: this.notifier,
+      audit: this.audit,
       ca: opts.ca,
       operatorKeys: this.operatorKeys,
       httpUrl: opts.httpUrl,
@@ -121,6 +162,7 @@ export class Controller {
       maxPayloadBytes: this.opts.config.limits.maxPayloadBytes,
       registry: this.opts.registry,
       delivery: this.delivery,
+      onDeviceChange: (deviceId, change) => this.notifier.emit(`device.${change}`, {}, deviceId),
       onTelemetry: (deviceId, m) => {
         const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
         this.telemetry.set(deviceId, {
@@ -168,6 +210,9 @@ export class Controller {
       });
     });
     const p = this.prefix;
+    await this.audit.open();
+    await this.notifier.open();
+    this.notifier.start();
     await this.rollouts.load();
     await this.workQueue.load();
     await client.subscribeAsync([`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)], {
@@ -231,6 +276,7 @@ export class Controller {
   async stop(graceMs = 2000): Promise<void> {
     if (this.soon) clearTimeout(this.soon);
     for (const t of this.timers) clearInterval(t);
+    this.notifier.stop();
     await this.opts.registry.flush().catch((err) => this.log.error({ err }, "registry flush failed"));
     const client = this.client;
     if (!client) return;
@@ -266,6 +312,14 @@ export class Controller {
 
   // ---- operator RPC ---------------------------------------------------------------------------
 
+  /** Appends to the audit log; a request is answered only once it is there. */
+  private async audited(operator: string, method: string, paramsJson: string, result: string): Promise<void> {
+    await this.audit.append({ operator, method, paramsJson, result }).catch((err) => {
+      this.counters.inc("audit_write_failed");
+      this.log.error({ err, method }, "cannot append to the audit log");
+    });
+  }
+
   private async onRpc(payload: Buffer): Promise<void> {
     let env: ReturnType<typeof decodeEnvelope>;
     try {
@@ -276,16 +330,30 @@ export class Controller {
     }
     if (env.body !== "rpcRequest") return this.drop("unexpected_body", `${env.body} on rpc/req`);
     const check = verifyRpcRequest(env.rpcRequest!, this.operatorKeys, Date.now(), RPC_WINDOW_MS);
+    const req = env.rpcRequest!;
     if (!check.ok) {
-      // No verified reply address: answer nobody, count it.
+      // No verified reply address: answer nobody, count it, audit it under the claimed key.
       this.counters.inc("rpc_rejected");
       this.log.warn({ error: check.error }, "rejected an operator request");
+      await this.audited(
+        `(unverified key ${String(req.keyId ?? "").slice(0, 64)})`,
+        "?",
+        Buffer.from(req.call ?? []).toString("base64"),
+        `refused: ${check.error}`,
+      );
       return;
     }
     const { call, params } = check;
-    const operator = this.operatorNames.get(env.rpcRequest!.keyId ?? "") ?? "?";
+    const operator = this.operatorNames.get(req.keyId ?? "") ?? "?";
     const topic = rpcResponseTopic(this.prefix, operator, call.clientId);
-    const fail = (code: RpcErrorCode, error: string): void => {
+    const paramsJson = JSON.stringify(params ?? {});
+    const fail = async (code: RpcErrorCode, error: string): Promise<void> => {
+      await this.audited(
+        operator,
+        call.method,
+        paramsJson,
+        `refused: ${RpcErrorCode[code] ?? code}: ${error}`,
+      );
       this.publish(
         topic,
         encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: false, error, errorCode: code } }),
@@ -327,6 +395,8 @@ export class Controller {
       return fail(RpcErrorCode.RPC_INTERNAL, `internal error: ${(err as Error).message}`);
     }
     const reply = encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: true, resultJson } });
+    if (reply.length <= this.opts.config.limits.maxPayloadBytes)
+      await this.audited(operator, method, paramsJson, "ok");
     if (reply.length > this.opts.config.limits.maxPayloadBytes) {
       this.counters.inc("rpc_reply_too_large");
       this.log.warn({ method, bytes: reply.length }, "reply over the payload limit; answering with an error");

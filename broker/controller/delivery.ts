@@ -8,7 +8,7 @@ import { encodeEnvelope } from "../../proto/envelope.js";
 import { type SignedJob, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
 import { specDigest } from "../../proto/signing.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
-import { applyStatus } from "./job-state.js";
+import { applyStatus, jobState } from "./job-state.js";
 import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, Op } from "./store.js";
@@ -28,6 +28,13 @@ export interface DeliveryContext {
   now(): number;
   /** A device finished a job (terminal job-level status applied). */
   onFinished?(jobId: string): void;
+  /**
+   * A job (not a rollout's: its rollout reports) ended — every device terminal, SUCCEEDED or
+   * FAILED — with the statuses of this batch: ops to write in the same batch, before the
+   * StatusAck (notifications). Asked only while `wantsJobEnds()` says someone listens.
+   */
+  onJobEnded?(job: JobRecord, state: "SUCCEEDED" | "FAILED", asgs: readonly Assignment[]): Op[];
+  wantsJobEnds?(): boolean;
 }
 
 /** What one status may add to an assignment (an agent of ours bounds it already). */
@@ -36,6 +43,14 @@ const STATUS_BYTES = 96 * 1024;
 export class Delivery {
   /** Per-device chains so one device's batches apply in order while devices run in parallel. */
   private readonly chains = new Map<string, Promise<void>>();
+  /**
+   * Assignments not yet terminal, per job, counted once and then kept by decrement: telling
+   * when a job ends costs O(devices) per job, not per status. Dropped when devices are added
+   * or assignments are ended by the controller (recounted when next needed).
+   */
+  private readonly openCount = new Map<string, number>();
+  private readonly endedHere = new Map<string, Map<string, Assignment>>();
+  private endings: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly ctx: DeliveryContext) {}
 
@@ -69,6 +84,7 @@ export class Delivery {
    */
   async addDevices(job: JobRecord, deviceIds: readonly string[], extra: Op[] = []): Promise<string[]> {
     const now = this.ctx.now();
+    this.forgetCount(job.id);
     const known = new Set(job.devices);
     const fresh = [...new Set(deviceIds)].filter((d) => !known.has(d));
     job.devices.push(...fresh);
@@ -110,6 +126,7 @@ export class Delivery {
     message: string,
   ): Promise<void> {
     if (!asgs.length) return;
+    this.forgetCount(job.id);
     const now = this.ctx.now();
     const ops: Op[] = [];
     for (const a of asgs) {
@@ -245,6 +262,8 @@ export class Delivery {
     }
     const start = known.seq;
     const touched = new Map<string, Assignment>();
+    /** Assignments of this batch that were not terminal before it. */
+    const open = new Set<string>();
     const fresh: TaskStatus[] = [];
     for (const s of statuses) {
       const seq = s.seq ?? 0;
@@ -260,6 +279,7 @@ export class Delivery {
       fresh.push(s);
       const key = s.jobId ?? "";
       const a = touched.get(key) ?? (await this.ctx.jobs.assignment(deviceId, key));
+      if (a && !touched.has(key) && !TERMINAL_STATES.has(a.state)) open.add(key);
       // Only the job's own tasks (M3): a device cannot grow an assignment with made-up ones.
       const job = a && s.taskId ? await this.job(a.jobId) : undefined;
       if (job && !job.tasks.some((t) => t.id === s.taskId)) {
@@ -288,6 +308,7 @@ export class Delivery {
     if (last !== start || newEpoch) {
       const ops: Op[] = [...touched.values()].map((a) => this.ctx.jobs.putAssignment(a));
       ops.push(store.put(store.seqs, deviceId, { epoch: newEpoch ? epoch : known.epoch, seq: last }));
+      ops.push(...(await this.endedJobs(touched, open)));
       await this.ctx.jobs.batch(ops);
     }
     this.ctx.registry.seen(deviceId, this.ctx.now());
@@ -317,12 +338,54 @@ export class Delivery {
     }
   }
 
+  /** Ops for jobs this batch ended (a device's assignment went terminal and so did the job). */
+  private endedJobs(touched: ReadonlyMap<string, Assignment>, open: ReadonlySet<string>): Promise<Op[]> {
+    if (!this.ctx.onJobEnded || !this.ctx.wantsJobEnds?.()) return Promise.resolve([]);
+    // One device's batch at a time: a count made by one is decremented by the others.
+    const next = this.endings.then(() => this.countEnds(touched, open));
+    this.endings = next.catch(() => {});
+    return next;
+  }
+
+  private async countEnds(
+    touched: ReadonlyMap<string, Assignment>,
+    open: ReadonlySet<string>,
+  ): Promise<Op[]> {
+    const ops: Op[] = [];
+    for (const [key, a] of touched) {
+      if (!open.has(key) || !TERMINAL_STATES.has(a.state)) continue;
+      const job = await this.job(a.jobId);
+      if (!job || job.rolloutId || job.recurring) continue;
+      // Terminal outcomes counted here, some maybe not on disk yet (another device's batch).
+      const seen = this.endedHere.get(job.id) ?? new Map<string, Assignment>();
+      this.endedHere.set(job.id, seen);
+      seen.set(a.deviceId, a);
+      const current = async () => (await this.ctx.jobs.ofJob(job)).map((x) => seen.get(x.deviceId) ?? x);
+      let left = this.openCount.get(job.id);
+      if (left === undefined) left = (await current()).filter((x) => !TERMINAL_STATES.has(x.state)).length;
+      else left--;
+      this.openCount.set(job.id, left);
+      if (left > 0) continue;
+      const asgs = await current();
+      this.forgetCount(job.id);
+      const state = jobState(job, asgs);
+      if (state === "SUCCEEDED" || state === "FAILED") ops.push(...this.ctx.onJobEnded!(job, state, asgs));
+    }
+    return ops;
+  }
+
+  private forgetCount(jobId: string): void {
+    this.openCount.delete(jobId);
+    this.endedHere.delete(jobId);
+  }
+
   /** Cancels a job: withdraws what was not delivered, tells devices to cancel the rest. */
   async cancel(jobId: string, reason: string): Promise<JobRecord | undefined> {
     const job = await this.job(jobId);
     if (!job) return undefined;
     if (job.cancelled) return job;
     job.cancelled = { reason, at: this.ctx.now() };
+    this.forgetCount(job.id);
     const asgs = await this.ctx.jobs.ofJob(job);
     const ops: Op[] = [this.ctx.jobs.put(job)];
     const notify: string[] = [];

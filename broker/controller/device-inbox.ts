@@ -14,6 +14,8 @@ export interface InboxContext {
   registry: Registry;
   delivery: Delivery;
   onTelemetry(deviceId: string, t: Telemetry): void;
+  /** A device came online or went offline (after the registry recorded it). */
+  onDeviceChange?(deviceId: string, change: "online" | "offline"): Promise<void>;
   /** A payload refused, with a counter name. */
   drop(reason: string, detail: string): void;
   now(): number;
@@ -56,8 +58,9 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
         return c.onTelemetry(t.deviceId, env.telemetry!);
       case "deviceState": {
         const change = c.registry.observeState(t.deviceId, env.deviceState!, c.now());
-        if (change) c.delivery.event({ kind: `device.${change}`, deviceId: t.deviceId });
-        return;
+        if (!change) return;
+        c.delivery.event({ kind: `device.${change}`, deviceId: t.deviceId });
+        return c.onDeviceChange?.(t.deviceId, change);
       }
     }
   };

@@ -11,7 +11,7 @@ import type { Delivery } from "./delivery.js";
 import { FAILED_OUTCOMES, tally } from "./job-state.js";
 import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
-import type { Assignment, ControllerStore, JobRecord, RolloutRecord } from "./store.js";
+import type { Assignment, ControllerStore, JobRecord, Op, RolloutRecord } from "./store.js";
 import { Ticker } from "./ticker.js";
 
 export interface TelemetrySample {
@@ -28,6 +28,8 @@ export interface RolloutContext {
   log: Logger;
   now(): number;
   telemetry(deviceId: string): TelemetrySample | undefined;
+  /** Ops queueing notifications of a rollout event, written with the rollout's new state. */
+  notifyOps?(event: string, r: RolloutRecord, detail: object): Op[];
 }
 
 const MAX_WAVES = 1000;
@@ -206,7 +208,8 @@ export class Rollouts {
   }
 
   private async save(r: RolloutRecord, event?: string, detail: object = {}): Promise<void> {
-    await this.ctx.store.batch([this.ctx.store.put(this.ctx.store.rollouts, r.id, r)]);
+    const notify = event ? (this.ctx.notifyOps?.(event, r, detail) ?? []) : [];
+    await this.ctx.store.batch([this.ctx.store.put(this.ctx.store.rollouts, r.id, r), ...notify]);
     if (!this.isLive(r)) this.active.delete(r.id);
     if (event)
       this.ctx.delivery.event({

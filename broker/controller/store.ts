@@ -6,6 +6,8 @@
 import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
 import { GroupCommit } from "../../common/group-commit.js";
+import type { AuditEntry } from "./audit.js";
+import type { QueuedNotification, ReceiverRecord } from "./notify.js";
 
 export interface DeviceRecord {
   id: string;
@@ -132,6 +134,10 @@ export class ControllerStore {
   readonly seqs: Sub<SeqRecord>;
   readonly nonces: Sub<number>;
   readonly rollouts: Sub<RolloutRecord>;
+  readonly audit: Sub<AuditEntry>;
+  /** Notification receivers by name, and their queues (`<name>!<seq>`). */
+  readonly receivers: Sub<ReceiverRecord>;
+  readonly notifications: Sub<QueuedNotification>;
   private readonly writer: GroupCommit<Op>;
 
   constructor(path: string) {
@@ -152,6 +158,13 @@ export class ControllerStore {
     this.rollouts = this.db.sublevel<string, RolloutRecord>("rollout", {
       valueEncoding: "json",
     }) as Sub<RolloutRecord>;
+    this.audit = this.db.sublevel<string, AuditEntry>("audit", { valueEncoding: "json" }) as Sub<AuditEntry>;
+    this.receivers = this.db.sublevel<string, ReceiverRecord>("notify", {
+      valueEncoding: "json",
+    }) as Sub<ReceiverRecord>;
+    this.notifications = this.db.sublevel<string, QueuedNotification>("notifyq", {
+      valueEncoding: "json",
+    }) as Sub<QueuedNotification>;
   }
 
   open(): Promise<void> {

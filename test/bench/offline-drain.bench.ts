@@ -89,8 +89,9 @@ it(`B5: ${JOBS} jobs completed offline, then drained`, async () => {
     await waitUntil(
       "every job acknowledged",
       async () => {
-        const r = await cli(["device", "show", ID, "--json"], env);
-        const { jobs } = JSON.parse(r.stdout) as { jobs: Array<{ state: string }> };
+        // Every job of the device, paged (device show lists only the newest 100).
+        const r = await cli(["jobs", "ls", "--device", ID, "--json"], env);
+        const jobs = JSON.parse(r.stdout) as Array<{ state: string }>;
         return jobs.filter((j) => j.state !== "PENDING").length >= ids.length;
       },
       120_000,

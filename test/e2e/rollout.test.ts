@@ -1,6 +1,6 @@
 // Rollouts, work-queue dispatch and watch with simulated devices (real `fleet simulate`
 // processes running the real agent code) against a real `fleet server`.
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,8 +8,8 @@ import type { JobJson, RolloutJson } from "../../proto/api.js";
 import {
   cli,
   cliJson,
-  FLEET,
   type ServerProcess,
+  simulate as simulateFleet,
   startFleet,
   startServer,
   stopAll,
@@ -25,23 +25,8 @@ const noop = join(data.dir, "noop.yaml");
 const nap = join(data.dir, "nap.yaml");
 
 async function simulate(args: string[]): Promise<ChildProcess> {
-  const p = spawn(process.execPath, [FLEET, "simulate", "--connect-rate", "2000", ...args], {
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const p = await simulateFleet(env, args);
   sims.push(p);
-  await new Promise<void>((res, rej) => {
-    let out = "";
-    let err = "";
-    p.stdout!.on("data", (d: Buffer) => {
-      out += d.toString();
-      if (out.includes("simulating")) res();
-    });
-    p.stderr!.on("data", (d: Buffer) => {
-      err += d.toString();
-    });
-    p.on("exit", (code) => rej(new Error(`simulate exited ${code}: ${err.slice(-500)}`)));
-  });
   return p;
 }
 

@@ -215,3 +215,24 @@ export function stopAll(...parts: Array<Ending | Iterable<Ending>>): void {
   for (const p of flat) if (p && typeof p === "object") ("proc" in p ? p.proc : p).kill("SIGKILL");
   for (const p of flat) if (typeof p === "function") p();
 }
+
+/** `fleet simulate …`, resolved once its devices are connected ("simulating" on stdout). */
+export async function simulate(env: Record<string, string>, args: string[]): Promise<ChildProcess> {
+  const p = spawn(process.execPath, [FLEET, "simulate", "--connect-rate", "2000", ...args], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  await new Promise<void>((res, rej) => {
+    let out = "";
+    let err = "";
+    p.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes("simulating")) res();
+    });
+    p.stderr!.on("data", (d: Buffer) => {
+      err += d.toString();
+    });
+    p.on("exit", (code) => rej(new Error(`simulate exited ${code}: ${err.slice(-500)}`)));
+  });
+  return p;
+}
