@@ -5,18 +5,9 @@
 // entry that does not fit. Appends are serialized (the chain has one tail) and written before
 // the request is answered.
 import { createHash } from "node:crypto";
-import type { ControllerStore } from "./store.js";
+import type { AuditEntry, ControllerStore } from "./store.js";
 
-export interface AuditEntry {
-  seq: number;
-  at: number;
-  operator: string;
-  method: string;
-  paramsDigest: string;
-  result: string;
-  prev: string;
-  hash: string;
-}
+export type { AuditEntry };
 
 const GENESIS = "0".repeat(64);
 const key = (seq: number) => seq.toString(16).padStart(16, "0");

@@ -18,37 +18,9 @@ import { AGENT_VERSION } from "../../common/version.js";
 import { ApiError, type NotifyEvent, RpcErrorCode } from "../../proto/api.js";
 import { matchesSelector, parseSelector } from "../../proto/selector.js";
 import type { Registry } from "./registry.js";
-import type { ControllerStore, Op } from "./store.js";
+import type { ControllerStore, Health, Op, QueuedNotification, ReceiverRecord } from "./store.js";
 
-export interface ReceiverRecord {
-  name: string;
-  url: string;
-  events: string[];
-  selector: string;
-  secret: string;
-  createdAt: number;
-  createdBy: string;
-  /** How deliveries went (kept across restarts; written without fsync). */
-  health?: Health;
-}
-
-export interface QueuedNotification {
-  id: string;
-  event: string;
-  at: number;
-  fields: Record<string, unknown>;
-  attempts: number;
-  nextAt: number;
-  /** Device events coalesced into this one, oldest first. */
-  devices?: Array<{ deviceId: string; at: number }>;
-}
-
-interface Health {
-  lastSuccess?: number;
-  lastError?: string;
-  delivered: number;
-  dropped: number;
-}
+export type { QueuedNotification, ReceiverRecord };
 
 export interface NotifierOptions {
   store: ControllerStore;

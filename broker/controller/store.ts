@@ -6,8 +6,6 @@
 import type { AbstractBatchOperation, AbstractSublevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
 import { GroupCommit } from "../../common/group-commit.js";
-import type { AuditEntry } from "./audit.js";
-import type { QueuedNotification, ReceiverRecord } from "./notify.js";
 
 export interface DeviceRecord {
   id: string;
@@ -113,6 +111,51 @@ export interface Assignment {
   assignedAt?: number;
   /** Ended by the controller (timeout, withdrawal): later device reports do not change the outcome. */
   closed?: boolean;
+}
+
+/** One operator request in the hash-chained audit log (audit.ts). */
+export interface AuditEntry {
+  seq: number;
+  at: number;
+  operator: string;
+  method: string;
+  paramsDigest: string;
+  result: string;
+  prev: string;
+  hash: string;
+}
+
+/** A notification receiver (notify.ts). */
+export interface ReceiverRecord {
+  name: string;
+  url: string;
+  events: string[];
+  selector: string;
+  secret: string;
+  createdAt: number;
+  createdBy: string;
+  /** How deliveries went (kept across restarts; written without fsync). */
+  health?: Health;
+}
+
+/** How a receiver's deliveries went. */
+export interface Health {
+  lastSuccess?: number;
+  lastError?: string;
+  delivered: number;
+  dropped: number;
+}
+
+/** A notification waiting for its receiver. */
+export interface QueuedNotification {
+  id: string;
+  event: string;
+  at: number;
+  fields: Record<string, unknown>;
+  attempts: number;
+  nextAt: number;
+  /** Device events coalesced into this one, oldest first. */
+  devices?: Array<{ deviceId: string; at: number }>;
 }
 
 /** A bare number is a record from before epochs (epoch ""). */
