@@ -1,5 +1,10 @@
 // The device agent: wires the connection, the durable store, the scheduler and the outbox
 // together and speaks the delivery protocol of DESIGN.md §4.
+//
+// About 500 lines: one handler per topic of the protocol (assignment, cancel, sync, ack,
+// time) plus the device-state and telemetry publishing, all over the same connection, store
+// and clock. The decisions live elsewhere (verify.ts, scheduler.ts, outbox.ts); what stays
+// here is the wiring, read top to bottom as the protocol.
 import { createHash, createPublicKey, type KeyObject } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";

@@ -2,6 +2,9 @@
 // D/artifacts/blobs; each (name, version) has a manifest signed by an operator. Operators push,
 // list and remove (HTTP Basic with their scrypt password); a device (HTTP Basic with its token)
 // may read only the manifests and blobs that a job currently assigned to it names.
+//
+// About 440 lines: artifact push/list/remove, device downloads with their job check, and device
+// uploads (backups) with quotas share the same authentication, path checks and streaming.
 import { createHash, type KeyObject } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";

@@ -10,6 +10,9 @@
 //
 // Layout: <target>/releases/<version>/ (unpacked), <target>/current -> releases/<version>
 // (a relative symlink, switched by writing a new link and renaming it over the old one).
+//
+// About 400 lines: the state machine below is one unit; splitting its states over files would
+// hide the order of "save, then act".
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { mkdir, open, readdir, readlink, rename, rm, stat, symlink } from "node:fs/promises";

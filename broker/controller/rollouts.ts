@@ -3,6 +3,10 @@
 // Failures above a threshold abort. State lives in LevelDB and every step is persisted before
 // it acts, so a controller restart resumes each rollout where it was and no device receives
 // the job twice (assignments are keyed by device and job). One global tick drives them all.
+//
+// A little over 400 lines: wave planning and the gate grammar are pure functions at the top
+// (unit-tested in test/unit/rollouts.test.ts); the class is the one step function and its
+// persistence, kept together so that "persist, then act" can be read in one place.
 import type { Logger } from "pino";
 import { ApiError, RpcErrorCode } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
