@@ -27,6 +27,7 @@ import { systemTime, type TimeSource, TrustedClock } from "./clock.js";
 import { type AgentConfig, rootPath } from "./config.js";
 import { Connection } from "./connection.js";
 import type { Facts } from "./facts.js";
+import { SiteGateway } from "./gateway.js";
 import { createLogger } from "./log.js";
 import type { Outbox } from "./outbox.js";
 import { Scheduler } from "./scheduler.js";
@@ -80,6 +81,8 @@ export class Agent {
   private readonly policy: TaskPolicy;
   private readonly connection: Connection;
   private readonly outbox: Outbox;
+  /** The site gateway this agent also runs, if flashed with --gateway. */
+  readonly gateway: SiteGateway | undefined;
   private facts: Facts;
   private timers: NodeJS.Timeout[] = [];
   private stateTimer: NodeJS.Timeout | undefined;
@@ -136,6 +139,29 @@ export class Agent {
       onChange: () => this.publishStateSoon(),
     });
     this.outbox = this.store.outbox;
+    const gw = this.cfg.gateway;
+    this.gateway = gw
+      ? new SiteGateway({
+          deviceId: this.cfg.deviceId,
+          prefix: this.cfg.topicPrefix,
+          port: gw.port,
+          bind: gw.bind,
+          certFile: rootPath(this.cfg, gw.cert),
+          keyFile: rootPath(this.cfg, gw.key),
+          caFile: rootPath(this.cfg, this.cfg.caCert ?? "etc/fleet-agent/ca.pem"),
+          maxPayloadBytes: this.cfg.maxPayloadBytes,
+          db: this.store.db,
+          log: this.log.child({ component: "gateway" }),
+          counters: this.counters,
+          upstream: {
+            publish: (topic, payload, qos, retain) => this.publishTopic(topic, payload, qos, retain),
+            subscribe: (topics) => {
+              if (topics.length)
+                void this.connection.current?.subscribeAsync(topics, { qos: 1 }).catch(() => {});
+            },
+          },
+        })
+      : undefined;
     this.connection = new Connection({
       brokers: this.cfg.brokers,
       clientId: this.cfg.deviceId,
@@ -180,6 +206,7 @@ export class Agent {
     await this.scheduler.load((r) => this.decodeRecord(r));
     await this.refreshFacts();
     this.scheduler.start();
+    await this.gateway?.start();
     this.outbox.start({
       log: this.log.child({ component: "outbox" }),
       publish: (payload) => this.publish("status", payload, 1),
@@ -199,6 +226,7 @@ export class Agent {
     if (this.syncTimer) clearTimeout(this.syncTimer);
     this.outbox.stop();
     await this.scheduler.stop();
+    await this.gateway?.stop();
     await this.connection.stop(async (client) => {
       await client.publishAsync(this.topic("state"), Buffer.from(this.stateEnvelope(false)), {
         qos: 1,
@@ -221,10 +249,15 @@ export class Agent {
     qos: 0 | 1,
     retain = false,
   ) {
+    return this.publishTopic(this.topic(channel), payload, qos, retain);
+  }
+
+  /** Publishes upstream (on this device's topics, or for a gateway its site's); false if down. */
+  private publishTopic(topic: string, payload: Uint8Array, qos: 0 | 1, retain: boolean): boolean {
     const client = this.connection.current;
     if (!client) return false;
-    client.publish(this.topic(channel), Buffer.from(payload), { qos, retain }, (err) => {
-      if (err) this.log.debug({ err: err.message, channel }, "publish not completed");
+    client.publish(topic, Buffer.from(payload), { qos, retain }, (err) => {
+      if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
     });
     return true;
   }
@@ -237,6 +270,7 @@ export class Agent {
    */
   private async onUp(client: MqttClient): Promise<void> {
     const subscribed = client.subscribeAsync([this.topic("job"), this.topic("ctl")], { qos: 1 });
+    this.gateway?.onUpstream();
     this.publishState();
     this.syncRetryMs = SYNC_RETRY_MIN_MS;
     this.sendSync();
@@ -278,6 +312,7 @@ export class Agent {
 
   private async onMessage(topic: string, payload: Buffer): Promise<void> {
     const t = parseDeviceTopic(this.cfg.topicPrefix, topic);
+    if (t && t.deviceId !== this.cfg.deviceId && this.gateway?.fromUpstream(topic, payload)) return;
     if (!t || t.deviceId !== this.cfg.deviceId || (t.channel !== "job" && t.channel !== "ctl")) {
       this.drop("unexpected_topic", `message on ${topic}`);
       return;
@@ -320,6 +355,11 @@ export class Agent {
           await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
         return;
       }
+      case "siteCredentials":
+        if (!this.gateway)
+          return this.drop("unexpected_body", "site credentials, but this agent is no gateway");
+        await this.gateway.apply(env.siteCredentials!);
+        return;
       default:
         return this.drop("unexpected_body", `${env.body} on ctl topic`);
     }

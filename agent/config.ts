@@ -53,6 +53,16 @@ export const agentConfigSchema = z
     rebootCommand: z.array(z.string()).min(1).default(["/bin/systemctl", "reboot"]),
     /** Reboots are only logged and "boot" means agent start (tests, demos, simulations). */
     systemDryRun: z.boolean().default(false),
+    /** This agent is its site's gateway (DESIGN.md §11): an embedded broker for the site. */
+    gateway: z
+      .object({
+        port: z.number().int().min(0).max(65535).default(8883),
+        bind: z.string().default("0.0.0.0"),
+        cert: z.string(),
+        key: z.string(),
+      })
+      .strict()
+      .optional(),
     /** Seconds a job's issued_at may be ahead of a trusted device clock. */
     maxClockSkewS: z.number().min(0).default(600),
     /** The longest validity (expiry - issue) of a job this device accepts (M14). */

@@ -15,7 +15,16 @@ function split(prefix: string, topic: string): string[] | undefined {
   return topic.slice(prefix.length + 1).split("/");
 }
 
-export function canPublish(who: Identity, prefix: string, topic: string): boolean {
+/**
+ * `behind`: whether a device is behind this gateway device (DESIGN.md §11): a gateway may
+ * publish and subscribe on those devices' topics as on its own.
+ */
+export type Behind = (gatewayId: string, deviceId: string) => boolean;
+
+const mine = (who: { id: string }, id: string, behind?: Behind) =>
+  id === who.id || Boolean(behind?.(who.id, id));
+
+export function canPublish(who: Identity, prefix: string, topic: string, behind?: Behind): boolean {
   if (topic.startsWith("$") || topic.includes("+") || topic.includes("#")) return false;
   const parts = split(prefix, topic);
   if (!parts) return false;
@@ -23,13 +32,18 @@ export function canPublish(who: Identity, prefix: string, topic: string): boolea
     case "controller":
       return true;
     case "device":
-      return parts.length === 3 && parts[0] === "d" && parts[1] === who.id && DEVICE_PUBLISH.has(parts[2]!);
+      return (
+        parts.length === 3 &&
+        parts[0] === "d" &&
+        mine(who, parts[1]!, behind) &&
+        DEVICE_PUBLISH.has(parts[2]!)
+      );
     case "operator":
       return parts.length === 2 && parts[0] === "rpc" && parts[1] === "req";
   }
 }
 
-export function canSubscribe(who: Identity, prefix: string, topic: string): boolean {
+export function canSubscribe(who: Identity, prefix: string, topic: string, behind?: Behind): boolean {
   if (topic.startsWith("$")) return false;
   const parts = split(prefix, topic);
   if (!parts) return false;
@@ -37,7 +51,12 @@ export function canSubscribe(who: Identity, prefix: string, topic: string): bool
     case "controller":
       return true;
     case "device":
-      return parts.length === 3 && parts[0] === "d" && parts[1] === who.id && DEVICE_SUBSCRIBE.has(parts[2]!);
+      return (
+        parts.length === 3 &&
+        parts[0] === "d" &&
+        mine(who, parts[1]!, behind) &&
+        DEVICE_SUBSCRIBE.has(parts[2]!)
+      );
     case "operator": {
       if (parts.length === 1 && parts[0] === "events") return true;
       if (

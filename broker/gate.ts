@@ -8,7 +8,7 @@ import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
 import { clientWill, remoteAddress } from "../common/internals.js";
 import { DEVICE_ID_RE } from "../proto/topics.js";
-import { canPublish, canSubscribe, type Identity } from "./acl.js";
+import { type Behind, canPublish, canSubscribe, type Identity } from "./acl.js";
 import type { ServerConfig } from "./config.js";
 import { tokenHash, tokenMatches } from "./credentials.js";
 import type { PasswordGate, Verdict } from "./password-gate.js";
@@ -26,8 +26,14 @@ export function authError(message: string, returnCode: number): AuthenticateErro
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
 
+/** What the gate needs of a server's config (a gateway has no controller and no operators yet). */
+export type GateConfig = Pick<ServerConfig, "prefix" | "operators"> & {
+  controller?: ServerConfig["controller"];
+  limits: Pick<ServerConfig["limits"], "maxConnections" | "connectsPerSecondPerAddress" | "maxPayloadBytes">;
+};
+
 export interface GateOptions {
-  config: ServerConfig;
+  config: GateConfig;
   devices: DeviceCredentials;
   passwords: PasswordGate;
   counters: Counters;
@@ -36,6 +42,8 @@ export interface GateOptions {
   connected(): number;
   /** Called first for every connecting client. */
   prepare?(client: Client): void;
+  /** Whether a device is behind a gateway (its topics are the gateway's too). */
+  behind?: Behind;
 }
 
 /** The aedes hooks, ready to spread into `Aedes.createBroker`. */
@@ -44,7 +52,7 @@ export class BrokerGate {
   private readonly controllerHash: string;
 
   constructor(private readonly opts: GateOptions) {
-    this.controllerHash = tokenHash(opts.config.controller.password);
+    this.controllerHash = opts.config.controller ? tokenHash(opts.config.controller.password) : "";
   }
 
   /** Forgets per-address connection rates (call every minute). */
@@ -99,7 +107,8 @@ export class BrokerGate {
     },
     authorizeSubscribe: (client, sub, done) => {
       const who = (client as FleetClient).fleet;
-      if (who && canSubscribe(who, this.opts.config.prefix, sub.topic)) return done(null, sub);
+      if (who && canSubscribe(who, this.opts.config.prefix, sub.topic, this.opts.behind))
+        return done(null, sub);
       this.opts.counters.inc("acl_subscribe_denied");
       this.opts.log.warn({ clientId: client.id, topic: sub.topic }, "subscription denied");
       done(null, null);
@@ -108,7 +117,10 @@ export class BrokerGate {
 
   /** The ACL, and retained messages only on a device's own `state`. */
   mayPublish(who: Identity, topic: string, retain: boolean): boolean {
-    return canPublish(who, this.opts.config.prefix, topic) && (!retain || topic.endsWith("/state"));
+    return (
+      canPublish(who, this.opts.config.prefix, topic, this.opts.behind) &&
+      (!retain || topic.endsWith("/state"))
+    );
   }
 
   private preConnect(client: Client, done: (err: Error | null, ok: boolean) => void): void {
@@ -141,7 +153,7 @@ export class BrokerGate {
     password: Readonly<Buffer | undefined>,
   ): Promise<Identity> {
     const cfg = this.opts.config;
-    if (username === cfg.controller.username) {
+    if (cfg.controller && username === cfg.controller.username) {
       const id = cfg.controller.clientId ?? cfg.controller.username;
       if (client.id === id && password && tokenMatches(password, this.controllerHash)) {
         return { kind: "controller", id: username };

@@ -268,6 +268,7 @@ export class FleetServer {
       // No dedupe: overlapping subscriptions may then see a message twice, which every consumer
       // of ours tolerates (status and jobs are applied idempotently).
       prepare: this.cluster ? disableDedupe : undefined,
+      behind: (gateway, device) => this.registry?.get(device)?.via === gateway,
     });
     this.gate = gate;
     const aedes = await Aedes.createBroker({

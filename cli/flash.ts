@@ -63,6 +63,10 @@ interface FlashOptions extends OperatorOptions {
   artifactsUrl?: string;
   dryRunSystem?: boolean;
   insecure?: boolean;
+  gateway?: boolean;
+  gatewayHost: string[];
+  gatewayPort?: string;
+  via?: string;
 }
 
 function hostOf(url: string): string {
@@ -99,14 +103,35 @@ export function registerFlash(program: Command): void {
     )
     .option("--dry-run-system", "the device's reboots are only logged (demos, tests)")
     .option("--insecure", "allow a plain (unencrypted) broker URL beyond loopback")
+    .option("--gateway", "this device is its site's gateway: it also runs a broker for the site (TLS)")
+    .option(
+      "--gateway-host <name>",
+      "a name or address the site's devices reach the gateway at (repeatable)",
+      collect,
+      [],
+    )
+    .option("--gateway-port <port>", "the gateway's MQTT/TLS port (default 8883)")
+    .option("--via <gateway>", "connect through this site gateway (it comes first in the broker list)")
     .action(async (id: string, o: FlashOptions) => {
       if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
       const labels = parseKv(o.label, "--label") as Record<string, string>;
       const ctx = loadContext(o);
-      const brokers = (o.broker ?? ctx.server)
+      if (o.gateway && o.via)
+        throw new CliError("--gateway and --via: a gateway connects to the center itself");
+      const gatewayPort = o.gatewayPort === undefined ? 8883 : Number(o.gatewayPort);
+      if (!Number.isInteger(gatewayPort) || gatewayPort < 1 || gatewayPort > 65535)
+        throw new CliError(`--gateway-port: "${o.gatewayPort}" is not a port (1-65535)`);
+      if (!o.gateway && (o.gatewayHost.length || o.gatewayPort !== undefined))
+        throw new CliError("--gateway-host and --gateway-port go with --gateway");
+      const gatewayHosts = o.gatewayHost.length ? o.gatewayHost : [id];
+      const center = (o.broker ?? ctx.server)
         .split(",")
         .map((u) => u.trim())
         .filter(Boolean);
+      // Behind a gateway: its URL first, the center after it (the fallback).
+      const via = o.via ? await withRpc(ctx, (rpc) => rpc.call("device.show", { id: o.via! })) : undefined;
+      if (via && !via.gateway) throw new CliError(`${o.via} is not a gateway (flash it with --gateway)`);
+      const brokers = via ? [`mqtts://${via.gateway!.hosts[0]}:${via.gateway!.port}`, ...center] : center;
       // A device's token (or the operator's view of it) must not cross a network in clear (M13).
       const clear = brokers.filter((b) => /^(mqtt|ws):\/\//.test(b) && !isLoopback(hostOf(b)));
       if (clear.length && !o.insecure)
@@ -115,15 +140,18 @@ export function registerFlash(program: Command): void {
         );
       const secure = brokers.every((b) => /^(mqtts|wss):\/\//.test(b));
       const bundle = agentBundleDir();
-      const { info, secret, cert } = await withRpc(ctx, async (rpc) => {
+      const { info, secret, cert, serverCert } = await withRpc(ctx, async (rpc) => {
         const info = await rpc.call("server.info", {});
         const secret = await rpc.call("device.add", {
           id,
           labels,
           rotate: true,
+          ...(o.via ? { via: o.via } : {}),
+          ...(o.gateway ? { gateway: { hosts: gatewayHosts, port: gatewayPort } } : {}),
         });
         const cert = o.mtls ? await rpc.call("device.cert", { id }) : undefined;
-        return { info, secret, cert };
+        const serverCert = o.gateway ? await rpc.call("device.cert", { id, hosts: gatewayHosts }) : undefined;
+        return { info, secret, cert, serverCert };
       });
       const trust = contextTrust(ctx, info.caCert);
       const config = {
@@ -142,6 +170,16 @@ export function registerFlash(program: Command): void {
         telemetryIntervalS: 60,
         ...(o.dryRunSystem ? { systemDryRun: true } : {}),
         topicPrefix: info.prefix,
+        ...(serverCert
+          ? {
+              gateway: {
+                port: gatewayPort,
+                bind: "0.0.0.0",
+                cert: "etc/fleet-agent/gateway.pem",
+                key: "etc/fleet-agent/gateway.key",
+              },
+            }
+          : {}),
         // Artifacts over HTTPS for mTLS devices (no token) and for devices that reach the server
         // over TLS (their token must not cross in clear); plain HTTP only beside a plain broker.
         ...((o.artifactsUrl ?? (cert || secure ? info.https : info.http))
@@ -161,6 +199,10 @@ export function registerFlash(program: Command): void {
         if (cert) {
           writeFileAtomic(join(etc, "client.pem"), cert.certPem);
           writeFileAtomic(join(etc, "client.key"), cert.keyPem, 0o600);
+        }
+        if (serverCert) {
+          writeFileAtomic(join(etc, "gateway.pem"), serverCert.certPem);
+          writeFileAtomic(join(etc, "gateway.key"), serverCert.keyPem, 0o600);
         }
         writeFileAtomic(join(target, "etc", "systemd", "system", "fleet-agent.service"), UNIT);
         mkdirSync(join(target, "var", "lib", "fleet-agent"), { recursive: true, mode: 0o700 });
@@ -183,6 +225,8 @@ export function registerFlash(program: Command): void {
         tar: o.tar ? resolve(o.tar) : undefined,
         brokers,
         auth: cert ? "mtls" : "token",
+        ...(o.gateway ? { gateway: { hosts: gatewayHosts, port: gatewayPort } } : {}),
+        ...(o.via ? { via: o.via } : {}),
       };
       if (o.json) return printJson(out);
       process.stdout.write(

@@ -40,6 +40,8 @@ const device = z.looseObject({
   labels,
   agentVersion: z.string(),
   lastSeen: z.string().nullable(),
+  via: z.string().optional(),
+  gateway: z.object({ hosts: z.array(z.string()), port: z.number() }).optional(),
 });
 
 const task = z.looseObject({
@@ -168,7 +170,15 @@ export const api = {
     }),
   ),
   "device.add": method(
-    z.object({ id: z.string(), labels: labels.default({}), rotate: z.boolean().default(false) }),
+    z.object({
+      id: z.string(),
+      labels: labels.default({}),
+      rotate: z.boolean().default(false),
+      /** The gateway this device connects through. */
+      via: z.string().optional(),
+      /** This device is a site gateway, reachable at these names and port. */
+      gateway: z.object({ hosts: z.array(z.string().min(1)).min(1), port: z.number().int().min(1).max(65535) }).optional(),
+    }),
     credentials,
   ),
   "device.addMany": method(
@@ -191,7 +201,11 @@ export const api = {
     }),
   ),
   "device.rm": method(id, z.looseObject({ id: z.string(), removed: z.boolean() })),
-  "device.cert": method(id, z.looseObject({ certPem: z.string(), keyPem: z.string(), caPem: z.string() })),
+  /** A client certificate (CN = id), or with `hosts` a gateway's server certificate for those names. */
+  "device.cert": method(
+    id.extend({ hosts: z.array(z.string().min(1)).optional() }),
+    z.looseObject({ certPem: z.string(), keyPem: z.string(), caPem: z.string() }),
+  ),
   "job.submit": method(
     z.object({
       signedJob: z.string(),

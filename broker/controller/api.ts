@@ -18,7 +18,7 @@ import { checkGraph } from "../../proto/jobspec.js";
 import { parseSelector, SelectorError } from "../../proto/selector.js";
 import { verifySignedJob } from "../../proto/signing.js";
 import type { ServerConfig } from "../config.js";
-import { type CertPair, issueDeviceCert } from "../pki.js";
+import { type CertPair, issueDeviceCert, issueServerCert } from "../pki.js";
 import type { AuditLog } from "./audit.js";
 import type { Delivery } from "./delivery.js";
 import type { WorkQueue } from "./dispatch.js";
@@ -129,7 +129,10 @@ export function operatorApi(c: ApiContext): Handlers {
       trustedKeys: c.config.operators.map((op) => ({ keyId: op.keyId, publicKey: op.publicKey })),
     }),
     "device.add": async (p) => {
-      const { device, token } = await registry.add(p.id, p.labels, p.rotate);
+      const { device, token } = await registry.add(p.id, p.labels, p.rotate, {
+        via: p.via,
+        gateway: p.gateway,
+      });
       return { id: device.id, username: device.id, password: token };
     },
     "device.addMany": async (p) => registry.addMany(p.devices, p.rotate),
@@ -157,7 +160,13 @@ export function operatorApi(c: ApiContext): Handlers {
       return { id: p.id, removed: true };
     },
     "device.cert": async (p) => {
-      if (!registry.get(p.id)) throw notFound(`device ${p.id}`);
+      const d = registry.get(p.id);
+      if (!d) throw notFound(`device ${p.id}`);
+      if (p.hosts) {
+        // A gateway's TLS server certificate: its devices check it against the fleet CA.
+        if (!d.gateway) throw new ApiError(`${p.id} is not a gateway`);
+        return { ...issueServerCert(c.ca, p.hosts), caPem: c.ca.certPem };
+      }
       const cert = issueDeviceCert(c.ca, p.id);
       await registry.setCert(p.id, new X509Certificate(cert.certPem).serialNumber);
       return { ...cert, caPem: c.ca.certPem };

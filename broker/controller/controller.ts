@@ -10,7 +10,7 @@ import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
 import { stateName } from "../../proto/index.js";
 import { verifyRpcRequest } from "../../proto/rpc.js";
-import { rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
+import { deviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
 import { type Handlers, operatorApi } from "./api.js";
@@ -24,7 +24,7 @@ import { Notifier } from "./notify.js";
 import { dropRefusedPublishes } from "./refused.js";
 import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
-import type { ControllerStore } from "./store.js";
+import type { ControllerStore, DeviceRecord } from "./store.js";
 import { jobCounts } from "./views.js";
 
 const RPC_WINDOW_MS = 5 * 60_000;
@@ -136,6 +136,9 @@ export class Controller {
           : [],
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
+    opts.registry.onCredentials = (d, removed) => {
+      if (d.via) this.sendSite(d.via, [d], false, removed);
+    };
     opts.registry.onBadFacts = (deviceId) => {
       this.counters.inc("device_facts_refused");
       this.log.warn(
@@ -163,6 +166,10 @@ export class Controller {
       registry: this.opts.registry,
       delivery: this.delivery,
       onDeviceChange: (deviceId, change) => this.notifier.emit(`device.${change}`, {}, deviceId),
+      onSync: (deviceId) => {
+        if (opts.registry.get(deviceId)?.gateway)
+          this.sendSite(deviceId, opts.registry.behind(deviceId), true);
+      },
       onTelemetry: (deviceId, m) => {
         const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
         this.telemetry.set(deviceId, {
@@ -308,6 +315,35 @@ export class Controller {
   private async route(topic: string, payload: Buffer): Promise<void> {
     if (topic === rpcRequestTopic(this.prefix)) return this.onRpc(payload);
     return this.inbox(topic, payload);
+  }
+
+  // ---- site gateways ----------------------------------------------------------------------------
+
+  /**
+   * Tells a gateway the credentials of devices behind it (DESIGN.md §11): the whole list after
+   * its sync (`full`), else each change as it happens; a removed device is shut out at once.
+   */
+  private sendSite(
+    gatewayId: string,
+    devices: readonly DeviceRecord[],
+    full: boolean,
+    removed = false,
+  ): void {
+    const site = devices.map((d) => ({
+      id: d.id,
+      tokenHash: removed ? "" : (d.tokenHash ?? ""),
+      certSerials: removed ? [] : (d.certSerials ?? []),
+      removed,
+      labels: d.labels,
+    }));
+    // Pages that fit the payload limit (about 150 bytes a device).
+    const per = Math.max(1, Math.floor(this.opts.config.limits.maxPayloadBytes / 400));
+    for (let i = 0; i < Math.max(1, site.length); i += per)
+      this.publish(
+        deviceTopic(this.prefix, gatewayId, "ctl"),
+        encodeEnvelope({ siteCredentials: { full: full && i === 0, devices: site.slice(i, i + per) } }),
+        1,
+      );
   }
 
   // ---- operator RPC ---------------------------------------------------------------------------

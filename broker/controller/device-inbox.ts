@@ -16,6 +16,8 @@ export interface InboxContext {
   onTelemetry(deviceId: string, t: Telemetry): void;
   /** A device came online or went offline (after the registry recorded it). */
   onDeviceChange?(deviceId: string, change: "online" | "offline"): Promise<void>;
+  /** After a device's SyncRequest was answered (a gateway then gets its site's credentials). */
+  onSync?(deviceId: string): void;
   /** A payload refused, with a counter name. */
   drop(reason: string, detail: string): void;
   now(): number;
@@ -53,7 +55,8 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
         );
       case "syncRequest":
         c.registry.seen(t.deviceId, c.now());
-        return c.delivery.onSync(t.deviceId);
+        await c.delivery.onSync(t.deviceId);
+        return c.onSync?.(t.deviceId);
       case "telemetry":
         return c.onTelemetry(t.deviceId, env.telemetry!);
       case "deviceState": {

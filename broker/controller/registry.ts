@@ -27,6 +27,8 @@ export function deviceJson(d: DeviceRecord) {
     labels: d.labels,
     agentVersion: d.agentVersion,
     lastSeen: d.lastSeen ? new Date(d.lastSeen).toISOString() : null,
+    ...(d.via ? { via: d.via } : {}),
+    ...(d.gateway ? { gateway: d.gateway } : {}),
   };
 }
 
@@ -91,6 +93,7 @@ export class Registry {
     d.certSerials = [serial.toUpperCase()];
     await this.store.batch([this.store.put(this.store.devices, id, d)]);
     await this.mirror?.put([d]);
+    this.onCredentials?.(d, false);
   }
 
   /** A client certificate's serial is this device's current one. */
@@ -109,31 +112,41 @@ export class Registry {
     id: string,
     labels: Record<string, string>,
     rotate = false,
+    site: { via?: string; gateway?: { hosts: string[]; port: number } } = {},
   ): Promise<{ device: DeviceRecord; token: string }> {
-    const [made] = await this.addMany([{ id, labels }], rotate);
+    const [made] = await this.addMany([{ id, labels, ...site }], rotate);
     return { device: this.devices.get(id)!, token: made!.password };
   }
 
   /** Registers (or re-keys) many devices in one batch; secrets are returned once. */
   async addMany(
-    list: ReadonlyArray<{ id: string; labels: Record<string, string> }>,
+    list: ReadonlyArray<{
+      id: string;
+      labels: Record<string, string>;
+      via?: string;
+      gateway?: { hosts: string[]; port: number };
+    }>,
     rotate: boolean,
   ): Promise<Array<{ id: string; username: string; password: string }>> {
     const out: Array<{ id: string; username: string; password: string }> = [];
     const ops = [];
     const made: DeviceRecord[] = [];
-    for (const { id, labels } of list) {
+    for (const { id, labels, via, gateway } of list) {
       checkDeviceId(id);
+      if (via !== undefined && !this.devices.get(via)?.gateway)
+        throw new ApiError(`${via} is not a gateway (flash it with --gateway first)`);
       const existing = this.devices.get(id);
       if (existing && !rotate) throw new ApiError(`device ${id} already exists`);
       const token = newToken();
       const secret = { tokenHash: tokenHash(token), brokerHash: mosquittoHash(token) };
+      const site = { ...(via ? { via } : {}), ...(gateway ? { gateway } : {}) };
       const device: DeviceRecord = existing
-        ? { ...existing, labels: { ...existing.labels, ...labels }, ...secret, certSerials: [] }
+        ? { ...existing, labels: { ...existing.labels, ...labels }, ...secret, certSerials: [], ...site }
         : {
             id,
             labels,
             ...secret,
+            ...site,
             createdAt: Date.now(),
             lastSeen: 0,
             online: false,
@@ -150,13 +163,16 @@ export class Registry {
       this.devices.set(d.id, d);
     }
     await this.mirror?.put(made);
+    for (const d of made) this.onCredentials?.(d, false);
     return out;
   }
 
   async remove(id: string): Promise<boolean> {
-    if (!this.devices.has(id)) return false;
+    const gone = this.devices.get(id);
+    if (!gone) return false;
     await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
     this.devices.delete(id);
+    this.onCredentials?.(gone, true);
     this.sorted = undefined;
     this.dirty.delete(id);
     await this.mirror?.del(id);
@@ -169,6 +185,14 @@ export class Registry {
 
   /** Called when a device's facts were refused (too large, too deep, not an object). */
   onBadFacts: ((id: string) => void) | undefined;
+
+  /** A device's credentials changed or it was removed (its gateway is told). */
+  onCredentials: ((d: DeviceRecord, removed: boolean) => void) | undefined;
+
+  /** The devices that connect through gateway `id`. */
+  behind(id: string): DeviceRecord[] {
+    return [...this.devices.values()].filter((d) => d.via === id);
+  }
 
   /** Called after a device is removed (the embedded broker disconnects it). */
   onRemoved: ((id: string) => void) | undefined;

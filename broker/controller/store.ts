@@ -25,6 +25,10 @@ export interface DeviceRecord {
    * is refused although the CA signed it.
    */
   certSerials?: string[];
+  /** The site gateway this device connects through (DESIGN.md §11). */
+  via?: string;
+  /** This device is its site's gateway, reachable at these names and port. */
+  gateway?: { hosts: string[]; port: number };
 }
 
 /** What a job's tasks name: artifacts (`name@version`) they download, and whether one uploads. */

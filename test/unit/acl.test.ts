@@ -53,3 +53,21 @@ describe("ACL", () => {
     expect(canPublish(ctl, P, "other/topic")).toBe(false);
   });
 });
+
+describe("ACL for a site gateway", () => {
+  const gw = { kind: "device", id: "gw-1" } as const;
+  const behind = (g: string, d: string) => g === "gw-1" && (d === "dev-1" || d === "dev-2");
+  it("acts for exactly the devices behind it, on their device topics", () => {
+    expect(canPublish(gw, "fleet/v1", "fleet/v1/d/dev-1/status", behind)).toBe(true);
+    expect(canPublish(gw, "fleet/v1", "fleet/v1/d/dev-1/state", behind)).toBe(true);
+    expect(canSubscribe(gw, "fleet/v1", "fleet/v1/d/dev-2/job", behind)).toBe(true);
+    expect(canPublish(gw, "fleet/v1", "fleet/v1/d/dev-9/status", behind)).toBe(false);
+    expect(canSubscribe(gw, "fleet/v1", "fleet/v1/d/dev-9/ctl", behind)).toBe(false);
+    expect(canSubscribe(gw, "fleet/v1", "fleet/v1/d/+/job", behind)).toBe(false);
+    expect(canPublish(gw, "fleet/v1", "fleet/v1/d/dev-1/job", behind)).toBe(false); // never the center's side
+    // A device behind it gains nothing over the gateway or its neighbours.
+    expect(canPublish({ kind: "device", id: "dev-1" }, "fleet/v1", "fleet/v1/d/dev-2/status", behind)).toBe(
+      false,
+    );
+  });
+});

@@ -1,0 +1,225 @@
+// A site gateway (DESIGN.md §11): an agent that also runs an embedded aedes for the devices of
+// its site. It authenticates them offline — the center sends the credentials of exactly the
+// devices that name this gateway (SiteCredentials on the gateway's ctl topic), kept in LevelDB —
+// applies the same per-device ACL as the center (broker/gate.ts), and relays over the agent's
+// one upstream connection, as itself: what the devices publish (status, sync, state, telemetry)
+// goes up unchanged; what the center sends them (job, ctl) comes down. The delivery protocol
+// stays end to end: jobs are signed by operators and statuses are acknowledged by the
+// controller, so the gateway can delay but not forge; a status lost in a gateway crash is sent
+// again by the device's outbox.
+
+import { readFileSync } from "node:fs";
+import { createServer as createTlsServer, type Server as TlsServer } from "node:tls";
+import type { AbstractSublevel } from "abstract-level";
+import { Aedes, type Client } from "aedes";
+import type { Logger } from "pino";
+import { tokenMatches, verifyPassword } from "../broker/credentials.js";
+import { BrokerGate, type FleetClient } from "../broker/gate.js";
+import { PasswordGate } from "../broker/password-gate.js";
+import type { Counters } from "../common/counters.js";
+import { aedesClient, aedesClients, destroyConnection } from "../common/internals.js";
+import { settlesWithin } from "../common/timeout.js";
+import type { SiteCredentials } from "../proto/index.js";
+import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
+import type { Db } from "./store.js";
+
+export interface SiteDeviceRecord {
+  id: string;
+  tokenHash: string;
+  certSerials: string[];
+  labels: Record<string, string>;
+}
+
+export interface GatewayOptions {
+  deviceId: string;
+  prefix: string;
+  port: number;
+  bind: string;
+  certFile: string;
+  keyFile: string;
+  caFile: string;
+  maxPayloadBytes: number;
+  db: Db;
+  log: Logger;
+  counters: Counters;
+  /** The agent's upstream connection (undefined while it is down). */
+  upstream: {
+    publish(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean): boolean;
+    subscribe(topics: string[]): void;
+  };
+}
+
+const UP = new Set(["status", "sync", "state", "telemetry"]);
+const DOWN = new Set(["job", "ctl"]);
+
+type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
+
+export class SiteGateway {
+  private readonly devices = new Map<string, SiteDeviceRecord>();
+  private readonly store: Sub<SiteDeviceRecord>;
+  private aedes: Aedes | undefined;
+  private server: TlsServer | undefined;
+  port = 0;
+
+  constructor(private readonly opts: GatewayOptions) {
+    this.store = opts.db.sublevel<string, SiteDeviceRecord>("site", {
+      valueEncoding: "json",
+    }) as Sub<SiteDeviceRecord>;
+  }
+
+  get siteSize(): number {
+    return this.devices.size;
+  }
+
+  async start(): Promise<void> {
+    const o = this.opts;
+    for await (const d of this.store.values()) this.devices.set(d.id, d);
+    const gate = new BrokerGate({
+      config: {
+        prefix: o.prefix,
+        operators: [],
+        limits: {
+          maxConnections: 10_000,
+          connectsPerSecondPerAddress: 50,
+          maxPayloadBytes: o.maxPayloadBytes,
+        },
+      },
+      devices: {
+        verify: async (id, password) => {
+          const d = this.devices.get(id);
+          if (!d) return "unknown";
+          return password && d.tokenHash && tokenMatches(password, d.tokenHash) ? "ok" : "bad";
+        },
+        certAllowed: async (id, serial) =>
+          Boolean(serial && this.devices.get(id)?.certSerials.includes(serial.toUpperCase())),
+      },
+      passwords: new PasswordGate({ verify: verifyPassword }),
+      counters: o.counters,
+      log: o.log.child({ component: "gateway-gate" }),
+      connected: () => this.aedes?.connectedClients ?? 0,
+    });
+    const aedes = await Aedes.createBroker({ id: `gateway-${o.deviceId}`, ...gate.hooks });
+    this.aedes = aedes;
+    aedes.on("publish", (packet, client) => {
+      // Up: what the site's devices publish on their own topics (wills included).
+      const t = parseDeviceTopic(o.prefix, packet.topic);
+      if (!t || !UP.has(t.channel) || !this.devices.has(t.deviceId)) return;
+      if (client && (client as FleetClient).fleet?.id !== t.deviceId) return;
+      const sent = o.upstream.publish(
+        packet.topic,
+        packet.payload as Buffer,
+        packet.qos === 0 ? 0 : 1,
+        packet.retain,
+      );
+      o.counters.inc(sent ? "gateway_relayed_up" : "gateway_up_dropped");
+    });
+    this.server = createTlsServer(
+      {
+        cert: readFileSync(o.certFile),
+        key: readFileSync(o.keyFile),
+        ca: readFileSync(o.caFile),
+        requestCert: true, // a device may log in with its fleet-CA client certificate
+        rejectUnauthorized: false,
+      },
+      (socket) => aedes.handle(socket),
+    );
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once("error", reject);
+      this.server!.listen(o.port, o.bind, () => resolve());
+    });
+    this.port = (this.server.address() as { port: number }).port;
+    o.log.info({ port: this.port, devices: this.devices.size }, "site gateway listening");
+  }
+
+  async stop(): Promise<void> {
+    this.server?.close();
+    const aedes = this.aedes;
+    if (!aedes) return;
+    const closed = new Promise<void>((r) => aedes.close(() => r()));
+    if (!(await settlesWithin(closed, 2000))) for (const c of aedesClients(aedes)) destroyConnection(c);
+  }
+
+  /** The upstream connection is (back) up: listen for the site's devices there. */
+  onUpstream(): void {
+    this.opts.upstream.subscribe(this.topicsOf([...this.devices.keys()]));
+  }
+
+  /** Down: a message from the center on one of the site's devices' job/ctl topics. */
+  fromUpstream(topic: string, payload: Buffer): boolean {
+    const t = parseDeviceTopic(this.opts.prefix, topic);
+    if (!t || !DOWN.has(t.channel) || !this.devices.has(t.deviceId) || !this.aedes) return false;
+    this.aedes.publish({ cmd: "publish", topic, payload, qos: 1, retain: false, dup: false }, () => {});
+    this.opts.counters.inc("gateway_relayed_down");
+    return true;
+  }
+
+  /** The center's list of the devices behind this gateway (full, or changes). */
+  async apply(sc: SiteCredentials): Promise<void> {
+    const ops: Array<{ type: "put" | "del"; key: string; value?: SiteDeviceRecord }> = [];
+    const incoming = new Set((sc.devices ?? []).map((d) => d.id ?? ""));
+    const shutOut: string[] = [];
+    if (sc.full)
+      for (const id of this.devices.keys())
+        if (!incoming.has(id)) {
+          ops.push({ type: "del", key: id });
+          shutOut.push(id);
+        }
+    const fresh: string[] = [];
+    for (const d of sc.devices ?? []) {
+      const id = d.id ?? "";
+      if (!id) continue;
+      if (d.removed) {
+        ops.push({ type: "del", key: id });
+        shutOut.push(id);
+        continue;
+      }
+      const rec: SiteDeviceRecord = {
+        id,
+        tokenHash: d.tokenHash ?? "",
+        certSerials: (d.certSerials ?? []).map((s) => s.toUpperCase()),
+        labels: Object.fromEntries(Object.entries(d.labels ?? {})),
+      };
+      const before = this.devices.get(id);
+      // A new secret or certificate (re-flashed): connections made with the old one go.
+      if (
+        before &&
+        (before.tokenHash !== rec.tokenHash || before.certSerials.join() !== rec.certSerials.join())
+      )
+        shutOut.push(id);
+      if (!before) fresh.push(id);
+      ops.push({ type: "put", key: id, value: rec });
+    }
+    await this.store.batch(
+      ops.map((op) =>
+        op.type === "put" ? { type: "put", key: op.key, value: op.value! } : { type: "del", key: op.key },
+      ) as never,
+      { sync: true } as never,
+    );
+    for (const op of ops) {
+      if (op.type === "put") this.devices.set(op.key, op.value!);
+      else this.devices.delete(op.key);
+    }
+    for (const id of shutOut) this.disconnect(id);
+    if (fresh.length) this.opts.upstream.subscribe(this.topicsOf(fresh));
+    this.opts.log.info(
+      { devices: this.devices.size, full: Boolean(sc.full), shutOut },
+      "site credentials updated",
+    );
+  }
+
+  private disconnect(id: string): void {
+    const client = this.aedes && aedesClient(this.aedes, id);
+    if (client) {
+      this.opts.counters.inc("gateway_disconnected_removed");
+      this.opts.log.info({ deviceId: id }, "device no longer of this site: closing its connection");
+      (client as Client).close();
+    }
+  }
+
+  private topicsOf(ids: string[]): string[] {
+    return ids.flatMap((id) => [
+      deviceTopic(this.opts.prefix, id, "job"),
+      deviceTopic(this.opts.prefix, id, "ctl"),
+    ]);
+  }
+}
