@@ -177,7 +177,9 @@ export const api = {
       /** The gateway this device connects through. */
       via: z.string().optional(),
       /** This device is a site gateway, reachable at these names and port. */
-      gateway: z.object({ hosts: z.array(z.string().min(1)).min(1), port: z.number().int().min(1).max(65535) }).optional(),
+      gateway: z
+        .object({ hosts: z.array(z.string().min(1)).min(1), port: z.number().int().min(1).max(65535) })
+        .optional(),
     }),
     credentials,
   ),
