@@ -172,6 +172,7 @@ export class Agent {
       keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
       will: { topic: this.topic("state"), payload: Buffer.from(this.stateEnvelope(false)) },
       backoff: this.cfg.reconnect,
+      preferFirstAfterMs: this.cfg.reconnect.preferFirstAfterS * 1000,
       log: this.log.child({ component: "connection" }),
       counters: this.counters,
       onMessage: (topic, payload) => this.onMessage(topic, payload),

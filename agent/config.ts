@@ -45,8 +45,13 @@ export const agentConfigSchema = z
       .default(64 * 1024),
     maxPayloadBytes: z.number().int().min(1024).default(DEFAULT_MAX_PAYLOAD),
     reconnect: z
-      .object({ minMs: z.number().min(10).default(1000), maxMs: z.number().min(10).default(60_000) })
-      .default({ minMs: 1000, maxMs: 60_000 }),
+      .object({
+        minMs: z.number().min(10).default(1000),
+        maxMs: z.number().min(10).default(60_000),
+        /** On a fallback broker (the center, the gateway being gone): try the first again after. */
+        preferFirstAfterS: z.number().min(0).default(300),
+      })
+      .default({ minMs: 1000, maxMs: 60_000, preferFirstAfterS: 300 }),
     /** The server's HTTP URL, for software artifacts. */
     artifactsUrl: z.string().url().optional(),
     /** How the `reboot` task (and updates that need one) reboot the machine. */

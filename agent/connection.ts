@@ -20,6 +20,11 @@ export interface ConnectionOptions {
   keyFile?: string;
   will: { topic: string; payload: Buffer };
   backoff: BackoffOptions;
+  /**
+   * Connected to a later broker of the list (the center, when the site gateway was gone): after
+   * this long, leave it cleanly and try the first one again (0 = stay).
+   */
+  preferFirstAfterMs?: number;
   log: Logger;
   counters: Counters;
   /** Called for every incoming PUBLISH; the PUBACK is sent when the promise settles. */
@@ -34,6 +39,7 @@ export interface ConnectionEvents {
 export class Connection extends EventEmitter<ConnectionEvents> {
   private client: MqttClient | undefined;
   private attempt = 0;
+  private returnTimer: NodeJS.Timeout | undefined;
   private brokerIndex = 0;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -105,6 +111,17 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       this.isUp = true;
       this.opts.log.info({ broker: url, sessionPresent: connack.sessionPresent }, "connected");
       this.emit("up", client, connack.sessionPresent);
+      const fallback = url !== this.opts.brokers[0];
+      if (fallback && this.opts.preferFirstAfterMs) {
+        if (this.returnTimer) clearTimeout(this.returnTimer);
+        this.returnTimer = setTimeout(() => {
+          if (this.client !== client || !client.connected || this.stopped) return;
+          this.opts.log.info({ from: url, to: this.opts.brokers[0] }, "trying the preferred broker again");
+          this.opts.counters.inc("broker_return_attempts");
+          this.brokerIndex = 0;
+          client.end(); // a clean DISCONNECT: no Last Will announces this device offline
+        }, this.opts.preferFirstAfterMs);
+      }
     });
     client.on("error", (err) => {
       this.opts.counters.inc("connection_errors");
@@ -112,6 +129,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     });
     client.on("close", () => {
       if (this.client !== client) return;
+      if (this.returnTimer) clearTimeout(this.returnTimer);
       if (this.isUp) {
         this.isUp = false;
         this.emit("down");
@@ -131,6 +149,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   async stop(beforeClose?: (client: MqttClient) => Promise<void>): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.returnTimer) clearTimeout(this.returnTimer);
     const c = this.client;
     if (!c) return;
     if (c.connected && beforeClose)

@@ -56,6 +56,8 @@ type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
 
 export class SiteGateway {
   private readonly devices = new Map<string, SiteDeviceRecord>();
+  /** Each site device's last DeviceState (retained), to announce again upstream after an outage. */
+  private readonly states = new Map<string, Buffer>();
   private readonly store: Sub<SiteDeviceRecord>;
   private aedes: Aedes | undefined;
   private server: TlsServer | undefined;
@@ -105,6 +107,8 @@ export class SiteGateway {
       const t = parseDeviceTopic(o.prefix, packet.topic);
       if (!t || !UP.has(t.channel) || !this.devices.has(t.deviceId)) return;
       if (client && (client as FleetClient).fleet?.id !== t.deviceId) return;
+      if (t.channel === "state" && packet.retain)
+        this.states.set(t.deviceId, Buffer.from(packet.payload as Buffer));
       const sent = o.upstream.publish(
         packet.topic,
         packet.payload as Buffer,
@@ -139,9 +143,16 @@ export class SiteGateway {
     if (!(await settlesWithin(closed, 2000))) for (const c of aedesClients(aedes)) destroyConnection(c);
   }
 
-  /** The upstream connection is (back) up: listen for the site's devices there. */
+  /**
+   * The upstream connection is (back) up: listen for the site's devices there and announce
+   * their states again (a restarted center has lost its retained ones). What they have not
+   * received the center re-sends when this gateway syncs (a site sync, broker/controller).
+   */
   onUpstream(): void {
     this.opts.upstream.subscribe(this.topicsOf([...this.devices.keys()]));
+    for (const [id, state] of this.states)
+      if (this.devices.has(id))
+        this.opts.upstream.publish(deviceTopic(this.opts.prefix, id, "state"), state, 1, true);
   }
 
   /** Down: a message from the center on one of the site's devices' job/ctl topics. */

@@ -165,10 +165,27 @@ export class Controller {
       maxPayloadBytes: this.opts.config.limits.maxPayloadBytes,
       registry: this.opts.registry,
       delivery: this.delivery,
-      onDeviceChange: (deviceId, change) => this.notifier.emit(`device.${change}`, {}, deviceId),
-      onSync: (deviceId) => {
-        if (opts.registry.get(deviceId)?.gateway)
-          this.sendSite(deviceId, opts.registry.behind(deviceId), true);
+      onDeviceChange: async (deviceId, change) => {
+        await this.notifier.emit(`device.${change}`, {}, deviceId);
+        // A gateway gone takes its site's connections with it: their Last Wills died with it.
+        if (change !== "offline" || !opts.registry.get(deviceId)?.gateway) return;
+        for (const d of opts.registry.behind(deviceId)) {
+          if (opts.registry.observeState(d.id, { online: false }, Date.now()) !== "offline") continue;
+          this.delivery.event({
+            kind: "device.offline",
+            deviceId: d.id,
+            detailJson: JSON.stringify({ via: deviceId }),
+          });
+          await this.notifier.emit("device.offline", { via: deviceId }, d.id);
+        }
+      },
+      onSync: async (deviceId) => {
+        if (!opts.registry.get(deviceId)?.gateway) return;
+        const site = opts.registry.behind(deviceId);
+        this.sendSite(deviceId, site, true);
+        // A site sync: the devices behind a gateway do not notice the center's outages, so what
+        // they have not acknowledged goes again through the gateway (idempotent on the device).
+        for (const d of site) await this.delivery.onSync(d.id);
       },
       onTelemetry: (deviceId, m) => {
         const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;

@@ -17,7 +17,7 @@ export interface InboxContext {
   /** A device came online or went offline (after the registry recorded it). */
   onDeviceChange?(deviceId: string, change: "online" | "offline"): Promise<void>;
   /** After a device's SyncRequest was answered (a gateway then gets its site's credentials). */
-  onSync?(deviceId: string): void;
+  onSync?(deviceId: string): void | Promise<void>;
   /** A payload refused, with a counter name. */
   drop(reason: string, detail: string): void;
   now(): number;

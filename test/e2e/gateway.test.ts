@@ -15,6 +15,7 @@ import {
   type ServerProcess,
   startAgent,
   startFleet,
+  startServer,
   stopAll,
   waitOnline,
   waitUntil,
@@ -204,8 +205,102 @@ describe("site gateway", () => {
     await waitOnline(env, "dev-1");
   }, 60_000);
 
-  it("a device removed at the center is disconnected by the gateway at once and refused after", async () => {
+  const taskOf = async (jobId: string) => {
+    const j = cliJson<JobJson>(await cli(["jobs", "show", jobId, "--json"], env));
+    return { state: j.state, task: j.devices[0]?.tasks[0] };
+  };
+  const startSleep = async (seconds: number) => {
+    const r = await cli(
+      ["run", "sleep", "--device", "dev-1", "--param", `seconds=${seconds}`, "--json"],
+      env,
+    );
+    expect(r.code).toBe(0);
+    const id = cliJson<JobJson>(r).id;
+    await waitUntil("the task running", async () => (await taskOf(id)).task?.state === "RUNNING");
+    return id;
+  };
+
+  it("with the center SIGKILLed, the site's job runs on and everything converges when it returns", async () => {
+    const id = await startSleep(3);
+    server.proc.kill("SIGKILL");
+    await server.exited;
+    await new Promise((r) => setTimeout(r, 4500)); // the job ends while the center is gone
+    server = await startServer(data.dir, server.ports);
+    const done = await waitUntil(
+      "converged",
+      async () => {
+        const t = await taskOf(id);
+        return t.state === "SUCCEEDED" ? t : undefined;
+      },
+      60_000,
+    );
+    expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
+  }, 120_000);
+
+  it("the gateway SIGKILLed mid-job: nothing lost, nothing run twice", async () => {
+    const id = await startSleep(2);
+    const gw = agents.get("gw-1")!;
+    gw.proc.kill("SIGKILL");
+    await gw.exited;
+    // The center learns the site is cut off (the gateway's will), not only the gateway.
+    await waitOnline(env, "dev-1", false);
+    agents.set("gw-1", startAgent(roots.get("gw-1")!));
+    const done = await waitUntil(
+      "converged",
+      async () => {
+        const t = await taskOf(id);
+        return t.state === "SUCCEEDED" ? t : undefined;
+      },
+      60_000,
+    );
+    expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
+    expect(
+      agents
+        .get("dev-1")!
+        .stderr()
+        .match(/"msg":"task succeeded"/g)?.length,
+    ).toBe(3); // noop + two sleeps
+  }, 120_000);
+
+  it("a device that also lists the center falls back to it while the gateway is gone, and returns", async () => {
+    await flash("dev-3", ["--via", "gw-1", "--label", "site=hall"]);
+    const file = join(roots.get("dev-3")!, "etc", "fleet-agent", "config.json");
+    const cfg = configOf("dev-3");
+    cfg.reconnect = { minMs: 200, maxMs: 1000, preferFirstAfterS: 2 };
+    writeFileSync(file, JSON.stringify(cfg), { mode: 0o600 });
+    agents.set("dev-3", startAgent(roots.get("dev-3")!));
+    const log = () => agents.get("dev-3")!.stderr();
+    const connectedTo = (url: string) =>
+      (log().match(new RegExp(`"broker":"${url}[^}]*"msg":"connected"`, "g")) ?? []).length;
+    const gwUrl = `mqtts://127.0.0.1:${gwPort}`;
+    await waitUntil("dev-3 through the gateway", () => connectedTo(gwUrl) >= 1);
+    const gw = agents.get("gw-1")!;
+    gw.proc.kill("SIGKILL");
+    await gw.exited;
+    await waitUntil("dev-3 fell back to the center", () => connectedTo(server.urls.mqtt) >= 1, 30_000);
+    await waitOnline(env, "dev-3");
+    agents.set("gw-1", startAgent(roots.get("gw-1")!));
+    await waitUntil("dev-3 back through the gateway", () => connectedTo(gwUrl) >= 2, 30_000);
+    const r = await cli(["run", "noop", "--device", "dev-3", "--wait"], env);
+    expect(r.code).toBe(0);
+  }, 120_000);
+
+  it("a device removed at the center is disconnected by the gateway at once and refused after", {
+    timeout: 150_000,
+  }, async () => {
     const password = configOf("dev-1").password as string;
+    // dev-1 is back through the gateway (restarted above; its reconnect backoff has grown).
+    await waitUntil(
+      "dev-1 connected to the gateway again",
+      () => {
+        const lines = agents
+          .get("dev-1")!
+          .stderr()
+          .match(/"msg":"(connected|disconnected; reconnecting after backoff)"/g);
+        return lines?.at(-1)?.includes('"connected"');
+      },
+      90_000,
+    );
     expect((await cli(["device", "rm", "dev-1"], env)).code).toBe(0);
     await waitUntil("the gateway closed its connection", () =>
       agents.get("gw-1")!.stderr().includes("device no longer of this site: closing its connection"),
@@ -226,5 +321,5 @@ describe("site gateway", () => {
       "x",
     ]);
     expect(r.code).not.toBe(0);
-  }, 60_000);
+  });
 });
