@@ -28,6 +28,7 @@ export function registerDevice(program: Command): void {
             .map(([k, v]) => `${k}=${v}`)
             .join(","),
           agent: d.agentVersion,
+          via: d.via ?? (d.gateway ? "(gateway)" : ""),
           lastSeen: d.lastSeen ?? "never",
         })),
       );
