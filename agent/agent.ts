@@ -328,6 +328,10 @@ export class Agent {
     if (t.channel === "job") {
       if (env.body !== "jobAssignment" || !env.jobAssignment)
         return this.drop("unexpected_body", `${env.body} on job topic`);
+      if (env.jobAssignment.siteDevices?.length) {
+        if (!this.gateway) return this.drop("unexpected_body", "a site's job, but this agent is no gateway");
+        return this.gateway.fanOut(env.jobAssignment);
+      }
       return this.accept(env.jobAssignment);
     }
     switch (env.body) {

@@ -19,7 +19,8 @@ import { PasswordGate } from "../broker/password-gate.js";
 import type { Counters } from "../common/counters.js";
 import { aedesClient, aedesClients, destroyConnection } from "../common/internals.js";
 import { settlesWithin } from "../common/timeout.js";
-import type { SiteCredentials } from "../proto/index.js";
+import { encodeEnvelope } from "../proto/envelope.js";
+import type { JobAssignment, SiteCredentials } from "../proto/index.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import type { Db } from "./store.js";
 
@@ -162,6 +163,37 @@ export class SiteGateway {
     this.aedes.publish({ cmd: "publish", topic, payload, qos: 1, retain: false, dup: false }, () => {});
     this.opts.counters.inc("gateway_relayed_down");
     return true;
+  }
+
+  /**
+   * A job for several devices of the site, sent once over the uplink (on this gateway's own job
+   * topic): each device gets its own assignment here. Devices not of this site are skipped.
+   */
+  fanOut(a: JobAssignment): void {
+    if (!this.aedes) return;
+    let n = 0;
+    for (const id of a.siteDevices ?? []) {
+      if (!this.devices.has(id)) continue;
+      const payload = Buffer.from(
+        encodeEnvelope({
+          jobAssignment: { job: a.job, deviceId: id, ...(a.rolloutId ? { rolloutId: a.rolloutId } : {}) },
+        }),
+      );
+      this.aedes.publish(
+        {
+          cmd: "publish",
+          topic: deviceTopic(this.opts.prefix, id, "job"),
+          payload,
+          qos: 1,
+          retain: false,
+          dup: false,
+        },
+        () => {},
+      );
+      n++;
+    }
+    this.opts.counters.inc("gateway_fanned_out", n);
+    this.opts.log.info({ devices: n, of: a.siteDevices?.length ?? 0 }, "handed a job to the site's devices");
   }
 
   /** The center's list of the devices behind this gateway (full, or changes). */

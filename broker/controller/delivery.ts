@@ -106,12 +106,57 @@ export class Delivery {
       ops.push(this.ctx.jobs.putAssignment(a));
     }
     await this.ctx.jobs.batch(ops);
-    for (const d of fresh) {
-      if (this.ctx.registry.get(d)?.online) {
-        this.ctx.publish(deviceTopic(this.ctx.prefix, d, "job"), await this.assignmentPayload(job, d), 1);
-      }
-    }
+    await this.publishAssignments(job, fresh);
     return fresh;
+  }
+
+  /**
+   * Publishes a job to the online devices among `deviceIds`; devices behind one online gateway
+   * (two or more) get it through the gateway in one message per payload's worth of ids, so the
+   * job crosses the site's uplink once. Each device still acknowledges its own copy.
+   */
+  private async publishAssignments(job: JobRecord, deviceIds: readonly string[]): Promise<void> {
+    const { registry, prefix } = this.ctx;
+    const sites = new Map<string, string[]>();
+    const direct: string[] = [];
+    for (const d of deviceIds) {
+      const rec = registry.get(d);
+      if (!rec?.online) continue;
+      if (rec.via && registry.get(rec.via)?.online) sites.set(rec.via, [...(sites.get(rec.via) ?? []), d]);
+      else direct.push(d);
+    }
+    for (const [gateway, ids] of sites) {
+      if (ids.length < 2) {
+        direct.push(...ids);
+        continue;
+      }
+      const signed = await this.ctx.jobs.signed(job);
+      // Ids take at most what the payload limit leaves beside the signed job.
+      const room = Math.max(1024, this.ctx.maxPayloadBytes - (await this.ctx.jobs.signedSize(job)) - 1024);
+      let chunk: string[] = [];
+      let bytes = 0;
+      const flush = () => {
+        if (!chunk.length) return;
+        const a = {
+          job: signed,
+          deviceId: gateway,
+          siteDevices: chunk,
+          ...(job.rolloutId ? { rolloutId: job.rolloutId } : {}),
+        };
+        this.ctx.publish(deviceTopic(prefix, gateway, "job"), encodeEnvelope({ jobAssignment: a }), 1);
+        this.ctx.counters.inc("site_fanouts");
+        chunk = [];
+        bytes = 0;
+      };
+      for (const id of ids) {
+        if (bytes + id.length + 4 > room) flush();
+        chunk.push(id);
+        bytes += id.length + 4;
+      }
+      flush();
+    }
+    for (const d of direct)
+      this.ctx.publish(deviceTopic(prefix, d, "job"), await this.assignmentPayload(job, d), 1);
   }
 
   /**

@@ -285,6 +285,27 @@ describe("site gateway", () => {
     expect(r.code).toBe(0);
   }, 120_000);
 
+  it("a job for several devices of the site crosses the uplink once; each device reports its own", async () => {
+    await waitOnline(env, "dev-1");
+    await waitOnline(env, "dev-3");
+    const before =
+      agents
+        .get("gw-1")!
+        .stderr()
+        .match(/handed a job to the site's devices/g)?.length ?? 0;
+    const r = await cli(["run", "noop", "--selector", "site=hall", "--wait", "--json"], env);
+    expect(r.code).toBe(0);
+    const job = cliJson<JobJson>(r);
+    expect(job.devices.map((d) => [d.deviceId, d.state]).sort()).toEqual([
+      ["dev-1", "SUCCEEDED"],
+      ["dev-3", "SUCCEEDED"],
+      ["gw-1", "SUCCEEDED"],
+    ]);
+    const log = agents.get("gw-1")!.stderr();
+    expect(log.match(/handed a job to the site's devices/g)?.length).toBe(before + 1);
+    expect(log).toMatch(/"devices":2,"of":2,"msg":"handed a job to the site's devices"/);
+  }, 60_000);
+
   it("a device removed at the center is disconnected by the gateway at once and refused after", {
     timeout: 150_000,
   }, async () => {
