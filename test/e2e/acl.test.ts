@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { signRpcCall } from "../../proto/rpc.js";
+import { mosquittoClient } from "../helpers/external.js";
 import {
   type AgentProc,
   cli,
@@ -33,26 +34,8 @@ const agents: AgentProc[] = [];
 const cleanups: Array<() => void> = [];
 let operator: { username: string; password: string; keyId: string; key: string };
 
-function mosq(
-  tool: "mosquitto_pub" | "mosquitto_sub",
-  args: string[],
-  timeoutMs = 5000,
-): Promise<{ code: number; out: string }> {
-  return new Promise((res) => {
-    execFile(
-      tool,
-      ["-h", "127.0.0.1", "-p", port, ...args],
-      { timeout: timeoutMs, encoding: "utf8" },
-      (err, stdout, stderr) => {
-        const code = err
-          ? typeof (err as { code?: unknown }).code === "number"
-            ? (err as { code: number }).code
-            : -1
-          : 0;
-        res({ code, out: `${stdout}${stderr}` });
-      },
-    );
-  });
+function mosq(tool: "mosquitto_pub" | "mosquitto_sub", args: string[], timeoutMs = 5000) {
+  return mosquittoClient(tool, ["-h", "127.0.0.1", "-p", port, ...args], timeoutMs);
 }
 
 const as = (id: string, clientId = id) => ["-i", clientId, "-u", id, "-P", creds[id]!];

@@ -1,12 +1,11 @@
 // Site gateways (issue 12, DESIGN.md §11), first part: real processes — the server, a flashed
 // gateway, devices flashed behind it and moved to other roots — and Debian's mosquitto clients
 // for the ACL through the gateway and at the center.
-import { execFile } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeviceJson, JobJson } from "../../proto/api.js";
-import { freePort } from "../helpers/external.js";
+import { freePort, mosquittoClient } from "../helpers/external.js";
 import {
   type AgentProc,
   cli,
@@ -35,21 +34,8 @@ const configOf = (id: string) =>
 const caFile = () => join(roots.get("gw-1")!, "etc", "fleet-agent", "ca.pem");
 
 function mosq(tool: "mosquitto_pub" | "mosquitto_sub", port: number, args: string[], tls = true) {
-  return new Promise<{ code: number; out: string }>((res) => {
-    execFile(
-      tool,
-      ["-h", "127.0.0.1", "-p", String(port), ...(tls ? ["--cafile", caFile()] : []), ...args],
-      { timeout: 5000, encoding: "utf8" },
-      (err, stdout, stderr) => {
-        const code = err
-          ? typeof (err as { code?: unknown }).code === "number"
-            ? (err as { code: number }).code
-            : -1
-          : 0;
-        res({ code, out: `${stdout}${stderr}` });
-      },
-    );
-  });
+  const ca = tls ? ["--cafile", caFile()] : [];
+  return mosquittoClient(tool, ["-h", "127.0.0.1", "-p", String(port), ...ca, ...args]);
 }
 const as = (id: string) => ["-i", id, "-u", id, "-P", configOf(id).password as string];
 
@@ -220,20 +206,23 @@ describe("site gateway", () => {
     return id;
   };
 
-  it("with the center SIGKILLed, the site's job runs on and everything converges when it returns", async () => {
-    const id = await startSleep(3);
-    server.proc.kill("SIGKILL");
-    await server.exited;
-    await new Promise((r) => setTimeout(r, 4500)); // the job ends while the center is gone
-    server = await startServer(data.dir, server.ports);
-    const done = await waitUntil(
-      "converged",
+  const converged = (id: string) =>
+    waitUntil(
+      `job ${id} SUCCEEDED at the center`,
       async () => {
         const t = await taskOf(id);
         return t.state === "SUCCEEDED" ? t : undefined;
       },
       60_000,
     );
+
+  it("with the center SIGKILLed, the site's job runs on and everything converges when it returns", async () => {
+    const id = await startSleep(3);
+    server.proc.kill("SIGKILL");
+    await server.exited;
+    await new Promise((r) => setTimeout(r, 4500)); // the job ends while the center is gone
+    server = await startServer(data.dir, server.ports);
+    const done = await converged(id);
     expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
   }, 120_000);
 
@@ -245,14 +234,7 @@ describe("site gateway", () => {
     // The center learns the site is cut off (the gateway's will), not only the gateway.
     await waitOnline(env, "dev-1", false);
     agents.set("gw-1", startAgent(roots.get("gw-1")!));
-    const done = await waitUntil(
-      "converged",
-      async () => {
-        const t = await taskOf(id);
-        return t.state === "SUCCEEDED" ? t : undefined;
-      },
-      60_000,
-    );
+    const done = await converged(id);
     expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
     expect(
       agents

@@ -1,6 +1,6 @@
 // Third-party servers for tests and benchmarks, from Debian's packages: Mosquitto and Redis,
 // each on a free loopback port in its own process.
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import { join } from "node:path";
@@ -78,4 +78,22 @@ export async function startRedis(): Promise<External> {
     port,
     `redis://127.0.0.1:${port}`,
   );
+}
+
+/** Runs mosquitto_pub or mosquitto_sub (Debian's mosquitto-clients); never rejects. */
+export function mosquittoClient(
+  tool: "mosquitto_pub" | "mosquitto_sub",
+  args: string[],
+  timeoutMs = 5000,
+): Promise<{ code: number; out: string }> {
+  return new Promise((res) => {
+    execFile(tool, args, { timeout: timeoutMs, encoding: "utf8" }, (err, stdout, stderr) => {
+      const code = err
+        ? typeof (err as { code?: unknown }).code === "number"
+          ? (err as { code: number }).code
+          : -1
+        : 0;
+      res({ code, out: `${stdout}${stderr}` });
+    });
+  });
 }
