@@ -15,7 +15,17 @@ import { registerServer } from "./server.js";
 import { registerSimulate } from "./simulate.js";
 import { registerWatch } from "./watch.js";
 
+/** `fleet jobs ls | head`: a reader that stops reading ends the command quietly, as in Unix tools. */
+function quietOnClosedPipe(): void {
+  for (const stream of [process.stdout, process.stderr])
+    stream.on("error", (err: NodeJS.ErrnoException) => {
+      if (err.code === "EPIPE") process.exit(typeof process.exitCode === "number" ? process.exitCode : 0);
+      throw err;
+    });
+}
+
 export async function main(argv: string[]): Promise<number> {
+  quietOnClosedPipe();
   const program = new Command("fleet")
     .description("EdgeFleet: fleet manager for IoT and edge devices")
     .version(AGENT_VERSION)

@@ -1,6 +1,6 @@
 // The whole loop with real processes: fleet init, fleet server, two flashed agents moved away
 // from where they were flashed, and the CLI.
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -9,6 +9,7 @@ import {
   type AgentProc,
   cli,
   cliJson,
+  FLEET,
   flashMoved,
   type ServerProcess,
   startAgent,
@@ -299,6 +300,20 @@ describe("fleet end to end", () => {
       .map((l) => JSON.parse(l) as { kind: string; state?: string });
     expect(events.some((e) => e.kind === "job.created")).toBe(true);
     expect(events.some((e) => e.kind === "task.status" && e.state === "SUCCEEDED")).toBe(true);
+  });
+
+  it("a reader that stops early (| head, | true) ends the command quietly", async () => {
+    // `true` closes the pipe before the CLI has its answer: the write meets a closed pipe.
+    const r = spawnSync(
+      "bash",
+      ["-o", "pipefail", "-c", `"${process.execPath}" "${FLEET}" device ls | true`],
+      {
+        env: { ...process.env, ...env },
+        encoding: "utf8",
+      },
+    );
+    expect(r.stderr).not.toMatch(/EPIPE|Unhandled/);
+    expect(r.status).toBe(0);
   });
 
   it("device add / show / rm, and jobs ls / cancel", async () => {
