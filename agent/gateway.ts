@@ -19,8 +19,8 @@ import { PasswordGate } from "../broker/password-gate.js";
 import type { Counters } from "../common/counters.js";
 import { aedesClient, aedesClients, destroyConnection } from "../common/internals.js";
 import { settlesWithin } from "../common/timeout.js";
-import { encodeEnvelope } from "../proto/envelope.js";
-import type { JobAssignment, SiteCredentials } from "../proto/index.js";
+import { decodeEnvelope, encodeEnvelope } from "../proto/envelope.js";
+import type { JobAssignment, SiteCredentials, StatusBatch } from "../proto/index.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import type { Db } from "./store.js";
 
@@ -51,6 +51,8 @@ export interface GatewayOptions {
 }
 
 const UP = new Set(["status", "sync", "state", "telemetry"]);
+/** How long the site's status batches are collected before they go up together. */
+const SITE_STATUS_WINDOW_MS = 20;
 const DOWN = new Set(["job", "ctl"]);
 
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
@@ -59,6 +61,9 @@ export class SiteGateway {
   private readonly devices = new Map<string, SiteDeviceRecord>();
   /** Each site device's last DeviceState (retained), to announce again upstream after an outage. */
   private readonly states = new Map<string, Buffer>();
+  private pending: Array<{ deviceId: string; batch: StatusBatch }> = [];
+  private pendingBytes = 0;
+  private statusTimer: NodeJS.Timeout | undefined;
   private readonly store: Sub<SiteDeviceRecord>;
   private aedes: Aedes | undefined;
   private server: TlsServer | undefined;
@@ -110,6 +115,7 @@ export class SiteGateway {
       if (client && (client as FleetClient).fleet?.id !== t.deviceId) return;
       if (t.channel === "state" && packet.retain)
         this.states.set(t.deviceId, Buffer.from(packet.payload as Buffer));
+      if (t.channel === "status" && this.collect(t.deviceId, packet.payload as Buffer)) return;
       const sent = o.upstream.publish(
         packet.topic,
         packet.payload as Buffer,
@@ -137,11 +143,49 @@ export class SiteGateway {
   }
 
   async stop(): Promise<void> {
+    this.flushStatus();
     this.server?.close();
     const aedes = this.aedes;
     if (!aedes) return;
     const closed = new Promise<void>((r) => aedes.close(() => r()));
     if (!(await settlesWithin(closed, 2000))) for (const c of aedesClients(aedes)) destroyConnection(c);
+  }
+
+  /**
+   * Status batches of the site go up together: collected for a few milliseconds into one
+   * SiteStatus on this gateway's status topic. False when this one must go up as it is
+   * (undecodable — the center counts it — or too large to share a message).
+   */
+  private collect(deviceId: string, payload: Buffer): boolean {
+    let batch: StatusBatch | undefined;
+    try {
+      batch = decodeEnvelope(payload, this.opts.maxPayloadBytes).statusBatch ?? undefined;
+    } catch {
+      return false;
+    }
+    const room = Math.floor(this.opts.maxPayloadBytes * 0.8);
+    if (!batch || payload.length > room / 2) return false;
+    if (this.pendingBytes + payload.length > room) this.flushStatus();
+    this.pending.push({ deviceId, batch });
+    this.pendingBytes += payload.length + deviceId.length + 8;
+    this.statusTimer ??= setTimeout(() => this.flushStatus(), SITE_STATUS_WINDOW_MS);
+    return true;
+  }
+
+  private flushStatus(): void {
+    if (this.statusTimer) clearTimeout(this.statusTimer);
+    this.statusTimer = undefined;
+    if (!this.pending.length) return;
+    const batches = this.pending;
+    this.pending = [];
+    this.pendingBytes = 0;
+    const payload = Buffer.from(encodeEnvelope({ siteStatus: { batches } }));
+    const topic = deviceTopic(this.opts.prefix, this.opts.deviceId, "status");
+    const sent = this.opts.upstream.publish(topic, payload, 1, false);
+    // Lost with a down uplink: each device's outbox sends it again (no StatusAck came).
+    this.opts.counters.inc(sent ? "gateway_site_status_sent" : "gateway_up_dropped");
+    this.opts.counters.inc("gateway_site_status_batches", batches.length);
+    this.opts.log.debug({ batches: batches.length, bytes: payload.length }, "site statuses sent up");
   }
 
   /**

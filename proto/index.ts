@@ -15,6 +15,7 @@ export type SyncRequest = fleet.v1.ISyncRequest;
 export type SyncResponse = fleet.v1.ISyncResponse;
 export type Cancel = fleet.v1.ICancel;
 export type SiteCredentials = fleet.v1.ISiteCredentials;
+export type StatusBatch = fleet.v1.IStatusBatch;
 export type Requirement = fleet.v1.IRequirement;
 export const TaskState = fleet.v1.TaskState;
 export type TaskState = fleet.v1.TaskState;

@@ -44,8 +44,26 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
     }
     if (!c.registry.get(t.deviceId)) return c.drop("unknown_device", topic);
     const expected = EXPECTED[t.channel as keyof typeof EXPECTED];
-    if (env.body !== expected) return c.drop("unexpected_body", `${env.body} on ${topic}`);
+    const siteStatus = env.body === "siteStatus" && t.channel === "status";
+    if (env.body !== expected && !siteStatus) return c.drop("unexpected_body", `${env.body} on ${topic}`);
     switch (env.body) {
+      case "siteStatus": {
+        // A gateway's site: each batch is its device's own, and only for devices behind it.
+        const applied: Promise<void>[] = [];
+        for (const b of env.siteStatus!.batches ?? []) {
+          const id = b.deviceId ?? "";
+          if (c.registry.get(id)?.via !== t.deviceId) {
+            c.drop("site_status_not_behind", `${t.deviceId} sent statuses for ${id}`);
+            continue;
+          }
+          const s = b.batch ?? {};
+          applied.push(
+            c.delivery.onStatusBatch(id, s.statuses ?? [], s.epoch ?? "", Number(s.ackedSeq ?? 0)),
+          );
+        }
+        await Promise.all(applied);
+        return;
+      }
       case "statusBatch":
         return c.delivery.onStatusBatch(
           t.deviceId,

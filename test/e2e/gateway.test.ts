@@ -3,8 +3,10 @@
 // for the ACL through the gateway and at the center.
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeviceJson, JobJson } from "../../proto/api.js";
+import { encodeEnvelope } from "../../proto/envelope.js";
 import { freePort, mosquittoClient } from "../helpers/external.js";
 import {
   type AgentProc,
@@ -189,6 +191,28 @@ describe("site gateway", () => {
     expect(forge.code).not.toBe(0);
     await waitOnline(env, "gw-1");
     await waitOnline(env, "dev-1");
+  }, 60_000);
+
+  it("the center takes site statuses from a gateway only for devices behind it", async () => {
+    const metrics = async () => {
+      const text = await (await fetch(`${server.urls.http}/metrics`)).text();
+      return Number(/fleet_events_total\{name="dropped_site_status_not_behind"\} (\d+)/.exec(text)?.[1] ?? 0);
+    };
+    const before = await metrics();
+    const forged = encodeEnvelope({
+      siteStatus: {
+        batches: [{ deviceId: "dev-9", batch: { statuses: [{ seq: 1, jobId: "X", taskId: "", state: 2 }] } }],
+      },
+    });
+    const c = await mqtt.connectAsync(server.urls.mqtt, {
+      clientId: "gw-1",
+      username: "gw-1",
+      password: configOf("gw-1").password as string,
+    });
+    await c.publishAsync("fleet/v1/d/gw-1/status", Buffer.from(forged), { qos: 1 });
+    await c.endAsync();
+    await waitUntil("refused and counted", async () => (await metrics()) > before);
+    await waitOnline(env, "gw-1");
   }, 60_000);
 
   const taskOf = async (jobId: string) => {
