@@ -236,6 +236,7 @@ export class SiteGateway {
       );
       n++;
     }
+    this.opts.counters.inc("gateway_site_jobs_in");
     this.opts.counters.inc("gateway_fanned_out", n);
     this.opts.log.info({ devices: n, of: a.siteDevices?.length ?? 0 }, "handed a job to the site's devices");
   }

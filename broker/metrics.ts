@@ -3,7 +3,13 @@
 import { Counter, collectDefaultMetrics, Gauge, Registry as Metrics } from "prom-client";
 import type { Counters } from "../common/counters.js";
 
-export function serverMetrics(o: { counters: Counters; clients(): number; devices(): number }): Metrics {
+export function serverMetrics(o: {
+  counters: Counters;
+  clients(): number;
+  devices(): number;
+  /** Each gateway's counters as it last reported them. */
+  gateways(): Array<{ id: string; counters: Record<string, number> }>;
+}): Metrics {
   const metrics = new Metrics();
   collectDefaultMetrics({ register: metrics });
   new Gauge({
@@ -30,6 +36,17 @@ export function serverMetrics(o: { counters: Counters; clients(): number; device
     collect() {
       this.reset();
       for (const [name, v] of Object.entries(o.counters.toObject())) this.inc({ name }, v);
+    },
+  });
+  new Gauge({
+    name: "fleet_gateway_reported",
+    help: "Site gateways' own counters as last reported (relayed messages, fan-outs, refusals, ...)",
+    labelNames: ["gateway", "name"],
+    registers: [metrics],
+    collect() {
+      this.reset();
+      for (const g of o.gateways())
+        for (const [name, v] of Object.entries(g.counters)) this.set({ gateway: g.id, name }, v);
     },
   });
   return metrics;

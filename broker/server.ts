@@ -92,6 +92,10 @@ export class FleetServer {
     counters: this.counters,
     clients: () => this.aedes?.connectedClients ?? 0,
     devices: () => this.registry?.size ?? 0,
+    gateways: () =>
+      [...(this.registry?.all() ?? [])]
+        .filter((d) => d.gateway)
+        .map((d) => ({ id: d.id, counters: d.counters ?? {} })),
   });
   private readonly serveHttp = httpHandler({
     config: () => this.config,

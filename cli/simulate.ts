@@ -1,7 +1,7 @@
 // `fleet simulate`: N instances of the real agent code in one process, each with its own MQTT
 // connection, all sharing one LevelDB (a sublevel per device, not N databases), to load-test a
 // fleet server with thousands of devices from one laptop.
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
@@ -42,6 +42,7 @@ interface SimOptions extends OperatorOptions {
   connectRate: string;
   telemetry: string;
   broker?: string;
+  via?: string;
 }
 
 export function registerSimulate(program: Command): void {
@@ -55,6 +56,7 @@ export function registerSimulate(program: Command): void {
     .option("--connect-rate <n>", "connections opened per second", "40")
     .option("--telemetry <s>", "telemetry interval in seconds (synthetic values; 0 = off)", "0")
     .option("--broker <url>", "broker URL for the devices (default: the context's server)")
+    .option("--via <gateway>", "put the devices behind this site gateway (they connect to it over TLS)")
     .action(async (o: SimOptions) => {
       const n = Number.parseInt(o.devices, 10);
       const failRate = Number(o.failRate);
@@ -70,21 +72,27 @@ export function registerSimulate(program: Command): void {
       };
       const ctx = loadContext(o);
       const ids = Array.from({ length: n }, (_, i) => `${o.prefix}${String(i + 1).padStart(4, "0")}`);
-      const { info, secrets } = await withRpc(ctx, async (rpc) => {
+      if (o.via && o.broker) throw new CliError("--via or --broker, not both");
+      const { info, secrets, gateway } = await withRpc(ctx, async (rpc) => {
         const info = await rpc.call("server.info", {});
+        const gateway = o.via ? (await rpc.call("device.show", { id: o.via })).gateway : undefined;
+        if (o.via && !gateway) throw new CliError(`${o.via} is not a gateway (flash it with --gateway)`);
         const secrets = new Map<string, string>();
         for (let i = 0; i < ids.length; i += BATCH) {
           const made = await rpc.call("device.addMany", {
-            devices: ids.slice(i, i + BATCH).map((id) => ({ id, labels })),
+            devices: ids.slice(i, i + BATCH).map((id) => ({ id, labels, ...(o.via ? { via: o.via } : {}) })),
           });
           for (const d of made) secrets.set(d.id, d.password);
           progress(`registered ${Math.min(i + BATCH, n)}/${n}`);
         }
         progress("\n");
-        return { info, secrets };
+        return { info, secrets, gateway };
       });
-      const { trustedKeys } = contextTrust(ctx, info.caCert);
+      const { trustedKeys, caCert } = contextTrust(ctx, info.caCert);
       const dir = mkdtempSync(join(tmpdir(), "fleet-sim-"));
+      // Behind a gateway: its TLS URL, checked against the fleet CA.
+      if (gateway) writeFileSync(join(dir, "ca.pem"), caCert);
+      const broker = gateway ? `mqtts://${gateway.hosts[0]}:${gateway.port}` : (o.broker ?? ctx.server);
       const db = new ClassicLevel<string, unknown>(join(dir, "db"));
       await db.open();
       const writer = new GroupCommit<unknown>(db as never);
@@ -97,7 +105,8 @@ export function registerSimulate(program: Command): void {
         const config = parseAgentConfig(
           {
             deviceId: id,
-            brokers: [o.broker ?? ctx.server],
+            brokers: [broker],
+            ...(gateway ? { caCert: "ca.pem" } : {}),
             password: secrets.get(id),
             trustedKeys,
             labels,

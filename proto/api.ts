@@ -186,7 +186,9 @@ export const api = {
   "device.addMany": method(
     z.object({
       // A reply carries a secret per device: 1,000 fit the payload limit with room to spare.
-      devices: z.array(z.object({ id: z.string(), labels: labels.default({}) })).max(1000),
+      devices: z
+        .array(z.object({ id: z.string(), labels: labels.default({}), via: z.string().optional() }))
+        .max(1000),
       rotate: z.boolean().default(true),
     }),
     z.array(credentials),

@@ -151,6 +151,7 @@ export function operatorApi(c: ApiContext): Handlers {
         ...deviceJson(d),
         queueDepth: d.queueDepth,
         facts: d.facts ?? {},
+        ...(d.counters ? { counters: d.counters } : {}),
         jobs: asgs.slice(0, DEVICE_JOBS).map((a) => ({ jobId: a.jobId, state: stateName(a.state) })),
         moreJobs: asgs.length > DEVICE_JOBS,
       };

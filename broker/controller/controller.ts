@@ -136,8 +136,11 @@ export class Controller {
           : [],
     });
     this.workQueue = new WorkQueue({ ...parts, log: this.log.child({ component: "work-queue" }) });
-    opts.registry.onCredentials = (d, removed) => {
-      if (d.via) this.sendSite(d.via, [d], false, removed);
+    opts.registry.onCredentials = (devices, removed) => {
+      // One message (or a few pages) per gateway, however many of its devices changed.
+      const bySite = new Map<string, DeviceRecord[]>();
+      for (const d of devices) if (d.via) bySite.set(d.via, [...(bySite.get(d.via) ?? []), d]);
+      for (const [gateway, site] of bySite) this.sendSite(gateway, site, false, removed);
     };
     opts.registry.onBadFacts = (deviceId) => {
       this.counters.inc("device_facts_refused");

@@ -93,7 +93,7 @@ export class Registry {
     d.certSerials = [serial.toUpperCase()];
     await this.store.batch([this.store.put(this.store.devices, id, d)]);
     await this.mirror?.put([d]);
-    this.onCredentials?.(d, false);
+    this.onCredentials?.([d], false);
   }
 
   /** A client certificate's serial is this device's current one. */
@@ -163,7 +163,7 @@ export class Registry {
       this.devices.set(d.id, d);
     }
     await this.mirror?.put(made);
-    for (const d of made) this.onCredentials?.(d, false);
+    this.onCredentials?.(made, false);
     return out;
   }
 
@@ -172,7 +172,7 @@ export class Registry {
     if (!gone) return false;
     await this.store.batch([this.store.del(this.store.devices, id), this.store.del(this.store.seqs, id)]);
     this.devices.delete(id);
-    this.onCredentials?.(gone, true);
+    this.onCredentials?.([gone], true);
     this.sorted = undefined;
     this.dirty.delete(id);
     await this.mirror?.del(id);
@@ -187,7 +187,7 @@ export class Registry {
   onBadFacts: ((id: string) => void) | undefined;
 
   /** A device's credentials changed or it was removed (its gateway is told). */
-  onCredentials: ((d: DeviceRecord, removed: boolean) => void) | undefined;
+  onCredentials: ((devices: DeviceRecord[], removed: boolean) => void) | undefined;
 
   /** The devices that connect through gateway `id`. */
   behind(id: string): DeviceRecord[] {
@@ -206,6 +206,13 @@ export class Registry {
     if (s.online) {
       d.agentVersion = (s.agentVersion ?? d.agentVersion).slice(0, 64);
       d.queueDepth = Math.max(0, Math.min(Number(s.queueDepth ?? 0) || 0, 1e9));
+      // Kept for gateways only (a few per site): what they relay is what /metrics shows of them.
+      if (d.gateway && s.counters)
+        d.counters = Object.fromEntries(
+          Object.entries(s.counters)
+            .slice(0, 200)
+            .map(([k, v]) => [k.slice(0, 64), Number(v) || 0]),
+        );
       if (s.factsJson) {
         const facts = boundedFacts(s.factsJson);
         if (facts) d.facts = facts;

@@ -29,6 +29,8 @@ export interface DeviceRecord {
   via?: string;
   /** This device is its site's gateway, reachable at these names and port. */
   gateway?: { hosts: string[]; port: number };
+  /** A gateway's counters from its last DeviceState (relayed messages, refusals, …). */
+  counters?: Record<string, number>;
 }
 
 /** What a job's tasks name: artifacts (`name@version`) they download, and whether one uploads. */

@@ -14,6 +14,7 @@ import {
   cliJson,
   flashMoved,
   type ServerProcess,
+  simulate,
   startAgent,
   startFleet,
   startServer,
@@ -311,6 +312,34 @@ describe("site gateway", () => {
     expect(log.match(/handed a job to the site's devices/g)?.length).toBe(before + 1);
     expect(log).toMatch(/"devices":2,"of":2,"msg":"handed a job to the site's devices"/);
   }, 60_000);
+
+  it("simulated devices behind the gateway (simulate --via); the gateway's counters reach /metrics", async () => {
+    const sim = await simulate(env, [
+      "--devices",
+      "20",
+      "--prefix",
+      "simsite-",
+      "--label",
+      "pool=simsite",
+      "--via",
+      "gw-1",
+    ]);
+    try {
+      const r = await cli(["run", "noop", "--selector", "pool=simsite", "--wait", "--json"], env);
+      expect(r.code).toBe(0);
+      expect(cliJson<JobJson>(r).counts).toMatchObject({ total: 20, succeeded: 20 });
+      await cli(["run", "noop", "--device", "gw-1", "--wait"], env); // it reports its counters with its state
+      const text = await waitUntil("gateway counters in /metrics", async () => {
+        const t = await (await fetch(`${server.urls.http}/metrics`)).text();
+        return /fleet_gateway_reported\{gateway="gw-1",name="gateway_site_jobs_in"\} [1-9]/.test(t)
+          ? t
+          : undefined;
+      });
+      expect(text).toMatch(/fleet_gateway_reported\{gateway="gw-1",name="gateway_site_status_sent"\} [1-9]/);
+    } finally {
+      sim.kill("SIGKILL");
+    }
+  }, 120_000);
 
   it("a device removed at the center is disconnected by the gateway at once and refused after", {
     timeout: 150_000,
