@@ -16,7 +16,7 @@ import { backoffDelay } from "../../common/backoff.js";
 import type { Counters } from "../../common/counters.js";
 import { AGENT_VERSION } from "../../common/version.js";
 import { ApiError, type NotifyEvent, RpcErrorCode } from "../../proto/api.js";
-import { matchesSelector, parseSelector } from "../../proto/selector.js";
+import { type LabelRequirement, matchesSelector, parseSelector } from "../../proto/selector.js";
 import type { Registry } from "./registry.js";
 import type { ControllerStore, Health, Op, QueuedNotification, ReceiverRecord } from "./store.js";
 
@@ -57,6 +57,7 @@ export class Notifier {
   /** Queued count per receiver, and when its head may be sent. */
   private readonly queued = new Map<string, { count: number; nextAt: number }>();
   private readonly busy = new Set<string>();
+  private readonly selectors = new Map<string, LabelRequirement[]>();
   private seq = 0;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -172,6 +173,16 @@ export class Notifier {
 
   // ---- enqueueing -------------------------------------------------------------------------------
 
+  /** A receiver's selector, parsed once (a site's worth of device events reuse it). */
+  private selector(text: string): LabelRequirement[] {
+    let parsed = this.selectors.get(text);
+    if (!parsed) {
+      parsed = parseSelector(text);
+      this.selectors.set(text, parsed);
+    }
+    return parsed;
+  }
+
   /** Whether any receiver subscribes to `event`. */
   wants(event: NotifyEvent): boolean {
     for (const r of this.receivers.values()) if (r.events.includes(event)) return true;
@@ -190,7 +201,7 @@ export class Notifier {
       if (!r.events.includes(event)) continue;
       if (deviceId && r.selector) {
         const d = this.opts.registry.get(deviceId);
-        if (!d || !matchesSelector(parseSelector(r.selector), d.labels)) continue;
+        if (!d || !matchesSelector(this.selector(r.selector), d.labels)) continue;
       }
       const n: QueuedNotification = {
         id: ulid(),
