@@ -151,7 +151,16 @@ function httpFuzz(r: Rng): Promise<number> {
   if (r() < 0.2) headers["x-fleet-manifest"] = Buffer.from(mutate(r, seeds())).toString("base64");
   return new Promise((resolve) => {
     const req = request(
-      { host: hostname, port, path, method: pick(r, ["GET", "PUT", "DELETE", "POST", "HEAD"]), headers },
+      // A connection per request (agent: false): Node 20's keep-alive agent can reuse a socket the
+      // server is closing as idle (keepAliveTimeout), a client-side race that reads as a hang-up.
+      {
+        host: hostname,
+        port,
+        path,
+        method: pick(r, ["GET", "PUT", "DELETE", "POST", "HEAD"]),
+        headers,
+        agent: false,
+      },
       (res) => {
         res.resume();
         res.on("end", () => resolve(res.statusCode ?? 0));
