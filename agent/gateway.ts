@@ -15,6 +15,7 @@ import { Aedes, type Client } from "aedes";
 import type { Logger } from "pino";
 import { tokenMatches, verifyPassword } from "../broker/credentials.js";
 import { BrokerGate, type FleetClient } from "../broker/gate.js";
+import { limitPackets, type PacketLimits } from "../broker/packet-limit.js";
 import { PasswordGate } from "../broker/password-gate.js";
 import type { Counters } from "../common/counters.js";
 import { aedesClient, aedesClients, destroyConnection } from "../common/internals.js";
@@ -51,6 +52,8 @@ export interface GatewayOptions {
 }
 
 const UP = new Set(["status", "sync", "state", "telemetry"]);
+const CONNECT_TIMEOUT_MS = 10_000;
+const MAX_KEEPALIVE_S = 600; // as the server's default limits.maxKeepaliveS
 /** How long the site's status batches are collected before they go up together. */
 const SITE_STATUS_WINDOW_MS = 20;
 const DOWN = new Set(["job", "ctl"]);
@@ -106,7 +109,22 @@ export class SiteGateway {
       log: o.log.child({ component: "gateway-gate" }),
       connected: () => this.aedes?.connectedClients ?? 0,
     });
-    const aedes = await Aedes.createBroker({ id: `gateway-${o.deviceId}`, ...gate.hooks });
+    // The center's limits (issue 16) hold at the gateway too: a client on the site's LAN can
+    // neither announce a huge packet nor hold a connection open without logging in.
+    const aedes = await Aedes.createBroker({
+      id: `gateway-${o.deviceId}`,
+      connectTimeout: CONNECT_TIMEOUT_MS,
+      keepaliveLimit: MAX_KEEPALIVE_S,
+      ...gate.hooks,
+    });
+    const limits: PacketLimits = {
+      maxPacketBytes: o.maxPayloadBytes + 64 * 1024 + 16,
+      maxPreAuthBytes: 64 * 1024,
+      onRefuse: (reason) => {
+        o.counters.inc("packet_too_large");
+        o.log.warn({ reason }, "closing a site connection: packet over the limit");
+      },
+    };
     this.aedes = aedes;
     aedes.on("publish", (packet, client) => {
       // Up: what the site's devices publish on their own topics (wills included).
@@ -131,8 +149,9 @@ export class SiteGateway {
         ca: readFileSync(o.caFile),
         requestCert: true, // a device may log in with its fleet-CA client certificate
         rejectUnauthorized: false,
+        handshakeTimeout: CONNECT_TIMEOUT_MS,
       },
-      (socket) => aedes.handle(socket),
+      (socket) => limitPackets(aedes.handle(socket), limits),
     );
     await new Promise<void>((resolve, reject) => {
       this.server!.once("error", reject);

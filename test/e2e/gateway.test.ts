@@ -3,6 +3,7 @@
 // for the ACL through the gateway and at the center.
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { connect as tlsConnect } from "node:tls";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeviceJson, JobJson } from "../../proto/api.js";
@@ -138,6 +139,19 @@ describe("site gateway", () => {
     expect(pub.code).not.toBe(0);
     await waitOnline(env, "dev-1");
   }, 60_000);
+
+  it("an unauthenticated client announcing a huge packet is cut off at its header (the center's H1 limit)", async () => {
+    const socket = tlsConnect({ host: "127.0.0.1", port: gwPort, ca: readFileSync(caFile()) });
+    await new Promise<void>((r) => socket.once("secureConnect", () => r()));
+    const closed = new Promise<void>((r) => socket.once("close", () => r()));
+    // A PUBLISH fixed header claiming 200 MiB of body, before any CONNECT.
+    socket.write(Buffer.from([0x30, 0x80, 0x80, 0x80, 0x64]));
+    socket.write(Buffer.alloc(1024));
+    await closed;
+    await waitUntil("the gateway logged it", () =>
+      agents.get("gw-1")!.stderr().includes("packet over the limit"),
+    );
+  });
 
   it("a device of another site, one without a gateway, and an unknown one are refused by the gateway", async () => {
     for (const id of ["dev-2", "dev-9", "gw-2"]) {
