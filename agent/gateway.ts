@@ -304,7 +304,10 @@ export class SiteGateway {
     );
     for (const op of ops) {
       if (op.type === "put") this.devices.set(op.key, op.value!);
-      else this.devices.delete(op.key);
+      else {
+        this.devices.delete(op.key);
+        this.states.delete(op.key);
+      }
     }
     for (const id of shutOut) this.disconnect(id);
     if (fresh.length) this.opts.upstream.subscribe(this.topicsOf(fresh));

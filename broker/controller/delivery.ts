@@ -472,6 +472,7 @@ export class Delivery {
       const asgs = await this.ctx.jobs.ofJob(job);
       if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.ctx.now()) continue;
       await this.ctx.jobs.batch(this.ctx.jobs.remove(job), false);
+      this.forgetCount(job.id);
       n++;
     }
     return n;
