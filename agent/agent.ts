@@ -78,6 +78,8 @@ export class Agent {
   private readonly cfg: AgentConfig;
   private readonly handlers: Map<string, TaskHandler>;
   private readonly trustedKeys: Map<string, KeyObject>;
+  /** The site jobs the last SyncRequest carried (a gateway's). */
+  private syncedSiteJobs: string[] = [];
   private readonly policy: TaskPolicy;
   private readonly connection: Connection;
   private readonly outbox: Outbox;
@@ -153,12 +155,16 @@ export class Agent {
           db: this.store.db,
           log: this.log.child({ component: "gateway" }),
           counters: this.counters,
+          trustedKeys: this.trustedKeys,
+          queueBytes: gw.queueBytes,
           upstream: {
-            publish: (topic, payload, qos, retain) => this.publishTopic(topic, payload, qos, retain),
+            publish: (topic, payload, qos, retain, done) =>
+              this.publishTopic(topic, payload, qos, retain, done),
             subscribe: (topics) => {
               if (topics.length)
                 void this.connection.current?.subscribeAsync(topics, { qos: 1 }).catch(() => {});
             },
+            resync: () => this.sendSync(),
           },
         })
       : undefined;
@@ -180,7 +186,10 @@ export class Agent {
     this.connection.on("up", (client) => {
       this.onUp(client).catch((err) => this.log.error({ err }, "session setup failed"));
     });
-    this.connection.on("down", () => this.outbox.onDisconnected());
+    this.connection.on("down", () => {
+      this.outbox.onDisconnected();
+      this.gateway?.onUpstreamDown();
+    });
   }
 
   get deviceId(): string {
@@ -254,11 +263,18 @@ export class Agent {
   }
 
   /** Publishes upstream (on this device's topics, or for a gateway its site's); false if down. */
-  private publishTopic(topic: string, payload: Uint8Array, qos: 0 | 1, retain: boolean): boolean {
+  private publishTopic(
+    topic: string,
+    payload: Uint8Array,
+    qos: 0 | 1,
+    retain: boolean,
+    done?: (err?: Error) => void,
+  ): boolean {
     const client = this.connection.current;
     if (!client) return false;
     client.publish(topic, Buffer.from(payload), { qos, retain }, (err) => {
       if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
+      done?.(err);
     });
     return true;
   }
@@ -297,11 +313,15 @@ export class Agent {
     if (!this.connection.connected) return;
     const ids = this.scheduler.jobIds().sort();
     const digest = createHash("sha256").update(ids.join("\n")).digest();
+    // A gateway's sync carries the jobs run at its site that the center has not recorded.
+    const siteJobs = this.gateway?.siteJobs() ?? [];
+    this.syncedSiteJobs = siteJobs.map((j) => unverifiedJobId({ job: j.job }));
     const body = {
       lastAckedSeq: this.outbox.lastAckedSeq,
       knownJobsDigest: digest,
       knownJobCount: ids.length,
       agentVersion: AGENT_VERSION,
+      ...(siteJobs.length ? { siteJobs } : {}),
     };
     this.publish("sync", encodeEnvelope({ syncRequest: body }), 1);
     this.syncTimer = setTimeout(() => {
@@ -330,7 +350,7 @@ export class Agent {
         return this.drop("unexpected_body", `${env.body} on job topic`);
       if (env.jobAssignment.siteDevices?.length) {
         if (!this.gateway) return this.drop("unexpected_body", "a site's job, but this agent is no gateway");
-        return this.gateway.fanOut(env.jobAssignment);
+        return this.gateway.fanOut(env.jobAssignment, payload.length);
       }
       return this.accept(env.jobAssignment);
     }
@@ -358,8 +378,13 @@ export class Agent {
         for (const a of r.assignments ?? []) await this.accept(a);
         for (const c of r.cancels ?? [])
           await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
+        await this.gateway?.onSynced(this.syncedSiteJobs);
         return;
       }
+      case "siteAck":
+        if (!this.gateway) return this.drop("unexpected_body", "site acks, but this agent is no gateway");
+        this.gateway.onSiteAck(env.siteAck!, payload.length);
+        return;
       case "siteCredentials":
         if (!this.gateway)
           return this.drop("unexpected_body", "site credentials, but this agent is no gateway");

@@ -65,6 +65,12 @@ export const agentConfigSchema = z
         bind: z.string().default("0.0.0.0"),
         cert: z.string(),
         key: z.string(),
+        /** What the site may queue for the uplink while it is down (telemetry dropped first). */
+        queueBytes: z
+          .number()
+          .int()
+          .min(64 * 1024)
+          .default(64 * 1024 * 1024),
       })
       .strict()
       .optional(),

@@ -8,6 +8,7 @@
 // controller, so the gateway can delay but not forge; a status lost in a gateway crash is sent
 // again by the device's outbox.
 
+import type { KeyObject } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createServer as createTlsServer, type Server as TlsServer } from "node:tls";
 import type { AbstractSublevel } from "abstract-level";
@@ -21,9 +22,20 @@ import type { Counters } from "../common/counters.js";
 import { aedesClient, aedesClients, destroyConnection } from "../common/internals.js";
 import { settlesWithin } from "../common/timeout.js";
 import { decodeEnvelope, encodeEnvelope } from "../proto/envelope.js";
-import type { JobAssignment, SiteCredentials, StatusBatch } from "../proto/index.js";
-import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
+import {
+  type DeviceState,
+  type JobAssignment,
+  pb,
+  type SiteAck,
+  type SiteCredentials,
+  type SiteJob,
+  type SiteState,
+  type StatusBatch,
+} from "../proto/index.js";
+import { deviceTopic, parseDeviceTopic, rpcRequestTopic } from "../proto/topics.js";
+import { SiteControl, type SiteDeviceView } from "./site-control.js";
 import type { Db } from "./store.js";
+import { type UplinkKind, UplinkQueue } from "./uplink-queue.js";
 
 export interface SiteDeviceRecord {
   id: string;
@@ -44,10 +56,23 @@ export interface GatewayOptions {
   db: Db;
   log: Logger;
   counters: Counters;
-  /** The agent's upstream connection (undefined while it is down). */
+  /** The operator keys this agent trusts (for local control, agent/site-control.ts). */
+  trustedKeys: ReadonlyMap<string, KeyObject>;
+  /** Bound of the store-and-forward queue (agent/uplink-queue.ts). */
+  queueBytes: number;
+  /** The agent's upstream connection. */
   upstream: {
-    publish(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean): boolean;
+    /** False when it is down; `done` once the broker has it (QoS 1) or it was written (QoS 0). */
+    publish(
+      topic: string,
+      payload: Buffer,
+      qos: 0 | 1,
+      retain: boolean,
+      done?: (err?: Error) => void,
+    ): boolean;
     subscribe(topics: string[]): void;
+    /** Sends the gateway's SyncRequest again (site jobs were added since the last one). */
+    resync(): void;
   };
 }
 
@@ -55,19 +80,25 @@ const UP = new Set(["status", "sync", "state", "telemetry"]);
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_KEEPALIVE_S = 600; // as the server's default limits.maxKeepaliveS
 /** How long the site's status batches are collected before they go up together. */
-const SITE_STATUS_WINDOW_MS = 20;
+const SITE_STATUS_WINDOW_MS = 50;
 const DOWN = new Set(["job", "ctl"]);
 
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
 
 export class SiteGateway {
   private readonly devices = new Map<string, SiteDeviceRecord>();
-  /** Each site device's last DeviceState (retained), to announce again upstream after an outage. */
-  private readonly states = new Map<string, Buffer>();
+  /** Each site device's last DeviceState, to announce again upstream after an outage. */
+  private readonly states = new Map<string, DeviceState>();
   private pending: Array<{ deviceId: string; batch: StatusBatch }> = [];
+  /** States not yet sent up: the latest per device (coalesced within the window). */
+  private readonly pendingStates = new Map<string, DeviceState>();
   private pendingBytes = 0;
   private statusTimer: NodeJS.Timeout | undefined;
   private readonly store: Sub<SiteDeviceRecord>;
+  private readonly control: SiteControl;
+  private readonly queue: UplinkQueue;
+  /** The uplink is up and the center answered this gateway's sync: the site's messages go up. */
+  private ready = false;
   private aedes: Aedes | undefined;
   private server: TlsServer | undefined;
   port = 0;
@@ -76,6 +107,24 @@ export class SiteGateway {
     this.store = opts.db.sublevel<string, SiteDeviceRecord>("site", {
       valueEncoding: "json",
     }) as Sub<SiteDeviceRecord>;
+    this.queue = new UplinkQueue({
+      db: opts.db,
+      maxBytes: opts.queueBytes,
+      log: opts.log.child({ component: "uplink-queue" }),
+      counters: opts.counters,
+    });
+    this.control = new SiteControl({
+      gatewayId: opts.deviceId,
+      prefix: opts.prefix,
+      maxPayloadBytes: opts.maxPayloadBytes,
+      db: opts.db,
+      log: opts.log.child({ component: "site-control" }),
+      counters: opts.counters,
+      trustedKeys: opts.trustedKeys,
+      centerReachable: () => this.ready,
+      devices: () => this.siteDevices(),
+      publish: (topic, payload) => this.local(topic, payload),
+    });
   }
 
   get siteSize(): number {
@@ -85,10 +134,14 @@ export class SiteGateway {
   async start(): Promise<void> {
     const o = this.opts;
     for await (const d of this.store.values()) this.devices.set(d.id, d);
+    await this.control.load();
+    await this.queue.load();
+    this.gauges();
     const gate = new BrokerGate({
       config: {
         prefix: o.prefix,
-        operators: [],
+        // LAN operators (local control): the center's list, changed in place as it changes.
+        operators: this.control.operators,
         limits: {
           maxConnections: 10_000,
           connectsPerSecondPerAddress: 50,
@@ -126,21 +179,25 @@ export class SiteGateway {
       },
     };
     this.aedes = aedes;
+    aedes.on("client", () => this.gauges());
+    aedes.on("clientDisconnect", () => this.gauges());
     aedes.on("publish", (packet, client) => {
+      const who = (client as FleetClient | null)?.fleet;
+      const payload = packet.payload as Buffer;
+      // A LAN operator's request (local control); the ACL let only operators publish there.
+      if (packet.topic === rpcRequestTopic(o.prefix) && who?.kind === "operator") {
+        void this.control.onRpc(payload).catch((err) => o.log.error({ err }, "local rpc failed"));
+        return;
+      }
       // Up: what the site's devices publish on their own topics (wills included).
       const t = parseDeviceTopic(o.prefix, packet.topic);
       if (!t || !UP.has(t.channel) || !this.devices.has(t.deviceId)) return;
-      if (client && (client as FleetClient).fleet?.id !== t.deviceId) return;
-      if (t.channel === "state" && packet.retain)
-        this.states.set(t.deviceId, Buffer.from(packet.payload as Buffer));
-      if (t.channel === "status" && this.collect(t.deviceId, packet.payload as Buffer)) return;
-      const sent = o.upstream.publish(
-        packet.topic,
-        packet.payload as Buffer,
-        packet.qos === 0 ? 0 : 1,
-        packet.retain,
-      );
-      o.counters.inc(sent ? "gateway_relayed_up" : "gateway_up_dropped");
+      if (client && who?.id !== t.deviceId) return;
+      if (t.channel === "state" && this.collectState(t.deviceId, payload)) return;
+      if (t.channel === "status" && this.collect(t.deviceId, payload)) return;
+      if (t.channel === "sync" && !this.ready) return this.answerSync(t.deviceId);
+      const kind = t.channel === "status" ? "status" : t.channel === "telemetry" ? "telemetry" : undefined;
+      this.up(packet.topic, payload, packet.qos === 0 ? 0 : 1, packet.retain, kind);
     });
     this.server = createTlsServer(
       {
@@ -182,6 +239,7 @@ export class SiteGateway {
     } catch {
       return false;
     }
+    if (batch) this.control.observe(deviceId, batch);
     const room = Math.floor(this.opts.maxPayloadBytes * 0.8);
     if (!batch || payload.length > room / 2) return false;
     if (this.pendingBytes + payload.length > room) this.flushStatus();
@@ -191,20 +249,73 @@ export class SiteGateway {
     return true;
   }
 
+  /**
+   * A device's DeviceState goes up in the next SiteStatus, only the latest of the window (queue
+   * depth changes of a thousand devices running a job are a thousand states a second). False
+   * when it must go up as it is (undecodable, or a cleared retained message).
+   */
+  private collectState(deviceId: string, payload: Buffer): boolean {
+    let state: DeviceState | undefined;
+    try {
+      state = payload.length
+        ? (decodeEnvelope(payload, this.opts.maxPayloadBytes).deviceState ?? undefined)
+        : undefined;
+    } catch {
+      return false;
+    }
+    if (!state) return false;
+    this.states.set(deviceId, state);
+    this.pendingStates.set(deviceId, state);
+    this.statusTimer ??= setTimeout(() => this.flushStatus(), SITE_STATUS_WINDOW_MS);
+    return true;
+  }
+
   private flushStatus(): void {
     if (this.statusTimer) clearTimeout(this.statusTimer);
     this.statusTimer = undefined;
-    if (!this.pending.length) return;
+    if (!this.pending.length && !this.pendingStates.size) return;
     const batches = this.pending;
+    let bytes = this.pendingBytes;
     this.pending = [];
     this.pendingBytes = 0;
-    const payload = Buffer.from(encodeEnvelope({ siteStatus: { batches } }));
-    const topic = deviceTopic(this.opts.prefix, this.opts.deviceId, "status");
-    const sent = this.opts.upstream.publish(topic, payload, 1, false);
-    // Lost with a down uplink: each device's outbox sends it again (no StatusAck came).
-    this.opts.counters.inc(sent ? "gateway_site_status_sent" : "gateway_up_dropped");
+    // States share the message with the batches while they fit; the rest go in more messages.
+    const room = Math.floor(this.opts.maxPayloadBytes * 0.8);
+    let states: SiteState[] = [];
+    const send = () => {
+      if (!batches.length && !states.length) return;
+      const payload = Buffer.from(encodeEnvelope({ siteStatus: { batches: batches.splice(0), states } }));
+      if (payload.length > this.opts.maxPayloadBytes) {
+        this.opts.counters.inc("gateway_site_status_too_large");
+        this.opts.log.error({ bytes: payload.length }, "a site status message over the payload limit");
+      }
+      const topic = deviceTopic(this.opts.prefix, this.opts.deviceId, "status");
+      // Not ready: queued (statuses) — states are announced again, all of them, when it is.
+      if (this.up(topic, payload, 1, false, "status")) this.opts.counters.inc("gateway_site_status_sent");
+      this.opts.log.debug({ states: states.length, bytes: payload.length }, "site statuses sent up");
+      states = [];
+      bytes = 0;
+    };
     this.opts.counters.inc("gateway_site_status_batches", batches.length);
-    this.opts.log.debug({ batches: batches.length, bytes: payload.length }, "site statuses sent up");
+    if (!this.ready) this.pendingStates.clear();
+    for (const [deviceId, state] of this.pendingStates) {
+      const size = pb.DeviceState.encode(state).len + deviceId.length + 16;
+      if (bytes + size > room) send();
+      states.push({ deviceId, state });
+      bytes += size;
+    }
+    this.pendingStates.clear();
+    send();
+  }
+
+  /** The center's acks of a SiteStatus: each device gets its own StatusAck, as if sent to it. */
+  onSiteAck(ack: SiteAck, bytes: number): void {
+    for (const a of ack.acks ?? []) {
+      const id = a.deviceId ?? "";
+      if (!this.devices.has(id) || !a.ack) continue;
+      this.local(deviceTopic(this.opts.prefix, id, "ctl"), encodeEnvelope({ statusAck: a.ack }));
+    }
+    this.opts.counters.inc("gateway_site_acks_in");
+    this.opts.counters.inc("gateway_down_bytes", bytes);
   }
 
   /**
@@ -214,17 +325,114 @@ export class SiteGateway {
    */
   onUpstream(): void {
     this.opts.upstream.subscribe(this.topicsOf([...this.devices.keys()]));
-    for (const [id, state] of this.states)
-      if (this.devices.has(id))
-        this.opts.upstream.publish(deviceTopic(this.opts.prefix, id, "state"), state, 1, true);
+  }
+
+  /** The uplink went down: the site's messages are queued until the next sync is answered. */
+  onUpstreamDown(): void {
+    this.ready = false;
+    this.gauges();
+  }
+
+  /** What this gateway's SyncRequest carries: the jobs run at the site the center lacks. */
+  siteJobs(): SiteJob[] {
+    return this.control.toRegister();
+  }
+
+  /**
+   * The center answered this gateway's sync, so it has recorded the site jobs that sync
+   * carried (`registered`): the site's messages go up again — first what was queued, then
+   * every device's state. With jobs run here since, it syncs again first.
+   */
+  async onSynced(registered: readonly string[]): Promise<void> {
+    await this.control.registered(registered);
+    if (this.control.pendingJobs) {
+      this.opts.upstream.resync();
+      return;
+    }
+    if (this.ready) return;
+    this.ready = true;
+    this.gauges();
+    await this.queue.drain(
+      (topic, payload, qos) =>
+        new Promise<boolean>((resolve) => {
+          const ok = this.opts.upstream.publish(topic, payload, qos, false, (err) => resolve(!err));
+          if (!ok) resolve(false);
+          else this.count(payload.length);
+        }),
+    );
+    for (const [id, state] of this.states) if (this.devices.has(id)) this.pendingStates.set(id, state);
+    this.flushStatus();
+  }
+
+  /**
+   * Sends up now, or — not ready, or the uplink just went — queues what must not be lost
+   * (`kind`); anything else waits for the next sync (states) or is answered here (syncs).
+   */
+  private up(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean, kind?: UplinkKind): boolean {
+    if (this.ready && this.opts.upstream.publish(topic, payload, qos, retain)) {
+      this.count(payload.length);
+      this.opts.counters.inc("gateway_relayed_up");
+      return true;
+    }
+    if (kind)
+      void this.queue
+        .push(topic, payload, kind, qos)
+        .catch((err) => this.opts.log.error({ err }, "cannot queue for the uplink"));
+    else this.opts.counters.inc("gateway_up_dropped");
+    return false;
+  }
+
+  private count(bytes: number): void {
+    this.opts.counters.inc("gateway_up_bytes", bytes);
+  }
+
+  /**
+   * A device's SyncRequest while the center cannot answer: the gateway does, with the jobs run
+   * here it should hold (so a device that restarted meanwhile gets them, and sends again what
+   * it has not had acknowledged — into the queue).
+   */
+  private answerSync(deviceId: string): void {
+    this.local(
+      deviceTopic(this.opts.prefix, deviceId, "ctl"),
+      encodeEnvelope({ syncResponse: { assignments: this.control.assignmentsFor(deviceId) } }),
+    );
+    this.opts.counters.inc("gateway_syncs_answered");
+  }
+
+  /** Publishes on the gateway's own broker. */
+  private local(topic: string, payload: Uint8Array): void {
+    this.aedes?.publish(
+      { cmd: "publish", topic, payload: Buffer.from(payload), qos: 1, retain: false, dup: false },
+      () => {},
+    );
+  }
+
+  private *siteDevices(): Iterable<SiteDeviceView> {
+    for (const d of this.devices.values()) {
+      const s = this.states.get(d.id);
+      yield {
+        id: d.id,
+        labels: d.labels,
+        online: Boolean(this.aedes && aedesClient(this.aedes, d.id)),
+        agentVersion: s?.agentVersion ?? "",
+      };
+    }
+  }
+
+  private gauges(): void {
+    const c = this.opts.counters;
+    c.set("gateway_devices", this.devices.size);
+    c.set("gateway_connected_clients", this.aedes?.connectedClients ?? 0);
+    c.set("gateway_uplink_ready", this.ready ? 1 : 0);
   }
 
   /** Down: a message from the center on one of the site's devices' job/ctl topics. */
   fromUpstream(topic: string, payload: Buffer): boolean {
     const t = parseDeviceTopic(this.opts.prefix, topic);
-    if (!t || !DOWN.has(t.channel) || !this.devices.has(t.deviceId) || !this.aedes) return false;
-    this.aedes.publish({ cmd: "publish", topic, payload, qos: 1, retain: false, dup: false }, () => {});
+    if (!t || !DOWN.has(t.channel) || !this.devices.has(t.deviceId)) return false;
+    this.local(topic, payload);
     this.opts.counters.inc("gateway_relayed_down");
+    this.opts.counters.inc("gateway_down_bytes", payload.length);
     return true;
   }
 
@@ -232,36 +440,35 @@ export class SiteGateway {
    * A job for several devices of the site, sent once over the uplink (on this gateway's own job
    * topic): each device gets its own assignment here. Devices not of this site are skipped.
    */
-  fanOut(a: JobAssignment): void {
-    if (!this.aedes) return;
+  fanOut(a: JobAssignment, bytes: number): void {
     let n = 0;
     for (const id of a.siteDevices ?? []) {
       if (!this.devices.has(id)) continue;
-      const payload = Buffer.from(
+      this.local(
+        deviceTopic(this.opts.prefix, id, "job"),
         encodeEnvelope({
           jobAssignment: { job: a.job, deviceId: id, ...(a.rolloutId ? { rolloutId: a.rolloutId } : {}) },
         }),
       );
-      this.aedes.publish(
-        {
-          cmd: "publish",
-          topic: deviceTopic(this.opts.prefix, id, "job"),
-          payload,
-          qos: 1,
-          retain: false,
-          dup: false,
-        },
-        () => {},
-      );
       n++;
     }
     this.opts.counters.inc("gateway_site_jobs_in");
+    this.opts.counters.inc("gateway_down_bytes", bytes);
     this.opts.counters.inc("gateway_fanned_out", n);
     this.opts.log.info({ devices: n, of: a.siteDevices?.length ?? 0 }, "handed a job to the site's devices");
   }
 
   /** The center's list of the devices behind this gateway (full, or changes). */
   async apply(sc: SiteCredentials): Promise<void> {
+    if (sc.full)
+      await this.control.setOperators(
+        (sc.operators ?? []).map((op) => ({
+          username: op.username ?? "",
+          passwordHash: op.passwordHash ?? "",
+          keyId: op.keyId ?? "",
+          publicKey: "",
+        })),
+      );
     const ops: Array<{ type: "put" | "del"; key: string; value?: SiteDeviceRecord }> = [];
     const incoming = new Set((sc.devices ?? []).map((d) => d.id ?? ""));
     const shutOut: string[] = [];

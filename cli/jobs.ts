@@ -112,13 +112,13 @@ export function registerJobs(program: Command): void {
     .option("--device <id>", "only jobs for this device")
     .action(async (o: ListOptions & { device?: string }) => {
       await withRpc(loadContext(o), (rpc) =>
-        printList(rpc.pages("jobs.ls", { device: o.device }, o.limit), o, (j) => j, [
-          "id",
-          "name",
-          "state",
-          "devices",
-          "createdAt",
-        ]),
+        printList(
+          rpc.pages("jobs.ls", { device: o.device }, o.limit),
+          o,
+          // origin: "site" for a job a LAN operator ran at a gateway (DESIGN.md §11).
+          (j) => ({ ...j, origin: j.origin ?? "center" }),
+          ["id", "name", "state", "devices", "origin", "createdAt"],
+        ),
       );
     });
   operatorOptions(jobs.command("show <job>"))

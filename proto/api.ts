@@ -89,6 +89,9 @@ const jobSummary = z.looseObject({
   state: z.string(),
   createdAt: z.string(),
   devices: z.number(),
+  /** "site": run by a LAN operator at a gateway (`site` names it) while the center was away. */
+  origin: z.string().optional(),
+  site: z.string().optional(),
 });
 
 const rollout = z.looseObject({

@@ -82,40 +82,9 @@ export function operatorApi(c: ApiContext): Handlers {
 
   /** Checks a signed job from an operator and makes its record (no devices yet). */
   const jobRecord = async (signedJob: string, operator: string): Promise<NewJob> => {
-    const bytes = Buffer.from(signedJob, "base64");
-    const signed = pb.SignedJob.decode(bytes); // decoded once: sized, verified, stored as bytes
-    // A device must be able to receive it: the assignment has to fit the payload limit.
-    const size = encodeEnvelope({ jobAssignment: { job: signed, deviceId: "x".repeat(64) } }).length;
-    if (size > limit)
-      throw new ApiError(
-        `the signed job is ${size} bytes as an assignment, over the payload limit of ${limit} bytes`,
-        RpcErrorCode.RPC_TOO_LARGE,
-      );
-    const v = verifySignedJob(signed, c.operatorKeys);
-    if (!v.ok) throw new ApiError(`job signature: ${v.message}`);
-    const spec = v.spec;
-    if (!/^[0-9A-HJKMNP-TV-Z]{26}$/.test(spec.jobId)) throw new ApiError("job id must be a ULID");
-    if (await jobs.get(spec.jobId)) throw new ApiError(`job ${spec.jobId} already exists`);
-    const graph = checkGraph(spec.tasks);
-    if (graph) throw new ApiError(graph.message);
-    if (spec.expiresAtMs <= Date.now()) throw new ApiError("job has already expired");
-    if (spec.expiresAtMs - spec.issuedAtMs > MAX_JOB_LIFETIME_MS)
-      throw new ApiError(
-        `job is valid for more than ${MAX_JOB_LIFETIME_MS / 86_400_000} days (devices refuse it: maxJobLifetimeDays)`,
-      );
-    const record: JobRecord = {
-      id: spec.jobId,
-      name: spec.name || spec.tasks.map((t) => t.type).join("+"),
-      names: jobNames(spec),
-      createdAt: Date.now(),
-      expiresAt: spec.expiresAtMs,
-      recurring: Boolean(spec.schedule?.cron),
-      tasks: spec.tasks.map((t) => ({ id: t.id, type: t.type })),
-      target: { deviceIds: spec.target?.deviceIds ?? [], selector: spec.target?.selector ?? "" },
-      devices: [],
-      createdBy: operator,
-    };
-    return { record, signed: bytes };
+    const newJob = checkSignedJob(signedJob, operator, c.operatorKeys, limit);
+    if (await jobs.get(newJob.record.id)) throw new ApiError(`job ${newJob.record.id} already exists`);
+    return newJob;
   };
 
   return {
@@ -207,6 +176,7 @@ export function operatorApi(c: ApiContext): Handlers {
         state: jobState(j, await jobs.ofJob(j)),
         createdAt: new Date(j.createdAt).toISOString(),
         devices: j.devices.length,
+        ...(j.origin ? { origin: j.origin, site: j.site } : {}),
       });
       if (!p.device) {
         return fillPage(jobs.all({ newestFirst: true, before: after }), {
@@ -287,4 +257,57 @@ export function operatorApi(c: ApiContext): Handlers {
     },
     "audit.verify": async () => c.audit.verify(),
   };
+}
+
+/**
+ * A signed job from an operator, checked and made into its record (no devices yet): it fits an
+ * assignment under the payload limit, its signature verifies, its id is a ULID, its task graph
+ * is sound and its lifetime within bounds. The controller and a site gateway (DESIGN.md §11)
+ * both take jobs through this.
+ */
+export function checkSignedJob(
+  signedJob: string,
+  operator: string,
+  keys: Parameters<typeof verifySignedJob>[1],
+  limit: number,
+  now = Date.now(),
+): NewJob {
+  const bytes = Buffer.from(signedJob, "base64");
+  let signed: ReturnType<typeof pb.SignedJob.decode>;
+  try {
+    signed = pb.SignedJob.decode(bytes); // decoded once: sized, verified, stored as bytes
+  } catch (err) {
+    throw new ApiError(`not a signed job: ${(err as Error).message}`);
+  }
+  // A device must be able to receive it: the assignment has to fit the payload limit.
+  const size = encodeEnvelope({ jobAssignment: { job: signed, deviceId: "x".repeat(64) } }).length;
+  if (size > limit)
+    throw new ApiError(
+      `the signed job is ${size} bytes as an assignment, over the payload limit of ${limit} bytes`,
+      RpcErrorCode.RPC_TOO_LARGE,
+    );
+  const v = verifySignedJob(signed, keys);
+  if (!v.ok) throw new ApiError(`job signature: ${v.message}`);
+  const spec = v.spec;
+  if (!/^[0-9A-HJKMNP-TV-Z]{26}$/.test(spec.jobId)) throw new ApiError("job id must be a ULID");
+  const graph = checkGraph(spec.tasks);
+  if (graph) throw new ApiError(graph.message);
+  if (spec.expiresAtMs <= now) throw new ApiError("job has already expired");
+  if (spec.expiresAtMs - spec.issuedAtMs > MAX_JOB_LIFETIME_MS)
+    throw new ApiError(
+      `job is valid for more than ${MAX_JOB_LIFETIME_MS / 86_400_000} days (devices refuse it: maxJobLifetimeDays)`,
+    );
+  const record: JobRecord = {
+    id: spec.jobId,
+    name: spec.name || spec.tasks.map((t) => t.type).join("+"),
+    names: jobNames(spec),
+    createdAt: now,
+    expiresAt: spec.expiresAtMs,
+    recurring: Boolean(spec.schedule?.cron),
+    tasks: spec.tasks.map((t) => ({ id: t.id, type: t.type })),
+    target: { deviceIds: spec.target?.deviceIds ?? [], selector: spec.target?.selector ?? "" },
+    devices: [],
+    createdBy: operator,
+  };
+  return { record, signed: bytes };
 }

@@ -6,14 +6,13 @@ import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import { Counters } from "../../common/counters.js";
 import { settlesWithin } from "../../common/timeout.js";
-import { ApiError, api, formatIssues, isMethod, RpcErrorCode } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
-import { stateName } from "../../proto/index.js";
-import { verifyRpcRequest } from "../../proto/rpc.js";
+import { pb, type SiteJob, stateName } from "../../proto/index.js";
 import { deviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
-import { type Handlers, operatorApi } from "./api.js";
+import { answerRpc } from "../rpc-answer.js";
+import { checkSignedJob, type Handlers, operatorApi } from "./api.js";
 import { AuditLog } from "./audit.js";
 import { Delivery } from "./delivery.js";
 import { deviceInbox } from "./device-inbox.js";
@@ -26,8 +25,6 @@ import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
 import type { ControllerStore, DeviceRecord } from "./store.js";
 import { jobCounts } from "./views.js";
-
-const RPC_WINDOW_MS = 5 * 60_000;
 
 export interface ControllerOptions {
   config: ServerConfig;
@@ -182,6 +179,7 @@ export class Controller {
           await this.notifier.emit("device.offline", { via: deviceId }, d.id);
         }
       },
+      onSiteJobs: (gatewayId, jobs) => this.recordSiteJobs(gatewayId, jobs),
       onSync: async (deviceId) => {
         if (!opts.registry.get(deviceId)?.gateway) return;
         const site = opts.registry.behind(deviceId);
@@ -203,6 +201,7 @@ export class Controller {
           },
         });
       },
+      publish: (topic, payload, qos, retain) => this.publish(topic, payload, qos, retain),
       drop: (reason, detail) => this.drop(reason, detail),
       now: () => Date.now(),
     });
@@ -311,7 +310,7 @@ export class Controller {
   }
 
   /** Never publishes what the broker would refuse (it would close our connection instead). */
-  private publish(topic: string, payload: Uint8Array, qos: 0 | 1): boolean {
+  private publish(topic: string, payload: Uint8Array, qos: 0 | 1, retain = false): boolean {
     const limit = this.opts.config.limits.maxPayloadBytes;
     if (payload.length > limit) {
       this.counters.inc("publish_too_large");
@@ -321,7 +320,7 @@ export class Controller {
       );
       return false;
     }
-    this.client?.publish(topic, Buffer.from(payload), { qos }, (err) => {
+    this.client?.publish(topic, Buffer.from(payload), { qos, retain }, (err) => {
       if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
     });
     return true;
@@ -356,14 +355,73 @@ export class Controller {
       removed,
       labels: d.labels,
     }));
+    // LAN operators for local control: who may log in at the gateway (DESIGN.md §11).
+    const operators = this.opts.config.operators.map((op) => ({
+      username: op.username,
+      passwordHash: op.passwordHash,
+      keyId: op.keyId,
+    }));
     // Pages that fit the payload limit (about 150 bytes a device).
     const per = Math.max(1, Math.floor(this.opts.config.limits.maxPayloadBytes / 400));
     for (let i = 0; i < Math.max(1, site.length); i += per)
       this.publish(
         deviceTopic(this.prefix, gatewayId, "ctl"),
-        encodeEnvelope({ siteCredentials: { full: full && i === 0, devices: site.slice(i, i + per) } }),
+        encodeEnvelope({
+          siteCredentials: {
+            full: full && i === 0,
+            devices: site.slice(i, i + per),
+            ...(full && i === 0 ? { operators } : {}),
+          },
+        }),
         1,
       );
+  }
+
+  /**
+   * Jobs a LAN operator ran at a gateway while the center was unreachable (origin `site`):
+   * checked here as if submitted here (operator signature, graph, lifetime — at the time the
+   * gateway took them), for the devices behind that gateway only, recorded as delivered.
+   */
+  private async recordSiteJobs(gatewayId: string, siteJobs: SiteJob[]): Promise<void> {
+    const { registry } = this.opts;
+    if (!registry.get(gatewayId)?.gateway) return this.drop("site_jobs_not_gateway", gatewayId);
+    for (const sj of siteJobs) {
+      const keyId = sj.job?.keyId ?? "";
+      const operator = this.operatorNames.get(keyId) ?? "?";
+      let newJob: ReturnType<typeof checkSignedJob>;
+      try {
+        const signed = Buffer.from(pb.SignedJob.encode(sj.job ?? {}).finish()).toString("base64");
+        newJob = checkSignedJob(
+          signed,
+          operator,
+          this.operatorKeys,
+          this.opts.config.limits.maxPayloadBytes,
+          Number(sj.createdAtMs ?? 0) || Date.now(),
+        );
+      } catch (err) {
+        this.drop("site_job_refused", `${gatewayId}: ${(err as Error).message}`);
+        continue;
+      }
+      const { record } = newJob;
+      if (await this.delivery.job(record.id)) continue; // recorded at an earlier sync
+      const devices = (sj.deviceIds ?? []).filter((d) => registry.get(d)?.via === gatewayId);
+      if (devices.length < (sj.deviceIds ?? []).length)
+        this.drop("site_job_device_not_behind", `${gatewayId}: job ${record.id}`);
+      record.devices = [...new Set(devices)];
+      record.origin = "site";
+      record.site = gatewayId;
+      record.createdAt = Number(sj.createdAtMs ?? 0) || record.createdAt;
+      if (sj.cancelled) record.cancelled = { reason: sj.cancelled, at: Date.now() };
+      await this.delivery.submit(newJob, [], { delivered: true });
+      await this.audited(
+        operator,
+        "job.submit",
+        JSON.stringify({ jobId: record.id, site: gatewayId, devices: record.devices.length }),
+        `ok (run at site ${gatewayId})`,
+      );
+      this.counters.inc("site_jobs_recorded");
+      this.log.info({ jobId: record.id, gateway: gatewayId, operator }, "recorded a job run at a site");
+    }
   }
 
   // ---- operator RPC ---------------------------------------------------------------------------
@@ -376,92 +434,40 @@ export class Controller {
     });
   }
 
-  private async onRpc(payload: Buffer): Promise<void> {
-    let env: ReturnType<typeof decodeEnvelope>;
+  private onRpc(payload: Buffer): Promise<void> {
+    const handlers = this.api as Record<string, (p: unknown, operator: string) => Promise<unknown>>;
+    return answerRpc(
+      {
+        prefix: this.prefix,
+        maxPayloadBytes: this.opts.config.limits.maxPayloadBytes,
+        keys: this.operatorKeys,
+        operatorOf: (keyId) => this.operatorNames.get(keyId) ?? "?",
+        claimNonce: (nonce, expiresAt) => this.claimNonce(nonce, expiresAt),
+        handler: (method) => handlers[method],
+        publish: (topic, reply) => this.publish(topic, reply, 1),
+        audited: (...entry) => this.audited(...entry),
+        counters: this.counters,
+        log: this.log,
+        drop: (reason, detail) => this.drop(reason, detail),
+      },
+      payload,
+    );
+  }
+
+  /**
+   * Claimed in memory before the first await: two copies of one signed request arriving
+   * together run once (the LevelDB check alone races with itself).
+   */
+  private async claimNonce(nonce: string, expiresAt: number): Promise<boolean> {
+    if (this.nonces.has(nonce)) return false;
+    this.nonces.add(nonce);
     try {
-      env = decodeEnvelope(payload, this.opts.config.limits.maxPayloadBytes);
-    } catch (err) {
-      if (err instanceof PayloadError) return this.drop(err.reason, `rpc: ${err.message}`);
-      throw err;
+      if (await this.opts.store.nonces.get(nonce)) return false;
+      await this.opts.store.nonces.put(nonce, expiresAt, { sync: true } as never);
+      return true;
+    } finally {
+      this.nonces.delete(nonce);
     }
-    if (env.body !== "rpcRequest") return this.drop("unexpected_body", `${env.body} on rpc/req`);
-    const check = verifyRpcRequest(env.rpcRequest!, this.operatorKeys, Date.now(), RPC_WINDOW_MS);
-    const req = env.rpcRequest!;
-    if (!check.ok) {
-      // No verified reply address: answer nobody, count it, audit it under the claimed key.
-      this.counters.inc("rpc_rejected");
-      this.log.warn({ error: check.error }, "rejected an operator request");
-      await this.audited(
-        `(unverified key ${String(req.keyId ?? "").slice(0, 64)})`,
-        "?",
-        Buffer.from(req.call ?? []).toString("base64"),
-        `refused: ${check.error}`,
-      );
-      return;
-    }
-    const { call, params } = check;
-    const operator = this.operatorNames.get(req.keyId ?? "") ?? "?";
-    const topic = rpcResponseTopic(this.prefix, operator, call.clientId);
-    const paramsJson = JSON.stringify(params ?? {});
-    const fail = async (code: RpcErrorCode, error: string): Promise<void> => {
-      await this.audited(
-        operator,
-        call.method,
-        paramsJson,
-        `refused: ${RpcErrorCode[code] ?? code}: ${error}`,
-      );
-      this.publish(
-        topic,
-        encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: false, error, errorCode: code } }),
-        1,
-      );
-    };
-    // Claimed in memory before the first await: two copies of one signed request arriving
-    // together run once (the LevelDB check alone races with itself).
-    const replayed = async () => {
-      if (this.nonces.has(call.nonce)) return true;
-      this.nonces.add(call.nonce);
-      try {
-        if (await this.opts.store.nonces.get(call.nonce)) return true;
-        await this.opts.store.nonces.put(call.nonce, call.issuedAtMs + RPC_WINDOW_MS, {
-          sync: true,
-        } as never);
-        return false;
-      } finally {
-        this.nonces.delete(call.nonce);
-      }
-    };
-    if (await replayed()) {
-      this.counters.inc("rpc_replayed");
-      this.log.warn({ method: call.method }, "rejected a replayed operator request");
-      return fail(RpcErrorCode.RPC_REPLAYED, "replayed request");
-    }
-    const method = call.method;
-    if (!isMethod(method)) return fail(RpcErrorCode.RPC_UNKNOWN_METHOD, `unknown method ${method}`);
-    let resultJson: string;
-    try {
-      const parsed = api[method].params.safeParse(params);
-      if (!parsed.success) return fail(RpcErrorCode.RPC_INVALID, formatIssues(parsed.error));
-      const handler = this.api[method] as (p: unknown, operator: string) => Promise<unknown>;
-      resultJson = JSON.stringify((await handler(parsed.data, operator)) ?? null);
-    } catch (err) {
-      if (err instanceof ApiError) return fail(err.code, err.message);
-      this.counters.inc("rpc_failed");
-      this.log.error({ err, method }, "rpc handler failed");
-      return fail(RpcErrorCode.RPC_INTERNAL, `internal error: ${(err as Error).message}`);
-    }
-    const reply = encodeEnvelope({ rpcResponse: { requestId: call.requestId, ok: true, resultJson } });
-    if (reply.length <= this.opts.config.limits.maxPayloadBytes)
-      await this.audited(operator, method, paramsJson, "ok");
-    if (reply.length > this.opts.config.limits.maxPayloadBytes) {
-      this.counters.inc("rpc_reply_too_large");
-      this.log.warn({ method, bytes: reply.length }, "reply over the payload limit; answering with an error");
-      return fail(
-        RpcErrorCode.RPC_TOO_LARGE,
-        `the reply to ${method} would be ${reply.length} bytes, over the payload limit of ${this.opts.config.limits.maxPayloadBytes} bytes (limits.maxPayloadBytes)`,
-      );
-    }
-    this.publish(topic, reply, 1);
   }
 
   private async pruneNonces(): Promise<void> {

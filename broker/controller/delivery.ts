@@ -5,7 +5,14 @@ import type { Logger } from "pino";
 import type { Counters } from "../../common/counters.js";
 import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
-import { type SignedJob, stateName, TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
+import {
+  type SignedJob,
+  type StatusAck,
+  stateName,
+  TaskState,
+  type TaskStatus,
+  TERMINAL_STATES,
+} from "../../proto/index.js";
 import { specDigest } from "../../proto/signing.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
 import { applyStatus, jobState } from "./job-state.js";
@@ -66,14 +73,23 @@ export class Delivery {
    * Stores a new job, its signed bytes and its assignments (one synced batch), then publishes
    * to online devices.
    */
-  async submit({ record: job, signed }: NewJob, extra: Op[] = []): Promise<void> {
+  async submit(
+    { record: job, signed }: NewJob,
+    extra: Op[] = [],
+    opts: { delivered?: boolean } = {},
+  ): Promise<void> {
     const devices = job.devices;
     job.devices = [];
-    await this.addDevices(job, devices, [...this.ctx.jobs.create(job, signed), ...extra]);
+    await this.addDevices(job, devices, [...this.ctx.jobs.create(job, signed), ...extra], opts);
     this.event({
       kind: "job.created",
       jobId: job.id,
-      detailJson: JSON.stringify({ name: job.name, devices: devices.length, rolloutId: job.rolloutId }),
+      detailJson: JSON.stringify({
+        name: job.name,
+        devices: devices.length,
+        rolloutId: job.rolloutId,
+        ...(job.origin ? { origin: job.origin, site: job.site } : {}),
+      }),
     });
   }
 
@@ -82,7 +98,12 @@ export class Delivery {
    * and the job record in one synced batch, then a publish to those online. A device already
    * assigned is skipped, so a repeated call (after a restart) never delivers twice.
    */
-  async addDevices(job: JobRecord, deviceIds: readonly string[], extra: Op[] = []): Promise<string[]> {
+  async addDevices(
+    job: JobRecord,
+    deviceIds: readonly string[],
+    extra: Op[] = [],
+    opts: { delivered?: boolean } = {},
+  ): Promise<string[]> {
     const now = this.ctx.now();
     this.forgetCount(job.id);
     const known = new Set(job.devices);
@@ -93,7 +114,8 @@ export class Delivery {
       const a: Assignment = {
         jobId: job.id,
         deviceId: d,
-        acked: false,
+        // A job run at a site (origin `site`): its gateway gave it to the devices already.
+        acked: Boolean(opts.delivered),
         state: TaskState.TASK_STATE_UNSPECIFIED,
         reason: "",
         message: "",
@@ -106,7 +128,7 @@ export class Delivery {
       ops.push(this.ctx.jobs.putAssignment(a));
     }
     await this.ctx.jobs.batch(ops);
-    await this.publishAssignments(job, fresh);
+    if (!opts.delivered) await this.publishAssignments(job, fresh);
     return fresh;
   }
 
@@ -257,10 +279,20 @@ export class Delivery {
     if (resent) this.ctx.counters.inc("assignments_resent", resent);
   }
 
-  onStatusBatch(deviceId: string, statuses: TaskStatus[], epoch = "", ackedSeq = 0): Promise<void> {
+  /**
+   * `ack`: where the StatusAck goes once the batch is persisted — by default the device's ctl
+   * topic; a gateway's SiteStatus collects its devices' acks into one SiteAck instead.
+   */
+  onStatusBatch(
+    deviceId: string,
+    statuses: TaskStatus[],
+    epoch = "",
+    ackedSeq = 0,
+    ack?: (a: StatusAck) => void,
+  ): Promise<void> {
     const prev = this.chains.get(deviceId) ?? Promise.resolve();
     const next = prev
-      .then(() => this.apply(deviceId, statuses, epoch, ackedSeq))
+      .then(() => this.apply(deviceId, statuses, epoch, ackedSeq, ack))
       .catch((err) => {
         this.ctx.counters.inc("status_apply_failed");
         this.ctx.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
@@ -283,6 +315,7 @@ export class Delivery {
     statuses: TaskStatus[],
     epoch: string,
     ackedSeq: number,
+    ack?: (a: StatusAck) => void,
   ): Promise<void> {
     const { store } = this.ctx;
     const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
@@ -358,11 +391,9 @@ export class Delivery {
     }
     this.ctx.registry.seen(deviceId, this.ctx.now());
     // Persisted (or nothing new): acknowledge cumulatively.
-    this.ctx.publish(
-      deviceTopic(this.ctx.prefix, deviceId, "ctl"),
-      encodeEnvelope({ statusAck: { upToSeq: last, epoch: newEpoch ? epoch : known.epoch } }),
-      1,
-    );
+    const statusAck = { upToSeq: last, epoch: newEpoch ? epoch : known.epoch };
+    if (ack) ack(statusAck);
+    else this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
     for (const s of fresh) {
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
       if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.ctx.onFinished?.(s.jobId ?? "");

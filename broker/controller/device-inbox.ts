@@ -2,9 +2,9 @@
 // the part that owns it — StatusBatch and SyncRequest to Delivery, DeviceState to the registry,
 // Telemetry to the caller. The controller and the agent integration tests (test/helpers/
 // controller.ts) both route device traffic through this one function.
-import { decodeEnvelope, PayloadError } from "../../proto/envelope.js";
-import type { Telemetry } from "../../proto/index.js";
-import { parseDeviceTopic } from "../../proto/topics.js";
+import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
+import type { DeviceState, SiteDeviceAck, SiteJob, Telemetry } from "../../proto/index.js";
+import { deviceTopic, parseDeviceTopic } from "../../proto/topics.js";
 import type { Delivery } from "./delivery.js";
 import type { Registry } from "./registry.js";
 
@@ -16,8 +16,11 @@ export interface InboxContext {
   onTelemetry(deviceId: string, t: Telemetry): void;
   /** A device came online or went offline (after the registry recorded it). */
   onDeviceChange?(deviceId: string, change: "online" | "offline"): Promise<void>;
+  /** A gateway's SyncRequest carries jobs run at its site while the center was unreachable. */
+  onSiteJobs?(gatewayId: string, jobs: SiteJob[]): Promise<void>;
   /** After a device's SyncRequest was answered (a gateway then gets its site's credentials). */
   onSync?(deviceId: string): void | Promise<void>;
+  publish(topic: string, payload: Uint8Array, qos: 0 | 1, retain?: boolean): void;
   /** A payload refused, with a counter name. */
   drop(reason: string, detail: string): void;
   now(): number;
@@ -31,6 +34,18 @@ const EXPECTED = {
 } as const;
 
 export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) => Promise<void> {
+  /**
+   * A device's state, as it published it or in its gateway's SiteStatus (`relayed`: then
+   * republished retained on the device's own state topic, where operators' `watch` reads it).
+   */
+  const observeState = async (deviceId: string, state: DeviceState, relayed: boolean) => {
+    if (relayed)
+      c.publish(deviceTopic(c.prefix, deviceId, "state"), encodeEnvelope({ deviceState: state }), 1, true);
+    const change = c.registry.observeState(deviceId, state, c.now());
+    if (!change) return;
+    c.delivery.event({ kind: `device.${change}`, deviceId });
+    return c.onDeviceChange?.(deviceId, change);
+  };
   return async (topic, payload) => {
     const t = parseDeviceTopic(c.prefix, topic);
     if (!t) return c.drop("unexpected_topic", topic);
@@ -48,20 +63,33 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
     if (env.body !== expected && !siteStatus) return c.drop("unexpected_body", `${env.body} on ${topic}`);
     switch (env.body) {
       case "siteStatus": {
-        // A gateway's site: each batch is its device's own, and only for devices behind it.
+        // A gateway's site: each batch and state is its device's own, and only for devices
+        // behind it. The acks of the whole message go back to the gateway in one SiteAck.
+        const gateway = t.deviceId;
+        const behind = (id: string) => {
+          if (c.registry.get(id)?.via === gateway) return true;
+          c.drop("site_status_not_behind", `${gateway} sent statuses for ${id}`);
+          return false;
+        };
+        const acks: SiteDeviceAck[] = [];
         const applied: Promise<void>[] = [];
         for (const b of env.siteStatus!.batches ?? []) {
           const id = b.deviceId ?? "";
-          if (c.registry.get(id)?.via !== t.deviceId) {
-            c.drop("site_status_not_behind", `${t.deviceId} sent statuses for ${id}`);
-            continue;
-          }
+          if (!behind(id)) continue;
           const s = b.batch ?? {};
           applied.push(
-            c.delivery.onStatusBatch(id, s.statuses ?? [], s.epoch ?? "", Number(s.ackedSeq ?? 0)),
+            c.delivery.onStatusBatch(id, s.statuses ?? [], s.epoch ?? "", Number(s.ackedSeq ?? 0), (ack) =>
+              acks.push({ deviceId: id, ack }),
+            ),
           );
         }
+        for (const st of env.siteStatus!.states ?? []) {
+          const id = st.deviceId ?? "";
+          if (st.state && behind(id)) await observeState(id, st.state, true);
+        }
         await Promise.all(applied);
+        if (acks.length)
+          c.publish(deviceTopic(c.prefix, gateway, "ctl"), encodeEnvelope({ siteAck: { acks } }), 1);
         return;
       }
       case "statusBatch":
@@ -73,16 +101,15 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
         );
       case "syncRequest":
         c.registry.seen(t.deviceId, c.now());
+        // A gateway's jobs run at its site are recorded before its sync is answered: only then
+        // does it send its site's statuses for them (DESIGN.md §11).
+        if (env.syncRequest!.siteJobs?.length) await c.onSiteJobs?.(t.deviceId, env.syncRequest!.siteJobs);
         await c.delivery.onSync(t.deviceId);
         return c.onSync?.(t.deviceId);
       case "telemetry":
         return c.onTelemetry(t.deviceId, env.telemetry!);
-      case "deviceState": {
-        const change = c.registry.observeState(t.deviceId, env.deviceState!, c.now());
-        if (!change) return;
-        c.delivery.event({ kind: `device.${change}`, deviceId: t.deviceId });
-        return c.onDeviceChange?.(t.deviceId, change);
-      }
+      case "deviceState":
+        return observeState(t.deviceId, env.deviceState!, false);
     }
   };
 }

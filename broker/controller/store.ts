@@ -55,6 +55,10 @@ export interface JobRecord {
   cancelled?: { reason: string; at: number };
   /** Delivered by a rollout: devices are added wave by wave. */
   rolloutId?: string;
+  /** Run by a LAN operator at a site gateway while the center was unreachable (DESIGN.md §11). */
+  origin?: "site";
+  /** The gateway it was run at (origin `site`). */
+  site?: string;
   /** Work-queue mode: done when this many devices succeeded. */
   any?: { need: number; selector: string; timeoutS: number; exhausted?: boolean };
 }

@@ -70,6 +70,7 @@ export function jobView(
     createdAt: new Date(job.createdAt).toISOString(),
     ...(job.cancelled ? { cancelled: job.cancelled.reason } : {}),
     ...(job.rolloutId ? { rolloutId: job.rolloutId } : {}),
+    ...(job.origin ? { origin: job.origin, site: job.site } : {}),
     counts: jobCounts(job, asgs),
     devices,
     ...(next !== undefined ? { next } : {}),

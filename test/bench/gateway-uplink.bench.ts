@@ -23,6 +23,7 @@ import { tempDir } from "../helpers/keys.js";
 import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_SITE_DEVICES ?? 1000);
+const ROUNDS = 3;
 
 it(`B8: rollout to ${N} devices behind one gateway vs ${N} connected directly`, async () => {
   const data = tempDir("fleet-bench-gw-");
@@ -83,31 +84,44 @@ it(`B8: rollout to ${N} devices behind one gateway vs ${N} connected directly`, 
       return performance.now() - t;
     };
     const counters = async () => {
-      // A job on the gateway itself makes it publish its state (and counters) now.
+      // A job on the gateway itself makes it publish its state (and counters); it does so at
+      // most every 2 s, so the figures are read once they stop changing.
       await cli(["run", "noop", "--device", "gw-b8", "--wait"], env);
-      return waitUntil("gateway counters", async () => {
-        const d = cliJson<{ counters?: Record<string, number> }>(
-          await cli(["device", "show", "gw-b8", "--json"], env),
-        );
-        return d.counters;
-      });
+      const read = async () =>
+        cliJson<{ counters?: Record<string, number> }>(await cli(["device", "show", "gw-b8", "--json"], env))
+          .counters ?? {};
+      let last = JSON.stringify(await read());
+      for (;;) {
+        await new Promise((r) => setTimeout(r, 2500));
+        const now = await read();
+        if (JSON.stringify(now) === last) return now;
+        last = JSON.stringify(now);
+      }
     };
-    const directMs = await rollout("direct");
+    // Alternating rounds, medians: one rollout's time varies with the controller's 250 ms step.
+    const direct: number[] = [];
+    const site: number[] = [];
     const before = await counters();
-    const siteMs = await rollout("site");
-    await new Promise((r) => setTimeout(r, 1000));
+    for (let i = 0; i < ROUNDS; i++) {
+      direct.push(await rollout("direct"));
+      site.push(await rollout("site"));
+    }
     const after = await counters();
-    const delta = (k: string) => (after[k] ?? 0) - (before[k] ?? 0);
-    // Up: site status messages and other relayed publishes; down: job hand-offs and relayed
-    // messages (StatusAcks, cancels). The gateway's own job (for the counters) is a few of these.
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+    const directMs = median(direct);
+    const siteMs = median(site);
+    const delta = (k: string) => ((after[k] ?? 0) - (before[k] ?? 0)) / ROUNDS;
+    // Up: site status messages and other relayed publishes; down: job hand-offs, site acks and
+    // relayed messages (StatusAcks, cancels). The gateway's own job (for the counters) is a few of these.
     const up = delta("gateway_site_status_sent") + delta("gateway_relayed_up");
-    const down = delta("gateway_site_jobs_in") + delta("gateway_relayed_down");
+    const down =
+      delta("gateway_site_jobs_in") + delta("gateway_site_acks_in") + delta("gateway_relayed_down");
     // Direct: each device received its assignment and at least one StatusAck, and sent at
     // least one status batch: a lower bound of 3 messages per device.
     const directMessages = 3 * N;
     report("B8-gateway-uplink", [
       {
-        name: `rollout to ${N} devices behind one gateway, created -> all SUCCEEDED`,
+        name: `rollout to ${N} devices behind one gateway, created -> all SUCCEEDED (median of ${ROUNDS})`,
         value: siteMs,
         unit: "ms",
         baseline: directMs,
@@ -115,7 +129,7 @@ it(`B8: rollout to ${N} devices behind one gateway vs ${N} connected directly`, 
         goal: "<= 1 (time <= direct)",
       },
       {
-        name: `uplink messages for that job (up ${up}: site statuses + relayed; down ${down}: job hand-offs ${delta("gateway_site_jobs_in")} + relayed acks/cancels)`,
+        name: `uplink messages per job (up ${up}: site statuses + relayed; down ${down}: job hand-offs ${delta("gateway_site_jobs_in")} + site acks ${delta("gateway_site_acks_in")} + relayed)`,
         value: up + down,
         unit: "msgs",
         baseline: directMessages,

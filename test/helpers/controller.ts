@@ -61,6 +61,8 @@ export class TestController {
       registry: this.registry,
       delivery: this.delivery,
       onTelemetry: () => {},
+      publish: (topic, payload, qos, retain) =>
+        void this.client.publishAsync(topic, Buffer.from(payload), { qos, retain }).catch(() => {}),
       drop: (reason) => this.counters.inc(`dropped_${reason}`),
       now: () => Date.now(),
     });
