@@ -157,6 +157,7 @@ export class Agent {
           counters: this.counters,
           trustedKeys: this.trustedKeys,
           queueBytes: gw.queueBytes,
+          onChange: () => this.publishStateSoon(),
           upstream: {
             publish: (topic, payload, qos, retain, done) =>
               this.publishTopic(topic, payload, qos, retain, done),

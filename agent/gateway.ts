@@ -58,6 +58,8 @@ export interface GatewayOptions {
   counters: Counters;
   /** The operator keys this agent trusts (for local control, agent/site-control.ts). */
   trustedKeys: ReadonlyMap<string, KeyObject>;
+  /** Its figures changed (connected devices, queue, uplink): the agent reports its state soon. */
+  onChange(): void;
   /** Bound of the store-and-forward queue (agent/uplink-queue.ts). */
   queueBytes: number;
   /** The agent's upstream connection. */
@@ -112,6 +114,7 @@ export class SiteGateway {
       maxBytes: opts.queueBytes,
       log: opts.log.child({ component: "uplink-queue" }),
       counters: opts.counters,
+      onChange: () => opts.onChange(),
     });
     this.control = new SiteControl({
       gatewayId: opts.deviceId,
@@ -424,6 +427,7 @@ export class SiteGateway {
     c.set("gateway_devices", this.devices.size);
     c.set("gateway_connected_clients", this.aedes?.connectedClients ?? 0);
     c.set("gateway_uplink_ready", this.ready ? 1 : 0);
+    this.opts.onChange();
   }
 
   /** Down: a message from the center on one of the site's devices' job/ctl topics. */

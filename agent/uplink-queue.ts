@@ -31,6 +31,8 @@ export interface UplinkQueueOptions {
   maxBytes: number;
   log: Logger;
   counters: Counters;
+  /** The queue's size changed. */
+  onChange?(): void;
 }
 
 export class UplinkQueue {
@@ -150,5 +152,6 @@ export class UplinkQueue {
   private gauge(): void {
     this.opts.counters.set("gateway_queue_bytes", this.total);
     this.opts.counters.set("gateway_queue_messages", this.entries.length);
+    this.opts.onChange?.();
   }
 }

@@ -21,7 +21,31 @@ interface DeviceView {
   agentVersion: string;
   queueDepth: number;
   running: number;
+  /** A site gateway's figures, from the counters in its DeviceState (DESIGN.md §11). */
+  gateway?: GatewayFigures;
 }
+
+interface GatewayFigures {
+  devices: number;
+  connected: number;
+  queuedBytes: number;
+  queuedMessages: number;
+  uplink: boolean;
+}
+
+function gatewayFigures(counters: Record<string, number> | null | undefined): GatewayFigures | undefined {
+  if (!counters || counters.gateway_devices === undefined) return undefined;
+  return {
+    devices: counters.gateway_devices ?? 0,
+    connected: counters.gateway_connected_clients ?? 0,
+    queuedBytes: counters.gateway_queue_bytes ?? 0,
+    queuedMessages: counters.gateway_queue_messages ?? 0,
+    uplink: counters.gateway_uplink_ready === 1,
+  };
+}
+
+const describeGateway = (id: string, g: GatewayFigures, online: boolean) =>
+  `gateway ${id}: ${g.devices} devices, ${g.connected} connected, queued ${g.queuedMessages} msgs / ${g.queuedBytes} B, uplink ${online && g.uplink ? "up" : "down"}`;
 
 export function registerWatch(program: Command): void {
   operatorOptions(program.command("watch"))
@@ -82,7 +106,23 @@ export function registerWatch(program: Command): void {
           if (!t) return;
           const s = env.deviceState;
           const before = devices.get(t.deviceId);
+          const gateway = s.online ? gatewayFigures(s.counters) : before?.gateway;
+          // A gateway's uplink going down or up, and its queue, are events of their own.
+          if (
+            gateway &&
+            visible(t.deviceId) &&
+            (before?.gateway?.uplink !== gateway.uplink ||
+              before?.gateway?.queuedMessages !== gateway.queuedMessages)
+          )
+            emit({
+              kind: "gateway.state",
+              at: new Date().toISOString(),
+              deviceId: t.deviceId,
+              message: describeGateway(t.deviceId, gateway, Boolean(s.online)),
+              gateway,
+            });
           devices.set(t.deviceId, {
+            gateway,
             id: t.deviceId,
             online: Boolean(s.online),
             labels: s.online ? ((s.labels as Record<string, string>) ?? {}) : (before?.labels ?? {}),
@@ -143,6 +183,9 @@ export function registerWatch(program: Command): void {
           })),
         );
         if (shown.length > rows) out += `... and ${shown.length - rows} more\n`;
+        const gateways = shown.filter((d) => d.gateway);
+        if (gateways.length)
+          out += `\n${gateways.map((d) => describeGateway(d.id, d.gateway!, d.online)).join("\n")}\n`;
         for (const r of rollouts.values()) out += `\n${renderRollout(r)}`;
         out += `\nrecent events\n${recent.join("\n")}\n`;
         process.stdout.write(out);

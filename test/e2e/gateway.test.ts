@@ -255,14 +255,59 @@ describe("site gateway", () => {
       60_000,
     );
 
-  it("with the center SIGKILLed, the site's job runs on and everything converges when it returns", async () => {
+  it("with the center SIGKILLed, the site's job runs on, a LAN operator runs a job at the gateway, and everything converges when it returns", async () => {
+    const atGateway = (args: string[]) => cli([...args, "--server", `mqtts://127.0.0.1:${gwPort}`], env);
+    // With the center reachable, jobs are run there.
+    const early = await atGateway(["run", "noop", "--device", "dev-1"]);
+    expect(early.code).not.toBe(0);
+    expect(early.stderr).toMatch(/the center is reachable: run jobs there/);
     const id = await startSleep(3);
     server.proc.kill("SIGKILL");
     await server.exited;
-    await new Promise((r) => setTimeout(r, 4500)); // the job ends while the center is gone
+    // Local control: signed by the operator, checked by the gateway, for its own devices only.
+    const local = await atGateway([
+      "run",
+      "sleep",
+      "--param",
+      "seconds=1",
+      "--device",
+      "dev-1",
+      "--wait",
+      "--json",
+    ]);
+    expect(local.stderr).toBe("");
+    const siteJob = cliJson<JobJson>(local);
+    expect(siteJob).toMatchObject({ state: "SUCCEEDED", origin: "site" });
+    expect(siteJob.devices.map((d) => [d.deviceId, d.state])).toEqual([["dev-1", "SUCCEEDED"]]);
+    const other = await atGateway(["run", "noop", "--device", "dev-2"]);
+    expect(other.code).not.toBe(0);
+    expect(other.stderr).toMatch(/not a device of this gateway's site: dev-2/);
+    const ls = cliJson<Array<{ id: string; origin: string }>>(await atGateway(["jobs", "ls", "--json"]));
+    expect(ls.map((j) => j.id)).toEqual([siteJob.id]);
+    const devices = cliJson<DeviceJson[]>(await atGateway(["device", "ls", "--json"]));
+    expect(devices.find((d) => d.id === "dev-1")).toMatchObject({ online: true, via: "gw-1" });
+    await new Promise((r) => setTimeout(r, 2500)); // the first job ends while the center is gone
     server = await startServer(data.dir, server.ports);
     const done = await converged(id);
     expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
+    // What the site sent while the center was gone was kept by the gateway and sent after.
+    expect(agents.get("gw-1")!.stderr()).toMatch(
+      /"msg":"sent what the site queued while the uplink was down"/,
+    );
+    // The center learns of the site's job (origin site) and of its outcome.
+    const atCenter = await waitUntil("the site job at the center", async () => {
+      const r = await cli(["jobs", "show", siteJob.id, "--json"], env);
+      const j = r.code === 0 ? cliJson<JobJson & { origin?: string; site?: string }>(r) : undefined;
+      return j?.state === "SUCCEEDED" ? j : undefined;
+    });
+    expect(atCenter).toMatchObject({ origin: "site", site: "gw-1" });
+    expect(atCenter.devices.map((d) => [d.deviceId, d.state, d.tasks[0]?.attempt])).toEqual([
+      ["dev-1", "SUCCEEDED", 1],
+    ]);
+    const listed = cliJson<Array<{ id: string; origin?: string }>>(await cli(["jobs", "ls", "--json"], env));
+    expect(listed.find((j) => j.id === siteJob.id)?.origin).toBe("site");
+    const audit = await cli(["audit", "ls", "--json"], env);
+    expect(audit.stdout).toContain(`run at site gw-1`);
   }, 120_000);
 
   it("the gateway SIGKILLed mid-job: nothing lost, nothing run twice", async () => {
@@ -280,7 +325,7 @@ describe("site gateway", () => {
         .get("dev-1")!
         .stderr()
         .match(/"msg":"task succeeded"/g)?.length,
-    ).toBe(3); // noop + two sleeps
+    ).toBe(4); // noop, two sleeps, and the LAN operator's sleep
   }, 120_000);
 
   it("a device that also lists the center falls back to it while the gateway is gone, and returns", async () => {
@@ -327,7 +372,8 @@ describe("site gateway", () => {
     expect(log).toMatch(/"devices":2,"of":2,"msg":"handed a job to the site's devices"/);
   }, 60_000);
 
-  it("simulated devices behind the gateway (simulate --via); the gateway's counters reach /metrics", async () => {
+  it("simulated devices behind the gateway (simulate --via); the gateway's figures reach /metrics and watch", async () => {
+    const watch = cli(["watch", "--json"], env, 8000);
     const sim = await simulate(env, [
       "--devices",
       "20",
@@ -350,6 +396,30 @@ describe("site gateway", () => {
           : undefined;
       });
       expect(text).toMatch(/fleet_gateway_reported\{gateway="gw-1",name="gateway_site_status_sent"\} [1-9]/);
+      // Gauges: the site's size, its connections, the queue, the uplink (reported within ~2 s).
+      const gauges = await waitUntil("gateway gauges in /metrics", async () => {
+        const t = await (await fetch(`${server.urls.http}/metrics`)).text();
+        const g = (name: string) =>
+          Number(
+            new RegExp(`fleet_gateway_reported\\{gateway="gw-1",name="${name}"\\} (\\d+)`).exec(t)?.[1] ?? -1,
+          );
+        const v = {
+          devices: g("gateway_devices"),
+          connected: g("gateway_connected_clients"),
+          queued: g("gateway_queue_bytes"),
+          uplink: g("gateway_uplink_ready"),
+        };
+        return v.connected >= 20 ? v : undefined;
+      });
+      expect(gauges.devices).toBeGreaterThanOrEqual(22);
+      expect(gauges).toMatchObject({ queued: 0, uplink: 1 });
+      const events = (await watch).stdout
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l) as { kind: string; deviceId?: string; gateway?: { uplink: boolean } });
+      expect(events.find((e) => e.kind === "gateway.state" && e.deviceId === "gw-1")?.gateway).toMatchObject({
+        uplink: true,
+      });
     } finally {
       sim.kill("SIGKILL");
     }
