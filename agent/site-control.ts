@@ -81,6 +81,7 @@ export class SiteControl {
   private readonly nonces = new Map<string, number>();
   private readonly store: Sub<StoredSiteJob>;
   private readonly meta: Sub<SiteOperatorRecord[]>;
+  private readonly nonceStore: Sub<number>;
   private readonly handlers: Partial<Record<Method, Handler>>;
 
   constructor(private readonly opts: SiteControlOptions) {
@@ -90,11 +91,15 @@ export class SiteControl {
     this.meta = opts.db.sublevel<string, SiteOperatorRecord[]>("siteops", {
       valueEncoding: "json",
     }) as Sub<SiteOperatorRecord[]>;
+    this.nonceStore = opts.db.sublevel<string, number>("sitenonces", {
+      valueEncoding: "json",
+    }) as Sub<number>;
     this.handlers = this.api();
   }
 
   async load(): Promise<void> {
     for await (const j of this.store.values()) this.jobs.set(j.record.id, j);
+    for await (const [n, exp] of this.nonceStore.iterator()) this.nonces.set(n, exp);
     this.operators.splice(0, this.operators.length, ...((await this.meta.get("operators")) ?? []));
   }
 
@@ -179,13 +184,7 @@ export class SiteControl {
         maxPayloadBytes: o.maxPayloadBytes,
         keys,
         operatorOf: (keyId) => names.get(keyId) ?? "?",
-        claimNonce: async (nonce, expiresAt) => {
-          const now = Date.now();
-          for (const [n, exp] of this.nonces) if (exp < now) this.nonces.delete(n);
-          if (this.nonces.has(nonce)) return false;
-          this.nonces.set(nonce, expiresAt);
-          return true;
-        },
+        claimNonce: (nonce, expiresAt) => this.claimNonce(nonce, expiresAt),
         handler: (method) => this.handlers[method as Method],
         publish: (topic, reply) => o.publish(topic, reply),
         counters: o.counters,
@@ -197,6 +196,27 @@ export class SiteControl {
       },
       payload,
     );
+  }
+
+  /**
+   * Nonces are kept until their request's window has passed, in LevelDB too (a restarted
+   * gateway must not take a request again); claimed in memory before the first await.
+   */
+  private async claimNonce(nonce: string, expiresAt: number): Promise<boolean> {
+    const now = Date.now();
+    if (this.nonces.has(nonce)) return false;
+    this.nonces.set(nonce, expiresAt);
+    if ((await this.nonceStore.get(nonce)) !== undefined) return false;
+    const expired = [...this.nonces].filter(([, exp]) => exp < now).map(([n]) => n);
+    for (const n of expired) this.nonces.delete(n);
+    await this.nonceStore.batch(
+      [
+        { type: "put", key: nonce, value: expiresAt },
+        ...expired.map((n) => ({ type: "del" as const, key: n })),
+      ] as never,
+      { sync: true } as never,
+    );
+    return true;
   }
 
   private api(): Partial<Record<Method, Handler>> {

@@ -129,7 +129,7 @@ it(`B8: rollout to ${N} devices behind one gateway vs ${N} connected directly`, 
         goal: "<= 1 (time <= direct)",
       },
       {
-        name: `uplink messages per job (up ${up}: site statuses + relayed; down ${down}: job hand-offs ${delta("gateway_site_jobs_in")} + site acks ${delta("gateway_site_acks_in")} + relayed)`,
+        name: `uplink messages per job, ${Math.round((delta("gateway_up_bytes") + delta("gateway_down_bytes")) / 1024)} KiB (up ${up.toFixed(1)}: site statuses + relayed; down ${down.toFixed(1)}: job hand-offs ${delta("gateway_site_jobs_in")} + site acks ${delta("gateway_site_acks_in")} + relayed)`,
         value: up + down,
         unit: "msgs",
         baseline: directMessages,
