@@ -119,10 +119,10 @@ describe("local control at a gateway", () => {
       "fleet/v1/d/dev-2/ctl",
     ]);
     expect(control.toRegister().find((j) => j.deviceIds?.length === 2)?.cancelled).toBe("wrong batch");
-    await control.registered([running.spec.jobId]);
+    await control.registered([running.spec.jobId!]);
     // Pending for the center until it has recorded it.
     expect(control.toRegister().map((j) => j.deviceIds)).toEqual([["dev-1"]]);
-    await control.registered([spec.jobId]);
+    await control.registered([spec.jobId!]);
     expect(control.toRegister()).toEqual([]);
   });
 
