@@ -200,7 +200,8 @@ export class SiteGateway {
       if (t.channel === "status" && this.collect(t.deviceId, payload)) return;
       if (t.channel === "sync" && !this.ready) return this.answerSync(t.deviceId);
       const kind = t.channel === "status" ? "status" : t.channel === "telemetry" ? "telemetry" : undefined;
-      this.up(packet.topic, payload, packet.qos === 0 ? 0 : 1, packet.retain, kind);
+      if (this.up(packet.topic, payload, packet.qos === 0 ? 0 : 1, packet.retain, kind))
+        o.counters.inc("gateway_relayed_up");
     });
     this.server = createTlsServer(
       {
@@ -374,7 +375,6 @@ export class SiteGateway {
   private up(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean, kind?: UplinkKind): boolean {
     if (this.ready && this.opts.upstream.publish(topic, payload, qos, retain)) {
       this.count(payload.length);
-      this.opts.counters.inc("gateway_relayed_up");
       return true;
     }
     if (kind)

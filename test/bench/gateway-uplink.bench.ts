@@ -23,7 +23,7 @@ import { tempDir } from "../helpers/keys.js";
 import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_SITE_DEVICES ?? 1000);
-const ROUNDS = 3;
+const ROUNDS = 5;
 
 it(`B8: rollout to ${N} devices behind one gateway vs ${N} connected directly`, async () => {
   const data = tempDir("fleet-bench-gw-");
