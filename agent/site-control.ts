@@ -14,9 +14,9 @@ import type { KeyObject } from "node:crypto";
 import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import { checkSignedJob } from "../broker/controller/api.js";
-import { applyStatus, jobState } from "../broker/controller/job-state.js";
+import { applyStatus, newAssignment } from "../broker/controller/job-state.js";
 import type { Assignment, JobRecord } from "../broker/controller/store.js";
-import { jobView } from "../broker/controller/views.js";
+import { jobSummary, jobView } from "../broker/controller/views.js";
 import { answerRpc } from "../broker/rpc-answer.js";
 import type { Counters } from "../common/counters.js";
 import { ApiError, cursor, fillPage, type Method, type ParsedParams, RpcErrorCode } from "../proto/api.js";
@@ -231,7 +231,7 @@ export class SiteControl {
         after: cursor.decode(page.cursor),
         budget,
       });
-      return { ...v, origin: "site", ...(v.next !== undefined ? { next: cursor.encode(v.next) } : {}) };
+      return { ...v, ...(v.next !== undefined ? { next: cursor.encode(v.next) } : {}) };
     };
     const handlers: { [M in Method]?: (p: ParsedParams<M>, operator: string) => Promise<unknown> } = {
       "job.submit": async (p, operator) => {
@@ -260,6 +260,8 @@ export class SiteControl {
           if (!record.devices.length)
             throw new ApiError(`no device of this site matches selector "${selector}"`);
         } else throw new ApiError("job has no target (device ids or selector)");
+        record.origin = "site";
+        record.site = o.gatewayId;
         const stored: StoredSiteJob = {
           record,
           signed: Buffer.from(signed).toString("base64"),
@@ -268,10 +270,7 @@ export class SiteControl {
         await this.store.put(record.id, stored, { sync: true } as never);
         this.jobs.set(record.id, stored);
         const now = Date.now();
-        this.views.set(
-          record.id,
-          new Map(record.devices.map((d) => [d, blankAssignment(record.id, d, now)])),
-        );
+        this.views.set(record.id, new Map(record.devices.map((d) => [d, newAssignment(record.id, d, now)])));
         const job = pb.SignedJob.decode(signed);
         for (const d of record.devices)
           o.publish(deviceTopic(o.prefix, d, "job"), encodeEnvelope({ jobAssignment: { job, deviceId: d } }));
@@ -293,14 +292,7 @@ export class SiteControl {
         return fillPage(list, {
           limit: p.limit,
           budget,
-          json: (r) => ({
-            id: r.id,
-            name: r.name,
-            state: jobState(r, [...(this.views.get(r.id)?.values() ?? [])]),
-            createdAt: new Date(r.createdAt).toISOString(),
-            devices: r.devices.length,
-            origin: "site",
-          }),
+          json: (r) => jobSummary(r, [...(this.views.get(r.id)?.values() ?? [])]),
           key: (r) => r.id,
         });
       },
@@ -363,20 +355,4 @@ function parseSel(s: string) {
     if (err instanceof SelectorError) throw new ApiError(err.message);
     throw err;
   }
-}
-
-function blankAssignment(jobId: string, deviceId: string, now: number): Assignment {
-  return {
-    jobId,
-    deviceId,
-    acked: false,
-    state: TaskState.TASK_STATE_UNSPECIFIED,
-    reason: "",
-    message: "",
-    execId: "",
-    tasks: {},
-    updatedAt: now,
-    runs: 0,
-    assignedAt: now,
-  };
 }

@@ -28,6 +28,7 @@ import type { Notifier } from "./notify.js";
 import { deviceJson, type Registry } from "./registry.js";
 import type { Rollouts } from "./rollouts.js";
 import type { JobRecord, RolloutRecord } from "./store.js";
+import { jobSummary } from "./views.js";
 
 export interface ApiContext {
   config: ServerConfig;
@@ -170,14 +171,7 @@ export function operatorApi(c: ApiContext): Handlers {
     },
     "jobs.ls": async (p) => {
       const after = cursor.decode(p.cursor);
-      const summary = async (j: JobRecord) => ({
-        id: j.id,
-        name: j.name,
-        state: jobState(j, await jobs.ofJob(j)),
-        createdAt: new Date(j.createdAt).toISOString(),
-        devices: j.devices.length,
-        ...(j.origin ? { origin: j.origin, site: j.site } : {}),
-      });
+      const summary = async (j: JobRecord) => jobSummary(j, await jobs.ofJob(j));
       if (!p.device) {
         return fillPage(jobs.all({ newestFirst: true, before: after }), {
           limit: p.limit,

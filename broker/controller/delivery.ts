@@ -15,7 +15,7 @@ import {
 } from "../../proto/index.js";
 import { specDigest } from "../../proto/signing.js";
 import { deviceTopic, eventsTopic } from "../../proto/topics.js";
-import { applyStatus, jobState } from "./job-state.js";
+import { applyStatus, jobState, newAssignment } from "./job-state.js";
 import type { JobStore, NewJob } from "./job-store.js";
 import type { Registry } from "./registry.js";
 import type { Assignment, ControllerStore, JobRecord, Op } from "./store.js";
@@ -111,21 +111,8 @@ export class Delivery {
     job.devices.push(...fresh);
     const ops: Op[] = [this.ctx.jobs.put(job), ...extra];
     for (const d of fresh) {
-      const a: Assignment = {
-        jobId: job.id,
-        deviceId: d,
-        // A job run at a site (origin `site`): its gateway gave it to the devices already.
-        acked: Boolean(opts.delivered),
-        state: TaskState.TASK_STATE_UNSPECIFIED,
-        reason: "",
-        message: "",
-        execId: "",
-        tasks: {},
-        updatedAt: now,
-        runs: 0,
-        assignedAt: now,
-      };
-      ops.push(this.ctx.jobs.putAssignment(a));
+      // A job run at a site (origin `site`): its gateway gave it to the devices already.
+      ops.push(this.ctx.jobs.putAssignment(newAssignment(job.id, d, now, Boolean(opts.delivered))));
     }
     await this.ctx.jobs.batch(ops);
     if (!opts.delivered) await this.publishAssignments(job, fresh);

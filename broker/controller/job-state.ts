@@ -85,3 +85,20 @@ export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
   };
   if (!a.closed && !TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
 }
+
+/** A device's assignment of a job, before it has said anything about it. */
+export function newAssignment(jobId: string, deviceId: string, now: number, acked = false): Assignment {
+  return {
+    jobId,
+    deviceId,
+    acked,
+    state: TaskState.TASK_STATE_UNSPECIFIED,
+    reason: "",
+    message: "",
+    execId: "",
+    tasks: {},
+    updatedAt: now,
+    runs: 0,
+    assignedAt: now,
+  };
+}

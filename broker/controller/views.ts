@@ -76,3 +76,15 @@ export function jobView(
     ...(next !== undefined ? { next } : {}),
   };
 }
+
+/** A job in a list: its state and size, not its devices. */
+export function jobSummary(job: JobRecord, asgs: readonly Assignment[]) {
+  return {
+    id: job.id,
+    name: job.name,
+    state: jobState(job, asgs),
+    createdAt: new Date(job.createdAt).toISOString(),
+    devices: job.devices.length,
+    ...(job.origin ? { origin: job.origin, site: job.site } : {}),
+  };
+}
