@@ -23,6 +23,7 @@ import { decodeJobSpec, type JobAssignment, pb, TaskState, type Telemetry } from
 import { specDigest } from "../proto/signing.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import { httpArtifactSource } from "./artifacts.js";
+import { ChunkStore } from "./chunks.js";
 import { systemTime, type TimeSource, TrustedClock } from "./clock.js";
 import { type AgentConfig, rootPath } from "./config.js";
 import { Connection } from "./connection.js";
@@ -78,6 +79,8 @@ export class Agent {
   private readonly cfg: AgentConfig;
   private readonly handlers: Map<string, TaskHandler>;
   private readonly trustedKeys: Map<string, KeyObject>;
+  /** The chunk cache (chunked artifacts), unless the artifact source was given. */
+  private chunks: ChunkStore | undefined;
   /** The site jobs the last SyncRequest carried (a gateway's). */
   private syncedSiteJobs: string[] = [];
   private readonly policy: TaskPolicy;
@@ -126,15 +129,7 @@ export class Agent {
       system:
         opts.system ??
         (this.cfg.systemDryRun ? dryRunSystem(this.log) : realSystem(this.cfg.rebootCommand, this.log)),
-      artifacts:
-        opts.artifacts ??
-        httpArtifactSource(this.cfg.artifactsUrl, {
-          deviceId: this.cfg.deviceId,
-          password: this.cfg.password,
-          caFile: this.cfg.caCert && rootPath(this.cfg, this.cfg.caCert),
-          certFile: this.cfg.cert && rootPath(this.cfg, this.cfg.cert),
-          keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
-        }),
+      artifacts: opts.artifacts ?? this.artifactSource(dataDir),
       trustedKeys: this.trustedKeys,
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,
@@ -214,6 +209,7 @@ export class Agent {
     await this.store.open();
     const floor = (await this.store.getMeta<number>("timeFloor")) ?? 0;
     if (floor) this.clock.observe(floor);
+    await this.chunks?.open();
     await this.scheduler.load((r) => this.decodeRecord(r));
     await this.refreshFacts();
     this.scheduler.start();
@@ -518,6 +514,36 @@ export class Agent {
     }
   }
 
+  /**
+   * The server's artifact store, with chunked artifacts taken from the local chunk cache first
+   * (then the center) and each installed release's chunks kept (DESIGN.md §11).
+   */
+  private artifactSource(dataDir: string): ArtifactSource {
+    const http = httpArtifactSource(this.cfg.artifactsUrl, {
+      deviceId: this.cfg.deviceId,
+      password: this.cfg.password,
+      caFile: this.cfg.caCert && rootPath(this.cfg, this.cfg.caCert),
+      certFile: this.cfg.cert && rootPath(this.cfg, this.cfg.cert),
+      keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
+    });
+    const chunks = new ChunkStore({
+      dir: join(dataDir, "chunks"),
+      maxBytes: this.cfg.chunkCacheBytes,
+      log: this.log.child({ component: "chunks" }),
+      counters: this.counters,
+      center: (sha, signal) => http.centerChunk(sha, signal),
+    });
+    this.chunks = chunks;
+    return {
+      ...http,
+      chunk: (c, signal) => chunks.get(c, signal),
+      installed: async (artifact, version, list) => {
+        await chunks.installed(artifact, version, list);
+        this.publishStateSoon();
+      },
+    };
+  }
+
   private stateEnvelope(online: boolean): Uint8Array {
     return encodeEnvelope({
       deviceState: {
@@ -529,6 +555,7 @@ export class Agent {
         startedAtMs: this.startedAt,
         factsJson: online ? JSON.stringify(this.facts) : "",
         counters: online ? this.counters.toObject() : {},
+        ...(online && this.chunks ? { artifactsHeld: this.chunks.held() } : {}),
       },
     });
   }

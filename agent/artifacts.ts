@@ -15,7 +15,10 @@ export interface ArtifactAuth {
   keyFile?: string;
 }
 
-export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAuth): ArtifactSource {
+export function httpArtifactSource(
+  baseUrl: string | undefined,
+  auth: ArtifactAuth,
+): ArtifactSource & { centerChunk(sha256: string, signal: AbortSignal): Promise<Buffer> } {
   const tls = {
     ...(auth.caFile ? { ca: readFileSync(auth.caFile) } : {}),
     ...(auth.certFile && auth.keyFile
@@ -85,6 +88,22 @@ export function httpArtifactSource(baseUrl: string | undefined, auth: ArtifactAu
       const res = await send("GET", `v1/blobs/${sha256}`, start ? { range: `bytes=${start}-` } : {}, signal);
       await expect(res, [200, 206], `download ${sha256.slice(0, 12)}…`, "artifact_unavailable");
       return { status: res.statusCode!, body: res };
+    },
+    async centerChunk(sha256, signal) {
+      const res = await send("GET", `v1/chunks/${sha256}`, {}, signal);
+      await expect(res, [200], `chunk ${sha256.slice(0, 12)}…`, "artifact_unavailable");
+      const parts: Buffer[] = [];
+      let size = 0;
+      for await (const c of res) {
+        size += (c as Buffer).length;
+        // A chunk is at most 256 KiB uncompressed; its gzip a little more at worst.
+        if (size > 512 * 1024)
+          throw new TaskFailedError(`chunk ${sha256.slice(0, 12)}…: the server sent too much`, {
+            reason: "oversized_download",
+          });
+        parts.push(c as Buffer);
+      }
+      return Buffer.concat(parts);
     },
     async upload(file, name, sha256, signal) {
       const size = (await stat(file)).size;

@@ -29,6 +29,12 @@ export const agentConfigSchema = z
       .min(1, "needs at least one operator public key"),
     labels: z.record(z.string(), z.string()).default({}),
     dataDir: z.string().default("var/lib/fleet-agent"),
+    /** The chunk cache's bound (chunked artifacts, DESIGN.md §11); current and previous releases stay. */
+    chunkCacheBytes: z
+      .number()
+      .int()
+      .min(0)
+      .default(1024 * 1024 * 1024),
     allowShell: z.array(z.string().refine(isAbsolute, "must be an absolute path")).default([]),
     /** Where config, backup and software-update may touch (relative to the root); unset: anywhere. */
     allowPaths: z.array(z.string().min(1)).optional(),

@@ -230,7 +230,13 @@ export class JobTable {
   finished(e: ExecutionRecord, taskId: string, out: Outcome, now: number): TaskStatus[] {
     switch (out.kind) {
       case "succeeded": {
-        const ok = { progress: 100, message: out.message, reason: "", output: out.output };
+        const ok = {
+          progress: 100,
+          message: out.message,
+          reason: "",
+          output: out.output,
+          ...(out.bytesBySource ? { bytesBySource: out.bytesBySource } : {}),
+        };
         return this.end(e, taskId, { state: TaskState.SUCCEEDED, ...ok, finishedAt: now });
       }
       case "canceled":

@@ -22,6 +22,8 @@ export interface TaskRun {
   message: string;
   reason: string;
   output?: string;
+  /** An update's bytes by where they came from (local, peers, gateway, center). */
+  bytesBySource?: Record<string, number>;
   startedAt?: number;
   finishedAt?: number;
   nextAttemptAt?: number;

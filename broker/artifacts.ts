@@ -7,16 +7,19 @@
 // uploads (backups) with quotas share the same authentication, path checks and streaming.
 import { createHash, type KeyObject } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
-import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
+import { createGunzip, gzipSync } from "node:zlib";
 import type { AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
+import { chunkStream } from "../common/chunking.js";
 import type { Counters } from "../common/counters.js";
+import { Throttle } from "../common/throttle.js";
 import { ApiError, cursor, DEFAULT_PAGE, fillPage, MAX_PAGE } from "../proto/api.js";
 import { pb, TERMINAL_STATES } from "../proto/index.js";
-import { verifyManifest } from "../proto/signing.js";
+import { type Manifest, verifyManifest } from "../proto/signing.js";
 import type { ServerConfig } from "./config.js";
 import type { JobStore } from "./controller/job-store.js";
 import type { Registry } from "./controller/registry.js";
@@ -59,6 +62,10 @@ export class ArtifactStore {
     ArtifactRecord
   >;
   private readonly blobs: string;
+  private readonly chunks: string;
+  private chunkIndex: ChunkIndex | undefined;
+  /** limits.artifactBytesPerSecond, for every artifact byte the center serves. */
+  private readonly throttle: Throttle;
   /** An artifact was stored (notifications). */
   onPushed?: (a: { name: string; version: string; size: number; operator: string }) => Promise<void>;
 
@@ -77,13 +84,15 @@ export class ArtifactStore {
   ) {
     this.records = opts.store.db.sublevel<string, ArtifactRecord>("art", { valueEncoding: "json" }) as never;
     this.blobs = join(opts.dir, "artifacts", "blobs");
+    this.chunks = join(opts.dir, "artifacts", "chunks");
+    this.throttle = new Throttle(opts.config.limits.artifactBytesPerSecond);
   }
 
   /** Handles /v1/artifacts and /v1/blobs; false for any other URL. */
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const url = new URL(req.url ?? "/", "http://x");
     const raw = url.pathname.split("/").filter(Boolean);
-    if (raw[0] !== "v1" || !["artifacts", "blobs", "uploads"].includes(raw[1] ?? "")) return false;
+    if (raw[0] !== "v1" || !["artifacts", "blobs", "chunks", "uploads"].includes(raw[1] ?? "")) return false;
     try {
       const parts = raw.map((p) => {
         try {
@@ -96,6 +105,8 @@ export class ArtifactStore {
       if (parts[1] === "uploads") return await this.uploads(req, res, who, parts.slice(2));
       if (parts[1] === "blobs" && parts.length === 3 && req.method === "GET")
         return await this.sendBlob(req, res, who, parts[2]!);
+      if (parts[1] === "chunks" && parts.length === 3 && req.method === "GET")
+        return await this.sendChunk(res, who, parts[2]!);
       if (parts.length === 2 && req.method === "GET") {
         this.operatorOnly(who);
         const after = cursor.decode(url.searchParams.get("cursor") ?? undefined);
@@ -241,6 +252,14 @@ export class ArtifactStore {
       );
     }
     await rename(tmp, join(this.blobs, sha));
+    if (m.chunks.length) {
+      const problem = await this.storeChunks(join(this.blobs, sha), m);
+      if (problem) {
+        if (!(await this.list()).some((r) => r.sha256 === sha))
+          await rm(join(this.blobs, sha), { force: true });
+        throw new HttpError(400, problem);
+      }
+    }
     const rec: ArtifactRecord = {
       name: m.name,
       version: m.version,
@@ -251,7 +270,11 @@ export class ArtifactStore {
       signed: Buffer.from(pb.SignedManifest.encode(signed).finish()).toString("base64"),
     };
     await this.records.put(key, rec, { sync: true } as never);
-    this.opts.log.info({ name: m.name, version: m.version, size, operator }, "artifact stored");
+    (await this.index()).add(key, m);
+    this.opts.log.info(
+      { name: m.name, version: m.version, size, chunks: m.chunks.length, operator },
+      "artifact stored",
+    );
     // Queued before the operator hears it is stored.
     await this.onPushed?.({ name: m.name, version: m.version, size, operator });
     const { signed: _s, ...shown } = rec;
@@ -265,6 +288,8 @@ export class ArtifactStore {
     await this.records.del(key);
     const stillUsed = (await this.list()).some((r) => r.sha256 === rec.sha256);
     if (!stillUsed) await rm(join(this.blobs, rec.sha256), { force: true });
+    for (const hex of (await this.index()).remove(key, manifestOf(rec)))
+      await rm(join(this.chunks, hex), { force: true });
     return { name, version, removed: true };
   }
 
@@ -384,6 +409,72 @@ export class ArtifactStore {
     throw new HttpError(who.kind === "device" ? 403 : 404, "no such upload route");
   }
 
+  /**
+   * A chunked artifact's content (DESIGN.md §11): cut again here and checked against the signed
+   * manifest (the same cuts, the same hashes), each chunk stored gzipped under its sha256 — once,
+   * however many releases share it. Returns what is wrong, if anything.
+   */
+  private async storeChunks(file: string, m: Manifest): Promise<string | undefined> {
+    await mkdir(this.chunks, { recursive: true });
+    let i = 0;
+    let wrong: string | undefined;
+    let list: Awaited<ReturnType<typeof chunkStream>>;
+    try {
+      list = await chunkStream(createReadStream(file).pipe(createGunzip()), async (chunk, sha) => {
+        const want = m.chunks[i++];
+        if (wrong || !want || hexOf(want.sha256) !== sha || want.size !== chunk.length) {
+          wrong ??= `chunk ${i} of the content does not match the signed manifest`;
+          return;
+        }
+        const target = join(this.chunks, sha);
+        if (await stat(target).catch(() => undefined)) return;
+        const tmp = `${target}.${process.hrtime.bigint()}.tmp`;
+        await writeFile(tmp, gzipSync(chunk));
+        await rename(tmp, target);
+      });
+    } catch (err) {
+      return `the artifact is not a readable .tar.gz: ${(err as Error).message}`;
+    }
+    if (wrong) return wrong;
+    if (i !== m.chunks.length) return `the content has ${i} chunks, the signed manifest ${m.chunks.length}`;
+    if (list.contentSha256 !== hexOf(m.contentSha256) || list.contentSize !== Number(m.contentSize))
+      return "the uncompressed content does not match the signed manifest's sha256 and size";
+    return undefined;
+  }
+
+  /** Which artifacts each chunk belongs to, built once from the records. */
+  private async index(): Promise<ChunkIndex> {
+    if (!this.chunkIndex) {
+      const idx = new ChunkIndex();
+      for await (const [key, rec] of this.records.iterator()) idx.add(key, manifestOf(rec));
+      this.chunkIndex = idx;
+    }
+    return this.chunkIndex;
+  }
+
+  /** GET /v1/chunks/<sha256>: a gzipped chunk, if a job assigned to the device names an artifact holding it. */
+  private async sendChunk(res: ServerResponse, who: Who, hex: string): Promise<true> {
+    if (!/^[0-9a-f]{64}$/.test(hex)) throw new HttpError(400, "a chunk is named by its sha256 (hex)");
+    const owners = (await this.index()).owners(hex);
+    if (!owners.size) throw new HttpError(404, "no such chunk");
+    if (who.kind === "device") {
+      const ok = await this.jobWants(who.id, (names) => names.artifacts.some((a) => owners.has(a)));
+      if (!ok) {
+        this.opts.counters.inc("artifact_denied");
+        throw new HttpError(
+          403,
+          `no job assigned to ${who.id} names an artifact with chunk ${hex.slice(0, 12)}…`,
+        );
+      }
+    }
+    const body = await readFile(join(this.chunks, hex));
+    res.writeHead(200, { "content-type": "application/gzip", "content-length": String(body.length) });
+    await this.throttle.send(body, res);
+    this.opts.counters.inc("artifact_bytes_sent", body.length);
+    this.opts.counters.inc("artifact_chunks_sent");
+    return true;
+  }
+
   /** GET with Range support (one range: `bytes=N-` or `bytes=N-M`). */
   private async sendBlob(req: IncomingMessage, res: ServerResponse, who: Who, sha: string): Promise<true> {
     await this.allowed(who, (r) => r.sha256 === sha);
@@ -410,8 +501,50 @@ export class ArtifactStore {
       "accept-ranges": "bytes",
       ...(range ? { "content-range": `bytes ${start}-${end}/${size}` } : {}),
     });
-    createReadStream(file, { start, end }).pipe(res);
+    for await (const piece of createReadStream(file, { start, end }))
+      await this.throttle.send(piece as Buffer, res);
+    res.end();
+    this.opts.counters.inc("artifact_bytes_sent", end - start + 1);
     return true;
+  }
+}
+
+const hexOf = (b: Uint8Array | null | undefined) => Buffer.from(b ?? []).toString("hex");
+
+function manifestOf(rec: ArtifactRecord): Manifest {
+  return pb.ArtifactManifest.decode(pb.SignedManifest.decode(Buffer.from(rec.signed, "base64")).manifest);
+}
+
+/** Chunk (hex sha256) → the artifacts (name@version) whose content holds it. */
+class ChunkIndex {
+  private readonly map = new Map<string, Set<string>>();
+
+  add(key: string, m: Manifest): void {
+    for (const c of m.chunks) {
+      const hex = hexOf(c.sha256);
+      let owners = this.map.get(hex);
+      if (!owners) this.map.set(hex, (owners = new Set()));
+      owners.add(key);
+    }
+  }
+
+  /** Removes an artifact; returns the chunks no artifact holds any more. */
+  remove(key: string, m: Manifest): string[] {
+    const orphans: string[] = [];
+    for (const c of m.chunks) {
+      const hex = hexOf(c.sha256);
+      const owners = this.map.get(hex);
+      owners?.delete(key);
+      if (owners && !owners.size) {
+        this.map.delete(hex);
+        orphans.push(hex);
+      }
+    }
+    return orphans;
+  }
+
+  owners(hex: string): ReadonlySet<string> {
+    return this.map.get(hex) ?? new Set();
   }
 }
 

@@ -55,6 +55,11 @@ export const serverConfigSchema = z
          * closed after 1.5 times its keepalive, so no socket stays idle for ever.
          */
         maxKeepaliveS: z.number().int().min(1).max(65535).default(600),
+        /**
+         * The artifact bytes the center serves per second, all devices together (0 = no cap):
+         * keeps an update from filling a shared uplink (DESIGN.md §11).
+         */
+        artifactBytesPerSecond: z.number().int().min(0).default(0),
       })
       .default({
         maxConnections: 20_000,
@@ -62,6 +67,7 @@ export const serverConfigSchema = z
         maxPayloadBytes: 256 * 1024,
         connectTimeoutMs: 10_000,
         maxKeepaliveS: 600,
+        artifactBytesPerSecond: 0,
       }),
     /** Hosts the server certificate is valid for. */
     hosts: z.array(z.string()).default(["localhost", "127.0.0.1"]),

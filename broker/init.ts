@@ -74,6 +74,7 @@ export async function initFleet(
       maxPayloadBytes: 256 * 1024,
       connectTimeoutMs: 10_000,
       maxKeepaliveS: 600,
+      artifactBytesPerSecond: 0,
     },
     hosts,
   };

@@ -38,6 +38,15 @@ export function serverMetrics(o: {
       for (const [name, v] of Object.entries(o.counters.toObject())) this.inc({ name }, v);
     },
   });
+  new Counter({
+    name: "fleet_artifact_bytes_sent_total",
+    help: "Artifact bytes the center served to devices (whole blobs and chunks)",
+    registers: [metrics],
+    collect() {
+      this.reset();
+      this.inc(o.counters.get("artifact_bytes_sent"));
+    },
+  });
   new Gauge({
     name: "fleet_gateway_reported",
     help: "Site gateways' own counters as last reported (relayed messages, fan-outs, refusals, ...)",

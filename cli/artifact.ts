@@ -2,10 +2,12 @@
 // with a manifest signed by the operator key.
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { stat } from "node:fs/promises";
+import { open, stat } from "node:fs/promises";
 import { basename } from "node:path";
 import { Readable } from "node:stream";
+import { createGunzip } from "node:zlib";
 import type { Command } from "commander";
+import { chunkStream } from "../common/chunking.js";
 import { pb } from "../proto/index.js";
 import { signManifest } from "../proto/signing.js";
 import { loadContext, operatorOptions } from "./context.js";
@@ -17,6 +19,28 @@ async function sha256Of(file: string): Promise<string> {
   const h = createHash("sha256");
   for await (const chunk of createReadStream(file)) h.update(chunk as Buffer);
   return h.digest("hex");
+}
+
+/**
+ * A gzip file's uncompressed content in content-defined chunks (DESIGN.md §11); undefined for
+ * anything else (stored and fetched whole, as before chunking).
+ */
+async function chunksOf(file: string) {
+  const fh = await open(file, "r");
+  const magic = Buffer.alloc(2);
+  await fh.read(magic, 0, 2, 0);
+  await fh.close();
+  if (magic[0] !== 0x1f || magic[1] !== 0x8b) return undefined;
+  try {
+    const list = await chunkStream(createReadStream(file).pipe(createGunzip()));
+    return {
+      chunks: list.chunks.map((c) => ({ sha256: Buffer.from(c.sha256, "hex"), size: c.size })),
+      contentSha256: Buffer.from(list.contentSha256, "hex"),
+      contentSize: list.contentSize,
+    };
+  } catch (err) {
+    throw new CliError(`${file}: not a readable gzip file (${(err as Error).message})`);
+  }
 }
 
 export function registerArtifact(program: Command): void {
@@ -45,6 +69,7 @@ export function registerArtifact(program: Command): void {
               .filter(Boolean)
           : [],
         createdAtMs: Date.now(),
+        ...(await chunksOf(file)),
       };
       const signed = pb.SignedManifest.encode(signManifest(manifest, ctx.signingKeyPem, ctx.keyId)).finish();
       const base = await httpBase(ctx, o);
@@ -68,7 +93,12 @@ export function registerArtifact(program: Command): void {
       });
       if (tty) process.stderr.write("\n");
       if (o.json) return printJson(r);
-      process.stdout.write(`stored ${o.name} ${o.version}: ${st.size} bytes, sha256 ${manifest.sha256}\n`);
+      const chunked = manifest.chunks
+        ? `, ${manifest.chunks.length} chunks of ${manifest.contentSize} bytes uncompressed`
+        : "";
+      process.stdout.write(
+        `stored ${o.name} ${o.version}: ${st.size} bytes${chunked}, sha256 ${manifest.sha256}\n`,
+      );
     });
   listOptions(operatorOptions(artifact.command("ls")))
     .description("list artifacts (or, with --uploads, what devices uploaded: backups)")

@@ -68,6 +68,8 @@ interface Saved {
   bootId?: string;
   deadline?: number;
   why?: string;
+  /** Where the download's bytes came from (chunked artifacts). */
+  bytes?: Record<string, number>;
 }
 
 const KEEP_RELEASES = 2;
@@ -135,24 +137,31 @@ export default defineHandler({
             );
           }
           const free = Number(ctx.facts["disk.free"] ?? Number.POSITIVE_INFINITY);
-          if (free < Number(m.size) * 3) {
-            throw new TaskFailedError(
-              `not enough disk: ${free} bytes free, the update needs about ${Number(m.size) * 3}`,
-              { reason: "insufficient_disk" },
-            );
+          // The download (or the chunks and their assembled content) and the unpacked release.
+          const need = Math.max(Number(m.size), Number(m.contentSize ?? 0)) * 3;
+          if (free < need) {
+            throw new TaskFailedError(`not enough disk: ${free} bytes free, the update needs about ${need}`, {
+              reason: "insufficient_disk",
+            });
           }
           await save({ state: "DOWNLOADING", manifest: Buffer.from(bytes).toString("base64") });
           break;
         }
         case "DOWNLOADING": {
           const m = manifest();
+          if (m.chunks.length) {
+            const bytes = await assemble(ctx, m, signal);
+            await save({ ...saved, state: "UNPACKING", bytes });
+            break;
+          }
           await download(ctx, m, p.stallTimeoutS, signal);
           await save({ ...saved, state: "UNPACKING" });
           break;
         }
         case "UNPACKING": {
           const m = manifest();
-          const file = blobPath(ctx, m.sha256);
+          const file = downloadedPath(ctx, m);
+          // The whole content is verified again before anything is unpacked.
           await verifySha(file, m, signal);
           const staging = join(target, "releases", `.${p.version}.unpacking`);
           await rm(staging, { recursive: true, force: true });
@@ -238,11 +247,25 @@ export default defineHandler({
           );
         }
         case "COMMITTED": {
+          const m = manifest();
           await prune(target, p.version, saved.previous);
-          await rm(blobPath(ctx, manifest().sha256), { force: true });
+          await rm(downloadedPath(ctx, m), { force: true });
+          if (m.chunks.length)
+            await ctx.artifacts.installed?.(
+              p.artifact,
+              p.version,
+              m.chunks.map((c) => hexOf(c.sha256)),
+            );
           await ctx.kv.del(key);
+          const from = saved.bytes
+            ? ` (bytes: ${Object.entries(saved.bytes)
+                .filter(([, n]) => n)
+                .map(([k, n]) => `${n} ${k}`)
+                .join(", ")})`
+            : "";
           return {
-            message: `${p.artifact} ${p.version} installed${saved.previous ? ` (was ${saved.previous})` : ""}`,
+            message: `${p.artifact} ${p.version} installed${saved.previous ? ` (was ${saved.previous})` : ""}${from}`,
+            ...(saved.bytes ? { bytesBySource: saved.bytes } : {}),
           };
         }
       }
@@ -257,6 +280,62 @@ function crashPoint(state: UpdateState): void {
 
 function blobPath(ctx: TaskContext, sha: string): string {
   return join(ctx.dataDir, "downloads", sha);
+}
+
+const hexOf = (b: Uint8Array | null | undefined) => Buffer.from(b ?? []).toString("hex");
+
+/** The downloaded file: the blob, or for a chunked artifact its assembled (uncompressed) content. */
+function downloadedPath(ctx: TaskContext, m: Manifest): string {
+  return m.chunks.length
+    ? join(ctx.dataDir, "downloads", `${hexOf(m.contentSha256)}.tar`)
+    : blobPath(ctx, m.sha256);
+}
+
+/**
+ * A chunked artifact's content, chunk by chunk in order, each from the nearest source that has
+ * it (ctx.artifacts.chunk: cache, peers, center — verified there against the manifest before it
+ * is used); a few fetched ahead. Resume is per chunk: after an interruption the chunks already
+ * fetched come from the cache. Returns the bytes by source.
+ */
+async function assemble(ctx: TaskContext, m: Manifest, signal: AbortSignal): Promise<Record<string, number>> {
+  const chunk = ctx.artifacts.chunk;
+  if (!chunk)
+    throw new UnrecoverableError("this agent cannot fetch chunked artifacts", {
+      reason: "no_artifact_source",
+    });
+  const file = downloadedPath(ctx, m);
+  await mkdir(join(ctx.dataDir, "downloads"), { recursive: true });
+  const size = Number(m.contentSize);
+  const bytes: Record<string, number> = { local: 0, peers: 0, gateway: 0, center: 0 };
+  const list = m.chunks.map((c) => ({ sha256: hexOf(c.sha256), size: Number(c.size ?? 0) }));
+  const partial = `${file}.partial`;
+  const fh = await open(partial, "w");
+  const AHEAD = 4;
+  const pending: Array<ReturnType<typeof chunk>> = [];
+  let written = 0;
+  try {
+    for (let i = 0; i < list.length; i++) {
+      while (pending.length < AHEAD && i + pending.length < list.length) {
+        const p = chunk(list[i + pending.length]!, signal);
+        p.catch(() => {}); // awaited in order below
+        pending.push(p);
+      }
+      const { data, source } = await pending.shift()!;
+      await fh.write(data);
+      written += data.length;
+      bytes[source] = (bytes[source] ?? 0) + data.length;
+      ctx.progress(Math.floor((written / Math.max(1, size)) * 60), `assembled ${written}/${size} bytes`);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  if (written !== size)
+    throw new TaskFailedError(`the chunks add up to ${written} bytes, the manifest says ${size}`, {
+      reason: "corrupt_artifact",
+    });
+  await rename(partial, file);
+  return bytes;
 }
 
 async function readCurrent(target: string): Promise<string | null> {
@@ -352,10 +431,11 @@ async function verifySha(file: string, m: Manifest, signal: AbortSignal): Promis
   const h = createHash("sha256");
   for await (const chunk of createReadStream(file, { signal })) h.update(chunk as Buffer);
   const got = h.digest("hex");
-  if (got !== m.sha256) {
+  const want = m.chunks.length ? hexOf(m.contentSha256) : m.sha256;
+  if (got !== want) {
     await rm(file, { force: true });
     throw new UnrecoverableError(
-      `artifact sha256 ${got.slice(0, 16)}… does not match the manifest's ${m.sha256.slice(0, 16)}…`,
+      `artifact sha256 ${got.slice(0, 16)}… does not match the manifest's ${want.slice(0, 16)}…`,
       { reason: "corrupt_artifact" },
     );
   }

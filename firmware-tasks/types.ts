@@ -35,6 +35,8 @@ export interface SystemPort {
 }
 
 /** Where software comes from: the server's artifact store, with the device's credentials. */
+export type ByteSource = "local" | "peers" | "gateway" | "center";
+
 export interface ArtifactSource {
   /** The signed manifest (serialized SignedManifest) of name@version. */
   manifest(name: string, version: string, signal: AbortSignal): Promise<Uint8Array>;
@@ -44,6 +46,17 @@ export interface ArtifactSource {
     start: number,
     signal: AbortSignal,
   ): Promise<{ status: number; body: AsyncIterable<Uint8Array> }>;
+  /**
+   * One chunk of a chunked artifact (DESIGN.md §11), from the nearest source that has it — the
+   * local cache, the site's peers, the gateway, the center — verified against `sha256` and
+   * `size` (from the signed manifest) before it is returned or cached.
+   */
+  chunk?(
+    c: { sha256: string; size: number },
+    signal: AbortSignal,
+  ): Promise<{ data: Buffer; source: ByteSource }>;
+  /** A release was installed: its chunks stay cached (current and previous release) and are shared. */
+  installed?(artifact: string, version: string, chunks: readonly string[]): Promise<void>;
   /** Uploads a local file (a backup) to the server's store for this device. */
   upload(file: string, name: string, sha256: string, signal: AbortSignal): Promise<void>;
 }
@@ -77,6 +90,8 @@ export interface TaskContext {
 export interface TaskResult {
   message?: string;
   output?: string;
+  /** An update's bytes by where they came from: local, peers, gateway, center (DESIGN.md §11). */
+  bytesBySource?: Record<string, number>;
 }
 
 export interface TaskHandler<P = unknown> {

@@ -82,6 +82,15 @@ export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
     message: s.message ?? "",
     reason: s.reason ?? "",
     ...(s.output ? { output: s.output } : {}),
+    ...(s.bytesBySource && Object.keys(s.bytesBySource).length
+      ? {
+          bytesBySource: Object.fromEntries(
+            Object.entries(s.bytesBySource)
+              .slice(0, 8)
+              .map(([k, v]) => [k.slice(0, 16), Number(v) || 0]),
+          ),
+        }
+      : {}),
   };
   if (!a.closed && !TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
 }

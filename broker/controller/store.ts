@@ -104,6 +104,8 @@ export interface TaskView {
   message: string;
   reason: string;
   output?: string;
+  /** An update's bytes by source (local, peers, gateway, center). */
+  bytesBySource?: Record<string, number>;
 }
 
 export interface Assignment {
