@@ -522,8 +522,8 @@ class ChunkIndex {
   add(key: string, m: Manifest): void {
     for (const c of m.chunks) {
       const hex = hexOf(c.sha256);
-      let owners = this.map.get(hex);
-      if (!owners) this.map.set(hex, (owners = new Set()));
+      const owners = this.map.get(hex) ?? new Set<string>();
+      this.map.set(hex, owners);
       owners.add(key);
     }
   }
