@@ -31,6 +31,7 @@ import type { Facts } from "./facts.js";
 import { SiteGateway } from "./gateway.js";
 import { createLogger } from "./log.js";
 import type { Outbox } from "./outbox.js";
+import { loadPeerTls, PeerFetcher, PeerServer } from "./peers.js";
 import { Scheduler } from "./scheduler.js";
 import { jobStatus } from "./status.js";
 import { AgentStore, type Db, type StoredJob } from "./store.js";
@@ -81,6 +82,7 @@ export class Agent {
   private readonly trustedKeys: Map<string, KeyObject>;
   /** The chunk cache (chunked artifacts), unless the artifact source was given. */
   private chunks: ChunkStore | undefined;
+  private peerServer: PeerServer | undefined;
   /** The site jobs the last SyncRequest carried (a gateway's). */
   private syncedSiteJobs: string[] = [];
   private readonly policy: TaskPolicy;
@@ -210,6 +212,11 @@ export class Agent {
     const floor = (await this.store.getMeta<number>("timeFloor")) ?? 0;
     if (floor) this.clock.observe(floor);
     await this.chunks?.open();
+    await this.peerServer
+      ?.start()
+      .catch((err) =>
+        this.log.error({ err: (err as Error).message }, "cannot serve chunks to peers; downloading only"),
+      );
     await this.scheduler.load((r) => this.decodeRecord(r));
     await this.refreshFacts();
     this.scheduler.start();
@@ -234,6 +241,7 @@ export class Agent {
     this.outbox.stop();
     await this.scheduler.stop();
     await this.gateway?.stop();
+    this.peerServer?.stop();
     await this.connection.stop(async (client) => {
       await client.publishAsync(this.topic("state"), Buffer.from(this.stateEnvelope(false)), {
         qos: 1,
@@ -526,17 +534,49 @@ export class Agent {
       certFile: this.cfg.cert && rootPath(this.cfg, this.cfg.cert),
       keyFile: this.cfg.key && rootPath(this.cfg, this.cfg.key),
     });
+    const peer = this.cfg.peer;
+    const tls =
+      peer &&
+      loadPeerTls(
+        rootPath(this.cfg, this.cfg.caCert ?? "etc/fleet-agent/ca.pem"),
+        rootPath(this.cfg, peer.cert),
+        rootPath(this.cfg, peer.key),
+      );
+    const fetcher =
+      tls &&
+      new PeerFetcher({
+        tls,
+        tracker: (artifact, signal) => http.peers(artifact, signal),
+        log: this.log.child({ component: "peers" }),
+        counters: this.counters,
+      });
     const chunks = new ChunkStore({
       dir: join(dataDir, "chunks"),
       maxBytes: this.cfg.chunkCacheBytes,
       log: this.log.child({ component: "chunks" }),
       counters: this.counters,
       center: (sha, signal) => http.centerChunk(sha, signal),
+      ...(fetcher ? { peers: fetcher } : {}),
     });
     this.chunks = chunks;
+    if (peer && tls)
+      this.peerServer = new PeerServer({
+        deviceId: this.cfg.deviceId,
+        site: this.cfg.labels.site,
+        port: peer.port,
+        bind: peer.bind,
+        ...(peer.host ? { host: peer.host } : {}),
+        tls,
+        chunks,
+        maxUploads: peer.maxUploads,
+        bytesPerSecond: peer.uploadBytesPerSecond,
+        log: this.log.child({ component: "peer-server" }),
+        counters: this.counters,
+      });
     return {
       ...http,
-      chunk: (c, signal) => chunks.get(c, signal),
+      chunk: (c, signal, artifact) => chunks.get(c, signal, artifact),
+      droppedPeers: (artifact) => fetcher?.dropped(artifact) ?? [],
       installed: async (artifact, version, list) => {
         await chunks.installed(artifact, version, list);
         this.publishStateSoon();
@@ -556,6 +596,7 @@ export class Agent {
         factsJson: online ? JSON.stringify(this.facts) : "",
         counters: online ? this.counters.toObject() : {},
         ...(online && this.chunks ? { artifactsHeld: this.chunks.held() } : {}),
+        ...(online && this.peerServer?.url ? { peerUrl: this.peerServer.url } : {}),
       },
     });
   }

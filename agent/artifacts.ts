@@ -6,6 +6,7 @@ import { request as httpRequest, type IncomingMessage } from "node:http";
 import { request as httpsRequest } from "node:https";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import type { ArtifactSource } from "../firmware-tasks/types.js";
+import type { TrackerPeer } from "./peers.js";
 
 export interface ArtifactAuth {
   deviceId: string;
@@ -18,7 +19,10 @@ export interface ArtifactAuth {
 export function httpArtifactSource(
   baseUrl: string | undefined,
   auth: ArtifactAuth,
-): ArtifactSource & { centerChunk(sha256: string, signal: AbortSignal): Promise<Buffer> } {
+): ArtifactSource & {
+  centerChunk(sha256: string, signal: AbortSignal): Promise<Buffer>;
+  peers(artifact: string, signal: AbortSignal): Promise<TrackerPeer[]>;
+} {
   const tls = {
     ...(auth.caFile ? { ca: readFileSync(auth.caFile) } : {}),
     ...(auth.certFile && auth.keyFile
@@ -89,7 +93,14 @@ export function httpArtifactSource(
       await expect(res, [200, 206], `download ${sha256.slice(0, 12)}…`, "artifact_unavailable");
       return { status: res.statusCode!, body: res };
     },
-    async centerChunk(sha256, signal) {
+    async peers(artifact: string, signal: AbortSignal) {
+      const res = await send("GET", `v1/peers?artifact=${encodeURIComponent(artifact)}`, {}, signal);
+      await expect(res, [200], "tracker", "artifact_unavailable");
+      let text = "";
+      for await (const c of res) text += c;
+      return (JSON.parse(text) as { peers: TrackerPeer[] }).peers;
+    },
+    async centerChunk(sha256: string, signal: AbortSignal) {
       const res = await send("GET", `v1/chunks/${sha256}`, {}, signal);
       await expect(res, [200], `chunk ${sha256.slice(0, 12)}…`, "artifact_unavailable");
       const parts: Buffer[] = [];

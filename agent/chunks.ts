@@ -19,7 +19,11 @@ export interface ChunkRequest {
 
 /** Somewhere else to get a chunk (the site's peers); undefined when none could give it. */
 export interface ChunkPeers {
-  fetch(c: ChunkRequest, signal: AbortSignal): Promise<{ data: Buffer; source: ByteSource } | undefined>;
+  fetch(
+    c: ChunkRequest,
+    signal: AbortSignal,
+    artifact?: string,
+  ): Promise<{ data: Buffer; source: ByteSource } | undefined>;
 }
 
 export interface ChunkStoreOptions {
@@ -97,11 +101,21 @@ export class ChunkStore {
     return data;
   }
 
+  /** A cached chunk as it is on disk, for a peer (who verifies it); undefined if not here. */
+  async read(sha256: string): Promise<Buffer | undefined> {
+    if (!this.entries.has(sha256)) return undefined;
+    return readFile(join(this.opts.dir, sha256)).catch(() => undefined);
+  }
+
   /** The chunk from the nearest source that has it; cached once verified. */
-  async get(c: ChunkRequest, signal: AbortSignal): Promise<{ data: Buffer; source: ByteSource }> {
+  async get(
+    c: ChunkRequest,
+    signal: AbortSignal,
+    artifact?: string,
+  ): Promise<{ data: Buffer; source: ByteSource }> {
     const cached = await this.local(c);
     if (cached) return { data: cached, source: "local" };
-    const fromPeers = await this.opts.peers?.fetch(c, signal);
+    const fromPeers = await this.opts.peers?.fetch(c, signal, artifact);
     if (fromPeers) {
       await this.put(c.sha256, fromPeers.data);
       return fromPeers;

@@ -80,6 +80,24 @@ export const agentConfigSchema = z
       })
       .strict()
       .optional(),
+    /**
+     * Serving update chunks to the site's peers (DESIGN.md §11): HTTPS with the device's
+     * fleet-CA certificate, only to devices whose certificate names the same site.
+     */
+    peer: z
+      .object({
+        port: z.number().int().min(0).max(65535).default(8445),
+        bind: z.string().default("0.0.0.0"),
+        /** How peers reach it (default: the first non-internal IPv4 address, else 127.0.0.1). */
+        host: z.string().optional(),
+        cert: z.string(),
+        key: z.string(),
+        /** At most this many chunk uploads at once, and this many bytes a second (0 = no cap). */
+        maxUploads: z.number().int().min(1).default(8),
+        uploadBytesPerSecond: z.number().int().min(0).default(0),
+      })
+      .strict()
+      .optional(),
     /** Seconds a job's issued_at may be ahead of a trusted device clock. */
     maxClockSkewS: z.number().min(0).default(600),
     /** The longest validity (expiry - issue) of a job this device accepts (M14). */

@@ -92,7 +92,8 @@ export class ArtifactStore {
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const url = new URL(req.url ?? "/", "http://x");
     const raw = url.pathname.split("/").filter(Boolean);
-    if (raw[0] !== "v1" || !["artifacts", "blobs", "chunks", "uploads"].includes(raw[1] ?? "")) return false;
+    if (raw[0] !== "v1" || !["artifacts", "blobs", "chunks", "peers", "uploads"].includes(raw[1] ?? ""))
+      return false;
     try {
       const parts = raw.map((p) => {
         try {
@@ -107,6 +108,14 @@ export class ArtifactStore {
         return await this.sendBlob(req, res, who, parts[2]!);
       if (parts[1] === "chunks" && parts.length === 3 && req.method === "GET")
         return await this.sendChunk(res, who, parts[2]!);
+      if (parts[1] === "peers" && parts.length === 2 && req.method === "GET") {
+        // The tracker: which of the device's site's peers hold an artifact it may fetch.
+        if (who.kind !== "device") throw new HttpError(403, "devices only");
+        const artifact = url.searchParams.get("artifact") ?? "";
+        const [name, version] = artifact.split("@");
+        await this.allowed(who, (r) => r.name === name && r.version === version);
+        return this.json(res, 200, { peers: this.opts.registry.peersFor(who.id, artifact) });
+      }
       if (parts.length === 2 && req.method === "GET") {
         this.operatorOnly(who);
         const after = cursor.decode(url.searchParams.get("cursor") ?? undefined);
@@ -470,6 +479,7 @@ export class ArtifactStore {
     const body = await readFile(join(this.chunks, hex));
     res.writeHead(200, { "content-type": "application/gzip", "content-length": String(body.length) });
     await this.throttle.send(body, res);
+    res.end();
     this.opts.counters.inc("artifact_bytes_sent", body.length);
     this.opts.counters.inc("artifact_chunks_sent");
     return true;

@@ -16,13 +16,16 @@ function rsaKeyPair() {
   };
 }
 
-function baseCert(publicPem: string, cn: string, years: number) {
+function baseCert(publicPem: string, cn: string, years: number, ou?: string) {
   const cert = forge.pki.createCertificate();
   cert.publicKey = forge.pki.publicKeyFromPem(publicPem);
   cert.serialNumber = `01${randomBytes(15).toString("hex")}`;
   cert.validity.notBefore = new Date(Date.now() - 3600_000);
   cert.validity.notAfter = new Date(Date.now() + years * 365 * 86_400_000);
-  cert.setSubject([{ name: "commonName", value: cn }]);
+  cert.setSubject([
+    { name: "commonName", value: cn },
+    ...(ou ? [{ name: "organizationalUnitName", value: ou }] : []),
+  ]);
   return cert;
 }
 
@@ -39,9 +42,16 @@ export function createCa(name = "EdgeFleet CA"): CertPair {
   return { certPem: forge.pki.certificateToPem(cert), keyPem };
 }
 
-function issue(ca: CertPair, publicPem: string, cn: string, ext: object[], years: number): string {
+function issue(
+  ca: CertPair,
+  publicPem: string,
+  cn: string,
+  ext: object[],
+  years: number,
+  ou?: string,
+): string {
   const caCert = forge.pki.certificateFromPem(ca.certPem);
-  const cert = baseCert(publicPem, cn, years);
+  const cert = baseCert(publicPem, cn, years, ou);
   cert.setIssuer(caCert.subject.attributes);
   cert.setExtensions([{ name: "basicConstraints", cA: false }, ...ext]);
   cert.sign(forge.pki.privateKeyFromPem(ca.keyPem), forge.md.sha256.create());
@@ -66,7 +76,12 @@ export function issueServerCert(ca: CertPair, hosts: string[]): CertPair {
 }
 
 /** A client certificate for a device: CN = device id (DESIGN.md §3). */
-export function issueDeviceCert(ca: CertPair, deviceId: string): CertPair {
+/**
+ * A device's certificate: CN = device id (DESIGN.md §3); OU = `site=<its site label>` when it
+ * has one. Client and server: it logs in with it (mTLS) and serves chunks to its site's peers
+ * with it (§11), who check the OU.
+ */
+export function issueDeviceCert(ca: CertPair, deviceId: string, site?: string): CertPair {
   const { keyPem, publicPem } = rsaKeyPair();
   const certPem = issue(
     ca,
@@ -74,9 +89,10 @@ export function issueDeviceCert(ca: CertPair, deviceId: string): CertPair {
     deviceId,
     [
       { name: "keyUsage", digitalSignature: true, keyEncipherment: true },
-      { name: "extKeyUsage", clientAuth: true },
+      { name: "extKeyUsage", clientAuth: true, serverAuth: true },
     ],
     10,
+    site ? `site=${site}` : undefined,
   );
   return { certPem, keyPem };
 }

@@ -60,6 +60,8 @@ interface FlashOptions extends OperatorOptions {
   allowShell: string[];
   allowPath: string[];
   mtls?: boolean;
+  peerPort: string;
+  peerHost?: string;
   artifactsUrl?: string;
   dryRunSystem?: boolean;
   insecure?: boolean;
@@ -112,6 +114,15 @@ export function registerFlash(program: Command): void {
     )
     .option("--gateway-port <port>", "the gateway's MQTT/TLS port (default 8883)")
     .option("--via <gateway>", "connect through this site gateway (it comes first in the broker list)")
+    .option(
+      "--peer-port <port>",
+      "where it serves update chunks to its site's peers (HTTPS; 0 = any free port)",
+      "8445",
+    )
+    .option(
+      "--peer-host <name>",
+      "the name or address its peers reach it at (default: its first network address)",
+    )
     .action(async (id: string, o: FlashOptions) => {
       if (!o.root === !o.tar) throw new CliError("give exactly one of --root DIR or --tar FILE");
       const labels = parseKv(o.label, "--label") as Record<string, string>;
@@ -124,6 +135,9 @@ export function registerFlash(program: Command): void {
       if (!o.gateway && (o.gatewayHost.length || o.gatewayPort !== undefined))
         throw new CliError("--gateway-host and --gateway-port go with --gateway");
       const gatewayHosts = o.gatewayHost.length ? o.gatewayHost : [id];
+      const peerPort = Number(o.peerPort);
+      if (!Number.isInteger(peerPort) || peerPort < 0 || peerPort > 65535)
+        throw new CliError(`--peer-port: "${o.peerPort}" is not a port (0-65535)`);
       const center = (o.broker ?? ctx.server)
         .split(",")
         .map((u) => u.trim())
@@ -149,7 +163,9 @@ export function registerFlash(program: Command): void {
           ...(o.via ? { via: o.via } : {}),
           ...(o.gateway ? { gateway: { hosts: gatewayHosts, port: gatewayPort } } : {}),
         });
-        const cert = o.mtls ? await rpc.call("device.cert", { id }) : undefined;
+        // Every device gets a certificate: its peers check it when it fetches chunks from them,
+        // it serves them with it (DESIGN.md §11); with --mtls it also logs in with it.
+        const cert = await rpc.call("device.cert", { id });
         const serverCert = o.gateway ? await rpc.call("device.cert", { id, hosts: gatewayHosts }) : undefined;
         return { info, secret, cert, serverCert };
       });
@@ -158,9 +174,15 @@ export function registerFlash(program: Command): void {
         deviceId: id,
         brokers,
         username: id,
-        ...(cert
+        ...(o.mtls
           ? { cert: "etc/fleet-agent/client.pem", key: "etc/fleet-agent/client.key" }
           : { password: secret.password }),
+        peer: {
+          port: peerPort,
+          ...(o.peerHost ? { host: o.peerHost } : {}),
+          cert: "etc/fleet-agent/client.pem",
+          key: "etc/fleet-agent/client.key",
+        },
         caCert: "etc/fleet-agent/ca.pem",
         trustedKeys: trust.trustedKeys,
         labels,
@@ -182,8 +204,8 @@ export function registerFlash(program: Command): void {
           : {}),
         // Artifacts over HTTPS for mTLS devices (no token) and for devices that reach the server
         // over TLS (their token must not cross in clear); plain HTTP only beside a plain broker.
-        ...((o.artifactsUrl ?? (cert || secure ? info.https : info.http))
-          ? { artifactsUrl: o.artifactsUrl ?? (cert || secure ? info.https : info.http) }
+        ...((o.artifactsUrl ?? (o.mtls || secure ? info.https : info.http))
+          ? { artifactsUrl: o.artifactsUrl ?? (o.mtls || secure ? info.https : info.http) }
           : {}),
       };
       parseAgentConfig(config, "/"); // what we write must be what the agent accepts
@@ -196,10 +218,8 @@ export function registerFlash(program: Command): void {
         const etc = join(target, "etc", "fleet-agent");
         writeSecretJson(join(etc, "config.json"), config);
         writeFileAtomic(join(etc, "ca.pem"), trust.caCert);
-        if (cert) {
-          writeFileAtomic(join(etc, "client.pem"), cert.certPem);
-          writeFileAtomic(join(etc, "client.key"), cert.keyPem, 0o600);
-        }
+        writeFileAtomic(join(etc, "client.pem"), cert.certPem);
+        writeFileAtomic(join(etc, "client.key"), cert.keyPem, 0o600);
         if (serverCert) {
           writeFileAtomic(join(etc, "gateway.pem"), serverCert.certPem);
           writeFileAtomic(join(etc, "gateway.key"), serverCert.keyPem, 0o600);
@@ -224,7 +244,7 @@ export function registerFlash(program: Command): void {
         root: o.root ? resolve(o.root) : undefined,
         tar: o.tar ? resolve(o.tar) : undefined,
         brokers,
-        auth: cert ? "mtls" : "token",
+        auth: o.mtls ? "mtls" : "token",
         ...(o.gateway ? { gateway: { hosts: gatewayHosts, port: gatewayPort } } : {}),
         ...(o.via ? { via: o.via } : {}),
       };

@@ -15,6 +15,8 @@ export function bar(done: number, total: number, width = 20): string {
   return `[${"#".repeat(n)}${".".repeat(width - n)}]`;
 }
 
+const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
+
 export function renderRollout(r: RolloutJson): string {
   const c = r.counts;
   let out = `rollout ${r.id} (${r.name}) ${r.state}${r.reason ? `: ${r.reason}` : ""}\n`;
@@ -22,6 +24,12 @@ export function renderRollout(r: RolloutJson): string {
   for (const w of r.waves) {
     out += `  wave ${w.wave} ${w.spec.padEnd(5)} ${bar(w.succeeded + w.failed, w.devices)} ${w.succeeded + w.failed}/${w.devices} ${w.state}${w.failed ? ` (${w.failed} failed)` : ""}\n`;
   }
+  const bytes = (r as { bytes?: Record<string, number>; bytesSaved?: number }).bytes;
+  if (bytes)
+    out += `  bytes ${Object.entries(bytes)
+      .filter(([, n]) => n)
+      .map(([k, n]) => `${k} ${mib(n)}`)
+      .join(", ")}; saved ${mib((r as { bytesSaved?: number }).bytesSaved ?? 0)} (not from the center)\n`;
   for (const f of r.failures.slice(0, 5))
     out += `  ! ${f.deviceId} ${f.state} ${f.reason}${f.message ? `: ${f.message}` : ""}\n`;
   return out;

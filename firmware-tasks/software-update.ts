@@ -257,15 +257,21 @@ export default defineHandler({
               m.chunks.map((c) => hexOf(c.sha256)),
             );
           await ctx.kv.del(key);
+          // Dropped peers travel in the saved record as "dropped:<id>" keys (with 0 bytes).
+          const all = Object.entries(saved.bytes ?? {});
+          const bytes = Object.fromEntries(all.filter(([k]) => !k.startsWith("dropped:")));
+          const dropped = all.filter(([k]) => k.startsWith("dropped:")).map(([k]) => k.slice(8));
           const from = saved.bytes
-            ? ` (bytes: ${Object.entries(saved.bytes)
+            ? ` (bytes: ${Object.entries(bytes)
                 .filter(([, n]) => n)
                 .map(([k, n]) => `${n} ${k}`)
-                .join(", ")})`
+                .join(
+                  ", ",
+                )})${dropped.length ? `; dropped peer(s) that served bad chunks: ${dropped.join(", ")}` : ""}`
             : "";
           return {
             message: `${p.artifact} ${p.version} installed${saved.previous ? ` (was ${saved.previous})` : ""}${from}`,
-            ...(saved.bytes ? { bytesBySource: saved.bytes } : {}),
+            ...(saved.bytes ? { bytesBySource: bytes } : {}),
           };
         }
       }
@@ -308,6 +314,7 @@ async function assemble(ctx: TaskContext, m: Manifest, signal: AbortSignal): Pro
   const size = Number(m.contentSize);
   const bytes: Record<string, number> = { local: 0, peers: 0, gateway: 0, center: 0 };
   const list = m.chunks.map((c) => ({ sha256: hexOf(c.sha256), size: Number(c.size ?? 0) }));
+  const artifact = `${m.name}@${m.version}`;
   const partial = `${file}.partial`;
   const fh = await open(partial, "w");
   const AHEAD = 4;
@@ -316,7 +323,7 @@ async function assemble(ctx: TaskContext, m: Manifest, signal: AbortSignal): Pro
   try {
     for (let i = 0; i < list.length; i++) {
       while (pending.length < AHEAD && i + pending.length < list.length) {
-        const p = chunk(list[i + pending.length]!, signal);
+        const p = chunk(list[i + pending.length]!, signal, artifact);
         p.catch(() => {}); // awaited in order below
         pending.push(p);
       }
@@ -335,7 +342,10 @@ async function assemble(ctx: TaskContext, m: Manifest, signal: AbortSignal): Pro
       reason: "corrupt_artifact",
     });
   await rename(partial, file);
-  return bytes;
+  const dropped = ctx.artifacts.droppedPeers?.(artifact) ?? [];
+  if (dropped.length)
+    ctx.log.warn({ peers: dropped }, "peers served chunks that did not match the signed manifest");
+  return { ...bytes, ...Object.fromEntries(dropped.map((id) => [`dropped:${id}`, 0])) };
 }
 
 async function readCurrent(target: string): Promise<string | null> {

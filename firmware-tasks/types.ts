@@ -54,7 +54,10 @@ export interface ArtifactSource {
   chunk?(
     c: { sha256: string; size: number },
     signal: AbortSignal,
+    artifact: string,
   ): Promise<{ data: Buffer; source: ByteSource }>;
+  /** Peers that served a bad chunk during this artifact's download (dropped, to be reported). */
+  droppedPeers?(artifact: string): string[];
   /** A release was installed: its chunks stay cached (current and previous release) and are shared. */
   installed?(artifact: string, version: string, chunks: readonly string[]): Promise<void>;
   /** Uploads a local file (a backup) to the server's store for this device. */

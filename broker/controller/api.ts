@@ -138,7 +138,7 @@ export function operatorApi(c: ApiContext): Handlers {
         if (!d.gateway) throw new ApiError(`${p.id} is not a gateway`);
         return { ...issueServerCert(c.ca, p.hosts), caPem: c.ca.certPem };
       }
-      const cert = issueDeviceCert(c.ca, p.id);
+      const cert = issueDeviceCert(c.ca, p.id, d.labels.site);
       await registry.setCert(p.id, new X509Certificate(cert.certPem).serialNumber);
       return { ...cert, caPem: c.ca.certPem };
     },

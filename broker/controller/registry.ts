@@ -213,6 +213,8 @@ export class Registry {
             .slice(0, 200)
             .map(([k, v]) => [k.slice(0, 64), Number(v) || 0]),
         );
+      if (typeof s.peerUrl === "string") d.peerUrl = s.peerUrl.slice(0, 256) || undefined;
+      if (s.artifactsHeld) d.artifactsHeld = s.artifactsHeld.slice(0, 64).map((a) => a.slice(0, 140));
       if (s.factsJson) {
         const facts = boundedFacts(s.factsJson);
         if (facts) d.facts = facts;
@@ -222,6 +224,32 @@ export class Registry {
     d.lastSeen = now;
     this.dirty.add(id);
     return was === d.online ? undefined : d.online ? "online" : "offline";
+  }
+
+  /**
+   * The tracker (DESIGN.md §11): online devices of `deviceId`'s site (same `site` label) that
+   * serve chunks, holders of `artifact` (name@version) first, then holders of another version
+   * of it (their chunks may be shared); at most `max`.
+   */
+  peersFor(deviceId: string, artifact: string, max = 16) {
+    const me = this.devices.get(deviceId);
+    const site = me?.labels.site;
+    if (!site) return [];
+    const name = artifact.split("@")[0];
+    const exact: DeviceRecord[] = [];
+    const related: DeviceRecord[] = [];
+    for (const d of this.devices.values()) {
+      if (d.id === deviceId || !d.online || !d.peerUrl || d.labels.site !== site) continue;
+      if (d.artifactsHeld?.includes(artifact)) exact.push(d);
+      else if (d.artifactsHeld?.some((a) => a.split("@")[0] === name)) related.push(d);
+    }
+    // The downloading agent picks among them at random (agent/peers.ts).
+    return [...exact, ...related].slice(0, max).map((d) => ({
+      id: d.id,
+      url: d.peerUrl!,
+      holds: d.artifactsHeld?.includes(artifact) ?? false,
+      gateway: Boolean(d.gateway) || d.id === me?.via,
+    }));
   }
 
   seen(id: string, now: number): void {

@@ -409,6 +409,7 @@ export class Rollouts {
         };
       }),
       counts: counts(r, asgs),
+      ...bytesOf(asgs),
       failures: asgs
         .filter((a) => FAILED_OUTCOMES.has(a.state))
         .sort((x, y) => y.updatedAt - x.updatedAt)
@@ -441,4 +442,19 @@ export class Rollouts {
     for await (const r of this.ctx.store.rollouts.values({ reverse: true, ...(after ? { lt: after } : {}) }))
       yield this.active.get(r.id) ?? r;
   }
+}
+
+/**
+ * What an update rollout's devices downloaded, by source (DESIGN.md §11): `bytes` sums the
+ * tasks' bytes by source; `bytesSaved` is what did not come from the center. Absent when no
+ * task reported any (not an update, or artifacts pushed before chunking).
+ */
+function bytesOf(asgs: readonly Assignment[]) {
+  const bytes: Record<string, number> = {};
+  for (const a of asgs)
+    for (const t of Object.values(a.tasks))
+      for (const [k, v] of Object.entries(t.bytesBySource ?? {})) bytes[k] = (bytes[k] ?? 0) + v;
+  if (!Object.keys(bytes).length) return {};
+  const total = Object.values(bytes).reduce((x, y) => x + y, 0);
+  return { bytes, bytesSaved: total - (bytes.center ?? 0) };
 }

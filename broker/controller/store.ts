@@ -31,6 +31,9 @@ export interface DeviceRecord {
   gateway?: { hosts: string[]; port: number };
   /** A gateway's counters from its last DeviceState (relayed messages, refusals, …). */
   counters?: Record<string, number>;
+  /** Where it serves update chunks to its site's peers, and the artifacts it holds (§11). */
+  peerUrl?: string;
+  artifactsHeld?: string[];
 }
 
 /** What a job's tasks name: artifacts (`name@version`) they download, and whether one uploads. */

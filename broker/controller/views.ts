@@ -21,6 +21,7 @@ export function assignmentJson(a: Assignment, job?: JobRecord) {
         message: t?.message ?? "",
         ...(t?.reason ? { reason: t.reason } : {}),
         ...(t?.output ? { output: t.output } : {}),
+        ...(t?.bytesBySource ? { bytesBySource: t.bytesBySource } : {}),
       };
     }),
   };
