@@ -47,6 +47,17 @@ export function serverMetrics(o: {
       this.inc(o.counters.get("artifact_bytes_sent"));
     },
   });
+  new Counter({
+    name: "fleet_artifact_bytes_by_source_total",
+    help: "Update bytes devices reported, by where they came from (local cache, peers, gateway, center)",
+    labelNames: ["source"],
+    registers: [metrics],
+    collect() {
+      this.reset();
+      for (const source of ["local", "peers", "gateway", "center"])
+        this.inc({ source }, o.counters.get(`artifact_bytes_from_${source}`));
+    },
+  });
   new Gauge({
     name: "fleet_gateway_reported",
     help: "Site gateways' own counters as last reported (relayed messages, fan-outs, refusals, ...)",

@@ -382,6 +382,10 @@ export class Delivery {
     if (ack) ack(statusAck);
     else this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
     for (const s of fresh) {
+      // Where devices' update bytes came from (DESIGN.md §11), for /metrics.
+      for (const [source, n] of Object.entries(s.bytesBySource ?? {}))
+        if (/^(local|peers|gateway|center)$/.test(source))
+          this.ctx.counters.inc(`artifact_bytes_from_${source}`, Number(n) || 0);
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
       if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.ctx.onFinished?.(s.jobId ?? "");
     }

@@ -122,6 +122,10 @@ describe("updates at a site: peers and deltas", () => {
     expect(r.bytes?.peers ?? 0).toBeGreaterThan(5 * size);
     expect(r.bytesSaved).toBeGreaterThan(5 * size);
     for (const id of SITE) expect(installed(id, "data.bin").equals(padding)).toBe(true);
+    const metrics = await (await fetch(`${server.urls.http}/metrics`)).text();
+    expect(Number(/fleet_artifact_bytes_by_source_total\{source="peers"\} (\d+)/.exec(metrics)?.[1])).toBe(
+      r.bytes?.peers,
+    );
     process.stdout.write(
       `B: release 1 (${size} B): center served ${served} B (${(served / size).toFixed(2)}x); ${JSON.stringify(r.bytes)}\n`,
     );
