@@ -236,6 +236,7 @@ export class JobTable {
           reason: "",
           output: out.output,
           ...(out.bytesBySource ? { bytesBySource: out.bytesBySource } : {}),
+          ...(out.droppedPeers ? { droppedPeers: out.droppedPeers } : {}),
         };
         return this.end(e, taskId, { state: TaskState.SUCCEEDED, ...ok, finishedAt: now });
       }

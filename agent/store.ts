@@ -24,6 +24,7 @@ export interface TaskRun {
   output?: string;
   /** An update's bytes by where they came from (local, peers, gateway, center). */
   bytesBySource?: Record<string, number>;
+  droppedPeers?: string[];
   startedAt?: number;
   finishedAt?: number;
   nextAttemptAt?: number;

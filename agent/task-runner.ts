@@ -14,7 +14,13 @@ import {
 import type { TaskContext, TaskHandler } from "../firmware-tasks/types.js";
 
 export type Outcome =
-  | { kind: "succeeded"; message: string; output: string; bytesBySource?: Record<string, number> }
+  | {
+      kind: "succeeded";
+      message: string;
+      output: string;
+      bytesBySource?: Record<string, number>;
+      droppedPeers?: string[];
+    }
   | { kind: "canceled"; message: string; output: string }
   | { kind: "timed_out"; message: string; output: string }
   | { kind: "failed"; message: string; reason: string; output: string; retryable: boolean };
@@ -54,6 +60,7 @@ export async function runTask(r: RunRequest): Promise<Outcome> {
       message: result?.message ?? "ok",
       output: truncateOutput(result?.output ?? "", r.outputLimitBytes),
       ...(result?.bytesBySource ? { bytesBySource: result.bytesBySource } : {}),
+      ...(result?.droppedPeers?.length ? { droppedPeers: result.droppedPeers } : {}),
     };
   } catch (err) {
     return classify(signal.aborted ? signal.reason : err, err, r.outputLimitBytes);

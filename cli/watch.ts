@@ -141,7 +141,9 @@ export function registerWatch(program: Command): void {
         } else if (env.fleetEvent) {
           const e = env.fleetEvent;
           if (e.kind === "device.online" || e.kind === "device.offline") return; // seen via DeviceState
-          const detail = e.detailJson ? (JSON.parse(e.detailJson) as { rolloutId?: string }) : {};
+          const detail = e.detailJson
+            ? (JSON.parse(e.detailJson) as { rolloutId?: string; peer?: string })
+            : {};
           if (detail.rolloutId && !rollouts.has(detail.rolloutId) && !o.rollout) stale.add(detail.rolloutId);
           const rid = detail.rolloutId ?? (e.jobId ? rolloutOfJob.get(e.jobId) : undefined);
           if (rid && rollouts.has(rid)) stale.add(rid);
@@ -155,7 +157,12 @@ export function registerWatch(program: Command): void {
             taskId: e.status?.taskId || undefined,
             state: e.status ? stateName(e.status.state) : undefined,
             attempt: e.status?.attempt || undefined,
-            message: e.status?.message || e.status?.reason || undefined,
+            message:
+              e.status?.message ||
+              e.status?.reason ||
+              (detail.peer
+                ? `peer ${detail.peer} served a chunk that does not match the manifest`
+                : undefined),
             ...(e.detailJson ? { detail } : {}),
           });
         }

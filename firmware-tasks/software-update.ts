@@ -272,6 +272,7 @@ export default defineHandler({
           return {
             message: `${p.artifact} ${p.version} installed${saved.previous ? ` (was ${saved.previous})` : ""}${from}`,
             ...(saved.bytes ? { bytesBySource: bytes } : {}),
+            ...(dropped.length ? { droppedPeers: dropped } : {}),
           };
         }
       }

@@ -95,6 +95,8 @@ export interface TaskResult {
   output?: string;
   /** An update's bytes by where they came from: local, peers, gateway, center (DESIGN.md §11). */
   bytesBySource?: Record<string, number>;
+  /** Peers that served bad chunks during this task (dropped; reported to the center). */
+  droppedPeers?: string[];
 }
 
 export interface TaskHandler<P = unknown> {

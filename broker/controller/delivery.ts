@@ -386,6 +386,16 @@ export class Delivery {
       for (const [source, n] of Object.entries(s.bytesBySource ?? {}))
         if (/^(local|peers|gateway|center)$/.test(source))
           this.ctx.counters.inc(`artifact_bytes_from_${source}`, Number(n) || 0);
+      // A peer that served bad chunks is an event operators see (`fleet watch`).
+      for (const peer of (s.droppedPeers ?? []).slice(0, 16)) {
+        this.ctx.counters.inc("peers_dropped_bad_chunk");
+        this.event({
+          kind: "peer.bad_chunk",
+          deviceId,
+          jobId: s.jobId ?? "",
+          detailJson: JSON.stringify({ peer: peer.slice(0, 64) }),
+        });
+      }
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
       if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.ctx.onFinished?.(s.jobId ?? "");
     }

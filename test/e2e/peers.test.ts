@@ -167,6 +167,8 @@ describe("updates at a site: peers and deltas", () => {
     await flash("p-9", "shop");
     agents.set("p-9", startAgent(roots.get("p-9")!));
     await waitOnline(env, "p-9");
+    const watch = cli(["watch", "--json"], env, 15_000);
+    await new Promise((r) => setTimeout(r, 1000));
     const r = await cli(
       [
         "run",
@@ -190,6 +192,15 @@ describe("updates at a site: peers and deltas", () => {
     expect(task.message).toMatch(/dropped peer\(s\) that served bad chunks: p-1/);
     expect(installed("p-9", "data.bin").equals(readFileSync(join(src, "data.bin")))).toBe(true);
     expect(agents.get("p-9")!.stderr()).toMatch(/"peer":"p-1".*does not match the signed manifest/);
+    // Operators see it live.
+    const events = (await watch).stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { kind: string; deviceId?: string; detail?: { peer?: string } });
+    expect(events.find((e) => e.kind === "peer.bad_chunk")).toMatchObject({
+      deviceId: "p-9",
+      detail: { peer: "p-1" },
+    });
   }, 240_000);
 
   it("a device of another site, or without a fleet certificate, gets no chunk", async () => {
