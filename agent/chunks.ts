@@ -2,7 +2,8 @@
 // their sha256, under <dataDir>/chunks. A chunk is taken from here, else from the site's peers
 // (agent/peers.ts), else from the center — and verified against the signed manifest's sha256
 // and size before it is written here or used. Bounded (`chunkCacheBytes`): the chunks of each
-// artifact's current and previous release are kept; the others go least recently used first.
+// artifact's current and previous release are kept, and those used in the last 10 minutes (a
+// download in progress); the others go least recently used first.
 import { createHash } from "node:crypto";
 import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -34,7 +35,11 @@ export interface ChunkStoreOptions {
   /** A gzipped chunk from the center. */
   center(sha256: string, signal: AbortSignal): Promise<Buffer>;
   peers?: ChunkPeers;
+  now?(): number;
 }
+
+/** A chunk used this recently is never evicted (a download in progress may still need it). */
+const IN_USE_MS = 10 * 60_000;
 
 interface Releases {
   /** artifact -> its installed releases, newest last (two kept): version and chunks. */
@@ -48,6 +53,10 @@ export class ChunkStore {
   private pinned = new Set<string>();
 
   constructor(private readonly opts: ChunkStoreOptions) {}
+
+  private now(): number {
+    return this.opts.now?.() ?? Date.now();
+  }
 
   async open(): Promise<void> {
     await mkdir(this.opts.dir, { recursive: true });
@@ -95,7 +104,7 @@ export class ChunkStore {
       await this.drop(c.sha256);
       return undefined;
     }
-    const now = Date.now();
+    const now = this.now();
     this.entries.get(c.sha256)!.usedAt = now;
     await utimes(join(this.opts.dir, c.sha256), now / 1000, now / 1000).catch(() => {});
     return data;
@@ -161,7 +170,7 @@ export class ChunkStore {
     const tmp = `${target}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
     await writeFile(tmp, data);
     await rename(tmp, target);
-    this.entries.set(sha256, { size: data.length, usedAt: Date.now() });
+    this.entries.set(sha256, { size: data.length, usedAt: this.now() });
     this.total += data.length;
     await this.evict();
   }
@@ -181,8 +190,10 @@ export class ChunkStore {
   /** Least recently used first, never a chunk of a current or previous release. */
   private async evict(): Promise<void> {
     if (this.total > this.opts.maxBytes) {
+      // Over the bound for a while rather than evicting what a download is assembling.
+      const recent = this.now() - IN_USE_MS;
       const victims = [...this.entries]
-        .filter(([sha]) => !this.pinned.has(sha))
+        .filter(([sha, e]) => !this.pinned.has(sha) && e.usedAt < recent)
         .sort((a, b) => a[1].usedAt - b[1].usedAt);
       for (const [sha] of victims) {
         if (this.total <= this.opts.maxBytes) break;
