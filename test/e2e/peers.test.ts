@@ -6,7 +6,7 @@
 // dropped and reported); a device of another site, or without a fleet certificate, gets nothing.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { cpSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { request } from "node:https";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -212,10 +212,10 @@ describe("updates at a site: peers and deltas", () => {
       /^[0-9a-f]{64}$/.test(f),
     )!;
     const etc = (id: string) => join(roots.get(id)!, "etc", "fleet-agent");
-    const get = (tls: Record<string, Buffer>) =>
+    const get = (tls: Record<string, Buffer>, path = `/chunks/${chunk}`) =>
       new Promise<number | string>((resolve) => {
         const req = request(
-          `${peerUrl}/chunks/${chunk}`,
+          `${peerUrl}${path}`,
           {
             ...tls,
             ca: readFileSync(join(etc("q-1"), "ca.pem")),
@@ -245,7 +245,12 @@ describe("updates at a site: peers and deltas", () => {
       key: readFileSync(join(etc("p-9"), "client.key")),
     });
     expect(same).toBe(200);
-    // And no listing.
-    cpSync(join(etc("p-9"), "client.pem"), join(data.dir, "p9.pem"));
+    // Only chunks by their sha256: no listing, nothing else.
+    const mine = {
+      cert: readFileSync(join(etc("p-9"), "client.pem")),
+      key: readFileSync(join(etc("p-9"), "client.key")),
+    };
+    for (const path of ["/", "/chunks/", "/chunks", `/chunks/${chunk}/..`, "/releases.json"])
+      expect(await get(mine, path)).toBe(404);
   }, 60_000);
 });
