@@ -15,7 +15,8 @@ export function bar(done: number, total: number, width = 20): string {
   return `[${"#".repeat(n)}${".".repeat(width - n)}]`;
 }
 
-const mib = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
+const mib = (n: number) =>
+  n >= 1024 * 1024 ? `${(n / 1024 / 1024).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
 
 export function renderRollout(r: RolloutJson): string {
   const c = r.counts;
