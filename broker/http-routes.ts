@@ -7,6 +7,7 @@ import type { Counters } from "../common/counters.js";
 import type { ArtifactStore } from "./artifacts.js";
 import type { ServerConfig } from "./config.js";
 import type { Registry } from "./controller/registry.js";
+import type { Dashboard } from "./dashboard.js";
 import { mosquittoExport } from "./mosquitto.js";
 
 export interface HttpContext {
@@ -20,6 +21,8 @@ export interface HttpContext {
   metrics: Metrics;
   counters: Counters;
   log(): Logger;
+  /** The web dashboard (`/`, DESIGN.md §12). */
+  dashboard?: Dashboard;
 }
 
 export function httpHandler(c: HttpContext) {
@@ -57,6 +60,7 @@ async function route(c: HttpContext, req: IncomingMessage, res: ServerResponse):
     res.end(JSON.stringify({ ok: !down, ...c.health(), controller }));
     return;
   }
+  if (c.dashboard && (await c.dashboard.handle(req, res))) return;
   if (url === "/v1/acl/mosquitto" && req.method === "GET" && artifacts && registry)
     return artifacts.operatorJson(req, res, () => mosquittoExport(c.config(), registry.all()));
   if (url === "/metrics") {

@@ -16,7 +16,11 @@ export function bar(done: number, total: number, width = 20): string {
 }
 
 const mib = (n: number) =>
-  n >= 1024 * 1024 ? `${(n / 1024 / 1024).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
+  n >= 1024 * 1024
+    ? `${(n / 1024 / 1024).toFixed(1)} MiB`
+    : n >= 1024
+      ? `${(n / 1024).toFixed(1)} KiB`
+      : `${n} B`;
 
 export function renderRollout(r: RolloutJson): string {
   const c = r.counts;

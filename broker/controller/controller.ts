@@ -6,9 +6,10 @@ import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import { Counters } from "../../common/counters.js";
 import { settlesWithin } from "../../common/timeout.js";
+import { ApiError, api, formatIssues, type Method } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
 import { pb, type SiteJob, stateName } from "../../proto/index.js";
-import { deviceTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
+import { deviceTopic, eventsTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
 import { answerRpc } from "../rpc-answer.js";
@@ -25,6 +26,21 @@ import type { Registry } from "./registry.js";
 import { Rollouts, type TelemetrySample } from "./rollouts.js";
 import type { ControllerStore, DeviceRecord } from "./store.js";
 import { jobCounts } from "./views.js";
+
+/** Telemetry samples kept per device for the dashboard (2 h at the default 60 s interval). */
+const TELEMETRY_HISTORY = 120;
+/** Dashboard calls that change nothing (not audited). */
+const READ_ONLY = new Set<Method>([
+  "server.info",
+  "device.ls",
+  "device.show",
+  "jobs.ls",
+  "jobs.show",
+  "rollout.ls",
+  "rollout.show",
+  "notify.ls",
+  "audit.ls",
+]);
 
 export interface ControllerOptions {
   config: ServerConfig;
@@ -54,6 +70,10 @@ export class Controller {
   readonly workQueue: WorkQueue;
   /** Latest telemetry per device, for health-gated rollout waves. */
   private readonly telemetry = new Map<string, TelemetrySample>();
+  /** The last TELEMETRY_HISTORY samples per device, for the dashboard's charts. */
+  private readonly history = new Map<string, TelemetrySample[]>();
+  /** Listeners to the controller's events (the dashboard's live pages). */
+  private readonly eventListeners = new Set<(payload: Uint8Array) => void>();
   private client: MqttClient | undefined;
   private readonly log: Logger;
   private readonly prefix: string;
@@ -138,6 +158,11 @@ export class Controller {
       const bySite = new Map<string, DeviceRecord[]>();
       for (const d of devices) if (d.via) bySite.set(d.via, [...(bySite.get(d.via) ?? []), d]);
       for (const [gateway, site] of bySite) this.sendSite(gateway, site, false, removed);
+      if (removed)
+        for (const d of devices) {
+          this.telemetry.delete(d.id);
+          this.history.delete(d.id);
+        }
     };
     opts.registry.onBadFacts = (deviceId) => {
       this.counters.inc("device_facts_refused");
@@ -190,7 +215,7 @@ export class Controller {
       },
       onTelemetry: (deviceId, m) => {
         const memPct = m.memTotal ? ((m.memUsed ?? 0) * 100) / m.memTotal : 0;
-        this.telemetry.set(deviceId, {
+        const sample = {
           at: Date.now(),
           values: {
             "cpu.load": m.cpuLoad ?? 0,
@@ -199,7 +224,12 @@ export class Controller {
             temperature: m.temperatureC ?? Number.NaN,
             uptime: m.uptimeS ?? 0,
           },
-        });
+        };
+        this.telemetry.set(deviceId, sample);
+        const h = this.history.get(deviceId) ?? [];
+        h.push(sample);
+        if (h.length > TELEMETRY_HISTORY) h.shift();
+        this.history.set(deviceId, h);
       },
       publish: (topic, payload, qos, retain) => this.publish(topic, payload, qos, retain),
       drop: (reason, detail) => this.drop(reason, detail),
@@ -309,8 +339,35 @@ export class Controller {
     if (!(await settlesWithin(client.endAsync(), graceMs))) client.end(true);
   }
 
+  /**
+   * One operator API call made in this process (the dashboard), with the same params schema
+   * as over MQTT; `operator` is the logged-in operator.
+   */
+  async call(method: Method, params: unknown, operator: string): Promise<unknown> {
+    const parsed = api[method].params.safeParse(params);
+    if (!parsed.success) throw new ApiError(formatIssues(parsed.error));
+    const handler = this.api[method] as (p: unknown, operator: string) => Promise<unknown>;
+    const result = await handler(parsed.data, operator);
+    if (!READ_ONLY.has(method))
+      await this.audited(operator, method, JSON.stringify(params ?? {}), "ok (dashboard)");
+    return result;
+  }
+
+  /** Each FleetEvent the controller publishes, as published; returns an unsubscribe. */
+  onEvent(listener: (payload: Uint8Array) => void): () => void {
+    this.eventListeners.add(listener);
+    return () => this.eventListeners.delete(listener);
+  }
+
+  /** A device's recent telemetry (oldest first). */
+  telemetryOf(deviceId: string): readonly TelemetrySample[] {
+    return this.history.get(deviceId) ?? [];
+  }
+
   /** Never publishes what the broker would refuse (it would close our connection instead). */
   private publish(topic: string, payload: Uint8Array, qos: 0 | 1, retain = false): boolean {
+    if (this.eventListeners.size && topic === eventsTopic(this.prefix))
+      for (const l of this.eventListeners) l(payload);
     const limit = this.opts.config.limits.maxPayloadBytes;
     if (payload.length > limit) {
       this.counters.inc("publish_too_large");
