@@ -135,7 +135,11 @@ describe("dashboard", () => {
     });
     expect(await page.getByText("site=hall").count()).toBeGreaterThan(0);
     await page.screenshot({ path: join(SHOTS, "device.png"), fullPage: true });
+    // On a phone: nothing wider than the screen.
     await page.setViewportSize({ width: 390, height: 844 });
+    await page.reload();
+    await page.locator(".uplot").waitFor();
+    expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
     await page.screenshot({ path: join(SHOTS, "device-phone.png"), fullPage: true });
     await page.close();
   }, 60_000);
