@@ -154,6 +154,7 @@ export class Agent {
           counters: this.counters,
           trustedKeys: this.trustedKeys,
           queueBytes: gw.queueBytes,
+          dashboardPort: gw.dashboardPort,
           onChange: () => this.publishStateSoon(),
           upstream: {
             publish: (topic, payload, qos, retain, done) =>

@@ -71,6 +71,8 @@ export const agentConfigSchema = z
         bind: z.string().default("0.0.0.0"),
         cert: z.string(),
         key: z.string(),
+        /** The site's dashboard (HTTPS with the gateway's certificate; 0 = none). */
+        dashboardPort: z.number().int().min(0).max(65535).default(8443),
         /** What the site may queue for the uplink while it is down (telemetry dropped first). */
         queueBytes: z
           .number()

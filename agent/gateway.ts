@@ -10,11 +10,13 @@
 
 import type { KeyObject } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
 import { createServer as createTlsServer, type Server as TlsServer } from "node:tls";
 import type { AbstractSublevel } from "abstract-level";
 import { Aedes, type Client } from "aedes";
 import type { Logger } from "pino";
 import { tokenMatches, verifyPassword } from "../broker/credentials.js";
+import { Dashboard } from "../broker/dashboard.js";
 import { BrokerGate, type FleetClient } from "../broker/gate.js";
 import { limitPackets, type PacketLimits } from "../broker/packet-limit.js";
 import { PasswordGate } from "../broker/password-gate.js";
@@ -62,6 +64,8 @@ export interface GatewayOptions {
   onChange(): void;
   /** Bound of the store-and-forward queue (agent/uplink-queue.ts). */
   queueBytes: number;
+  /** The site's dashboard over HTTPS (0 = none). */
+  dashboardPort: number;
   /** The agent's upstream connection. */
   upstream: {
     /** False when it is down; `done` once the broker has it (QoS 1) or it was written (QoS 0). */
@@ -103,7 +107,9 @@ export class SiteGateway {
   private ready = false;
   private aedes: Aedes | undefined;
   private server: TlsServer | undefined;
+  private web: HttpsServer | undefined;
   port = 0;
+  dashboardUrl = "";
 
   constructor(private readonly opts: GatewayOptions) {
     this.store = opts.db.sublevel<string, SiteDeviceRecord>("site", {
@@ -220,11 +226,67 @@ export class SiteGateway {
     });
     this.port = (this.server.address() as { port: number }).port;
     o.log.info({ port: this.port, devices: this.devices.size }, "site gateway listening");
+    if (o.dashboardPort) await this.startDashboard();
+  }
+
+  /**
+   * The site's dashboard (DESIGN.md §12): the same pages as the center's, for this site — its
+   * devices, the jobs run here, live — with the operators the center sent, over HTTPS.
+   */
+  private async startDashboard(): Promise<void> {
+    const o = this.opts;
+    const control = this.control;
+    const dashboard = new Dashboard({
+      source: () => ({
+        operators: () => control.operators,
+        devices: () =>
+          [...this.siteDevices()].map((d) => ({
+            ...d,
+            lastSeen: 0,
+            via: o.deviceId,
+          })),
+        call: (m, p, op) => control.call(m, p, op),
+        onEvent: (l) => control.onEvent(l),
+        telemetryOf: () => [],
+        artifacts: async () => [],
+      }),
+      passwords: new PasswordGate({ verify: verifyPassword }),
+      counters: o.counters,
+      log: () => o.log,
+    });
+    this.web = createHttpsServer(
+      { cert: readFileSync(o.certFile), key: readFileSync(o.keyFile) },
+      (req, res) => {
+        dashboard
+          .handle(req, res)
+          .then((handled) => {
+            if (!handled) res.writeHead(404).end("not found\n");
+          })
+          .catch((err) => {
+            o.log.warn({ err: (err as Error).message }, "dashboard request failed");
+            if (!res.headersSent) res.writeHead(500).end();
+          });
+      },
+    );
+    await new Promise<void>((resolve) => {
+      this.web!.once("error", (err) => {
+        o.log.error({ err: err.message }, "cannot serve the site's dashboard");
+        resolve();
+      });
+      this.web!.listen(o.dashboardPort, o.bind, () => resolve());
+    });
+    const addr = this.web.address() as { port: number } | null;
+    if (addr) {
+      this.dashboardUrl = `https://${o.bind === "0.0.0.0" ? "127.0.0.1" : o.bind}:${addr.port}/`;
+      o.log.info({ url: this.dashboardUrl }, "site dashboard listening");
+    }
   }
 
   async stop(): Promise<void> {
     this.flushStatus();
     this.server?.close();
+    this.web?.close();
+    this.web?.closeAllConnections();
     const aedes = this.aedes;
     if (!aedes) return;
     const closed = new Promise<void>((r) => aedes.close(() => r()));

@@ -19,9 +19,18 @@ import type { Assignment, JobRecord } from "../broker/controller/store.js";
 import { jobSummary, jobView } from "../broker/controller/views.js";
 import { answerRpc } from "../broker/rpc-answer.js";
 import type { Counters } from "../common/counters.js";
-import { ApiError, cursor, fillPage, type Method, type ParsedParams, RpcErrorCode } from "../proto/api.js";
+import {
+  ApiError,
+  api,
+  cursor,
+  fillPage,
+  formatIssues,
+  type Method,
+  type ParsedParams,
+  RpcErrorCode,
+} from "../proto/api.js";
 import { encodeEnvelope } from "../proto/envelope.js";
-import { pb, type SiteJob, type StatusBatch, TaskState, TERMINAL_STATES } from "../proto/index.js";
+import { pb, type SiteJob, type StatusBatch, stateName, TERMINAL_STATES } from "../proto/index.js";
 import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import { deviceTopic, eventsTopic } from "../proto/topics.js";
 import type { Db } from "./store.js";
@@ -83,6 +92,7 @@ export class SiteControl {
   private readonly meta: Sub<SiteOperatorRecord[]>;
   private readonly nonceStore: Sub<number>;
   private readonly handlers: Partial<Record<Method, Handler>>;
+  private readonly listeners = new Set<(payload: Uint8Array) => void>();
 
   constructor(private readonly opts: SiteControlOptions) {
     this.store = opts.db.sublevel<string, StoredSiteJob>("sitejobs", {
@@ -333,6 +343,28 @@ export class SiteControl {
       },
       // `watch` lists active rollouts first: a gateway runs none.
       "rollout.ls": async () => ({ items: [] }),
+      "device.show": async (p) => {
+        const d = [...o.devices()].find((x) => x.id === p.id);
+        if (!d) throw notFound(`device ${p.id}`);
+        const jobs = [...this.jobs.values()]
+          .filter((j) => j.record.devices.includes(d.id))
+          .map((j) => ({
+            jobId: j.record.id,
+            state: stateName(this.views.get(j.record.id)?.get(d.id)?.state ?? 0),
+          }));
+        return {
+          id: d.id,
+          online: d.online,
+          labels: d.labels,
+          agentVersion: d.agentVersion,
+          lastSeen: null,
+          via: o.gatewayId,
+          queueDepth: 0,
+          facts: {},
+          jobs,
+          moreJobs: false,
+        };
+      },
     };
     return handlers as Partial<Record<Method, Handler>>;
   }
@@ -344,7 +376,24 @@ export class SiteControl {
     status?: NonNullable<StatusBatch["statuses"]>[number];
     atMs: number;
   }): void {
-    this.opts.publish(eventsTopic(this.opts.prefix), encodeEnvelope({ fleetEvent: e }));
+    const payload = encodeEnvelope({ fleetEvent: e });
+    this.opts.publish(eventsTopic(this.opts.prefix), payload);
+    for (const l of this.listeners) l(payload);
+  }
+
+  /** The gateway's events (its dashboard's live pages); returns an unsubscribe. */
+  onEvent(listener: (payload: Uint8Array) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /** One API call in process (the gateway's dashboard), with the same params schema. */
+  async call(method: Method, params: unknown, operator: string): Promise<unknown> {
+    const handler = this.handlers[method];
+    if (!handler) throw new ApiError(`${method} is not served by a gateway`, RpcErrorCode.RPC_NOT_FOUND);
+    const parsed = api[method].params.safeParse(params);
+    if (!parsed.success) throw new ApiError(formatIssues(parsed.error));
+    return handler(parsed.data, operator);
   }
 }
 

@@ -16,7 +16,7 @@ import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
 import { ApiError, type Method, RpcErrorCode } from "../proto/api.js";
 import { decodeEnvelope } from "../proto/envelope.js";
-import { parseSelector, SelectorError } from "../proto/selector.js";
+import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import type { ArtifactStore } from "./artifacts.js";
 import type { ServerConfig } from "./config.js";
 import type { Registry } from "./controller/registry.js";
@@ -26,20 +26,57 @@ import * as views from "./dashboard/views.js";
 import type { PasswordGate } from "./password-gate.js";
 
 export interface DashboardContext {
-  config(): ServerConfig;
-  registry(): Registry | undefined;
-  artifacts(): ArtifactStore | undefined;
-  /** The controller, where it runs here. */
-  controller(): DashboardController | undefined;
+  /** What the pages show: the fleet (the server) or a site (a gateway); undefined = not here. */
+  source(): DashboardSource | undefined;
   passwords: PasswordGate;
   counters: Counters;
   log(): Logger;
 }
 
-export interface DashboardController {
+/** A device as the devices page and the overview see it. */
+export interface DashboardDevice {
+  id: string;
+  online: boolean;
+  labels: Record<string, string>;
+  agentVersion: string;
+  lastSeen: number;
+  via?: string;
+  gateway?: unknown;
+  counters?: Record<string, number>;
+}
+
+export interface DashboardSource {
+  /** Who may log in (scrypt password hashes). */
+  operators(): ReadonlyArray<{ username: string; passwordHash: string }>;
+  devices(): Iterable<DashboardDevice>;
+  /** The operator API, called in process as the logged-in operator. */
   call(method: Method, params: unknown, operator: string): Promise<unknown>;
   onEvent(listener: (payload: Uint8Array) => void): () => void;
   telemetryOf(deviceId: string): ReadonlyArray<{ at: number; values: Record<string, number> }>;
+  artifacts(): Promise<Parameters<typeof views.artifactsPage>[0]>;
+}
+
+/** The fleet server's source: its registry, controller and artifact store. */
+export function fleetSource(o: {
+  config(): ServerConfig;
+  registry(): Registry | undefined;
+  artifacts(): ArtifactStore | undefined;
+  controller(): Pick<DashboardSource, "call" | "onEvent" | "telemetryOf"> | undefined;
+}): () => DashboardSource | undefined {
+  return () => {
+    const registry = o.registry();
+    const controller = o.controller();
+    const artifacts = o.artifacts();
+    if (!registry || !controller || !artifacts) return undefined;
+    return {
+      operators: () => o.config().operators,
+      devices: () => registry.all(),
+      call: (m, p, op) => controller.call(m, p, op),
+      onEvent: (l) => controller.onEvent(l),
+      telemetryOf: (id) => controller.telemetryOf(id),
+      artifacts: () => artifacts.list(),
+    };
+  };
 }
 
 const CSP =
@@ -57,17 +94,20 @@ const STATIC: Record<string, { file: () => string; type: string }> = {
   "app.js": { file: () => staticFile("app.js"), type: "text/javascript; charset=utf-8" },
   "app.css": { file: () => staticFile("app.css"), type: "text/css; charset=utf-8" },
   "uPlot.iife.min.js": {
-    file: () => requireHere.resolve("uplot/dist/uPlot.iife.min.js"),
+    file: () => staticFile("uPlot.iife.min.js", "uplot/dist/"),
     type: "text/javascript; charset=utf-8",
   },
   "uPlot.min.css": {
-    file: () => requireHere.resolve("uplot/dist/uPlot.min.css"),
+    file: () => staticFile("uPlot.min.css", "uplot/dist/"),
     type: "text/css; charset=utf-8",
   },
 };
 
-function staticFile(name: string): string {
-  return join(STATIC_DIRS.find((d) => existsSync(join(d, name))) ?? STATIC_DIRS[0]!, name);
+/** Beside the code (the agent bundle carries copies), else from the package's node_modules. */
+function staticFile(name: string, pkg?: string): string {
+  const dir = STATIC_DIRS.find((d) => existsSync(join(d, name)));
+  if (dir) return join(dir, name);
+  return pkg ? requireHere.resolve(`${pkg}${name}`) : join(STATIC_DIRS[0]!, name);
 }
 
 export class Dashboard {
@@ -92,7 +132,7 @@ export class Dashboard {
     if (path.startsWith("/static/")) return this.static(res, path.slice("/static/".length));
     const secure = Boolean((req.socket as TLSSocket).encrypted);
     if (path === "/login") return this.login(req, res, url, secure);
-    const session = this.c.registry() ? this.sessions.of(req) : undefined;
+    const session = this.c.source() ? this.sessions.of(req) : undefined;
     if (!session) {
       if (path === "/events" || req.method !== "GET") return this.send(res, 401, "not logged in");
       return this.redirect(res, `/login?next=${encodeURIComponent(path + url.search)}`);
@@ -166,7 +206,9 @@ export class Dashboard {
         error = err.message;
       }
       // Filtered and sorted on the server; one page in the DOM, however many devices match.
-      const all = error ? [] : this.c.registry()!.select(reqs);
+      const all = error
+        ? []
+        : [...this.c.source()!.devices()].filter((d) => !reqs || matchesSelector(reqs, d.labels));
       if (sort === "online")
         all.sort((a, b) => Number(a.online) - Number(b.online) || a.id.localeCompare(b.id));
       else if (sort === "lastSeen") all.sort((a, b) => b.lastSeen - a.lastSeen || a.id.localeCompare(b.id));
@@ -201,7 +243,7 @@ export class Dashboard {
       return [
         `Device ${id}`,
         "/devices",
-        views.devicePage({ device: d, telemetry: [...(this.c.controller()?.telemetryOf(id) ?? [])] }),
+        views.devicePage({ device: d, telemetry: [...(this.c.source()?.telemetryOf(id) ?? [])] }),
       ];
     }
     if (path === "/jobs") {
@@ -227,16 +269,16 @@ export class Dashboard {
       return [`Rollout ${r.name}`, "/rollouts", views.rolloutPage(r, session.csrf)];
     }
     if (path === "/artifacts")
-      return ["Artifacts", "/artifacts", views.artifactsPage(await this.c.artifacts()!.list())];
+      return ["Artifacts", "/artifacts", views.artifactsPage(await this.c.source()!.artifacts())];
     throw new ApiError(`no page ${path}`, RpcErrorCode.RPC_NOT_FOUND);
   }
 
   private async overview(session: Session): Promise<views.Overview> {
-    const registry = this.c.registry()!;
+    const source = this.c.source()!;
     let total = 0;
     let on = 0;
     const sites = new Map<string, views.Overview["sites"][number]>();
-    for (const d of registry.all()) {
+    for (const d of source.devices()) {
       total++;
       if (d.online) on++;
       const site = d.labels.site;
@@ -269,14 +311,14 @@ export class Dashboard {
   }
 
   private call(method: Method, params: unknown, session: Session): Promise<unknown> {
-    const controller = this.c.controller();
-    if (!controller) throw new ApiError("this node does not run the controller");
-    return controller.call(method, params, session.operator);
+    const source = this.c.source();
+    if (!source) throw new ApiError("this node does not run the controller");
+    return source.call(method, params, session.operator);
   }
 
   /** Server-sent events: each controller event as `data: {kind, deviceId, jobId}`. */
   private events(req: IncomingMessage, res: ServerResponse): true {
-    const controller = this.c.controller();
+    const controller = this.c.source();
     if (!controller || this.streams >= MAX_STREAMS) return this.send(res, 503, "no live events here");
     this.streams++;
     res.writeHead(200, {
@@ -312,9 +354,22 @@ export class Dashboard {
     const to = safeNext(form.get("next"));
     if (!sameOrigin(req)) return this.send(res, 403, "refused: another origin");
     const username = form.get("username") ?? "";
-    const op = this.c.config().operators.find((o) => o.username === username);
+    const operators = this.c.source()?.operators() ?? [];
+    if (!operators.length)
+      return this.html(
+        res,
+        200,
+        views.layout({
+          title: "Log in",
+          body: views.loginPage(
+            "No operator can log in here yet (a gateway learns them from the center).",
+            to,
+          ),
+        }),
+      );
+    const op = operators.find((o) => o.username === username);
     // An unknown name costs the same scrypt check as a wrong password.
-    const stored = op?.passwordHash ?? this.c.config().operators[0]!.passwordHash;
+    const stored = op?.passwordHash ?? operators[0]?.passwordHash ?? "";
     const verdict = await this.c.passwords.check(
       req.socket.remoteAddress ?? "?",
       form.get("password") ?? "",

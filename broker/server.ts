@@ -24,7 +24,7 @@ import { JobStore } from "./controller/job-store.js";
 import { Registry } from "./controller/registry.js";
 import { ControllerStore } from "./controller/store.js";
 import { verifyPassword } from "./credentials.js";
-import { Dashboard } from "./dashboard.js";
+import { Dashboard, fleetSource } from "./dashboard.js";
 import { BrokerGate, type DeviceCredentials } from "./gate.js";
 import { httpHandler } from "./http-routes.js";
 import { initFleet } from "./init.js";
@@ -113,10 +113,12 @@ export class FleetServer {
     counters: this.counters,
     log: () => this.log,
     dashboard: new Dashboard({
-      config: () => this.config,
-      registry: () => this.registry,
-      artifacts: () => this.artifacts,
-      controller: () => this.controller,
+      source: fleetSource({
+        config: () => this.config,
+        registry: () => this.registry,
+        artifacts: () => this.artifacts,
+        controller: () => this.controller,
+      }),
       passwords: this.passwords,
       counters: this.counters,
       log: () => this.log,

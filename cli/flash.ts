@@ -61,6 +61,7 @@ interface FlashOptions extends OperatorOptions {
   allowPath: string[];
   mtls?: boolean;
   peerPort: string;
+  gatewayDashboardPort?: string;
   peerHost?: string;
   artifactsUrl?: string;
   dryRunSystem?: boolean;
@@ -113,6 +114,7 @@ export function registerFlash(program: Command): void {
       [],
     )
     .option("--gateway-port <port>", "the gateway's MQTT/TLS port (default 8883)")
+    .option("--gateway-dashboard-port <port>", "the gateway's site dashboard, HTTPS (default 8443; 0 = none)")
     .option("--via <gateway>", "connect through this site gateway (it comes first in the broker list)")
     .option(
       "--peer-port <port>",
@@ -135,6 +137,9 @@ export function registerFlash(program: Command): void {
       if (!o.gateway && (o.gatewayHost.length || o.gatewayPort !== undefined))
         throw new CliError("--gateway-host and --gateway-port go with --gateway");
       const gatewayHosts = o.gatewayHost.length ? o.gatewayHost : [id];
+      const dashboardPort = o.gatewayDashboardPort === undefined ? 8443 : Number(o.gatewayDashboardPort);
+      if (!Number.isInteger(dashboardPort) || dashboardPort < 0 || dashboardPort > 65535)
+        throw new CliError(`--gateway-dashboard-port: "${o.gatewayDashboardPort}" is not a port (0-65535)`);
       const peerPort = Number(o.peerPort);
       if (!Number.isInteger(peerPort) || peerPort < 0 || peerPort > 65535)
         throw new CliError(`--peer-port: "${o.peerPort}" is not a port (0-65535)`);
@@ -199,6 +204,7 @@ export function registerFlash(program: Command): void {
                 bind: "0.0.0.0",
                 cert: "etc/fleet-agent/gateway.pem",
                 key: "etc/fleet-agent/gateway.key",
+                dashboardPort: dashboardPort,
               },
             }
           : {}),

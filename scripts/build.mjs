@@ -42,6 +42,13 @@ await build({
   define: { ...define, "import.meta.url": "__importMetaUrl" },
   logLevel: "error",
 });
+// A site gateway serves the dashboard too: its static files travel with the agent bundle.
+const staticDir = join(agentDir, "dashboard", "static");
+mkdirSync(staticDir, { recursive: true });
+for (const f of ["app.js", "app.css"])
+  cpSync(join(root, "broker", "dashboard", "static", f), join(staticDir, f));
+for (const f of ["uPlot.iife.min.js", "uPlot.min.css"])
+  cpSync(join(root, "node_modules", "uplot", "dist", f), join(staticDir, f));
 for (const p of ["linux-x64", "linux-arm64", "linux-arm"]) {
   mkdirSync(join(agentDir, "prebuilds"), { recursive: true });
   cpSync(join(root, "node_modules", "classic-level", "prebuilds", p), join(agentDir, "prebuilds", p), {

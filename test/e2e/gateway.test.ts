@@ -2,6 +2,7 @@
 // gateway, devices flashed behind it and moved to other roots — and Debian's mosquitto clients
 // for the ACL through the gateway and at the center.
 import { readFileSync, writeFileSync } from "node:fs";
+import { request as httpsRequest } from "node:https";
 import { join } from "node:path";
 import { connect as tlsConnect } from "node:tls";
 import mqtt from "mqtt";
@@ -29,6 +30,41 @@ const data = tempDir("fleet-gw-");
 let server: ServerProcess;
 let env: Record<string, string>;
 let gwPort = 0;
+let dashPort = 0;
+
+/** A request to the gateway's dashboard (HTTPS, the fleet CA). */
+function dashboard(path: string, o: { cookie?: string; form?: Record<string, string> } = {}) {
+  return new Promise<{ status: number; cookie?: string; body: string }>((resolve, reject) => {
+    const body = o.form ? new URLSearchParams(o.form).toString() : undefined;
+    const req = httpsRequest(
+      `https://127.0.0.1:${dashPort}${path}`,
+      {
+        method: body ? "POST" : "GET",
+        ca: readFileSync(caFile()),
+        headers: {
+          ...(o.cookie ? { cookie: o.cookie } : {}),
+          ...(body ? { "content-type": "application/x-www-form-urlencoded" } : {}),
+        },
+        agent: false,
+      },
+      (res) => {
+        let text = "";
+        res.on("data", (d) => {
+          text += d;
+        });
+        res.on("end", () =>
+          resolve({
+            status: res.statusCode ?? 0,
+            cookie: res.headers["set-cookie"]?.[0]?.split(";")[0],
+            body: text,
+          }),
+        );
+      },
+    );
+    req.on("error", reject);
+    req.end(body);
+  });
+}
 const roots = new Map<string, string>();
 const agents = new Map<string, AgentProc>();
 const cleanups: Array<() => void> = [];
@@ -61,6 +97,12 @@ beforeAll(async () => {
     "--label",
     "site=hall",
   ]);
+  // The site's dashboard on a free port (the default 8443 may be the center's on this machine).
+  dashPort = await freePort();
+  const gwFile = join(roots.get("gw-1")!, "etc", "fleet-agent", "config.json");
+  const gwCfg = configOf("gw-1");
+  gwCfg.gateway.dashboardPort = dashPort;
+  writeFileSync(gwFile, JSON.stringify(gwCfg), { mode: 0o600 });
   agents.set("gw-1", startAgent(roots.get("gw-1")!));
   await waitOnline(env, "gw-1");
   await flash("dev-1", ["--via", "gw-1", "--label", "site=hall"]);
@@ -286,6 +328,20 @@ describe("site gateway", () => {
     expect(ls.map((j) => j.id)).toEqual([siteJob.id]);
     const devices = cliJson<DeviceJson[]>(await atGateway(["device", "ls", "--json"]));
     expect(devices.find((d) => d.id === "dev-1")).toMatchObject({ online: true, via: "gw-1" });
+    // The site's dashboard, served by the gateway with the operators the center sent it.
+    const op = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+    expect((await dashboard("/jobs")).status).toBe(303);
+    const bad = await dashboard("/login", { form: { username: op.username, password: "wrong" } });
+    expect(bad.body).toContain("Wrong operator name or password.");
+    const login = await dashboard("/login", { form: { username: op.username, password: op.password } });
+    expect(login.status).toBe(303);
+    const jobsPage = await dashboard("/jobs", { cookie: login.cookie! });
+    expect(jobsPage.body).toContain(siteJob.id);
+    expect((await dashboard(`/jobs/${siteJob.id}`, { cookie: login.cookie! })).body).toContain("SUCCEEDED");
+    expect((await dashboard("/devices?selector=site%3Dhall", { cookie: login.cookie! })).body).toContain(
+      "dev-1",
+    );
+    expect((await dashboard("/static/uPlot.iife.min.js")).status).toBe(200);
     await new Promise((r) => setTimeout(r, 2500)); // the first job ends while the center is gone
     server = await startServer(data.dir, server.ports);
     const done = await converged(id);
