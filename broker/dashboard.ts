@@ -19,7 +19,8 @@ import { decodeEnvelope } from "../proto/envelope.js";
 import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import type { ArtifactStore } from "./artifacts.js";
 import type { ServerConfig } from "./config.js";
-import type { Registry } from "./controller/registry.js";
+import { deviceJson, type Registry } from "./controller/registry.js";
+import type { DeviceRecord } from "./controller/store.js";
 import type { Html } from "./dashboard/html.js";
 import { csrfMatches, type Session, Sessions } from "./dashboard/sessions.js";
 import * as views from "./dashboard/views.js";
@@ -41,7 +42,7 @@ export interface DashboardDevice {
   agentVersion: string;
   lastSeen: number;
   via?: string;
-  gateway?: unknown;
+  gateway?: DeviceRecord["gateway"];
   counters?: Record<string, number>;
 }
 
@@ -213,15 +214,7 @@ export class Dashboard {
         all.sort((a, b) => Number(a.online) - Number(b.online) || a.id.localeCompare(b.id));
       else if (sort === "lastSeen") all.sort((a, b) => b.lastSeen - a.lastSeen || a.id.localeCompare(b.id));
       else all.sort((a, b) => a.id.localeCompare(b.id));
-      const rows = all.slice(offset, offset + PAGE).map((d) => ({
-        id: d.id,
-        online: d.online,
-        labels: d.labels,
-        agentVersion: d.agentVersion,
-        lastSeen: d.lastSeen ? new Date(d.lastSeen).toISOString() : null,
-        ...(d.via ? { via: d.via } : {}),
-        ...(d.gateway ? { gateway: d.gateway } : {}),
-      }));
+      const rows = all.slice(offset, offset + PAGE).map(deviceJson);
       return [
         "Devices",
         "/devices",

@@ -20,7 +20,9 @@ export function checkDeviceId(id: string): void {
   }
 }
 
-export function deviceJson(d: DeviceRecord) {
+export function deviceJson(
+  d: Pick<DeviceRecord, "id" | "online" | "labels" | "agentVersion" | "lastSeen" | "via" | "gateway">,
+) {
   return {
     id: d.id,
     online: d.online,

@@ -59,6 +59,25 @@ async function login(page: Page, password = operator.password) {
   await page.waitForLoadState();
 }
 
+/** A one-task rollout to the simulated devices, waves 1,100%, with this bake (not waited for). */
+const createRollout = (bake: string) =>
+  cli(
+    [
+      "rollout",
+      "create",
+      "-f",
+      rolloutFile(),
+      "--selector",
+      "pool=sim",
+      "--waves",
+      "1,100%",
+      "--bake",
+      bake,
+      "--json",
+    ],
+    env,
+  );
+
 const rolloutFile = () => {
   const f = join(data.dir, "hello.yaml");
   writeFileSync(f, "name: hello-dash\ntasks:\n  - { id: hello, type: noop }\n");
@@ -148,22 +167,7 @@ describe("dashboard", () => {
     const page = await newPage();
     await login(page);
     let navigations = 0;
-    const r = await cli(
-      [
-        "rollout",
-        "create",
-        "-f",
-        rolloutFile(),
-        "--selector",
-        "pool=sim",
-        "--waves",
-        "1,100%",
-        "--bake",
-        "4s",
-        "--json",
-      ],
-      env,
-    );
+    const r = await createRollout("4s");
     expect(r.code, r.stderr).toBe(0);
     const id = cliJson<{ id: string }>(r).id;
     await page.goto(`${base}/rollouts/${id}`);
@@ -180,22 +184,7 @@ describe("dashboard", () => {
   it("pause from the page is what `fleet rollout show` says; a POST without the CSRF token is refused", async () => {
     const page = await newPage();
     await login(page);
-    const r = await cli(
-      [
-        "rollout",
-        "create",
-        "-f",
-        rolloutFile(),
-        "--selector",
-        "pool=sim",
-        "--waves",
-        "1,100%",
-        "--bake",
-        "60s",
-        "--json",
-      ],
-      env,
-    );
+    const r = await createRollout("60s");
     const id = cliJson<{ id: string }>(r).id;
     await page.goto(`${base}/rollouts/${id}`);
     await page.getByRole("button", { name: "Pause" }).click();
