@@ -119,7 +119,10 @@ export class Dashboard {
 
   /** True when the request was the dashboard's (answered); false for other routes. */
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
-    const url = new URL(req.url ?? "/", "http://x");
+    const raw = req.url ?? "/";
+    // A path of this server only ("//host/…" would parse as another host's root).
+    if (!raw.startsWith("/") || raw.startsWith("//")) return false;
+    const url = new URL(raw, "http://x");
     const path = url.pathname;
     const page =
       path === "/" ||
