@@ -30,6 +30,8 @@ const data = tempDir("fleet-gw-");
 let server: ServerProcess;
 let env: Record<string, string>;
 let gwPort = 0;
+/** Simulated devices behind the gateway in the scale step (the bench B8 goes to 1,000). */
+const SITE_SIM = 400;
 let dashPort = 0;
 
 /** A request to the gateway's dashboard (HTTPS, the fleet CA). */
@@ -432,7 +434,7 @@ describe("site gateway", () => {
     const watch = cli(["watch", "--json"], env, 8000);
     const sim = await simulate(env, [
       "--devices",
-      "20",
+      String(SITE_SIM),
       "--prefix",
       "simsite-",
       "--label",
@@ -443,7 +445,7 @@ describe("site gateway", () => {
     try {
       const r = await cli(["run", "noop", "--selector", "pool=simsite", "--wait", "--json"], env);
       expect(r.code).toBe(0);
-      expect(cliJson<JobJson>(r).counts).toMatchObject({ total: 20, succeeded: 20 });
+      expect(cliJson<JobJson>(r).counts).toMatchObject({ total: SITE_SIM, succeeded: SITE_SIM });
       await cli(["run", "noop", "--device", "gw-1", "--wait"], env); // it reports its counters with its state
       const text = await waitUntil("gateway counters in /metrics", async () => {
         const t = await (await fetch(`${server.urls.http}/metrics`)).text();
@@ -465,9 +467,13 @@ describe("site gateway", () => {
           queued: g("gateway_queue_bytes"),
           uplink: g("gateway_uplink_ready"),
         };
-        return v.connected >= 20 ? v : undefined;
+        return v.connected >= SITE_SIM ? v : undefined;
       });
-      expect(gauges.devices).toBeGreaterThanOrEqual(22);
+      expect(gauges.devices).toBeGreaterThanOrEqual(SITE_SIM + 2);
+      // Hundreds of devices' states and statuses go up split to the payload limit, never over it.
+      const metrics = await (await fetch(`${server.urls.http}/metrics`)).text();
+      expect(metrics).not.toMatch(/name="gateway_site_status_too_large"/);
+      expect(metrics).not.toMatch(/fleet_events_total\{name="dropped_[a-z_]*too_large"\}/);
       expect(gauges).toMatchObject({ queued: 0, uplink: 1 });
       const events = (await watch).stdout
         .trim()
