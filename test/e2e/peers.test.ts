@@ -5,12 +5,16 @@
 // release. A peer whose cache was tampered with cannot make a device install a wrong byte (it is
 // dropped and reported); a device of another site, or without a fleet certificate, gets nothing.
 import { execFileSync } from "node:child_process";
-import { randomBytes } from "node:crypto";
-import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { createHash, randomBytes } from "node:crypto";
+import { createReadStream, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { request } from "node:https";
 import { join } from "node:path";
+import { createGunzip } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { chunkStream } from "../../common/chunking.js";
 import type { JobJson } from "../../proto/api.js";
+import { pb } from "../../proto/index.js";
+import { signManifest } from "../../proto/signing.js";
 import {
   type AgentProc,
   cli,
@@ -202,6 +206,49 @@ describe("updates at a site: peers and deltas", () => {
       detail: { peer: "p-1" },
     });
   }, 240_000);
+
+  it("the server refuses a push whose signed chunk list does not match its content", async () => {
+    const ctx = JSON.parse(readFileSync(join(data.dir, "operator.json"), "utf8"));
+    const key = readFileSync(ctx.signingKey, "utf8");
+    const file = join(data.dir, "app-1.1.0.tar.gz");
+    const bytes = readFileSync(file);
+    const list = await chunkStream(createReadStream(file).pipe(createGunzip()));
+    const push = async (chunks: Array<{ sha256: string; size: number }>, body: Buffer, version: string) => {
+      const manifest = {
+        name: "app",
+        version,
+        size: body.length,
+        sha256: createHash("sha256").update(body).digest("hex"),
+        hardware: [],
+        createdAtMs: Date.now(),
+        chunks: chunks.map((c) => ({ sha256: Buffer.from(c.sha256, "hex"), size: c.size })),
+        contentSha256: Buffer.from(list.contentSha256, "hex"),
+        contentSize: list.contentSize,
+      };
+      const signed = pb.SignedManifest.encode(signManifest(manifest, key, ctx.keyId)).finish();
+      const res = await fetch(`${server.urls.http}/v1/artifacts`, {
+        method: "PUT",
+        body: new Uint8Array(body),
+        headers: {
+          authorization: `Basic ${Buffer.from(`${ctx.username}:${ctx.password}`).toString("base64")}`,
+          "x-fleet-manifest": Buffer.from(signed).toString("base64"),
+        },
+      });
+      return { status: res.status, error: ((await res.json()) as { error?: string }).error ?? "" };
+    };
+    // One chunk's hash changed in the signed list: refused, and nothing stored.
+    const wrong = list.chunks.map((c, i) => (i === 3 ? { ...c, sha256: "00".repeat(32) } : c));
+    expect(await push(wrong, bytes, "9.0.0")).toEqual({
+      status: 400,
+      error: "chunk 4 of the content does not match the signed manifest",
+    });
+    // A chunk list for something that is not a .tar.gz.
+    const notGzip = await push(list.chunks, Buffer.from("plain bytes, not gzip"), "9.0.1");
+    expect(notGzip.status).toBe(400);
+    expect(notGzip.error).toMatch(/not a readable \.tar\.gz/);
+    const listed = cliJson<Array<{ version: string }>>(await cli(["artifact", "ls", "--json"], env));
+    expect(listed.map((a) => a.version)).not.toContain("9.0.0");
+  }, 60_000);
 
   it("a device of another site, or without a fleet certificate, gets no chunk", async () => {
     const peerUrl = await waitUntil("p-2's peer URL", async () => {
