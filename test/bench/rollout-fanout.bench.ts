@@ -9,12 +9,13 @@ import mqtt, { type MqttClient } from "mqtt";
 import { it } from "vitest";
 import { cli, cliJson, FLEET, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
-import { bareAedes } from "./bare.js";
+import { bareAedes, cpuMsOf } from "./bare.js";
 import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_DEVICES ?? 2000);
 
-async function bareEcho(n: number): Promise<number> {
+/** The echo's time, and the CPU its broker process and its clients (this process) used. */
+async function bareEcho(n: number): Promise<{ ms: number; brokerCpuMs: number; clientCpuMs: number }> {
   const broker = await bareAedes();
   const clients: MqttClient[] = [];
   try {
@@ -28,12 +29,16 @@ async function bareEcho(n: number): Promise<number> {
     await ctl.subscribeAsync("echo/+/out", { qos: 1 });
     let got = 0;
     const done = new Promise<void>((r) => ctl.on("message", () => ++got === n && r()));
+    const brokerBefore = cpuMsOf(broker.pid);
+    const clientBefore = process.cpuUsage();
     const t = performance.now();
     for (let i = 0; i < n; i++) ctl.publish(`echo/${i}/in`, Buffer.alloc(200), { qos: 1 });
     await done;
     const ms = performance.now() - t;
+    const client = process.cpuUsage(clientBefore);
+    const brokerCpuMs = cpuMsOf(broker.pid) - brokerBefore;
     await ctl.endAsync();
-    return ms;
+    return { ms, brokerCpuMs, clientCpuMs: (client.user + client.system) / 1000 };
   } finally {
     await Promise.all(clients.map((c) => c.endAsync(true)));
     broker.stop();
@@ -41,7 +46,8 @@ async function bareEcho(n: number): Promise<number> {
 }
 
 it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round trips`, async () => {
-  const rawMs = await bareEcho(N);
+  const echo = await bareEcho(N);
+  const rawMs = echo.ms;
   const data = tempDir("fleet-bench-");
   let sim: ChildProcess | undefined;
   const server = await (async () => {
@@ -83,6 +89,8 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     });
     const job = join(data.dir, "noop.yaml");
     writeFileSync(job, "name: bench\ntasks:\n  - { id: a, type: noop }\n");
+    const serverBefore = cpuMsOf(server.proc.pid!);
+    const simBefore = cpuMsOf(simulated.pid!);
     const r = cliJson<{ durationMs: number; counts: { succeeded: number } }>(
       await cli(
         ["rollout", "create", "-f", job, "--selector", "pool=bench", "--waves", "100%", "--wait", "--json"],
@@ -90,6 +98,12 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
         600_000,
       ),
     );
+    // Where each delivered job's cost goes (issue 17): CPU per job in the server (broker and
+    // controller together) and in the simulated agents, against the bare echo's broker and
+    // clients per round trip. 10 ms clock ticks: meaningful over thousands of devices.
+    const perJob = (ms: number) => (ms * 1000) / N;
+    const serverCpu = cpuMsOf(server.proc.pid!) - serverBefore;
+    const simCpu = cpuMsOf(simulated.pid!) - simBefore;
     report("B1-rollout-fanout", [
       {
         name: `${N} devices, one wave: created -> every device SUCCEEDED (${r.counts.succeeded} ok)`,
@@ -98,6 +112,22 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
         baseline: rawMs,
         ratio: r.durationMs / rawMs,
         goal: "<= 2x bare aedes round trips",
+      },
+      {
+        name: "server CPU per delivered job (broker + controller) vs bare broker CPU per round trip",
+        value: perJob(serverCpu),
+        unit: "µs",
+        baseline: perJob(echo.brokerCpuMs),
+        ratio: serverCpu / Math.max(1, echo.brokerCpuMs),
+        goal: "(reported)",
+      },
+      {
+        name: "simulated-agent CPU per delivered job vs echo-client CPU per round trip",
+        value: perJob(simCpu),
+        unit: "µs",
+        baseline: perJob(echo.clientCpuMs),
+        ratio: simCpu / Math.max(1, echo.clientCpuMs),
+        goal: "(reported)",
       },
     ]);
   } finally {
