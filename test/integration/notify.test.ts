@@ -77,6 +77,9 @@ describe("notifier", () => {
     const ok = got.filter((g) => g.path === "/ok");
     expect(ok).toHaveLength(1);
     expect(ok[0]!.body.devices!.map((d) => d.deviceId)).toEqual(["a-1", "a-2"]);
+    // The receiver has the request before the notifier has its answer: wait for the record
+    // (CI once read it in between: queued 1, delivered 0).
+    await waitUntil("delivery recorded", () => notifier.list()[0]?.delivered === 1, 5000);
     expect(notifier.list()[0]).toMatchObject({ queued: 0, delivered: 1, dropped: 0 });
   });
 
