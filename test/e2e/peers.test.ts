@@ -72,7 +72,8 @@ async function rollout(version: string, selector = "site=shop") {
     job,
     `name: app-${version}\ntasks:\n  - id: update\n    type: software-update\n    params: { artifact: app, version: "${version}", target: opt/app }\n`,
   );
-  // The first wave seeds the site: a short bake lets its devices announce what they hold.
+  // The first wave seeds the site: a short bake lets its devices announce what they hold (a
+  // state goes up within 2 s; 5 s leaves room on a busy machine).
   const r = await cli(
     [
       "rollout",
@@ -84,7 +85,7 @@ async function rollout(version: string, selector = "site=shop") {
       "--waves",
       "1,100%",
       "--bake",
-      "3s",
+      "5s",
       "--wait",
       "--json",
     ],
