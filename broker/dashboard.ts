@@ -119,6 +119,16 @@ export class Dashboard {
 
   /** True when the request was the dashboard's (answered); false for other routes. */
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
+    try {
+      return await this.route(req, res);
+    } catch (err) {
+      if (!(err instanceof FormTooLarge)) throw err;
+      this.c.counters.inc("dashboard_form_too_large");
+      return this.send(res, 413, err.message);
+    }
+  }
+
+  private async route(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const raw = req.url ?? "/";
     // A path of this server only ("//host/…" would parse as another host's root).
     if (!raw.startsWith("/") || raw.startsWith("//")) return false;
@@ -452,11 +462,13 @@ function sameOrigin(req: IncomingMessage): boolean {
   }
 }
 
+class FormTooLarge extends Error {}
+
 async function readForm(req: IncomingMessage): Promise<URLSearchParams> {
   let body = "";
   for await (const chunk of req) {
     body += chunk;
-    if (body.length > MAX_FORM) throw new ApiError("form too large");
+    if (body.length > MAX_FORM) throw new FormTooLarge(`a form is at most ${MAX_FORM} bytes`);
   }
   return new URLSearchParams(body);
 }

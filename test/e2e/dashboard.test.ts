@@ -117,6 +117,10 @@ describe("dashboard", () => {
     expect(res.status).toBe(303);
     expect(res.headers.get("location")).toBe("/login?next=%2Fdevices");
     expect((await fetch(`${base}/events`)).status).toBe(401);
+    // An oversized form is refused with its reason, not a server error.
+    const big = await fetch(`${base}/login`, { method: "POST", body: "a".repeat(40_000) });
+    expect(big.status).toBe(413);
+    expect(await big.text()).toMatch(/a form is at most 16384 bytes/);
     const page = await newPage();
     await login(page, "wrong");
     expect(await page.getByRole("alert").textContent()).toBe("Wrong operator name or password.");
