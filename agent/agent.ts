@@ -20,7 +20,7 @@ import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { ArtifactSource, SystemPort, TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../proto/envelope.js";
 import { decodeJobSpec, type JobAssignment, pb, TaskState, type Telemetry } from "../proto/index.js";
-import { specDigest } from "../proto/signing.js";
+import { specDigest, type VerifiedSignatures } from "../proto/signing.js";
 import { deviceTopic, parseDeviceTopic } from "../proto/topics.js";
 import { httpArtifactSource } from "./artifacts.js";
 import { ChunkStore } from "./chunks.js";
@@ -69,6 +69,11 @@ export interface AgentOptions {
   telemetry?: () => Promise<Telemetry>;
   /** A session whose SUBSCRIBE is not answered within this time is dropped and made anew. */
   subackTimeoutMs?: number;
+  /**
+   * Good signatures shared by the simulator's devices (one process, the same trusted keys): a
+   * job is verified once, not once per simulated device. A real agent verifies its own copy.
+   */
+  verifiedSignatures?: VerifiedSignatures;
 }
 
 export class Agent {
@@ -108,6 +113,7 @@ export class Agent {
       opts.writer,
       // A batch of one status must fit the payload limit, with room for the envelope.
       Math.floor(this.cfg.maxPayloadBytes / 2),
+      this.cfg.statusFlushMs,
     );
     this.clock = new TrustedClock(opts.time ?? systemTime, BUILD_TIME_FLOOR);
     this.handlers = new Map((opts.handlers ?? builtinHandlers).map((h) => [h.type, h]));
@@ -406,13 +412,12 @@ export class Agent {
     this.log.warn({ reason, detail }, "dropped a payload");
   }
 
-  /** A verified, signed timestamp: the floor it raises is kept across restarts. */
-  private observeTime(ts: number): void {
-    if (this.clock.observe(ts)) {
-      this.store
-        .putMeta("timeFloor", this.clock.floor)
-        .catch((err) => this.log.warn({ err }, "cannot save time floor"));
-    }
+  /**
+   * A verified, signed timestamp: the floor it raises is kept across restarts — written with
+   * the job that carried it (one durable write per accepted job).
+   */
+  private observeTime(ts: number): Record<string, unknown> | undefined {
+    return this.clock.observe(ts) ? { timeFloor: this.clock.floor } : undefined;
   }
 
   // ---- accepting jobs ----------------------------------------------------------------------
@@ -438,7 +443,7 @@ export class Agent {
    * to its store commit — the check and the in-memory plan happen before its first await.
    */
   private async accept(a: JobAssignment): Promise<void> {
-    const sig = checkSignature(a, { trustedKeys: this.trustedKeys });
+    const sig = checkSignature(a, { trustedKeys: this.trustedKeys }, this.opts.verifiedSignatures);
     if (!sig.ok)
       return this.reject(unverifiedJobId(a), sig.reason, sig.message, a.job ? specDigest(a.job) : "");
     const spec = sig.spec;
@@ -459,7 +464,7 @@ export class Agent {
     }
     const v = checkSpec(a, spec, this.verifyContext());
     if (!v.ok) return this.reject(spec.jobId, v.reason, v.message, digest);
-    this.observeTime(spec.issuedAtMs);
+    const meta = this.observeTime(spec.issuedAtMs);
     const record: StoredJob = {
       jobId: spec.jobId,
       digest,
@@ -468,7 +473,7 @@ export class Agent {
       expiresAt: spec.expiresAtMs,
       ...(a.rolloutId ? { rolloutId: a.rolloutId } : {}),
     };
-    await this.scheduler.accept(record, spec, v.params);
+    await this.scheduler.accept(record, spec, v.params, meta);
     this.counters.inc("jobs_accepted");
   }
 

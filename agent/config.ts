@@ -50,6 +50,11 @@ export const agentConfigSchema = z
       .min(256)
       .default(64 * 1024),
     maxPayloadBytes: z.number().int().min(1024).default(DEFAULT_MAX_PAYLOAD),
+    /**
+     * Statuses committed within this many ms go out in one batch, and a task's unsent
+     * non-terminal status is replaced by its successor (outbox.ts); 0 sends every change.
+     */
+    statusFlushMs: z.number().int().min(0).max(1000).default(50),
     reconnect: z
       .object({
         minMs: z.number().min(10).default(1000),

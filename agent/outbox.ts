@@ -3,18 +3,26 @@
 // cumulative StatusAck, and are published in seq order, in batches, with a bounded window of
 // un-acknowledged statuses in flight; re-sent from the last ack on every reconnect and when
 // acks stop arriving.
+//
+// Coalescing (issue 17): statuses committed within one flush window (`flushDelayMs` after the
+// first) go out together, and a task's non-terminal status that was never sent is overwritten
+// in place — same seq, same key, in the batch that commits its successor — so a task that goes
+// QUEUED -> RUNNING -> SUCCEEDED within the window costs one record and the controller still
+// gets every seq, in order, and every terminal state (a terminal status is never overwritten).
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { GroupCommit } from "../common/group-commit.js";
 import { boundStatus } from "../common/output.js";
 import { encodeEnvelope } from "../proto/envelope.js";
-import { pb, type TaskStatus } from "../proto/index.js";
+import { pb, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 
 const MAX_BATCH_COUNT = 500;
 const WINDOW = 2000;
 const RESEND_AFTER_MS = 15_000;
 /** At most this many un-acknowledged statuses are kept in memory (the rest are read back). */
 const RECENT_MAX = 5000;
+/** Statuses committed within this long after the first unsent one go out in one batch. */
+export const FLUSH_DELAY_MS = 50;
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
@@ -50,6 +58,13 @@ export class Outbox {
   private connected = false;
   private lastProgressAt = Date.now();
   private timer: NodeJS.Timeout | undefined;
+  private flushTimer: NodeJS.Timeout | undefined;
+  /** The highest seq ever published: nothing at or below it is overwritten. */
+  private everSent = 0;
+  /** Per task (job, execution, task), the seq of its latest status if never sent and not terminal. */
+  private readonly unsent = new Map<string, number>();
+  /** Seqs being overwritten by a write not yet on disk: nothing from the lowest one on is sent. */
+  private readonly rewriting = new Map<number, number>();
 
   constructor(
     private readonly entries: Sub<Uint8Array>,
@@ -57,6 +72,8 @@ export class Outbox {
     private readonly writer: GroupCommit<Op>,
     /** No status may be larger than this (M1): a batch of one must still fit the payload limit. */
     private readonly maxStatusBytes: number,
+    /** The flush window (0: every commit is sent at once, nothing coalesces). */
+    private readonly flushDelayMs = FLUSH_DELAY_MS,
   ) {}
 
   async open(newEpoch: () => string): Promise<void> {
@@ -90,31 +107,74 @@ export class Outbox {
    * describe) in one atomic batch; once on disk they are sent. Commits are serialized.
    */
   append(statuses: readonly TaskStatus[], ops: Op[], sync: boolean): Promise<TaskStatus[]> {
-    const numbered = statuses.map((s) => ({ ...boundStatus(s, this.maxStatusBytes), seq: this.nextSeq++ }));
+    const numbered: TaskStatus[] = [];
+    /** Seqs this batch overwrites (each, once written, may be sent again). */
+    const overwritten: number[] = [];
+    let fresh = 0;
+    for (const status of statuses) {
+      const key = status.taskId ? `${status.jobId}\0${status.executionId}\0${status.taskId}` : "";
+      const prior = key ? this.unsent.get(key) : undefined;
+      const inPlace = prior !== undefined && prior > this.everSent && this.recent.has(prior);
+      const s = { ...boundStatus(status, this.maxStatusBytes), seq: inPlace ? prior : this.nextSeq++ };
+      if (inPlace) {
+        overwritten.push(prior);
+        this.rewriting.set(prior, (this.rewriting.get(prior) ?? 0) + 1);
+        const i = numbered.findIndex((n) => n.seq === prior);
+        if (i >= 0) numbered.splice(i, 1); // both in this batch: the later one stays
+      } else fresh++;
+      if (key) {
+        if (TERMINAL_STATES.has(s.state!)) this.unsent.delete(key);
+        else this.unsent.set(key, s.seq);
+      }
+      numbered.push(s);
+    }
     for (const s of numbered)
       ops.push({
         type: "put",
         sublevel: this.entries,
-        key: seqKey(s.seq),
+        key: seqKey(s.seq!),
         value: pb.TaskStatus.encode(s).finish(),
       });
-    if (numbered.length) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
+    if (fresh) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
+    const settled = () => {
+      for (const seq of overwritten) {
+        const n = (this.rewriting.get(seq) ?? 1) - 1;
+        if (n > 0) this.rewriting.set(seq, n);
+        else this.rewriting.delete(seq);
+      }
+    };
     return this.writer.write(ops, sync).then(
       () => {
-        for (const st of numbered) this.recent.set(st.seq, st);
+        settled();
+        const over = new Set(overwritten);
+        // An overwritten one keeps its place in `recent` (seq order) — if still there.
+        for (const st of numbered)
+          if (!over.has(st.seq!) || this.recent.has(st.seq!)) this.recent.set(st.seq!, st);
         if (this.recent.size > RECENT_MAX) this.forgetRecent();
-        if (numbered.length) this.flush();
+        if (numbered.length) this.flushSoon();
         return numbered;
       },
       (err) => {
+        settled();
         this.forgetRecent(); // a gap: read from disk until new statuses follow
         throw err;
       },
     );
   }
 
+  /** Sends after the flush window, so that what the next few milliseconds commit goes along. */
+  private flushSoon(): void {
+    if (!this.flushDelayMs) return this.flush();
+    if (this.flushTimer) return;
+    this.flushTimer = setTimeout(() => {
+      this.flushTimer = undefined;
+      this.flush();
+    }, this.flushDelayMs);
+  }
+
   private forgetRecent(): void {
     this.recent.clear();
+    this.unsent.clear(); // only statuses in memory are overwritten
     this.recentFrom = this.nextSeq;
   }
 
@@ -150,16 +210,20 @@ export class Outbox {
   async pending(after: number, limit: number): Promise<TaskStatus[]> {
     const from = Math.max(after, this.ackedSeq);
     const out: TaskStatus[] = [];
+    const held = this.rewriting.size ? Math.min(...this.rewriting.keys()) : Number.POSITIVE_INFINITY;
     if (from + 1 >= this.recentFrom) {
       for (const [seq, st] of this.recent) {
         if (seq <= from) continue;
+        if (seq >= held) break;
         out.push(st);
         if (out.length >= limit) break;
       }
       return out;
     }
-    for await (const value of this.entries.values({ gt: seqKey(from), limit }))
+    for await (const [key, value] of this.entries.iterator({ gt: seqKey(from), limit })) {
+      if (Number.parseInt(key, 16) >= held) break;
       out.push(pb.TaskStatus.decode(value));
+    }
     return out;
   }
 
@@ -178,6 +242,7 @@ export class Outbox {
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
+    if (this.flushTimer) clearTimeout(this.flushTimer);
     this.connected = false;
   }
 
@@ -242,6 +307,10 @@ export class Outbox {
       const body = { statuses: batch, epoch: this.epoch, ackedSeq: this.ackedSeq };
       if (!publish(encodeEnvelope({ statusBatch: body }))) return;
       this.sentUpTo = batch[batch.length - 1]!.seq!;
+      if (this.sentUpTo > this.everSent) {
+        this.everSent = this.sentUpTo;
+        for (const [key, seq] of this.unsent) if (seq <= this.everSent) this.unsent.delete(key);
+      }
     }
   }
 

@@ -165,7 +165,12 @@ export class Scheduler {
   // ---- commands ---------------------------------------------------------------------------
 
   /** Adds an accepted job; for a one-shot job creates its execution with every task QUEUED. */
-  async accept(record: StoredJob, spec: Spec, params: Map<string, unknown>): Promise<void> {
+  async accept(
+    record: StoredJob,
+    spec: Spec,
+    params: Map<string, unknown>,
+    meta?: Record<string, unknown>,
+  ): Promise<void> {
     const now = this.now();
     const plan = this.table.add(record, spec, params, now);
     const executions = plan.schedule ? [] : [this.table.newExecution(plan, "", now)];
@@ -173,7 +178,7 @@ export class Scheduler {
       ? `scheduled: ${spec.schedule?.cron}`
       : `accepted, ${spec.tasks.length} task(s)`;
     const queued = jobStatus(record.jobId, TaskState.QUEUED, message, now);
-    await this.commit({ jobs: [record], executions, statuses: [queued] }, true);
+    await this.commit({ jobs: [record], executions, statuses: [queued], ...(meta ? { meta } : {}) }, true);
     for (const e of executions) this.table.track(e);
     this.kick();
   }

@@ -2,7 +2,8 @@
 // disk, or a sublevel of a shared one for simulated devices).
 //
 // Write classes and LevelDB `sync` (what a power cut may lose):
-//  - accepting a job (job record + QUEUED status):          sync  — a PUBACK follows it.
+//  - accepting a job (job record + QUEUED status + the time   sync  — a PUBACK follows it; one
+//    floor its signed timestamp raised):                             write per job.
 //  - RUNNING and terminal task states (+ their statuses):   sync  — crash recovery relies on them
 //                                                                   (persist, then act).
 //  - WAITING/progress states:                               async — losing one re-derives it on start.
@@ -63,6 +64,8 @@ export interface Commit {
   statuses?: TaskStatus[];
   deleteJobs?: string[];
   deleteExecutions?: Array<{ jobId: string; execId: string }>;
+  /** Meta values written in the same batch (the time floor a newly accepted job raised). */
+  meta?: Record<string, unknown>;
 }
 
 type Op = AbstractBatchOperation<Db, string, unknown>;
@@ -86,6 +89,8 @@ export class AgentStore {
     writer?: GroupCommit<unknown>,
     /** No status may be larger than this (M1): a batch of one must still fit the payload limit. */
     maxStatusBytes = 128 * 1024,
+    /** The outbox's flush window (statuses coalesce within it). */
+    statusFlushMs?: number,
   ) {
     this.writer = (writer as GroupCommit<Op> | undefined) ?? new GroupCommit<Op>(db as never);
     this.jobs = db.sublevel<string, JobMeta>("job", { valueEncoding: "json" }) as Sub<JobMeta>;
@@ -96,7 +101,13 @@ export class AgentStore {
     this.meta = db.sublevel<string, unknown>("meta", { valueEncoding: "json" }) as Sub<unknown>;
     this.kvs = db.sublevel<string, unknown>("kv", { valueEncoding: "json" }) as Sub<unknown>;
     const entries = db.sublevel<string, Uint8Array>("out", { valueEncoding: "view" }) as Sub<Uint8Array>;
-    this.outbox = new Outbox(entries as never, this.meta as never, this.writer as never, maxStatusBytes);
+    this.outbox = new Outbox(
+      entries as never,
+      this.meta as never,
+      this.writer as never,
+      maxStatusBytes,
+      statusFlushMs,
+    );
   }
 
   /**
@@ -138,6 +149,8 @@ export class AgentStore {
     }
     for (const e of c.deleteExecutions ?? [])
       ops.push({ type: "del", sublevel: this.executions, key: execKey(e.jobId, e.execId) });
+    for (const [key, value] of Object.entries(c.meta ?? {}))
+      ops.push({ type: "put", sublevel: this.meta, key, value });
     return this.outbox.append(c.statuses ?? [], ops, sync);
   }
 

@@ -5,7 +5,7 @@ import type { TaskHandler, TaskPolicy } from "../firmware-tasks/types.js";
 import type { DecodedJobSpec, JobAssignment } from "../proto/index.js";
 import { checkGraph } from "../proto/jobspec.js";
 import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
-import { type SignatureCheck, verifySignedJob } from "../proto/signing.js";
+import { type SignatureCheck, type VerifiedSignatures, verifySignedJob } from "../proto/signing.js";
 import type { TrustedClock } from "./clock.js";
 import { cronProblem } from "./cron.js";
 import { REQUIREMENT_OPS } from "./facts.js";
@@ -52,9 +52,13 @@ export interface VerifyContext {
 
 const reject = (reason: RejectReason, message: string): Verdict => ({ ok: false, reason, message });
 
-export function checkSignature(a: JobAssignment, v: Pick<VerifyContext, "trustedKeys">): SignatureCheck {
+export function checkSignature(
+  a: JobAssignment,
+  v: Pick<VerifyContext, "trustedKeys">,
+  verified?: VerifiedSignatures,
+): SignatureCheck {
   if (!a.job) return { ok: false, reason: "unsigned", message: "assignment carries no job" };
-  return verifySignedJob(a.job, v.trustedKeys);
+  return verifySignedJob(a.job, v.trustedKeys, verified);
 }
 
 /** Everything after the signature check and the duplicate-id check. */

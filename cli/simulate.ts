@@ -14,6 +14,7 @@ import { GroupCommit } from "../common/group-commit.js";
 import { TaskFailedError } from "../firmware-tasks/errors.js";
 import { builtinHandlers } from "../firmware-tasks/index.js";
 import type { TaskHandler } from "../firmware-tasks/types.js";
+import { VerifiedSignatures } from "../proto/signing.js";
 import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from "./context.js";
 import { CliError } from "./exit.js";
 import { collect, parseKv } from "./format.js";
@@ -100,6 +101,7 @@ export function registerSimulate(program: Command): void {
       const handlers = simulatedHandlers(failRate, latency);
       const telemetryS = Number(o.telemetry);
       const agents: Agent[] = [];
+      const verifiedSignatures = new VerifiedSignatures();
       const started = Date.now();
       for (const id of ids) {
         const config = parseAgentConfig(
@@ -122,6 +124,7 @@ export function registerSimulate(program: Command): void {
           writer,
           handlers,
           measureFacts: false,
+          verifiedSignatures,
           telemetry: async () => ({
             cpuLoad: 0.1 + Math.random() * 0.2,
             memTotal: 1 << 30,

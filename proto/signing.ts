@@ -51,9 +51,30 @@ export type SignatureCheck =
   | { ok: true; spec: DecodedJobSpec }
   | { ok: false; reason: "unsigned" | "unknown_key" | "bad_signature" | "malformed"; message: string };
 
+/**
+ * Signatures already found good, for many verifiers that trust the same keys in one process
+ * (the simulator's devices): a job sent to 10,000 simulated devices is verified once. Keyed by
+ * key id and signature, and the signed bytes must be identical. A real device has none.
+ */
+export class VerifiedSignatures {
+  private readonly good = new Map<string, Uint8Array>();
+  constructor(private readonly max = 1000) {}
+
+  has(keyId: string, signature: Uint8Array, spec: Uint8Array): boolean {
+    const bytes = this.good.get(`${keyId}:${Buffer.from(signature).toString("base64")}`);
+    return bytes !== undefined && Buffer.from(bytes).equals(spec);
+  }
+
+  add(keyId: string, signature: Uint8Array, spec: Uint8Array): void {
+    if (this.good.size >= this.max) this.good.delete(this.good.keys().next().value!);
+    this.good.set(`${keyId}:${Buffer.from(signature).toString("base64")}`, spec);
+  }
+}
+
 export function verifySignedJob(
   signed: SignedJob,
   trustedKeys: ReadonlyMap<string, KeyObject>,
+  verified?: VerifiedSignatures,
 ): SignatureCheck {
   const specBytes = signed.spec ?? new Uint8Array();
   if (!signed.signature || signed.signature.length === 0 || !signed.keyId) {
@@ -61,7 +82,11 @@ export function verifySignedJob(
   }
   const key = trustedKeys.get(signed.keyId);
   if (!key) return { ok: false, reason: "unknown_key", message: `signed by unknown key ${signed.keyId}` };
-  if (!verifies(specBytes, key, signed.signature))
+  if (verified?.has(signed.keyId, signed.signature, specBytes)) {
+    // verified before, by the same trusted key: only the decoding remains
+  } else if (verifies(specBytes, key, signed.signature))
+    verified?.add(signed.keyId, signed.signature, specBytes);
+  else
     return {
       ok: false,
       reason: "bad_signature",

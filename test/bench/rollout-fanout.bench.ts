@@ -63,6 +63,8 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     const simulated = spawn(
       process.execPath,
       [
+        // FLEET_SERVER_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles this one too
+        ...(process.env.FLEET_SERVER_NODE_ARGS?.split(" ").filter(Boolean) ?? []),
         FLEET,
         "simulate",
         "--devices",
@@ -89,6 +91,7 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     });
     const job = join(data.dir, "noop.yaml");
     writeFileSync(job, "name: bench\ntasks:\n  - { id: a, type: noop }\n");
+    const w0 = process.hrtime.bigint() / 1000n;
     const serverBefore = cpuMsOf(server.proc.pid!);
     const simBefore = cpuMsOf(simulated.pid!);
     const r = cliJson<{ durationMs: number; counts: { succeeded: number } }>(
@@ -101,6 +104,7 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     // Where each delivered job's cost goes (issue 17): CPU per job in the server (broker and
     // controller together) and in the simulated agents, against the bare echo's broker and
     // clients per round trip. 10 ms clock ticks: meaningful over thousands of devices.
+    if (process.env.BENCH_WINDOW) writeFileSync(process.env.BENCH_WINDOW, `${w0} ${process.hrtime.bigint() / 1000n}`);
     const perJob = (ms: number) => (ms * 1000) / N;
     const serverCpu = cpuMsOf(server.proc.pid!) - serverBefore;
     const simCpu = cpuMsOf(simulated.pid!) - simBefore;
@@ -131,8 +135,9 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
       },
     ]);
   } finally {
-    // Graceful stops, so that `NODE_OPTIONS=--cpu-prof npm run bench` leaves profiles behind.
+    // Graceful stops, so that FLEET_SERVER_NODE_ARGS="--cpu-prof ..." leaves profiles behind.
     sim?.kill("SIGTERM");
+    if (sim?.exitCode === null) await new Promise((r) => sim!.once("exit", r));
     server.proc.kill("SIGTERM");
     await server.exited;
     data.cleanup();

@@ -10,8 +10,8 @@ beforeAll(async () => {
 afterAll(() => h.close());
 
 describe("agent basics", () => {
-  it("runs a noop job and reports QUEUED, RUNNING, SUCCEEDED", async () => {
-    const a = await h.newAgent("dev-basic");
+  it("runs a noop job and reports QUEUED, RUNNING, SUCCEEDED (every change, without a flush window)", async () => {
+    const a = await h.newAgent("dev-basic", { statusFlushMs: 0 });
     const jobId = await h.ctl.assign("dev-basic", jobSpec([{ id: "a", type: "noop" }]));
     const done = await h.ctl.waitJob("dev-basic", jobId);
     expect(done.state).toBe(TaskState.SUCCEEDED);

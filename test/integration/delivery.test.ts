@@ -77,7 +77,7 @@ describe("delivery", () => {
   }, 60_000);
 
   it("without acks the outbox keeps everything; a later ack releases it", async () => {
-    const agent = await h.newAgent("dlv-noack");
+    const agent = await h.newAgent("dlv-noack", { statusFlushMs: 0 });
     h.ctl.ackStatuses = false;
     try {
       const jobId = await h.ctl.assign("dlv-noack", jobSpec([{ id: "a", type: "noop" }]));

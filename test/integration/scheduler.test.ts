@@ -122,6 +122,8 @@ const cases: Case[] = [
   },
   {
     name: "retries with backoff until success",
+    // Every transition, not coalesced (the flush window is what merges them: outbox tests).
+    config: { statusFlushMs: 0 },
     tasks: [probe("a", { failTimes: 2 }, { retry: { maxAttempts: 3, backoffS: 0.1, factor: 2 } })],
     expectTasks: { a: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,

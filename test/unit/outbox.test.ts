@@ -1,0 +1,128 @@
+// The outbox's flush window (issue 17): statuses committed within it go out in one batch, a
+// task's unsent non-terminal status is overwritten in place by its successor (same seq, so the
+// controller's seq protocol is unchanged), terminal states and anything once sent are never
+// overwritten, and nothing is sent from a seq whose overwrite is still on its way to disk.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ClassicLevel } from "classic-level";
+import pino from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { type Op, Outbox } from "../../agent/outbox.js";
+import type { GroupCommit } from "../../common/group-commit.js";
+import { decodeEnvelope } from "../../proto/envelope.js";
+import { TaskState, type TaskStatus } from "../../proto/index.js";
+
+const cleanup: Array<() => Promise<void>> = [];
+afterEach(async () => {
+  for (const c of cleanup.splice(0)) await c();
+});
+
+/** An outbox on a real LevelDB whose writes can be held back, and what it published. */
+async function outbox(flushDelayMs: number) {
+  const dir = mkdtempSync(join(tmpdir(), "fleet-outbox-"));
+  const db = new ClassicLevel<string, unknown>(dir);
+  await db.open();
+  let gate: Promise<void> = Promise.resolve();
+  const writer = {
+    write: async (ops: Op[]) => {
+      await gate;
+      await db.batch(ops as never);
+    },
+  } as unknown as GroupCommit<Op>;
+  const entries = db.sublevel<string, Uint8Array>("out", { valueEncoding: "view" });
+  const meta = db.sublevel<string, unknown>("meta", { valueEncoding: "json" });
+  const box = new Outbox(entries as never, meta as never, writer, 64 * 1024, flushDelayMs);
+  await box.open(() => "epoch");
+  const batches: TaskStatus[][] = [];
+  box.start({
+    log: pino({ level: "silent" }),
+    publish: (payload) => {
+      batches.push(decodeEnvelope(payload).statusBatch!.statuses!);
+      return true;
+    },
+    maxBatchBytes: 64 * 1024,
+  });
+  cleanup.push(async () => {
+    box.stop();
+    await db.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const hold = () => {
+    let open!: () => void;
+    gate = new Promise((r) => {
+      open = r;
+    });
+    return open;
+  };
+  const shown = () => batches.map((b) => b.map((s) => `${s.seq}:${s.taskId}:${TaskState[s.state!]}`));
+  return { box, batches, hold, shown, entries };
+}
+
+const st = (taskId: string, state: TaskState): TaskStatus => ({
+  jobId: "j1",
+  executionId: "",
+  taskId,
+  state,
+});
+const settle = (ms = 0) => new Promise((r) => setTimeout(r, ms));
+
+describe("outbox flush window", () => {
+  it("coalesces a task's transitions within the window into one record, seqs contiguous", async () => {
+    const { box, shown, entries } = await outbox(1000);
+    box.onConnected();
+    await box.append([st("", TaskState.QUEUED)], [], true);
+    await box.append([st("a", TaskState.RUNNING)], [], true);
+    await box.append([st("a", TaskState.SUCCEEDED), st("", TaskState.SUCCEEDED)], [], true);
+    expect(shown()).toEqual([]); // the window is still open
+    box.flush();
+    await settle(10);
+    expect(shown()).toEqual([["1::QUEUED", "2:a:SUCCEEDED", "3::SUCCEEDED"]]);
+    expect(box.lastSeq).toBe(3);
+    // On disk too: the overwritten record, not a fourth one.
+    expect(await entries.keys().all()).toHaveLength(3);
+  });
+
+  it("sends once the window closes, by itself", async () => {
+    const { box, shown } = await outbox(30);
+    box.onConnected();
+    await box.append([st("a", TaskState.RUNNING)], [], true);
+    await box.append([st("a", TaskState.FAILED)], [], true);
+    await settle(100);
+    expect(shown()).toEqual([["1:a:FAILED"]]);
+  });
+
+  it("never overwrites a terminal status or one already sent", async () => {
+    const { box, shown } = await outbox(0);
+    box.onConnected();
+    await box.append([st("a", TaskState.RUNNING)], [], true); // sent at once
+    await settle(10);
+    await box.append([st("a", TaskState.SUCCEEDED)], [], true);
+    await settle(10);
+    expect(shown()).toEqual([["1:a:RUNNING"], ["2:a:SUCCEEDED"]]);
+
+    const late = await outbox(1000);
+    late.box.onConnected();
+    await late.box.append([st("b", TaskState.CANCELED)], [], true);
+    await late.box.append([st("b", TaskState.QUEUED)], [], true); // (a new status after a terminal one)
+    late.box.flush();
+    await settle(10);
+    expect(late.shown()).toEqual([["1:b:CANCELED", "2:b:QUEUED"]]);
+  });
+
+  it("sends nothing from a seq whose overwrite is not yet on disk", async () => {
+    const { box, shown, hold } = await outbox(1000);
+    box.onConnected();
+    await box.append([st("a", TaskState.RUNNING), st("b", TaskState.RUNNING)], [], true);
+    const open = hold();
+    const pending = box.append([st("a", TaskState.SUCCEEDED)], [], true);
+    box.flush(); // e.g. an ack or a reconnect while the overwrite is being written
+    await settle(10);
+    expect(shown()).toEqual([]); // neither a's old RUNNING nor what follows it
+    open();
+    await pending;
+    box.flush();
+    await settle(10);
+    expect(shown()).toEqual([["1:a:SUCCEEDED", "2:b:RUNNING"]]);
+  });
+});
