@@ -40,6 +40,8 @@ import { collectFacts, collectTelemetry } from "./telemetry.js";
 import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./verify.js";
 
 const STATE_MIN_INTERVAL_MS = 2000;
+/** A change is reported this long after it, so that a burst of changes is one DeviceState. */
+const STATE_SETTLE_MS = 1000;
 const FACTS_REFRESH_MS = 60_000;
 const SYNC_RETRY_MIN_MS = 3000;
 const SUBACK_TIMEOUT_MS = 10_000;
@@ -612,10 +614,10 @@ export class Agent {
     this.publish("state", this.stateEnvelope(true), 1, true);
   }
 
-  /** Queue depth changes are reported, at most every 2 s. */
+  /** Queue depth changes are reported 1 s after they happen, at most every 2 s. */
   private publishStateSoon(): void {
     if (this.stateTimer) return;
-    const wait = Math.max(0, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
+    const wait = Math.max(STATE_SETTLE_MS, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
     this.stateTimer = setTimeout(() => {
       this.stateTimer = undefined;
       this.publishState();

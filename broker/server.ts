@@ -66,6 +66,9 @@ export interface Listening {
 
 type FleetClient = Client & { fleet?: Identity };
 
+/** What the controller takes from a device's topics (the rest is for the devices). */
+const DEVICE_UPLINK = new Set(["status", "sync", "state", "telemetry"]);
+
 function _authError(message: string, returnCode: number): Error {
   return Object.assign(new Error(message), { returnCode });
 }
@@ -241,22 +244,53 @@ export class FleetServer {
       counters: this.counters,
       httpUrl: this.listening.http,
       httpsUrl: this.listening.https,
-      telemetryTap: this.telemetryTap(),
+      link: this.brokerLink(),
     });
     await controller.start();
     this.controller = controller;
     this.artifacts.onPushed = (a) => controller.notifier.emit("artifact.pushed", a);
   }
 
-  /** Device telemetry straight from the embedded (single-node) broker's publish pipeline. */
-  private telemetryTap(): ControllerOptions["telemetryTap"] {
+  /** The embedded single-node broker in-process for the controller (ControllerOptions.link). */
+  private brokerLink(): ControllerOptions["link"] {
     const aedes = this.aedes;
     if (!aedes || this.cluster) return undefined;
-    return (deliver) =>
-      aedes.on("publish", (packet, client) => {
-        if ((client as FleetClient | null)?.fleet?.kind === "device" && packet.topic.endsWith("/telemetry"))
-          deliver(packet.topic, packet.payload as Buffer);
-      });
+    const log = this.log;
+    return {
+      tap: (deliver) => {
+        // First the retained DeviceStates (devices that connected before the controller
+        // started, as an MQTT subscription would get them), then what arrived meanwhile, then live.
+        let held: Array<[string, Buffer]> | undefined = [];
+        aedes.on("publish", (packet, client) => {
+          if ((client as FleetClient | null)?.fleet?.kind !== "device") return;
+          const channel = packet.topic.slice(packet.topic.lastIndexOf("/") + 1);
+          if (!DEVICE_UPLINK.has(channel)) return;
+          if (held) held.push([packet.topic, packet.payload as Buffer]);
+          else deliver(packet.topic, packet.payload as Buffer);
+        });
+        const persistence = (
+          aedes as unknown as {
+            persistence: {
+              createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
+            };
+          }
+        ).persistence;
+        const retained = persistence.createRetainedStreamCombi([`${this.config.prefix}/d/+/state`]);
+        void (async () => {
+          try {
+            for await (const p of retained) deliver(p.topic, p.payload);
+          } catch (err) {
+            log.error({ err }, "cannot read the retained device states");
+          }
+          for (const [topic, payload] of held ?? []) deliver(topic, payload);
+          held = undefined;
+        })();
+      },
+      publish: (topic, payload, qos, retain) =>
+        aedes.publish({ cmd: "publish", topic, payload, qos, retain, dup: false } as never, (err) => {
+          if (err) log.debug({ err: err.message, topic }, "publish not completed");
+        }),
+    };
   }
 
   private fatal(why: string): void {

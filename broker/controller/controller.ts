@@ -56,11 +56,22 @@ export interface ControllerOptions {
   httpUrl?: string;
   httpsUrl?: string;
   /**
-   * The embedded broker hands device telemetry (QoS 0, the bulk of the traffic) to the
-   * controller in-process instead of forwarding every message over its MQTT connection.
-   * Everything else, and all of it with an external or clustered broker, goes through MQTT.
+   * The embedded single-node broker, in-process (issue 17): what devices publish on their
+   * status, sync, state and telemetry topics is handed to the controller from the broker's
+   * publish pipeline, and the controller's publishes enter the broker directly — not one more
+   * MQTT hop over loopback (socket writes, parsing and a PUBACK each way per message). End to
+   * end delivery does not change: a status is acknowledged only after it is persisted (StatusAck),
+   * a sync is re-sent until answered. RPC requests still come over the MQTT connection. With
+   * an external or clustered broker everything goes through MQTT.
    */
-  telemetryTap?: (deliver: (topic: string, payload: Buffer) => void) => void;
+  link?: BrokerLink;
+}
+
+/** The embedded broker as the controller sees it in-process. */
+export interface BrokerLink {
+  /** Calls `deliver` for each message a device publishes on its status/sync/state/telemetry topic. */
+  tap(deliver: (topic: string, payload: Buffer) => void): void;
+  publish(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean): void;
 }
 
 export class Controller {
@@ -271,16 +282,17 @@ export class Controller {
     this.notifier.start();
     await this.rollouts.load();
     await this.workQueue.load();
-    await client.subscribeAsync([`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)], {
-      qos: 1,
-    });
-    if (this.opts.telemetryTap)
-      this.opts.telemetryTap((topic, payload) =>
-        this.route(topic, payload).catch((err) =>
-          this.log.error({ err, topic }, "telemetry handling failed"),
-        ),
+    const link = this.opts.link;
+    if (link) {
+      await client.subscribeAsync(rpcRequestTopic(p), { qos: 1 });
+      link.tap((topic, payload) =>
+        this.route(topic, payload).catch((err) => this.log.error({ err, topic }, "message handling failed")),
       );
-    else await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
+    } else {
+      const topics = [`${p}/d/+/status`, `${p}/d/+/sync`, `${p}/d/+/state`, rpcRequestTopic(p)];
+      await client.subscribeAsync(topics, { qos: 1 });
+      await client.subscribeAsync(`${p}/d/+/telemetry`, { qos: 0 });
+    }
     this.timers.push(setInterval(() => this.step(), 1000));
     this.timers.push(
       setInterval(
@@ -377,9 +389,12 @@ export class Controller {
       );
       return false;
     }
-    this.client?.publish(topic, Buffer.from(payload), { qos, retain }, (err) => {
-      if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
-    });
+    const buf = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+    if (this.opts.link) this.opts.link.publish(topic, buf, qos, retain);
+    else
+      this.client?.publish(topic, buf, { qos, retain }, (err) => {
+        if (err) this.log.debug({ err: err.message, topic }, "publish not completed");
+      });
     return true;
   }
 
