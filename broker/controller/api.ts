@@ -128,6 +128,7 @@ export function operatorApi(c: ApiContext): Handlers {
     },
     "device.rm": async (p) => {
       if (!(await registry.remove(p.id))) throw notFound(`device ${p.id}`);
+      c.delivery.forgetDevice(p.id);
       return { id: p.id, removed: true };
     },
     "device.cert": async (p) => {

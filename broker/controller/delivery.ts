@@ -58,6 +58,10 @@ export class Delivery {
   private readonly openCount = new Map<string, number>();
   private readonly endedHere = new Map<string, Map<string, Assignment>>();
   private endings: Promise<unknown> = Promise.resolve();
+  /** Each device's last applied seq and epoch, as on disk (read once, then kept). */
+  private readonly seqs = new Map<string, { epoch: string; seq: number }>();
+  /** Batches waiting per device: only the last of a run is acknowledged (acks are cumulative). */
+  private readonly waiting = new Map<string, number>();
 
   constructor(private readonly ctx: DeliveryContext) {}
 
@@ -278,8 +282,14 @@ export class Delivery {
     ack?: (a: StatusAck) => void,
   ): Promise<void> {
     const prev = this.chains.get(deviceId) ?? Promise.resolve();
+    this.waiting.set(deviceId, (this.waiting.get(deviceId) ?? 0) + 1);
     const next = prev
-      .then(() => this.apply(deviceId, statuses, epoch, ackedSeq, ack))
+      .then(() => {
+        const behind = (this.waiting.get(deviceId) ?? 1) - 1;
+        if (behind > 0) this.waiting.set(deviceId, behind);
+        else this.waiting.delete(deviceId);
+        return this.apply(deviceId, statuses, epoch, ackedSeq, ack, behind > 0);
+      })
       .catch((err) => {
         this.ctx.counters.inc("status_apply_failed");
         this.ctx.log.error({ err, deviceId }, "cannot apply status batch; the device will re-send it");
@@ -303,10 +313,15 @@ export class Delivery {
     epoch: string,
     ackedSeq: number,
     ack?: (a: StatusAck) => void,
+    /** Another batch of this device is next: its ack (cumulative) covers this one. */
+    more = false,
   ): Promise<void> {
     const { store } = this.ctx;
-    const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
-    const known = typeof rec === "number" ? { epoch: "", seq: rec } : rec;
+    let known = this.seqs.get(deviceId);
+    if (!known) {
+      const rec = (await store.seqs.get(deviceId)) ?? { epoch: "", seq: 0 };
+      known = typeof rec === "number" ? { epoch: "", seq: rec } : rec;
+    }
     let last = known.seq;
     // A new database on the device (re-flashed, replaced): its seq starts over (H6).
     const newEpoch = epoch !== "" && epoch !== known.epoch;
@@ -370,17 +385,28 @@ export class Delivery {
       applyStatus(a, boundStatus(s, STATUS_BYTES), this.ctx.now());
       touched.set(key, a);
     }
+    const applied = { epoch: newEpoch ? epoch : known.epoch, seq: last };
     if (last !== start || newEpoch) {
       const ops: Op[] = [...touched.values()].map((a) => this.ctx.jobs.putAssignment(a));
-      ops.push(store.put(store.seqs, deviceId, { epoch: newEpoch ? epoch : known.epoch, seq: last }));
-      ops.push(...(await this.endedJobs(touched, open)));
-      await this.ctx.jobs.batch(ops);
+      ops.push(store.put(store.seqs, deviceId, applied));
+      try {
+        ops.push(...(await this.endedJobs(touched, open)));
+        await this.ctx.jobs.batch(ops);
+      } catch (err) {
+        // Not on disk: the cached assignments are read again, the device re-sends the batch.
+        this.ctx.jobs.forget(touched.values());
+        this.seqs.delete(deviceId);
+        throw err;
+      }
     }
+    this.seqs.set(deviceId, applied);
     this.ctx.registry.seen(deviceId, this.ctx.now());
-    // Persisted (or nothing new): acknowledge cumulatively.
-    const statusAck = { upToSeq: last, epoch: newEpoch ? epoch : known.epoch };
+    // Persisted (or nothing new): acknowledge cumulatively — once for a run of batches.
+    const statusAck = { upToSeq: last, epoch: applied.epoch };
     if (ack) ack(statusAck);
-    else this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
+    else if (!more)
+      this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
+    else this.ctx.counters.inc("status_acks_coalesced");
     for (const s of fresh) {
       // Where devices' update bytes came from (DESIGN.md §11), for /metrics.
       for (const [source, n] of Object.entries(s.bytesBySource ?? {}))
@@ -449,6 +475,11 @@ export class Delivery {
       if (state === "SUCCEEDED" || state === "FAILED") ops.push(...this.ctx.onJobEnded!(job, state, asgs));
     }
     return ops;
+  }
+
+  /** A removed device: its seq record is gone from disk too. */
+  forgetDevice(deviceId: string): void {
+    this.seqs.delete(deviceId);
   }
 
   private forgetCount(jobId: string): void {

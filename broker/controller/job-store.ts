@@ -1,6 +1,7 @@
 // The seam under Delivery, Rollouts and the work queue: jobs and their per-device assignments
 // in the controller's LevelDB, with the cache in front of them. Nothing else reads or writes
-// the job, signed-job or assignment sublevels.
+// the job, signed-job or assignment sublevels. Jobs, decoded signed jobs and assignments are
+// cached (bounded); writes go through the cache.
 //
 // A signed job is kept as the bytes the operator signed (its own sublevel, not base64 inside
 // the JSON record) and decoded at most once per process; what its tasks name (artifacts,
@@ -16,6 +17,8 @@ import {
 } from "./store.js";
 
 const CACHE_MAX = 10_000;
+/** Assignments kept in memory (a few hundred bytes each): 20 jobs each for 10,000 devices. */
+const ASSIGNMENTS_MAX = 200_000;
 
 /** What a job's tasks name, for the artifact server's checks (recorded at submit). */
 export function jobNames(spec: Pick<DecodedJobSpec, "tasks">): JobNames {
@@ -46,6 +49,12 @@ type Stored = JobRecord & { signed?: string };
 export class JobStore {
   private readonly cache = new Map<string, JobRecord>();
   private readonly decoded = new Map<string, { signed: SignedJob; bytes: Uint8Array }>();
+  /**
+   * Assignments as last written (write-through; the object callers change is the one cached):
+   * applying a status or stepping a rollout reads memory, not LevelDB (issue 17). A write that
+   * fails is forgotten (`forget`), so the next read is the disk's.
+   */
+  private readonly asgs = new Map<string, Assignment>();
 
   constructor(private readonly store: ControllerStore) {}
 
@@ -114,6 +123,7 @@ export class JobStore {
   remove(job: JobRecord): Op[] {
     this.cache.delete(job.id);
     this.decoded.delete(job.id);
+    for (const d of job.devices) this.asgs.delete(asgKey(d, job.id));
     return [
       this.store.del(this.store.jobs, job.id),
       this.store.del(this.store.signedJobs, job.id),
@@ -132,22 +142,52 @@ export class JobStore {
 
   // ---- assignments ------------------------------------------------------------------------------
 
-  assignment(deviceId: string, jobId: string): Promise<Assignment | undefined> {
-    return this.store.assignments.get(asgKey(deviceId, jobId));
+  private cacheAsg(a: Assignment): Assignment {
+    const key = asgKey(a.deviceId, a.jobId);
+    if (!this.asgs.has(key) && this.asgs.size >= ASSIGNMENTS_MAX)
+      this.asgs.delete(this.asgs.keys().next().value!);
+    this.asgs.set(key, a);
+    return a;
+  }
+
+  async assignment(deviceId: string, jobId: string): Promise<Assignment | undefined> {
+    const hit = this.asgs.get(asgKey(deviceId, jobId));
+    if (hit) return hit;
+    const a = await this.store.assignments.get(asgKey(deviceId, jobId));
+    return a && (this.asgs.get(asgKey(deviceId, jobId)) ?? this.cacheAsg(a));
   }
 
   putAssignment(a: Assignment): Op {
+    this.cacheAsg(a);
     return this.store.put(this.store.assignments, asgKey(a.deviceId, a.jobId), a);
   }
 
+  /** Drops assignments whose write failed: their next read comes from disk. */
+  forget(asgs: Iterable<Assignment>): void {
+    for (const a of asgs) this.asgs.delete(asgKey(a.deviceId, a.jobId));
+  }
+
   async ofJob(job: JobRecord): Promise<Assignment[]> {
-    const got = await this.store.assignments.getMany(job.devices.map((d) => asgKey(d, job.id)));
-    return got.filter((a): a is Assignment => a !== undefined);
+    const out: Array<Assignment | undefined> = [];
+    const missing: number[] = [];
+    for (const d of job.devices) {
+      const hit = this.asgs.get(asgKey(d, job.id));
+      if (!hit) missing.push(out.length);
+      out.push(hit);
+    }
+    if (missing.length) {
+      const got = await this.store.assignments.getMany(missing.map((i) => asgKey(job.devices[i]!, job.id)));
+      missing.forEach((i, k) => {
+        const a = got[k];
+        if (a) out[i] = this.asgs.get(asgKey(a.deviceId, a.jobId)) ?? this.cacheAsg(a);
+      });
+    }
+    return out.filter((a): a is Assignment => a !== undefined);
   }
 
   /** A device's assignments, oldest job first (or the newest `limit` first). */
-  ofDevice(deviceId: string, o: { newestFirst?: boolean; limit?: number } = {}): Promise<Assignment[]> {
-    return this.store.assignments
+  async ofDevice(deviceId: string, o: { newestFirst?: boolean; limit?: number } = {}): Promise<Assignment[]> {
+    const stored = await this.store.assignments
       .values({
         gt: `${deviceId}!`,
         lt: `${deviceId}!\xff`,
@@ -155,6 +195,8 @@ export class JobStore {
         ...(o.limit !== undefined ? { limit: o.limit } : {}),
       })
       .all();
+    // What is in memory may be newer than the disk (a write on its way).
+    return stored.map((a) => this.asgs.get(asgKey(a.deviceId, a.jobId)) ?? a);
   }
 
   /** Ids of a device's jobs, newest first, before job id `before`. */

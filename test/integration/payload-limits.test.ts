@@ -97,7 +97,7 @@ describe("payload limits", () => {
       reason: "",
       output: "\0\x01\x1b".repeat(22_000),
     };
-    await store.batch([store.put(store.assignments, asgKey("dev-1", job.id), a)]);
+    await store.batch([jobs.putAssignment(a)]);
     const v = (await delivery.view(job.id, { limit: 500, budget: LIMIT - 16 * 1024 }))!;
     const reply = encodeEnvelope({
       rpcResponse: { requestId: "r", ok: true, resultJson: JSON.stringify(v) },

@@ -251,7 +251,7 @@ describe("rejections", () => {
     expect(
       h.ctl
         .statuses(DEV)
-        .filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === TaskState.RUNNING),
+        .filter((s) => s.jobId === jobId && s.taskId === "a" && s.state === TaskState.SUCCEEDED),
     ).toHaveLength(1);
   });
 });
