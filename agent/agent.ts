@@ -211,6 +211,11 @@ export class Agent {
     return this.cfg;
   }
 
+  /** MQTT packets and bytes each way so far (the cost benchmark, `fleet simulate --stats`). */
+  wireStats() {
+    return this.connection.wireStats();
+  }
+
   /** When the last connection attempts started (for observing backoff). */
   get connectAttemptTimes(): readonly number[] {
     return this.connection.attemptTimes;
@@ -234,6 +239,7 @@ export class Agent {
       log: this.log.child({ component: "outbox" }),
       publish: (payload) => this.publish("status", payload, 1),
       maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
+      busy: () => this.scheduler.busy,
     });
     this.connection.start();
     this.timers.push(setInterval(() => void this.refreshFacts(), FACTS_REFRESH_MS));

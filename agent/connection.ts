@@ -45,6 +45,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   private stopped = false;
   private isUp = false;
   readonly attemptTimes: number[] = [];
+  /** MQTT packets each way over every session so far (what the cost benchmark counts). */
+  readonly wire = { packetsIn: 0, packetsOut: 0, bytesIn: 0, bytesOut: 0 };
+  /** Packets by direction, kind and (publishes) channel: "in publish job", "out puback", ... */
+  readonly packets = new Map<string, number>();
 
   constructor(private readonly opts: ConnectionOptions) {
     super();
@@ -52,6 +56,18 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 
   get connected(): boolean {
     return this.isUp && Boolean(this.client?.connected);
+  }
+
+  /** `wire` with the bytes of the session still open. */
+  wireStats(): Record<string, number> {
+    const socket = this.client?.stream as { bytesRead?: number; bytesWritten?: number } | undefined;
+    const open = this.client?.connected ? socket : undefined;
+    return {
+      ...Object.fromEntries(this.packets),
+      ...this.wire,
+      bytesIn: this.wire.bytesIn + (open?.bytesRead ?? 0),
+      bytesOut: this.wire.bytesOut + (open?.bytesWritten ?? 0),
+    };
   }
 
   get current(): MqttClient | undefined {
@@ -87,6 +103,24 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     };
     const client = mqtt.connect(url, opts);
     this.client = client;
+    const wire = this.wire;
+    const count = (dir: string, p: { cmd: string; topic?: string }) => {
+      const key = `${dir} ${p.cmd}${p.topic ? ` ${p.topic.slice(p.topic.lastIndexOf("/") + 1)}` : ""}`;
+      this.packets.set(key, (this.packets.get(key) ?? 0) + 1);
+    };
+    client.on("packetreceive", (p) => {
+      wire.packetsIn++;
+      count("in", p as { cmd: string; topic?: string });
+    });
+    client.on("packetsend", (p) => {
+      wire.packetsOut++;
+      count("out", p as { cmd: string; topic?: string });
+    });
+    client.on("close", () => {
+      const socket = client.stream as { bytesRead?: number; bytesWritten?: number } | undefined;
+      wire.bytesIn += socket?.bytesRead ?? 0;
+      wire.bytesOut += socket?.bytesWritten ?? 0;
+    });
     pipelineAcks(client, (packet) =>
       this.opts
         .onMessage(

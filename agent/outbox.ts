@@ -4,11 +4,12 @@
 // un-acknowledged statuses in flight; re-sent from the last ack on every reconnect and when
 // acks stop arriving.
 //
-// Coalescing (issue 17): statuses committed within one flush window (`flushDelayMs` after the
-// first) go out together, and a task's non-terminal status that was never sent is overwritten
+// Coalescing (issue 17): statuses committed within one flush window (until no commit came for
+// `flushDelayMs` and the agent is idle, at most 1 s) go out together, and a task's non-terminal status that was never sent is overwritten
 // in place — same seq, same key, in the batch that commits its successor — so a task that goes
 // QUEUED -> RUNNING -> SUCCEEDED within the window costs one record and the controller still
 // gets every seq, in order, and every terminal state (a terminal status is never overwritten).
+// Only the latest status of its job is overwritten: a job's statuses keep their order.
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { GroupCommit } from "../common/group-commit.js";
@@ -21,8 +22,10 @@ const WINDOW = 2000;
 const RESEND_AFTER_MS = 15_000;
 /** At most this many un-acknowledged statuses are kept in memory (the rest are read back). */
 const RECENT_MAX = 5000;
-/** Statuses committed within this long after the first unsent one go out in one batch. */
+/** Statuses committed within this long of each other go out in one batch. */
 export const FLUSH_DELAY_MS = 50;
+/** ... but none waits longer than this many windows (1 s by default). */
+const MAX_WINDOWS = 20;
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;
@@ -34,6 +37,8 @@ export interface OutboxSending {
   publish: (payload: Uint8Array) => boolean;
   /** A batch's statuses take at most this many bytes (the payload limit, less room). */
   maxBatchBytes: number;
+  /** The agent is in the middle of something (a task runs, a commit is on its way). */
+  busy?: () => boolean;
 }
 
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
@@ -59,10 +64,13 @@ export class Outbox {
   private lastProgressAt = Date.now();
   private timer: NodeJS.Timeout | undefined;
   private flushTimer: NodeJS.Timeout | undefined;
+  private windowFrom = 0;
   /** The highest seq ever published: nothing at or below it is overwritten. */
   private everSent = 0;
   /** Per task (job, execution, task), the seq of its latest status if never sent and not terminal. */
   private readonly unsent = new Map<string, number>();
+  /** Per job execution, the seq of its latest status (for the in-place rule). */
+  private readonly jobTail = new Map<string, number>();
   /** Seqs being overwritten by a write not yet on disk: nothing from the lowest one on is sent. */
   private readonly rewriting = new Map<number, number>();
 
@@ -83,7 +91,9 @@ export class Outbox {
       await this.meta.put("epoch", this.epoch, { sync: true } as never);
     }
     this.ackedSeq = ((await this.meta.get("ackedSeq")) as number | undefined) ?? 0;
-    // The next seq is derived from what is on disk, so an unflushed counter can never reuse a seq.
+    // The next seq is derived from what is on disk: the newest entry, or the last ack (written
+    // with the deletions it allowed). "seq" is no longer written with every status (issue 17);
+    // an outbox of an older agent may still have it.
     let last = this.ackedSeq;
     for await (const key of this.entries.keys({ reverse: true, limit: 1 }))
       last = Math.max(last, Number.parseInt(key, 16));
@@ -110,22 +120,28 @@ export class Outbox {
     const numbered: TaskStatus[] = [];
     /** Seqs this batch overwrites (each, once written, may be sent again). */
     const overwritten: number[] = [];
-    let fresh = 0;
     for (const status of statuses) {
-      const key = status.taskId ? `${status.jobId}\0${status.executionId}\0${status.taskId}` : "";
+      const job = `${status.jobId}\0${status.executionId}`;
+      const key = status.taskId ? `${job}\0${status.taskId}` : "";
       const prior = key ? this.unsent.get(key) : undefined;
-      const inPlace = prior !== undefined && prior > this.everSent && this.recent.has(prior);
+      // In place only if nothing of the same job came after it: a job's statuses stay in order.
+      const inPlace =
+        prior !== undefined &&
+        prior > this.everSent &&
+        this.recent.has(prior) &&
+        this.jobTail.get(job) === prior;
       const s = { ...boundStatus(status, this.maxStatusBytes), seq: inPlace ? prior : this.nextSeq++ };
       if (inPlace) {
         overwritten.push(prior);
         this.rewriting.set(prior, (this.rewriting.get(prior) ?? 0) + 1);
         const i = numbered.findIndex((n) => n.seq === prior);
         if (i >= 0) numbered.splice(i, 1); // both in this batch: the later one stays
-      } else fresh++;
+      }
       if (key) {
         if (TERMINAL_STATES.has(s.state!)) this.unsent.delete(key);
         else this.unsent.set(key, s.seq);
       }
+      this.jobTail.set(job, s.seq);
       numbered.push(s);
     }
     for (const s of numbered)
@@ -135,7 +151,6 @@ export class Outbox {
         key: seqKey(s.seq!),
         value: pb.TaskStatus.encode(s).finish(),
       });
-    if (fresh) ops.push({ type: "put", sublevel: this.meta, key: "seq", value: this.nextSeq - 1 });
     const settled = () => {
       for (const seq of overwritten) {
         const n = (this.rewriting.get(seq) ?? 1) - 1;
@@ -162,19 +177,35 @@ export class Outbox {
     );
   }
 
-  /** Sends after the flush window, so that what the next few milliseconds commit goes along. */
+  /**
+   * Sends once nothing new was committed for `flushDelayMs` and the agent is not in the middle
+   * of something (a task running, a pass or a commit pending: `busy`) — so that a job's
+   * transitions, each its own commit, go out together — but at the latest `MAX_WINDOWS`
+   * windows after the first unsent commit: a long task's RUNNING is not held back for long.
+   */
   private flushSoon(): void {
-    if (!this.flushDelayMs) return this.flush();
-    if (this.flushTimer) return;
-    this.flushTimer = setTimeout(() => {
-      this.flushTimer = undefined;
+    if (!this.flushDelayMs) {
       this.flush();
-    }, this.flushDelayMs);
+      return;
+    }
+    if (this.flushTimer) clearTimeout(this.flushTimer);
+    else this.windowFrom = Date.now();
+    const check = () => {
+      this.flushTimer = undefined;
+      const waited = Date.now() - this.windowFrom;
+      if (waited < MAX_WINDOWS * this.flushDelayMs && this.sending?.busy?.()) {
+        this.flushTimer = setTimeout(check, this.flushDelayMs);
+        return;
+      }
+      this.flush();
+    };
+    this.flushTimer = setTimeout(check, this.flushDelayMs);
   }
 
   private forgetRecent(): void {
     this.recent.clear();
     this.unsent.clear(); // only statuses in memory are overwritten
+    this.jobTail.clear();
     this.recentFrom = this.nextSeq;
   }
 
@@ -310,6 +341,7 @@ export class Outbox {
       if (this.sentUpTo > this.everSent) {
         this.everSent = this.sentUpTo;
         for (const [key, seq] of this.unsent) if (seq <= this.everSent) this.unsent.delete(key);
+        for (const [job, seq] of this.jobTail) if (seq <= this.everSent) this.jobTail.delete(job);
       }
     }
   }

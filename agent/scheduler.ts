@@ -76,6 +76,7 @@ export class Scheduler {
   private scheduled = false;
   private stopped = false;
   private lastCompact = 0;
+  private committing = 0;
 
   constructor(private readonly opts: SchedulerOptions) {}
 
@@ -146,6 +147,11 @@ export class Scheduler {
 
   get runningCount(): number {
     return this.running.size;
+  }
+
+  /** Tasks run, a pass is due or a commit is on its way: more statuses are coming soon. */
+  get busy(): boolean {
+    return this.running.size > 0 || this.scheduled || this.committing > 0;
   }
 
   /** The job-level status used to re-acknowledge an identical re-delivery. */
@@ -251,6 +257,7 @@ export class Scheduler {
 
   /** The one way state reaches the disk and statuses reach the outbox. */
   private async commit(c: Commit, sync: boolean): Promise<void> {
+    this.committing++;
     try {
       const executions = c.executions && [...new Set(c.executions)];
       if ((await this.opts.store.commit({ ...c, executions }, sync)).length) this.opts.onChange?.();
@@ -259,6 +266,8 @@ export class Scheduler {
       this.opts.counters.inc("store_write_failed");
       this.opts.log.error({ err }, "cannot persist task state");
       throw err;
+    } finally {
+      this.committing--;
     }
   }
 

@@ -9,6 +9,8 @@ export function serverMetrics(o: {
   devices(): number;
   /** Each gateway's counters as it last reported them. */
   gateways(): Array<{ id: string; counters: Record<string, number> }>;
+  /** The controller's LevelDB writes: callers' writes, batches, fsyncs, operations. */
+  leveldb(): Record<string, number>;
 }): Metrics {
   const metrics = new Metrics();
   collectDefaultMetrics({ register: metrics });
@@ -36,6 +38,16 @@ export function serverMetrics(o: {
     collect() {
       this.reset();
       for (const [name, v] of Object.entries(o.counters.toObject())) this.inc({ name }, v);
+    },
+  });
+  new Counter({
+    name: "fleet_leveldb_total",
+    help: "The controller's LevelDB: writes asked for (and synced ones), batches written, fsyncs, operations",
+    labelNames: ["what"],
+    registers: [metrics],
+    collect() {
+      this.reset();
+      for (const [what, v] of Object.entries(o.leveldb())) this.inc({ what }, v);
     },
   });
   new Counter({

@@ -100,6 +100,7 @@ export class FleetServer {
       [...(this.registry?.all() ?? [])]
         .filter((d) => d.gateway)
         .map((d) => ({ id: d.id, counters: d.counters ?? {} })),
+    leveldb: () => ({ ...(this.store?.writeStats ?? {}) }),
   });
   private readonly serveHttp = httpHandler({
     config: () => this.config,

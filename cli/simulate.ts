@@ -1,10 +1,12 @@
 // `fleet simulate`: N instances of the real agent code in one process, each with its own MQTT
-// connection, all sharing one LevelDB (a sublevel per device, not N databases), to load-test a
-// fleet server with thousands of devices from one laptop.
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+// connection, sharing one LevelDB per thread (a sublevel per device, not N databases), to
+// load-test a fleet server with thousands of devices from one laptop; `--workers` spreads them
+// over threads so that the simulator is not what a benchmark measures.
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { ClassicLevel } from "classic-level";
 import type { Command } from "commander";
 import pino from "pino";
@@ -44,6 +46,8 @@ interface SimOptions extends OperatorOptions {
   telemetry: string;
   broker?: string;
   via?: string;
+  workers: string;
+  stats?: string;
 }
 
 export function registerSimulate(program: Command): void {
@@ -58,6 +62,8 @@ export function registerSimulate(program: Command): void {
     .option("--telemetry <s>", "telemetry interval in seconds (synthetic values; 0 = off)", "0")
     .option("--broker <url>", "broker URL for the devices (default: the context's server)")
     .option("--via <gateway>", "put the devices behind this site gateway (they connect to it over TLS)")
+    .option("--workers <n>", "threads to spread the devices over (one LevelDB each)", "1")
+    .option("--stats <file>", "on SIGUSR2, write the devices' MQTT packets/bytes and LevelDB writes so far")
     .action(async (o: SimOptions) => {
       const n = Number.parseInt(o.devices, 10);
       const failRate = Number(o.failRate);
@@ -94,69 +100,215 @@ export function registerSimulate(program: Command): void {
       // Behind a gateway: its TLS URL, checked against the fleet CA.
       if (gateway) writeFileSync(join(dir, "ca.pem"), caCert);
       const broker = gateway ? `mqtts://${gateway.hosts[0]}:${gateway.port}` : (o.broker ?? ctx.server);
-      const db = new ClassicLevel<string, unknown>(join(dir, "db"));
-      await db.open();
-      const writer = new GroupCommit<unknown>(db as never);
-      const log = pino({ level: process.env.FLEET_LOG_LEVEL ?? "warn" });
-      const handlers = simulatedHandlers(failRate, latency);
-      const telemetryS = Number(o.telemetry);
-      const agents: Agent[] = [];
-      const verifiedSignatures = new VerifiedSignatures();
+      const workers = Number(o.workers);
+      if (!(workers >= 1 && workers <= 64)) throw new CliError("--workers: 1..64");
+      const shared = {
+        broker,
+        caCert: gateway ? "ca.pem" : undefined,
+        trustedKeys,
+        labels,
+        prefix: info.prefix,
+        failRate,
+        latency,
+        telemetryS: Number(o.telemetry),
+        rate: rate / workers,
+      };
+      const groups = split(ids, workers).map((part, i) => ({
+        ...shared,
+        dir: join(dir, `w${i}`),
+        caDir: dir,
+        devices: part.map((id) => ({ id, password: secrets.get(id)! })),
+      }));
       const started = Date.now();
-      for (const id of ids) {
-        const config = parseAgentConfig(
-          {
-            deviceId: id,
-            brokers: [broker],
-            ...(gateway ? { caCert: "ca.pem" } : {}),
-            password: secrets.get(id),
-            trustedKeys,
-            labels,
-            topicPrefix: info.prefix,
-            telemetryIntervalS: telemetryS,
-          },
-          dir,
-        );
-        const agent = new Agent({
-          config,
-          log,
-          db: db.sublevel(id) as never,
-          writer,
-          handlers,
-          measureFacts: false,
-          verifiedSignatures,
-          telemetry: async () => ({
-            cpuLoad: 0.1 + Math.random() * 0.2,
-            memTotal: 1 << 30,
-            memUsed: 1 << 28,
-            diskFree: 1 << 32,
-            uptimeS: 1,
-            atMs: Date.now(),
-          }),
-        });
-        agents.push(agent);
-        await agent.start();
-        if (agents.length % Math.max(1, Math.round(rate / 10)) === 0) await delay(100);
-        const up = agents.filter((a) => a.connected).length;
-        progress(`connecting: ${up}/${n} connected, ${agents.length} started`);
-      }
+      const parts = groups.map((g) => (workers === 1 ? inProcess(g) : inWorker(g)));
       for (;;) {
-        const up = agents.filter((a) => a.connected).length;
+        const up = parts.reduce((n, p) => n + p.connected(), 0);
         progress(`connecting: ${up}/${n} connected`);
         if (up === n) break;
         await delay(200);
       }
       progress("\n");
       process.stdout.write(
-        `simulating ${n} devices (${ids[0]}..${ids.at(-1)}), all connected in ${((Date.now() - started) / 1000).toFixed(1)}s; Ctrl-C stops\n`,
+        `simulating ${n} devices (${ids[0]}..${ids.at(-1)}) in ${workers} thread(s), all connected in ${((Date.now() - started) / 1000).toFixed(1)}s; Ctrl-C stops\n`,
       );
+      // `--stats FILE`: on SIGUSR2, what the devices sent and received and wrote so far (benchmarks).
+      const onStats = async () => {
+        const all = await Promise.all(parts.map((p) => p.stats()));
+        const sum: Record<string, number> = {};
+        for (const st of all) for (const [k, v] of Object.entries(st)) sum[k] = (sum[k] ?? 0) + v;
+        if (o.stats) writeFileSync(o.stats, JSON.stringify(sum));
+      };
+      if (o.stats) process.on("SIGUSR2", () => void onStats());
       await new Promise<void>((resolve) => {
         process.once("SIGINT", () => resolve());
         process.once("SIGTERM", () => resolve());
       });
       process.stderr.write(`stopping ${n} devices\n`);
-      await Promise.all(agents.map((a) => a.stop().catch(() => {})));
-      await db.close();
+      await Promise.all(parts.map((p) => p.stop()));
       rmSync(dir, { recursive: true, force: true });
     });
+}
+
+/** What one thread of the simulator runs: its share of the devices. */
+interface Group {
+  broker: string;
+  caCert?: string;
+  caDir: string;
+  dir: string;
+  trustedKeys: Array<{ keyId: string; publicKey: string }>;
+  labels: Record<string, string>;
+  prefix: string;
+  failRate: number;
+  latency: number;
+  telemetryS: number;
+  rate: number;
+  devices: Array<{ id: string; password: string }>;
+}
+
+interface Part {
+  connected(): number;
+  stats(): Promise<Record<string, number>>;
+  stop(): Promise<void>;
+}
+
+function split<T>(xs: readonly T[], k: number): T[][] {
+  const out: T[][] = Array.from({ length: Math.min(k, xs.length) }, () => []);
+  for (let i = 0; i < xs.length; i++) out[i % out.length]!.push(xs[i]!);
+  return out;
+}
+
+/**
+ * The devices of one group: the real agent code, one MQTT connection each, one LevelDB for
+ * the group (a sublevel per device) with one group commit, and signatures verified once.
+ */
+async function runGroup(g: Group, onConnected: (n: number) => void): Promise<Part> {
+  mkdirSync(g.dir, { recursive: true });
+  const db = new ClassicLevel<string, unknown>(join(g.dir, "db"));
+  await db.open();
+  const writer = new GroupCommit<unknown>(db as never);
+  const log = pino({ level: process.env.FLEET_LOG_LEVEL ?? "warn" });
+  const handlers = simulatedHandlers(g.failRate, g.latency);
+  const verifiedSignatures = new VerifiedSignatures();
+  const agents: Agent[] = [];
+  let stopping = false;
+  const connected = () => agents.filter((a) => a.connected).length;
+  const starting = (async () => {
+    for (const { id, password } of g.devices) {
+      if (stopping) return;
+      const config = parseAgentConfig(
+        {
+          deviceId: id,
+          brokers: [g.broker],
+          ...(g.caCert ? { caCert: g.caCert } : {}),
+          password,
+          trustedKeys: g.trustedKeys,
+          labels: g.labels,
+          topicPrefix: g.prefix,
+          telemetryIntervalS: g.telemetryS,
+        },
+        g.caDir,
+      );
+      const agent = new Agent({
+        config,
+        log,
+        db: db.sublevel(id) as never,
+        writer,
+        handlers,
+        measureFacts: false,
+        verifiedSignatures,
+        telemetry: async () => ({
+          cpuLoad: 0.1 + Math.random() * 0.2,
+          memTotal: 1 << 30,
+          memUsed: 1 << 28,
+          diskFree: 1 << 32,
+          uptimeS: 1,
+          atMs: Date.now(),
+        }),
+      });
+      agents.push(agent);
+      await agent.start();
+      if (agents.length % Math.max(1, Math.round(g.rate / 10)) === 0) await delay(100);
+    }
+  })();
+  const timer = setInterval(() => onConnected(connected()), 200);
+  return {
+    connected,
+    stats: async () => {
+      const sum: Record<string, number> = {};
+      for (const a of agents) for (const [k, v] of Object.entries(a.wireStats())) sum[k] = (sum[k] ?? 0) + v;
+      const lv = writer.stats;
+      return {
+        ...sum,
+        writes: lv.writes,
+        syncWrites: lv.syncWrites,
+        batches: lv.batches,
+        syncs: lv.syncs,
+        ops: lv.ops,
+      };
+    },
+    stop: async () => {
+      stopping = true;
+      clearInterval(timer);
+      await starting;
+      await Promise.all(agents.map((a) => a.stop().catch(() => {})));
+      await db.close();
+    },
+  };
+}
+
+function inProcess(g: Group): Part {
+  let part: Part | undefined;
+  const ready = runGroup(g, () => {}).then((p) => {
+    part = p;
+    return p;
+  });
+  return {
+    connected: () => part?.connected() ?? 0,
+    stats: async () => (await ready).stats(),
+    stop: async () => (await ready).stop(),
+  };
+}
+
+/** A group in a worker thread (`--workers`): this same module, started with the group as data. */
+function inWorker(g: Group): Part {
+  const worker = new Worker(new URL(import.meta.url), { workerData: { fleetSimulate: g } });
+  let up = 0;
+  let asked: ((s: Record<string, number>) => void) | undefined;
+  let stopped: (() => void) | undefined;
+  worker.on("message", (m: { connected?: number; stats?: Record<string, number>; stopped?: true }) => {
+    if (m.connected !== undefined) up = m.connected;
+    if (m.stats) asked?.(m.stats);
+    if (m.stopped) stopped?.();
+  });
+  worker.on("error", (err) => {
+    process.stderr.write(`simulator thread failed: ${err.message}\n`);
+    process.exit(1);
+  });
+  return {
+    connected: () => up,
+    stats: () =>
+      new Promise((r) => {
+        asked = r;
+        worker.postMessage("stats");
+      }),
+    stop: () =>
+      new Promise<void>((r) => {
+        stopped = r;
+        worker.postMessage("stop");
+      }).then(() => worker.terminate().then(() => {})),
+  };
+}
+
+// A simulator thread: runs its group and answers the main thread.
+if (!isMainThread && (workerData as { fleetSimulate?: Group } | null)?.fleetSimulate) {
+  const g = (workerData as { fleetSimulate: Group }).fleetSimulate;
+  void runGroup(g, (connected) => parentPort!.postMessage({ connected })).then((part) => {
+    parentPort!.on("message", async (m: string) => {
+      if (m === "stats") parentPort!.postMessage({ stats: await part.stats() });
+      if (m === "stop") {
+        await part.stop();
+        parentPort!.postMessage({ stopped: true });
+      }
+    });
+  });
 }

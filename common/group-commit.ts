@@ -12,10 +12,17 @@ interface Writer<Op> {
 export class GroupCommit<Op> {
   private group: { ops: Op[]; sync: boolean; waiters: Array<(err?: Error) => void> } | undefined;
   private writing: Promise<void> | undefined;
+  /**
+   * Callers' writes (and of those synced) and what reached LevelDB: batches, synced batches
+   * (fsyncs) and operations — the figures of the per-job cost table (issue 17).
+   */
+  readonly stats = { writes: 0, syncWrites: 0, batches: 0, syncs: 0, ops: 0 };
 
   constructor(private readonly db: Writer<Op>) {}
 
   write(ops: readonly Op[], sync: boolean): Promise<void> {
+    this.stats.writes++;
+    if (sync) this.stats.syncWrites++;
     return new Promise((resolve, reject) => {
       this.group ??= { ops: [], sync: false, waiters: [] };
       for (const op of ops) this.group.ops.push(op);
@@ -35,6 +42,9 @@ export class GroupCommit<Op> {
       const g = this.group;
       this.group = undefined;
       let failure: Error | undefined;
+      this.stats.batches++;
+      if (g.sync) this.stats.syncs++;
+      this.stats.ops += g.ops.length;
       try {
         await this.db.batch(g.ops, { sync: g.sync });
       } catch (err) {

@@ -198,6 +198,11 @@ export class ControllerStore {
   readonly notifications: Sub<QueuedNotification>;
   private readonly writer: GroupCommit<Op>;
 
+  /** Writes and LevelDB batches/fsyncs so far (`fleet_leveldb_total` in /metrics). */
+  get writeStats(): Readonly<GroupCommit<Op>["stats"]> {
+    return this.writer.stats;
+  }
+
   constructor(path: string) {
     this.db = new ClassicLevel<string, unknown>(path, { valueEncoding: "json" });
     this.writer = new GroupCommit<Op>(this.db as never);

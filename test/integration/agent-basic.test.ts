@@ -24,4 +24,30 @@ describe("agent basics", () => {
     // Every status was acknowledged, so the outbox is empty.
     await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
   });
+
+  it("with the flush window, a job's transitions reach the controller as one batch: one record per task, every terminal state", async () => {
+    const a = await h.newAgent("dev-window", { statusFlushMs: 200 });
+    const jobId = await h.ctl.assign(
+      "dev-window",
+      jobSpec([
+        { id: "a", type: "noop" },
+        { id: "b", type: "noop", dependsOn: ["a"] },
+      ]),
+    );
+    const done = await h.ctl.waitJob("dev-window", jobId);
+    expect(done.state).toBe(TaskState.SUCCEEDED);
+    const mine = h.ctl.statuses("dev-window").filter((s) => s.jobId === jobId);
+    // b waited for a (WAITING, then a RUNNING after it): b's later statuses do not jump ahead of
+    // a's; a's RUNNING and b's RUNNING are each replaced by their SUCCEEDED.
+    expect(mine.map((s) => `${s.taskId}:${TaskState[s.state!]}`)).toEqual([
+      ":QUEUED",
+      "b:WAITING",
+      "a:SUCCEEDED",
+      "b:SUCCEEDED",
+      ":SUCCEEDED",
+    ]);
+    // The seq protocol is unchanged: contiguous from 1.
+    expect(mine.map((s) => s.seq)).toEqual([1, 2, 3, 4, 5]);
+    await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+  });
 });

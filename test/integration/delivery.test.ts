@@ -35,7 +35,7 @@ describe("delivery", () => {
   });
 
   it("statuses produced while the broker is down arrive after it returns, across an agent restart, none twice", async () => {
-    let agent = await h.newAgent("dlv-outage");
+    let agent = await h.newAgent("dlv-outage", { statusFlushMs: 0 }); // every status, to lose none of
     const tasks = Array.from({ length: 6 }, (_, i) => ({
       id: `t${i}`,
       type: "sleep",

@@ -122,8 +122,6 @@ const cases: Case[] = [
   },
   {
     name: "retries with backoff until success",
-    // Every transition, not coalesced (the flush window is what merges them: outbox tests).
-    config: { statusFlushMs: 0 },
     tasks: [probe("a", { failTimes: 2 }, { retry: { maxAttempts: 3, backoffS: 0.1, factor: 2 } })],
     expectTasks: { a: S.SUCCEEDED },
     expectJob: S.SUCCEEDED,
@@ -321,7 +319,12 @@ const cases: Case[] = [
 describe("scheduler", () => {
   it.each(cases.map((c) => [c.name, c] as const))("%s", async (_name, c) => {
     const deviceId = `sched-${++n}`;
-    await h.newAgent(deviceId, c.config ?? {}, { handlers: testHandlers, extraFacts: c.facts });
+    // Every transition is sent (no flush window: these check the scheduler's transitions).
+    await h.newAgent(
+      deviceId,
+      { statusFlushMs: 0, ...c.config },
+      { handlers: testHandlers, extraFacts: c.facts },
+    );
     events.length = 0;
     const spec = jobSpec(c.tasks, c.job?.());
     const jobId = await h.ctl.assign(deviceId, spec);
@@ -339,7 +342,7 @@ describe("scheduler", () => {
 
   it("cross-job dependency waits for the other job and follows its result", async () => {
     const deviceId = `sched-${++n}`;
-    await h.newAgent(deviceId, { maxConcurrency: 2 }, { handlers: testHandlers });
+    await h.newAgent(deviceId, { maxConcurrency: 2, statusFlushMs: 0 }, { handlers: testHandlers });
     events.length = 0;
     const first = jobSpec([probe("first", { ms: 300 })]);
     const failing = jobSpec([probe("bad", { failTimes: 1 })]);

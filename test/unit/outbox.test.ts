@@ -59,8 +59,8 @@ async function outbox(flushDelayMs: number) {
   return { box, batches, hold, shown, entries };
 }
 
-const st = (taskId: string, state: TaskState): TaskStatus => ({
-  jobId: "j1",
+const st = (taskId: string, state: TaskState, jobId = "j1"): TaskStatus => ({
+  jobId,
   executionId: "",
   taskId,
   state,
@@ -92,6 +92,18 @@ describe("outbox flush window", () => {
     expect(shown()).toEqual([["1:a:FAILED"]]);
   });
 
+  it("keeps a job's statuses in order: only the job's latest status is overwritten", async () => {
+    const { box, shown } = await outbox(1000);
+    box.onConnected();
+    await box.append([st("b", TaskState.WAITING), st("a", TaskState.RUNNING)], [], true);
+    await box.append([st("a", TaskState.SUCCEEDED)], [], true); // a's is the latest: in place
+    await box.append([st("b", TaskState.RUNNING)], [], true); // a's came after b's: appended
+    await box.append([st("b", TaskState.SUCCEEDED)], [], true); // now b's is the latest
+    box.flush();
+    await settle(10);
+    expect(shown()).toEqual([["1:b:WAITING", "2:a:SUCCEEDED", "3:b:SUCCEEDED"]]);
+  });
+
   it("never overwrites a terminal status or one already sent", async () => {
     const { box, shown } = await outbox(0);
     box.onConnected();
@@ -113,7 +125,7 @@ describe("outbox flush window", () => {
   it("sends nothing from a seq whose overwrite is not yet on disk", async () => {
     const { box, shown, hold } = await outbox(1000);
     box.onConnected();
-    await box.append([st("a", TaskState.RUNNING), st("b", TaskState.RUNNING)], [], true);
+    await box.append([st("a", TaskState.RUNNING), st("b", TaskState.RUNNING, "j2")], [], true);
     const open = hold();
     const pending = box.append([st("a", TaskState.SUCCEEDED)], [], true);
     box.flush(); // e.g. an ack or a reconnect while the overwrite is being written
