@@ -103,6 +103,9 @@ export class Agent {
   private syncTimer: NodeJS.Timeout | undefined;
   private syncRetryMs = SYNC_RETRY_MIN_MS;
   private lastStateAt = 0;
+  /** The last report's `stateShown()`, and whether counters changed since without a report. */
+  private lastStateShown = "";
+  private statePending = false;
   private readonly startedAt = Date.now();
 
   constructor(private readonly opts: AgentOptions) {
@@ -242,7 +245,16 @@ export class Agent {
       busy: () => this.scheduler.busy,
     });
     this.connection.start();
-    this.timers.push(setInterval(() => void this.refreshFacts(), FACTS_REFRESH_MS));
+    this.timers.push(
+      setInterval(() => {
+        void this.refreshFacts();
+        // Counters that changed without a report since (see publishStateSoon) go out now.
+        if (this.statePending && this.connection.connected) {
+          this.statePending = false;
+          this.publishState();
+        }
+      }, FACTS_REFRESH_MS),
+    );
     if (this.cfg.telemetryIntervalS > 0) {
       this.timers.push(setInterval(() => void this.sendTelemetry(), this.cfg.telemetryIntervalS * 1000));
     }
@@ -617,15 +629,32 @@ export class Agent {
 
   private publishState(): void {
     this.lastStateAt = Date.now();
+    this.lastStateShown = this.stateShown();
+    this.statePending = false;
     this.publish("state", this.stateEnvelope(true), 1, true);
   }
 
-  /** Queue depth changes are reported 1 s after they happen, at most every 2 s. */
+  /** What a DeviceState shows besides the counters (these alone do not call for a report). */
+  private stateShown(): string {
+    const held = this.chunks?.held() ?? [];
+    return JSON.stringify([this.scheduler.queueDepth, this.scheduler.runningCount, held, this.facts]);
+  }
+
+  /**
+   * Queue depth changes are reported 1 s after they happen, at most every 2 s — unless the
+   * device looks as it did in its last report (a job that came and went meanwhile): then only
+   * the counters changed, and they ride along with the next report or the minute's refresh.
+   * A gateway's counters are its site's gauges: it always reports.
+   */
   private publishStateSoon(): void {
     if (this.stateTimer) return;
     const wait = Math.max(STATE_SETTLE_MS, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
     this.stateTimer = setTimeout(() => {
       this.stateTimer = undefined;
+      if (!this.gateway && this.stateShown() === this.lastStateShown) {
+        this.statePending = true;
+        return;
+      }
       this.publishState();
     }, wait);
   }

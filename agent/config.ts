@@ -54,7 +54,7 @@ export const agentConfigSchema = z
      * Statuses committed within this many ms go out in one batch, and a task's unsent
      * non-terminal status is replaced by its successor (outbox.ts); 0 sends every change.
      */
-    statusFlushMs: z.number().int().min(0).max(1000).default(50),
+    statusFlushMs: z.number().int().min(0).max(1000).default(20),
     reconnect: z
       .object({
         minMs: z.number().min(10).default(1000),

@@ -5,7 +5,7 @@
 // acks stop arriving.
 //
 // Coalescing (issue 17): statuses committed within one flush window (until no commit came for
-// `flushDelayMs` and the agent is idle, at most 1 s) go out together, and a task's non-terminal status that was never sent is overwritten
+// `flushDelayMs` and the agent is idle, at most 20 windows) go out together, and a task's non-terminal status that was never sent is overwritten
 // in place — same seq, same key, in the batch that commits its successor — so a task that goes
 // QUEUED -> RUNNING -> SUCCEEDED within the window costs one record and the controller still
 // gets every seq, in order, and every terminal state (a terminal status is never overwritten).
@@ -23,8 +23,8 @@ const RESEND_AFTER_MS = 15_000;
 /** At most this many un-acknowledged statuses are kept in memory (the rest are read back). */
 const RECENT_MAX = 5000;
 /** Statuses committed within this long of each other go out in one batch. */
-export const FLUSH_DELAY_MS = 50;
-/** ... but none waits longer than this many windows (1 s by default). */
+export const FLUSH_DELAY_MS = 20;
+/** ... but none waits longer than this many windows (0.4 s by default). */
 const MAX_WINDOWS = 20;
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
