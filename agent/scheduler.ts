@@ -170,7 +170,11 @@ export class Scheduler {
 
   // ---- commands ---------------------------------------------------------------------------
 
-  /** Adds an accepted job; for a one-shot job creates its execution with every task QUEUED. */
+  /**
+   * Adds an accepted job; for a one-shot job creates its execution with every task QUEUED —
+   * and the tasks that may start at once RUNNING, in the same write (issue 17: one durable
+   * write per job for accept, QUEUED and the first start; still "persist, then act").
+   */
   async accept(
     record: StoredJob,
     spec: Spec,
@@ -183,9 +187,28 @@ export class Scheduler {
     const message = plan.schedule
       ? `scheduled: ${spec.schedule?.cron}`
       : `accepted, ${spec.tasks.length} task(s)`;
-    const queued = jobStatus(record.jobId, TaskState.QUEUED, message, now);
-    await this.commit({ jobs: [record], executions, statuses: [queued], ...(meta ? { meta } : {}) }, true);
+    const statuses = [jobStatus(record.jobId, TaskState.QUEUED, message, now)];
+    const ready: Ready[] = [];
+    for (const e of executions) {
+      this.assess(e, plan, now, statuses, this.stopped ? undefined : ready);
+      statuses.push(...this.table.settle(e, now));
+    }
+    const starting = this.reserve(ready);
+    for (const { r } of starting) statuses.push(this.table.start(r.e, r.taskId, now));
+    try {
+      await this.commit({ jobs: [record], executions, statuses, ...(meta ? { meta } : {}) }, true);
+    } catch (err) {
+      // Not accepted: forgotten here too, so that the re-delivery (no PUBACK) is a new job again.
+      for (const { key } of starting) this.running.delete(key);
+      this.table.remove(record.jobId);
+      throw err;
+    }
     for (const e of executions) this.table.track(e);
+    const cancelledMeanwhile = plan.record.cancelled;
+    for (const { r, key, entry } of starting) {
+      if (cancelledMeanwhile) entry.controller.abort(new TaskCanceledError(cancelledMeanwhile.reason));
+      this.launch(r, key, entry, true);
+    }
     this.kick();
   }
 
@@ -288,36 +311,7 @@ export class Scheduler {
       const plan = this.table.plans.get(e.jobId);
       if (e.done || !plan) continue;
       const before = statuses.length;
-      const window = plan.window && {
-        open: (at: number) => plan.window!.windowOpen(at, (plan.spec.window?.durationS ?? 0) * 1000).open,
-        describe: `"${plan.spec.window?.cron}" (${plan.spec.window?.timezone || "UTC"})`,
-      };
-      for (const [taskId, run] of Object.entries(e.tasks)) {
-        if (run.state !== TaskState.QUEUED && run.state !== TaskState.WAITING) continue;
-        const t = plan.tasks.get(taskId);
-        if (!t || this.running.has(runKey(e.jobId, e.execId, taskId))) continue;
-        const d = decideReadiness({
-          now,
-          task: t.spec,
-          run,
-          job: { expiresAt: plan.record.expiresAt, notBeforeMs: plan.spec.notBeforeMs, window },
-          dependency: (dep) => this.table.dependency(e, dep),
-          facts: () => (facts ??= this.opts.facts()),
-        });
-        if (d.kind === "run") {
-          if (!full)
-            ready.push({ e, plan, taskId, spec: t.spec, index: t.index, receivedAt: plan.record.receivedAt });
-        } else if (d.kind === "end") {
-          statuses.push(
-            this.patch(e, taskId, { state: d.state, reason: d.reason, message: d.message, finishedAt: now }),
-          );
-        } else if (d.kind === "wait" && !(run.state === TaskState.WAITING && run.reason === d.reason)) {
-          // A status only when the kind of wait changes, not on every pass.
-          statuses.push(
-            this.patch(e, taskId, { state: TaskState.WAITING, reason: d.reason, message: d.message }),
-          );
-        }
-      }
+      this.assess(e, plan, now, statuses, full ? undefined : ready, () => (facts ??= this.opts.facts()));
       statuses.push(...this.table.settle(e, now));
       if (statuses.length > before) {
         changed.push(e);
@@ -328,9 +322,53 @@ export class Scheduler {
     this.launchReady(ready);
   }
 
-  /** Starts ready tasks by priority, then age, within the global and per-type limits. */
-  private launchReady(ready: Ready[]): void {
+  /**
+   * What each waiting task of `e` should do now: ends and waits become statuses, tasks that may
+   * run join `ready` (when given: not when every slot is taken).
+   */
+  private assess(
+    e: ExecutionRecord,
+    plan: JobPlan,
+    now: number,
+    statuses: TaskStatus[],
+    ready: Ready[] | undefined,
+    facts: () => Facts = () => this.opts.facts(),
+  ): void {
+    const window = plan.window && {
+      open: (at: number) => plan.window!.windowOpen(at, (plan.spec.window?.durationS ?? 0) * 1000).open,
+      describe: `"${plan.spec.window?.cron}" (${plan.spec.window?.timezone || "UTC"})`,
+    };
+    for (const [taskId, run] of Object.entries(e.tasks)) {
+      if (run.state !== TaskState.QUEUED && run.state !== TaskState.WAITING) continue;
+      const t = plan.tasks.get(taskId);
+      if (!t || this.running.has(runKey(e.jobId, e.execId, taskId))) continue;
+      const d = decideReadiness({
+        now,
+        task: t.spec,
+        run,
+        job: { expiresAt: plan.record.expiresAt, notBeforeMs: plan.spec.notBeforeMs, window },
+        dependency: (dep) => this.table.dependency(e, dep),
+        facts,
+      });
+      if (d.kind === "run") {
+        ready?.push({ e, plan, taskId, spec: t.spec, index: t.index, receivedAt: plan.record.receivedAt });
+      } else if (d.kind === "end") {
+        statuses.push(
+          this.patch(e, taskId, { state: d.state, reason: d.reason, message: d.message, finishedAt: now }),
+        );
+      } else if (d.kind === "wait" && !(run.state === TaskState.WAITING && run.reason === d.reason)) {
+        // A status only when the kind of wait changes, not on every pass.
+        statuses.push(
+          this.patch(e, taskId, { state: TaskState.WAITING, reason: d.reason, message: d.message }),
+        );
+      }
+    }
+  }
+
+  /** Takes slots for ready tasks by priority, then age, within the global and per-type limits. */
+  private reserve(ready: Ready[]): Array<{ r: Ready; key: string; entry: Running }> {
     ready.sort((a, b) => runOrder(a, b));
+    const taken: Array<{ r: Ready; key: string; entry: Running }> = [];
     for (const r of ready) {
       if (this.running.size >= this.opts.maxConcurrency) break;
       const limit = this.opts.typeConcurrency[r.spec.type];
@@ -342,28 +380,42 @@ export class Scheduler {
       const key = runKey(r.e.jobId, r.e.execId, r.taskId);
       const entry: Running = { controller: new AbortController(), type: r.spec.type, lastProgressAt: 0 };
       this.running.set(key, entry);
-      this.execute(r, entry)
-        .catch((err) =>
-          this.opts.log.error({ err, jobId: r.e.jobId, taskId: r.taskId }, "task bookkeeping failed"),
-        )
-        .finally(() => {
-          this.running.delete(key);
-          this.kick();
-        });
+      taken.push({ r, key, entry });
     }
+    return taken;
+  }
+
+  /** Starts ready tasks by priority, then age, within the global and per-type limits. */
+  private launchReady(ready: Ready[]): void {
+    for (const { r, key, entry } of this.reserve(ready)) this.launch(r, key, entry, false);
+  }
+
+  /** Runs a task in its reserved slot; `started`: its RUNNING is on disk already. */
+  private launch(r: Ready, key: string, entry: Running, started: boolean): void {
+    this.execute(r, entry, started)
+      .catch((err) =>
+        this.opts.log.error({ err, jobId: r.e.jobId, taskId: r.taskId }, "task bookkeeping failed"),
+      )
+      .finally(() => {
+        this.running.delete(key);
+        this.kick();
+      });
   }
 
   // ---- running a task ---------------------------------------------------------------------
 
-  private async execute({ e, plan, taskId, spec }: Ready, entry: Running): Promise<void> {
+  private async execute({ e, plan, taskId, spec }: Ready, entry: Running, started: boolean): Promise<void> {
     const o = this.opts;
     const run = e.tasks[taskId]!;
     const resumed = Boolean(run.resume);
     const startedAt = this.now();
     const log = o.log.child({ jobId: e.jobId, taskId, execId: e.execId || undefined, type: spec.type });
     // Persist RUNNING before acting: after a crash this is what tells us the task was interrupted.
-    const started = this.table.start(e, taskId, startedAt);
-    await this.commit({ executions: [e], statuses: [started] }, true);
+    // (A task started with its job's acceptance is on disk already: the same write.)
+    if (!started) {
+      const status = this.table.start(e, taskId, startedAt);
+      await this.commit({ executions: [e], statuses: [status] }, true);
+    }
     const signal = entry.controller.signal;
     if (signal.aborted) {
       // Cancelled between the decision and the write.
