@@ -28,6 +28,7 @@ import { Dashboard, fleetSource } from "./dashboard.js";
 import { BrokerGate, type DeviceCredentials } from "./gate.js";
 import { httpHandler } from "./http-routes.js";
 import { initFleet } from "./init.js";
+import { brokerLink } from "./link.js";
 import { serverMetrics } from "./metrics.js";
 import { limitPackets, type PacketLimits } from "./packet-limit.js";
 import { PasswordGate } from "./password-gate.js";
@@ -65,9 +66,6 @@ export interface Listening {
 }
 
 type FleetClient = Client & { fleet?: Identity };
-
-/** What the controller takes from a device's topics (the rest is for the devices). */
-const DEVICE_UPLINK = new Set(["status", "sync", "state", "telemetry"]);
 
 function _authError(message: string, returnCode: number): Error {
   return Object.assign(new Error(message), { returnCode });
@@ -254,44 +252,12 @@ export class FleetServer {
 
   /** The embedded single-node broker in-process for the controller (ControllerOptions.link). */
   private brokerLink(): ControllerOptions["link"] {
-    const aedes = this.aedes;
-    if (!aedes || this.cluster) return undefined;
-    const log = this.log;
-    return {
-      tap: (deliver) => {
-        // First the retained DeviceStates (devices that connected before the controller
-        // started, as an MQTT subscription would get them), then what arrived meanwhile, then live.
-        let held: Array<[string, Buffer]> | undefined = [];
-        aedes.on("publish", (packet, client) => {
-          if ((client as FleetClient | null)?.fleet?.kind !== "device") return;
-          const channel = packet.topic.slice(packet.topic.lastIndexOf("/") + 1);
-          if (!DEVICE_UPLINK.has(channel)) return;
-          if (held) held.push([packet.topic, packet.payload as Buffer]);
-          else deliver(packet.topic, packet.payload as Buffer);
-        });
-        const persistence = (
-          aedes as unknown as {
-            persistence: {
-              createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
-            };
-          }
-        ).persistence;
-        const retained = persistence.createRetainedStreamCombi([`${this.config.prefix}/d/+/state`]);
-        void (async () => {
-          try {
-            for await (const p of retained) deliver(p.topic, p.payload);
-          } catch (err) {
-            log.error({ err }, "cannot read the retained device states");
-          }
-          for (const [topic, payload] of held ?? []) deliver(topic, payload);
-          held = undefined;
-        })();
-      },
-      publish: (topic, payload, qos, retain) =>
-        aedes.publish({ cmd: "publish", topic, payload, qos, retain, dup: false } as never, (err) => {
-          if (err) log.debug({ err: err.message, topic }, "publish not completed");
-        }),
-    };
+    if (!this.aedes || this.cluster) return undefined;
+    return brokerLink(this.aedes, {
+      prefix: this.config.prefix,
+      log: this.log,
+      fromDevice: (client) => (client as FleetClient | null)?.fleet?.kind === "device",
+    });
   }
 
   private fatal(why: string): void {

@@ -226,6 +226,9 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
         },
       });
     }
+  } catch (err) {
+    console.error(`server log (tail):\n${server.stderr().slice(-4000)}`);
+    throw err;
   } finally {
     // Graceful stops, so that FLEET_SERVER_NODE_ARGS="--cpu-prof ..." leaves profiles behind.
     sim?.kill("SIGTERM");

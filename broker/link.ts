@@ -1,0 +1,92 @@
+// The embedded single-node broker as the controller sees it in-process (issue 17): what
+// devices publish on their status, sync, state and telemetry topics is handed over from aedes'
+// publish pipeline, and the controller's publishes enter aedes directly — not one more MQTT hop
+// over loopback (socket writes, parsing and a PUBACK each way per message).
+import type { Aedes, Client } from "aedes";
+import type { Logger } from "pino";
+import type { BrokerLink } from "./controller/controller.js";
+
+/** What the controller takes from a device's topics (the rest is for the devices). */
+const DEVICE_UPLINK = new Set(["status", "sync", "state", "telemetry"]);
+/** The controller's publishes into the broker: at most this many in flight, and per tick. */
+const IN_FLIGHT = 64;
+const PER_TICK = 512;
+
+interface Packet {
+  cmd: "publish";
+  topic: string;
+  payload: Buffer;
+  qos: 0 | 1;
+  retain: boolean;
+  dup: false;
+}
+
+export function brokerLink(
+  aedes: Aedes,
+  o: { prefix: string; log: Logger; fromDevice: (client: Client | null) => boolean },
+): BrokerLink {
+  const { log } = o;
+  // A FIFO, a bounded number in flight and per tick: aedes' emitter queues what is over its
+  // concurrency and releases that queue recursively when publishes complete synchronously —
+  // 10,000 assignments published in one go overflowed the stack (found by B1 at 10,000 devices).
+  const queue: Array<Packet | undefined> = [];
+  let head = 0;
+  let inFlight = 0;
+  let pumping = false;
+  const schedule = () => {
+    if (pumping) return;
+    pumping = true;
+    setImmediate(pump);
+  };
+  const pump = () => {
+    pumping = false;
+    let n = 0;
+    while (head < queue.length && inFlight < IN_FLIGHT && n++ < PER_TICK) {
+      const packet = queue[head]!;
+      queue[head++] = undefined;
+      inFlight++;
+      aedes.publish(packet as never, (err) => {
+        inFlight--;
+        if (err) log.debug({ err: err.message, topic: packet.topic }, "publish not completed");
+        if (head < queue.length) schedule();
+      });
+    }
+    if (head === queue.length) {
+      queue.length = 0;
+      head = 0;
+    } else if (inFlight < IN_FLIGHT) schedule();
+  };
+  return {
+    tap: (deliver) => {
+      // First the retained DeviceStates (devices that connected before the controller started,
+      // as an MQTT subscription would get them), then what arrived meanwhile, then live.
+      let held: Array<[string, Buffer]> | undefined = [];
+      aedes.on("publish", (packet, client) => {
+        if (!o.fromDevice(client)) return;
+        const channel = packet.topic.slice(packet.topic.lastIndexOf("/") + 1);
+        if (!DEVICE_UPLINK.has(channel)) return;
+        if (held) held.push([packet.topic, packet.payload as Buffer]);
+        else deliver(packet.topic, packet.payload as Buffer);
+      });
+      const { persistence } = aedes as unknown as {
+        persistence: {
+          createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
+        };
+      };
+      const retained = persistence.createRetainedStreamCombi([`${o.prefix}/d/+/state`]);
+      void (async () => {
+        try {
+          for await (const p of retained) deliver(p.topic, p.payload);
+        } catch (err) {
+          log.error({ err }, "cannot read the retained device states");
+        }
+        for (const [topic, payload] of held ?? []) deliver(topic, payload);
+        held = undefined;
+      })();
+    },
+    publish: (topic, payload, qos, retain) => {
+      queue.push({ cmd: "publish", topic, payload, qos, retain, dup: false });
+      schedule();
+    },
+  };
+}
