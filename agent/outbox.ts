@@ -5,11 +5,12 @@
 // acks stop arriving.
 //
 // Coalescing (issue 17): statuses committed within one flush window (until no commit came for
-// `flushDelayMs` and the agent is idle, at most 20 windows) go out together, and a task's non-terminal status that was never sent is overwritten
-// in place — same seq, same key, in the batch that commits its successor — so a task that goes
-// QUEUED -> RUNNING -> SUCCEEDED within the window costs one record and the controller still
-// gets every seq, in order, and every terminal state (a terminal status is never overwritten).
-// Only the latest status of its job is overwritten: a job's statuses keep their order.
+// `flushDelayMs` and the agent is idle; at most 1 s by default) go out together, and a task's
+// non-terminal status that was never sent is overwritten in place — same seq, same key, in the
+// batch that commits its successor — so a task that goes QUEUED -> RUNNING -> SUCCEEDED within
+// the window costs one record, and the controller still gets every seq, in order, and every
+// terminal state (a terminal status is never overwritten). Only the latest status of its job
+// is overwritten: a job's statuses keep their order.
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { GroupCommit } from "../common/group-commit.js";
@@ -24,8 +25,8 @@ const RESEND_AFTER_MS = 15_000;
 const RECENT_MAX = 5000;
 /** Statuses committed within this long of each other go out in one batch. */
 export const FLUSH_DELAY_MS = 20;
-/** ... but none waits longer than this many windows (0.4 s by default). */
-const MAX_WINDOWS = 20;
+/** ... but none waits longer than this many windows (1 s by default). */
+const MAX_WINDOWS = 50;
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, string, unknown>;
 type Sub<V> = AbstractSublevel<Db, string | Buffer | Uint8Array, string, V>;

@@ -409,7 +409,11 @@ export class Scheduler {
     const run = e.tasks[taskId]!;
     const resumed = Boolean(run.resume);
     const startedAt = this.now();
-    const log = o.log.child({ jobId: e.jobId, taskId, execId: e.execId || undefined, type: spec.type });
+    // The task's logger is made when something logs (a child logger per task is garbage a
+    // thousand noop jobs a second do not need).
+    let child: Logger | undefined;
+    const log = () =>
+      (child ??= o.log.child({ jobId: e.jobId, taskId, execId: e.execId || undefined, type: spec.type }));
     // Persist RUNNING before acting: after a crash this is what tells us the task was interrupted.
     // (A task started with its job's acceptance is on disk already: the same write.)
     if (!started) {
@@ -434,7 +438,9 @@ export class Scheduler {
         dataDir: o.dataDir,
         facts: o.facts(),
         kv: o.store.kv,
-        log,
+        get log() {
+          return log();
+        },
         policy: o.policy,
         system: o.system,
         artifacts: o.artifacts,
@@ -451,10 +457,11 @@ export class Scheduler {
     if (this.stopped) return; // stays RUNNING on disk; recovery decides on the next start
     const now = this.now();
     await this.finish(e, this.table.finished(e, taskId, outcome, now));
-    if (outcome.kind === "succeeded")
-      log.info({ attempt: run.attempt, ms: now - startedAt }, "task succeeded");
-    else
-      log.warn(
+    if (outcome.kind === "succeeded") {
+      if (o.log.isLevelEnabled("info"))
+        log().info({ attempt: run.attempt, ms: now - startedAt }, "task succeeded");
+    } else
+      log().warn(
         { attempt: run.attempt, state: TaskState[e.tasks[taskId]!.state], err: outcome.message },
         "task did not succeed",
       );

@@ -52,7 +52,8 @@ export async function runTask(r: RunRequest): Promise<Outcome> {
   const scratchDir = r.handler.scratch === false ? "" : await mkdtemp(join(tmpdir(), "fleet-task-"));
   try {
     const result = await Promise.race([
-      r.handler.run({ ...r.context, scratchDir }, r.params, signal),
+      // Added in place, not spread: the context's `log` is a getter made on first use.
+      r.handler.run(Object.assign(r.context, { scratchDir }) as TaskContext, r.params, signal),
       aborted,
     ]);
     return {

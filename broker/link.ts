@@ -21,6 +21,17 @@ interface Packet {
   dup: false;
 }
 
+/** Whether an MQTT subscription pattern matches a topic (`+`, `#`; no `$share`). */
+export function topicMatches(pattern: string, topic: string): boolean {
+  const p = pattern.split("/");
+  const t = topic.split("/");
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === "#") return true;
+    if (i >= t.length || (p[i] !== "+" && p[i] !== t[i])) return false;
+  }
+  return p.length === t.length;
+}
+
 export function brokerLink(
   aedes: Aedes,
   o: { prefix: string; log: Logger; fromDevice: (client: Client | null) => boolean },
@@ -56,7 +67,43 @@ export function brokerLink(
       head = 0;
     } else if (inFlight < IN_FLIGHT) schedule();
   };
+  // Who may be listening on the topics the controller asks about (its events topic): a
+  // subscription makes it yes at once; after an unsubscribe or a disconnect the broker is asked
+  // again, and its answer counts only if no subscription came meanwhile. A stale "yes" costs a
+  // publish nobody gets; a "no" is never stale.
+  const { persistence } = aedes as unknown as {
+    persistence: {
+      createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
+      subscriptionsByTopic(topic: string): Promise<unknown[]>;
+    };
+  };
+  const watched = new Map<string, boolean>();
+  let subscribes = 0;
+  const recount = () => {
+    const seen = subscribes;
+    for (const topic of watched.keys())
+      persistence.subscriptionsByTopic(topic).then(
+        (subs) => {
+          if (subscribes === seen) watched.set(topic, subs.length > 0);
+        },
+        () => {},
+      );
+  };
+  aedes.on("subscribe", (subs) => {
+    subscribes++;
+    for (const topic of watched.keys())
+      if (subs.some((s) => topicMatches(s.topic, topic))) watched.set(topic, true);
+  });
+  aedes.on("unsubscribe", recount);
+  aedes.on("clientDisconnect", recount);
   return {
+    subscribed: (topic) => {
+      if (!watched.has(topic)) {
+        watched.set(topic, true);
+        recount();
+      }
+      return watched.get(topic)!;
+    },
     tap: (deliver) => {
       // First the retained DeviceStates (devices that connected before the controller started,
       // as an MQTT subscription would get them), then what arrived meanwhile, then live.
@@ -68,11 +115,6 @@ export function brokerLink(
         if (held) held.push([packet.topic, packet.payload as Buffer]);
         else deliver(packet.topic, packet.payload as Buffer);
       });
-      const { persistence } = aedes as unknown as {
-        persistence: {
-          createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
-        };
-      };
       const retained = persistence.createRetainedStreamCombi([`${o.prefix}/d/+/state`]);
       void (async () => {
         try {

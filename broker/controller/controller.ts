@@ -72,6 +72,8 @@ export interface BrokerLink {
   /** Calls `deliver` for each message a device publishes on its status/sync/state/telemetry topic. */
   tap(deliver: (topic: string, payload: Buffer) => void): void;
   publish(topic: string, payload: Buffer, qos: 0 | 1, retain: boolean): void;
+  /** Whether any client may be subscribed to `topic` (never a stale "no"). */
+  subscribed(topic: string): boolean;
 }
 
 export class Controller {
@@ -127,6 +129,12 @@ export class Controller {
       maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),
+      // Events are built only when someone may get them: the dashboard's tap, a subscriber
+      // of the events topic (asked of the embedded broker), or any with an external broker.
+      wantsEvents: () =>
+        this.eventListeners.size > 0 ||
+        !this.opts.link ||
+        this.opts.link.subscribed(eventsTopic(this.prefix)),
       wantsJobEnds: () => this.notifier.wants("job.succeeded") || this.notifier.wants("job.failed"),
       onJobEnded: (job, state, asgs) =>
         this.notifier.ops(state === "SUCCEEDED" ? "job.succeeded" : "job.failed", {

@@ -42,6 +42,8 @@ export interface DeliveryContext {
    */
   onJobEnded?(job: JobRecord, state: "SUCCEEDED" | "FAILED", asgs: readonly Assignment[]): Op[];
   wantsJobEnds?(): boolean;
+  /** Whether anyone may receive a FleetEvent now (else it is neither built nor published). */
+  wantsEvents?(): boolean;
 }
 
 /** What one status may add to an assignment (an agent of ours bounds it already). */

@@ -1,10 +1,12 @@
 // The controller's in-process link to the embedded aedes (broker/link.ts): many publishes in
 // one go (a rollout wave to 10,000 devices) arrive, in order, without overflowing the stack —
 // aedes' emitter releases its queue recursively when publishes complete synchronously.
+import { type AddressInfo, createServer } from "node:net";
 import { Aedes } from "aedes";
+import mqtt from "mqtt";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
-import { brokerLink } from "../../broker/link.js";
+import { brokerLink, topicMatches } from "../../broker/link.js";
 
 describe("broker link", () => {
   it("20,000 publishes in one go all arrive, in order", async () => {
@@ -34,5 +36,52 @@ describe("broker link", () => {
     } finally {
       await new Promise<void>((r) => aedes.close(() => r()));
     }
+  });
+
+  it("knows whether anyone may be subscribed to a topic: at once on subscribe, again after unsubscribe and disconnect", async () => {
+    const aedes = await Aedes.createBroker();
+    const server = createServer(aedes.handle);
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const link = brokerLink(aedes, {
+      prefix: "fleet/v1",
+      log: pino({ level: "silent" }),
+      fromDevice: () => false,
+    });
+    const topic = "fleet/v1/events";
+    const until = async (want: boolean) => {
+      for (let i = 0; i < 200 && link.subscribed(topic) !== want; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      return link.subscribed(topic);
+    };
+    try {
+      expect(await until(false)).toBe(false); // nobody yet
+      const watcher = await mqtt.connectAsync(url, { clientId: "w1" });
+      await watcher.subscribeAsync(topic);
+      expect(link.subscribed(topic)).toBe(true); // at once
+      await watcher.unsubscribeAsync(topic);
+      expect(await until(false)).toBe(false);
+      await watcher.subscribeAsync("fleet/v1/#"); // a wildcard counts too
+      expect(link.subscribed(topic)).toBe(true);
+      await watcher.endAsync();
+      expect(await until(false)).toBe(false);
+      const other = await mqtt.connectAsync(url, { clientId: "w2" });
+      await other.subscribeAsync("fleet/v1/d/+/state"); // not the events topic
+      await new Promise((r) => setTimeout(r, 50));
+      expect(link.subscribed(topic)).toBe(false);
+      await other.endAsync();
+    } finally {
+      server.close();
+      await new Promise<void>((r) => aedes.close(() => r()));
+    }
+  });
+
+  it("matches MQTT patterns", () => {
+    expect(topicMatches("a/+/c", "a/b/c")).toBe(true);
+    expect(topicMatches("a/#", "a/b/c")).toBe(true);
+    expect(topicMatches("#", "a")).toBe(true);
+    expect(topicMatches("a/+", "a/b/c")).toBe(false);
+    expect(topicMatches("a/b", "a/b/c")).toBe(false);
+    expect(topicMatches("a/b/c/d", "a/b/c")).toBe(false);
   });
 });
