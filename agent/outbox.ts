@@ -194,7 +194,9 @@ export class Outbox {
     const check = () => {
       this.flushTimer = undefined;
       const waited = Date.now() - this.windowFrom;
-      if (waited < MAX_WINDOWS * this.flushDelayMs && this.sending?.busy?.()) {
+      // A full batch is waiting: nothing to gain from holding it (a long queue of jobs).
+      const full = this.lastSeq - this.sentUpTo >= MAX_BATCH_COUNT;
+      if (!full && waited < MAX_WINDOWS * this.flushDelayMs && this.sending?.busy?.()) {
         this.flushTimer = setTimeout(check, this.flushDelayMs);
         return;
       }

@@ -46,6 +46,8 @@ export interface DeliveryContext {
   wantsEvents?(): boolean;
 }
 
+/** A device is acknowledged at least every this many statuses, even while more batches wait. */
+const ACK_AT_LEAST = 128;
 /** What one status may add to an assignment (an agent of ours bounds it already). */
 const STATUS_BYTES = 96 * 1024;
 
@@ -64,6 +66,8 @@ export class Delivery {
   private readonly seqs = new Map<string, { epoch: string; seq: number }>();
   /** Batches waiting per device: only the last of a run is acknowledged (acks are cumulative). */
   private readonly waiting = new Map<string, number>();
+  /** The seq each device was last acknowledged up to (by a StatusAck of ours). */
+  private readonly ackedUpTo = new Map<string, number>();
 
   constructor(private readonly ctx: DeliveryContext) {}
 
@@ -315,7 +319,11 @@ export class Delivery {
     epoch: string,
     ackedSeq: number,
     ack?: (a: StatusAck) => void,
-    /** Another batch of this device is next: its ack (cumulative) covers this one. */
+    /**
+     * Another batch of this device is next: its ack (cumulative) covers this one — unless this
+     * device has not been acknowledged for ACK_AT_LEAST statuses: a device with a long outbox
+     * keeps its window moving.
+     */
     more = false,
   ): Promise<void> {
     const { store } = this.ctx;
@@ -336,6 +344,7 @@ export class Delivery {
         );
       }
       last = 0;
+      this.ackedUpTo.delete(deviceId);
     }
     if (ackedSeq > last) {
       // The agent no longer has anything up to ackedSeq (our state was restored or reset).
@@ -406,9 +415,10 @@ export class Delivery {
     // Persisted (or nothing new): acknowledge cumulatively — once for a run of batches.
     const statusAck = { upToSeq: last, epoch: applied.epoch };
     if (ack) ack(statusAck);
-    else if (!more)
+    else if (!more || last - (this.ackedUpTo.get(deviceId) ?? 0) >= ACK_AT_LEAST) {
+      this.ackedUpTo.set(deviceId, last);
       this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
-    else this.ctx.counters.inc("status_acks_coalesced");
+    } else this.ctx.counters.inc("status_acks_coalesced");
     for (const s of fresh) {
       // Where devices' update bytes came from (DESIGN.md §11), for /metrics.
       for (const [source, n] of Object.entries(s.bytesBySource ?? {}))
@@ -482,6 +492,7 @@ export class Delivery {
   /** A removed device: its seq record is gone from disk too. */
   forgetDevice(deviceId: string): void {
     this.seqs.delete(deviceId);
+    this.ackedUpTo.delete(deviceId);
   }
 
   private forgetCount(jobId: string): void {
