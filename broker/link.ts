@@ -8,8 +8,13 @@ import type { BrokerLink } from "./controller/controller.js";
 
 /** What the controller takes from a device's topics (the rest is for the devices). */
 const DEVICE_UPLINK = new Set(["status", "sync", "state", "telemetry"]);
-/** The controller's publishes into the broker: at most this many in flight, and per tick. */
-const IN_FLIGHT = 64;
+/**
+ * The controller's publishes into the broker: at most this many in flight (aedes' emitter runs
+ * 100 at once and queues the rest; its queue is released recursively, so it must stay short),
+ * and per tick. A publish completes when every subscriber's socket took it: a slow client
+ * holds its slot until its socket drains (aedes' drainTimeout), so the bound is generous.
+ */
+const IN_FLIGHT = 256;
 const PER_TICK = 512;
 
 interface Packet {

@@ -39,7 +39,12 @@ async function kill9(p: AgentProcess) {
 describe("agent process crash recovery", () => {
   it("SIGKILL mid-task: the non-idempotent task ends FAILED(interrupted), the idempotent one re-runs", async () => {
     const id = "proc-crash";
-    const { root, cleanup } = flashRoot(id, [broker.url], { allowShell: ["/bin/sleep"], maxConcurrency: 4 });
+    // Every transition is sent (statusFlushMs 0): this checks the recovery's sequence of states.
+    const { root, cleanup } = flashRoot(id, [broker.url], {
+      allowShell: ["/bin/sleep"],
+      maxConcurrency: 4,
+      statusFlushMs: 0,
+    });
     cleanups.push(cleanup);
     let p = await start(root, id);
     const shell = await ctl.assign(
