@@ -124,7 +124,8 @@ export class Outbox {
     for (const status of statuses) {
       const job = `${status.jobId}\0${status.executionId}`;
       const key = status.taskId ? `${job}\0${status.taskId}` : "";
-      const prior = key ? this.unsent.get(key) : undefined;
+      // No flush window (0): every change is kept and sent, none overwritten.
+      const prior = key && this.flushDelayMs ? this.unsent.get(key) : undefined;
       // In place only if nothing of the same job came after it: a job's statuses stay in order.
       const inPlace =
         prior !== undefined &&

@@ -122,6 +122,15 @@ describe("outbox flush window", () => {
     expect(late.shown()).toEqual([["1:b:CANCELED", "2:b:QUEUED"]]);
   });
 
+  it("without a flush window (0) every change is kept, also while offline", async () => {
+    const { box, shown } = await outbox(0);
+    await box.append([st("a", TaskState.WAITING)], [], true); // not connected: unsent
+    await box.append([st("a", TaskState.RUNNING)], [], true);
+    box.onConnected();
+    await settle(10);
+    expect(shown()).toEqual([["1:a:WAITING", "2:a:RUNNING"]]);
+  });
+
   it("sends nothing from a seq whose overwrite is not yet on disk", async () => {
     const { box, shown, hold } = await outbox(1000);
     box.onConnected();
