@@ -69,6 +69,8 @@ export interface AgentOptions {
   artifacts?: ArtifactSource;
   /** Telemetry source instead of systeminformation (simulated devices). */
   telemetry?: () => Promise<Telemetry>;
+  /** Count MQTT packets by kind (`wireStats`; the simulator's `--packet-kinds`). */
+  countPacketKinds?: boolean;
   /** A session whose SUBSCRIBE is not answered within this time is dropped and made anew. */
   subackTimeoutMs?: number;
   /**
@@ -191,6 +193,7 @@ export class Agent {
       preferFirstAfterMs: this.cfg.reconnect.preferFirstAfterS * 1000,
       log: this.log.child({ component: "connection" }),
       counters: this.counters,
+      countPacketKinds: opts.countPacketKinds,
       onMessage: (topic, payload) => this.onMessage(topic, payload),
     });
     this.connection.on("up", (client) => {

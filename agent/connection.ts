@@ -27,9 +27,13 @@ export interface ConnectionOptions {
   preferFirstAfterMs?: number;
   log: Logger;
   counters: Counters;
+  /** Count packets by kind too (`packets`; the simulator's `--packet-kinds`, for the cost table). */
+  countPacketKinds?: boolean;
   /** Called for every incoming PUBLISH; the PUBACK is sent when the promise settles. */
   onMessage: (topic: string, payload: Buffer) => Promise<void>;
 }
+
+const MQTT_TRACE = /mqttjs/.test(process.env.DEBUG ?? "");
 
 export interface ConnectionEvents {
   up: [client: MqttClient, sessionPresent: boolean];
@@ -47,7 +51,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   readonly attemptTimes: number[] = [];
   /** MQTT packets each way over every session so far (what the cost benchmark counts). */
   readonly wire = { packetsIn: 0, packetsOut: 0, bytesIn: 0, bytesOut: 0 };
-  /** Packets by direction, kind and (publishes) channel: "in publish job", "out puback", ... */
+  /**
+   * Packets by direction, kind and (publishes) channel: "in publish job", "out puback", ...
+   * (only with `countPacketKinds`: a string per packet).
+   */
   readonly packets = new Map<string, number>();
 
   constructor(private readonly opts: ConnectionOptions) {
@@ -96,6 +103,9 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       connectTimeout: 10_000,
       keepalive: 30,
       will: { topic: this.opts.will.topic, payload: this.opts.will.payload, qos: 1, retain: true },
+      // MQTT.js's own trace (the `debug` module) costs a call per packet step even when off;
+      // DEBUG=mqttjs* still turns it on.
+      ...(MQTT_TRACE ? {} : { log: () => {} }),
       ...(this.opts.caCertFile ? { ca: readFileSync(this.opts.caCertFile) } : {}),
       ...(this.opts.certFile && this.opts.keyFile
         ? { cert: readFileSync(this.opts.certFile), key: readFileSync(this.opts.keyFile) }
@@ -104,17 +114,19 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const client = mqtt.connect(url, opts);
     this.client = client;
     const wire = this.wire;
-    const count = (dir: string, p: { cmd: string; topic?: string }) => {
-      const key = `${dir} ${p.cmd}${p.topic ? ` ${p.topic.slice(p.topic.lastIndexOf("/") + 1)}` : ""}`;
-      this.packets.set(key, (this.packets.get(key) ?? 0) + 1);
-    };
+    const count = this.opts.countPacketKinds
+      ? (dir: string, p: { cmd: string; topic?: string }) => {
+          const key = `${dir} ${p.cmd}${p.topic ? ` ${p.topic.slice(p.topic.lastIndexOf("/") + 1)}` : ""}`;
+          this.packets.set(key, (this.packets.get(key) ?? 0) + 1);
+        }
+      : undefined;
     client.on("packetreceive", (p) => {
       wire.packetsIn++;
-      count("in", p as { cmd: string; topic?: string });
+      count?.("in", p as { cmd: string; topic?: string });
     });
     client.on("packetsend", (p) => {
       wire.packetsOut++;
-      count("out", p as { cmd: string; topic?: string });
+      count?.("out", p as { cmd: string; topic?: string });
     });
     client.on("close", () => {
       const socket = client.stream as { bytesRead?: number; bytesWritten?: number } | undefined;
