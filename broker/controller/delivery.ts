@@ -561,7 +561,6 @@ export class Delivery {
     status?: TaskStatus;
     detailJson?: string;
   }): void {
-    if (process.env.HACK_NOEVENTS) return;
     this.ctx.publish(
       eventsTopic(this.ctx.prefix),
       encodeEnvelope({ fleetEvent: { ...e, atMs: this.ctx.now() } }),
