@@ -72,42 +72,56 @@ export function brokerLink(
       head = 0;
     } else if (inFlight < IN_FLIGHT) schedule();
   };
-  // Who may be listening on the topics the controller asks about (its events topic): a
-  // subscription makes it yes at once; after an unsubscribe or a disconnect the broker is asked
-  // again, and its answer counts only if no subscription came meanwhile. A stale "yes" costs a
-  // publish nobody gets; a "no" is never stale.
+  // Who may be listening on the topics the controller asks about (its events topic): the
+  // connected clients' subscriptions that match, kept from aedes' subscribe, unsubscribe and
+  // disconnect events. A topic asked about for the first time, or a session restored on
+  // reconnect (clean: false, no SUBSCRIBE is sent), is looked up in the broker's subscriptions;
+  // until a first lookup answers, the answer is yes. A stale "yes" costs a publish nobody gets;
+  // a "no" is never stale.
   const { persistence } = aedes as unknown as {
     persistence: {
       createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
-      subscriptionsByTopic(topic: string): Promise<unknown[]>;
+      subscriptionsByTopic(topic: string): Promise<Array<{ clientId: string; topic: string }>>;
     };
   };
-  const watched = new Map<string, boolean>();
-  let subscribes = 0;
-  const recount = () => {
-    const seen = subscribes;
-    for (const topic of watched.keys())
-      persistence.subscriptionsByTopic(topic).then(
-        (subs) => {
-          if (subscribes === seen) watched.set(topic, subs.length > 0);
-        },
-        () => {},
-      );
-  };
-  aedes.on("subscribe", (subs) => {
-    subscribes++;
-    for (const topic of watched.keys())
-      if (subs.some((s) => topicMatches(s.topic, topic))) watched.set(topic, true);
+  const connected = (id: string) =>
+    Boolean((aedes as unknown as { clients: Record<string, unknown> }).clients[id]);
+  /** Per watched topic: "clientId\nfilter" of each matching subscription of a connected client. */
+  const watched = new Map<string, Set<string>>();
+  /** Watched topics whose first lookup answered (before that: yes). */
+  const known = new Set<string>();
+  const lookUp = (topic: string, onlyClient?: string) =>
+    persistence.subscriptionsByTopic(topic).then(
+      (subs) => {
+        const set = watched.get(topic)!;
+        for (const s of subs)
+          if ((onlyClient === undefined || s.clientId === onlyClient) && connected(s.clientId))
+            set.add(`${s.clientId}\n${s.topic}`);
+        known.add(topic);
+      },
+      (err) => log.warn({ err, topic }, "cannot look up subscribers"),
+    );
+  aedes.on("subscribe", (subs, client) => {
+    for (const [topic, set] of watched)
+      for (const s of subs) if (topicMatches(s.topic, topic)) set.add(`${client.id}\n${s.topic}`);
   });
-  aedes.on("unsubscribe", recount);
-  aedes.on("clientDisconnect", recount);
+  aedes.on("unsubscribe", (filters, client) => {
+    for (const set of watched.values()) for (const f of filters) set.delete(`${client.id}\n${f}`);
+  });
+  aedes.on("clientDisconnect", (client) => {
+    const mine = `${client.id}\n`;
+    for (const set of watched.values()) for (const k of set) if (k.startsWith(mine)) set.delete(k);
+  });
+  aedes.on("clientReady", (client) => {
+    for (const topic of watched.keys()) void lookUp(topic, client.id);
+  });
   return {
     subscribed: (topic) => {
       if (!watched.has(topic)) {
-        watched.set(topic, true);
-        recount();
+        watched.set(topic, new Set());
+        void lookUp(topic);
       }
-      return watched.get(topic)!;
+      return !known.has(topic) || watched.get(topic)!.size > 0;
     },
     tap: (deliver) => {
       // First the retained DeviceStates (devices that connected before the controller started,

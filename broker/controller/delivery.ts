@@ -561,6 +561,11 @@ export class Delivery {
     status?: TaskStatus;
     detailJson?: string;
   }): void {
+    // Nobody may hear it (no `fleet watch`, no dashboard page): neither built nor published.
+    if (this.ctx.wantsEvents && !this.ctx.wantsEvents()) {
+      this.ctx.counters.inc("events_unheard");
+      return;
+    }
     this.ctx.publish(
       eventsTopic(this.ctx.prefix),
       encodeEnvelope({ fleetEvent: { ...e, atMs: this.ctx.now() } }),

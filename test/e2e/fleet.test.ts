@@ -289,6 +289,25 @@ describe("fleet end to end", () => {
     await stopAgent("gw-tar");
   });
 
+  it("FleetEvents are not built while nobody watches (counted), and a watcher gets them at once", async () => {
+    const unheard = async () =>
+      Number(
+        (await (await fetch(`${server.urls.http}/metrics`)).text()).match(
+          /fleet_events_total\{name="events_unheard"\} (\d+)/,
+        )?.[1] ?? 0,
+      );
+    const before = await unheard();
+    // Without --wait: `run --wait` listens to the events itself.
+    const { id } = cliJson<{ id: string }>(await cli(["run", "noop", "--device", "gw-paris", "--json"], env));
+    for (let i = 0; i < 100; i++) {
+      const job = cliJson<{ state: string }>(await cli(["jobs", "show", id, "--json"], env));
+      if (job.state === "SUCCEEDED") break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(await unheard()).toBeGreaterThanOrEqual(before + 2); // job.created, task.status, ...
+    // The next test: a watcher subscribes and gets every event of a job from then on.
+  });
+
   it("watch --json streams parseable NDJSON events", async () => {
     const w = cli(["watch", "--json"], env, 6000);
     await new Promise((r) => setTimeout(r, 1000));

@@ -69,6 +69,27 @@ describe("broker link", () => {
       await other.subscribeAsync("fleet/v1/d/+/state"); // not the events topic
       await new Promise((r) => setTimeout(r, 50));
       expect(link.subscribed(topic)).toBe(false);
+      // Devices subscribing all the time (a connect storm) do not keep a stale yes alive.
+      const devices = await Promise.all(
+        Array.from({ length: 20 }, (_, i) => mqtt.connectAsync(url, { clientId: `d${i}` })),
+      );
+      await Promise.all(devices.map((d, i) => d.subscribeAsync(`fleet/v1/d/d${i}/job`)));
+      const w3 = await mqtt.connectAsync(url, { clientId: "w3" });
+      await w3.subscribeAsync(topic);
+      expect(link.subscribed(topic)).toBe(true);
+      await w3.endAsync();
+      await Promise.all(devices.map((d, i) => d.subscribeAsync(`fleet/v1/d/d${i}/ctl`)));
+      expect(link.subscribed(topic)).toBe(false); // at once: no lookup needed
+      // A persistent session restored on reconnect (no SUBSCRIBE sent) counts again.
+      const p1 = await mqtt.connectAsync(url, { clientId: "p1", clean: false });
+      await p1.subscribeAsync(topic, { qos: 1 });
+      await p1.endAsync();
+      expect(link.subscribed(topic)).toBe(false);
+      const p2 = await mqtt.connectAsync(url, { clientId: "p1", clean: false });
+      expect(await until(true)).toBe(true);
+      await p2.endAsync();
+      expect(link.subscribed(topic)).toBe(false);
+      await Promise.all(devices.map((d) => d.endAsync()));
       await other.endAsync();
     } finally {
       server.close();
