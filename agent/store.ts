@@ -7,7 +7,8 @@
 //  - RUNNING and terminal task states (+ their statuses):   sync  — crash recovery relies on them
 //                                                                   (persist, then act).
 //  - WAITING/progress states:                               async — losing one re-derives it on start.
-//  - outbox deletions after a StatusAck, facts, time floor: async — losing one only re-sends or
+//  - the outbox's ack mark after a StatusAck (acknowledged entries are cleared in bulk later),
+//    facts, time floor:                                     async — losing one only re-sends or
 //                                                                   re-measures; sends are idempotent.
 import { randomBytes } from "node:crypto";
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
@@ -130,6 +131,7 @@ export class AgentStore {
   }
 
   async close(): Promise<void> {
+    await this.outbox.settled();
     await this.writer.idle();
     await this.db.close();
   }

@@ -56,7 +56,7 @@ async function outbox(flushDelayMs: number) {
     return open;
   };
   const shown = () => batches.map((b) => b.map((s) => `${s.seq}:${s.taskId}:${TaskState[s.state!]}`));
-  return { box, batches, hold, shown, entries };
+  return { box, batches, hold, shown, entries, meta, writer };
 }
 
 const st = (taskId: string, state: TaskState, jobId = "j1"): TaskStatus => ({
@@ -145,5 +145,34 @@ describe("outbox flush window", () => {
     box.flush();
     await settle(10);
     expect(shown()).toEqual([["1:a:SUCCEEDED", "2:b:RUNNING"]]);
+  });
+});
+
+describe("outbox acknowledgements", () => {
+  it("an ack writes one mark; acknowledged entries are cleared in bulk, and what a restart left too", async () => {
+    const { box, shown, entries, meta, writer } = await outbox(0);
+    box.onConnected();
+    for (let i = 0; i < 100; i++) await box.append([st("a", TaskState.SUCCEEDED, `j${i}`)], [], true);
+    await settle(10);
+    expect(shown().flat()).toHaveLength(100);
+    await box.onAck(10);
+    expect(await box.pendingCount()).toBe(90);
+    expect(await entries.keys().all()).toHaveLength(100); // dead, not yet cleared
+    await box.onAck(70); // 64 or more acknowledged since the last clear: cleared at once
+    await box.settled();
+    expect(await box.pendingCount()).toBe(30);
+    expect(await entries.keys().all()).toHaveLength(30);
+    await box.onAck(80);
+    await box.settled();
+    expect(await entries.keys().all()).toHaveLength(30); // 10 dead ones wait for more
+    // A restart: the next outbox on the same database clears them, and goes on after seq 100.
+    box.stop();
+    const again = new Outbox(entries as never, meta as never, writer, 64 * 1024, 0);
+    await again.open(() => "epoch");
+    await again.settled();
+    expect(await entries.keys().all()).toHaveLength(20);
+    expect(again.lastAckedSeq).toBe(80);
+    expect(await again.pending(0, 100)).toHaveLength(20);
+    expect((await again.append([st("a", TaskState.SUCCEEDED, "jz")], [], true))[0]!.seq).toBe(101);
   });
 });
