@@ -20,7 +20,7 @@ import { bareAedes, cpuMsOf } from "./bare.js";
 import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_DEVICES ?? 2000);
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
 /** Rounds run first and not counted (JIT warm-up of the server, the simulator and the echo). */
 const WARMUP = Number(process.env.BENCH_WARMUP ?? 1);
 /** Fan-outs through the bare broker before the one measured (its code warm, as the server's is). */
