@@ -42,6 +42,8 @@ export interface OutboxSending {
   maxBatchBytes: number;
   /** The agent is in the middle of something (a task runs, a commit is on its way). */
   busy?: () => boolean;
+  /** A commit is on its way to disk (it lands soon, with statuses that may replace these). */
+  committing?: () => boolean;
 }
 
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
@@ -194,7 +196,8 @@ export class Outbox {
    * Sends once nothing new was committed for `flushDelayMs` and the agent is not in the middle
    * of something (a task running, a pass or a commit pending: `busy`) — so that a job's
    * transitions, each its own commit, go out together — but at the latest `MAX_WINDOWS`
-   * windows after the first unsent commit: a long task's RUNNING is not held back for long.
+   * windows after the first unsent commit (or once a commit then on its way has landed): a
+   * long task's RUNNING is not held back for long.
    */
   private flushSoon(): void {
     if (!this.flushDelayMs) {
@@ -208,7 +211,14 @@ export class Outbox {
       const waited = Date.now() - this.windowFrom;
       // A full batch is waiting: nothing to gain from holding it (a long queue of jobs).
       const full = this.lastSeq - this.sentUpTo >= MAX_BATCH_COUNT;
-      if (!full && waited < MAX_WINDOWS * this.flushDelayMs && this.sending?.busy?.()) {
+      // Past the longest window, still wait for a commit already on its way (it lands, and it
+      // usually carries the successor of what is waiting: a slow disk, or thousands of
+      // simulated devices on one, would otherwise split a job's statuses over two batches) —
+      // but not past ten windows' worth.
+      const max = MAX_WINDOWS * this.flushDelayMs;
+      const hold =
+        (waited < max && this.sending?.busy?.()) || (waited < 10 * max && this.sending?.committing?.());
+      if (!full && hold) {
         this.flushTimer = setTimeout(check, this.flushDelayMs);
         return;
       }

@@ -19,7 +19,10 @@ afterEach(async () => {
 });
 
 /** An outbox on a real LevelDB whose writes can be held back, and what it published. */
-async function outbox(flushDelayMs: number) {
+async function outbox(
+  flushDelayMs: number,
+  signals: { busy?: () => boolean; committing?: () => boolean } = {},
+) {
   const dir = mkdtempSync(join(tmpdir(), "fleet-outbox-"));
   const db = new ClassicLevel<string, unknown>(dir);
   await db.open();
@@ -42,6 +45,7 @@ async function outbox(flushDelayMs: number) {
       return true;
     },
     maxBatchBytes: 64 * 1024,
+    ...signals,
   });
   cleanup.push(async () => {
     box.stop();
@@ -66,6 +70,9 @@ const st = (taskId: string, state: TaskState, jobId = "j1"): TaskStatus => ({
   state,
 });
 const settle = (ms = 0) => new Promise((r) => setTimeout(r, ms));
+const until = async (ok: () => boolean) => {
+  for (let i = 0; i < 1000 && !ok(); i++) await settle(10);
+};
 
 describe("outbox flush window", () => {
   it("coalesces a task's transitions within the window into one record, seqs contiguous", async () => {
@@ -145,6 +152,36 @@ describe("outbox flush window", () => {
     box.flush();
     await settle(10);
     expect(shown()).toEqual([["1:a:SUCCEEDED", "2:b:RUNNING"]]);
+  });
+});
+
+describe("outbox flush window while a commit is on its way", () => {
+  it("past the longest window it waits for a commit already on its way, at most ten windows more", async () => {
+    // flushDelayMs 2: the longest window is 50 × 2 = 100 ms; with a commit on its way, 1 s.
+    let committing = true;
+    const { box, shown } = await outbox(2, { busy: () => true, committing: () => committing });
+    box.onConnected();
+    await box.append([st("a", TaskState.RUNNING)], [], true);
+    await settle(300);
+    expect(shown()).toEqual([]); // held: the commit carrying its successor has not landed
+    await box.append([st("a", TaskState.SUCCEEDED)], [], true); // (it lands, in place)
+    committing = false;
+    await until(() => shown().length > 0);
+    expect(shown()).toEqual([["1:a:SUCCEEDED"]]);
+
+    const stuck = await outbox(2, { busy: () => true, committing: () => true });
+    stuck.box.onConnected();
+    await stuck.box.append([st("b", TaskState.RUNNING)], [], true);
+    const t0 = Date.now();
+    await until(() => stuck.shown().length > 0); // a commit that never lands: ten windows' worth
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(900); // (not the 100 ms of the longest window)
+    expect(stuck.shown()).toEqual([["1:b:RUNNING"]]);
+
+    const idle = await outbox(2, { busy: () => true, committing: () => false });
+    idle.box.onConnected();
+    await idle.box.append([st("c", TaskState.RUNNING)], [], true);
+    await until(() => idle.shown().length > 0); // busy, no commit on its way: 100 ms as before
+    expect(idle.shown()).toEqual([["1:c:RUNNING"]]);
   });
 });
 
