@@ -74,33 +74,25 @@ export function brokerLink(
   };
   // Who may be listening on the topics the controller asks about (its events topic): the
   // connected clients' subscriptions that match, kept from aedes' subscribe, unsubscribe and
-  // disconnect events. A topic asked about for the first time, or a session restored on
-  // reconnect (clean: false, no SUBSCRIBE is sent), is looked up in the broker's subscriptions;
-  // until a first lookup answers, the answer is yes. A stale "yes" costs a publish nobody gets;
-  // a "no" is never stale.
+  // disconnect events. A topic asked about for the first time is looked up in every connected
+  // client's subscriptions (QoS 0 ones too: aedes' persistence keeps only QoS 1 and 2), and so
+  // is a client whose session was restored on reconnect (clean: false: it sends no SUBSCRIBE).
   const { persistence } = aedes as unknown as {
     persistence: {
       createRetainedStreamCombi(p: string[]): AsyncIterable<{ topic: string; payload: Buffer }>;
-      subscriptionsByTopic(topic: string): Promise<Array<{ clientId: string; topic: string }>>;
     };
   };
-  const connected = (id: string) =>
-    Boolean((aedes as unknown as { clients: Record<string, unknown> }).clients[id]);
+  type Subscriber = { id: string; subscriptions?: Record<string, unknown> };
   /** Per watched topic: "clientId\nfilter" of each matching subscription of a connected client. */
   const watched = new Map<string, Set<string>>();
-  /** Watched topics whose first lookup answered (before that: yes). */
-  const known = new Set<string>();
-  const lookUp = (topic: string, onlyClient?: string) =>
-    persistence.subscriptionsByTopic(topic).then(
-      (subs) => {
-        const set = watched.get(topic)!;
-        for (const s of subs)
-          if ((onlyClient === undefined || s.clientId === onlyClient) && connected(s.clientId))
-            set.add(`${s.clientId}\n${s.topic}`);
-        known.add(topic);
-      },
-      (err) => log.warn({ err, topic }, "cannot look up subscribers"),
-    );
+  const lookUp = (topic: string, clients: Iterable<Subscriber>) => {
+    const set = watched.get(topic)!;
+    for (const c of clients)
+      for (const filter of Object.keys(c.subscriptions ?? {}))
+        if (topicMatches(filter, topic)) set.add(`${c.id}\n${filter}`);
+  };
+  const connected = () =>
+    Object.values((aedes as unknown as { clients: Record<string, Subscriber> }).clients);
   aedes.on("subscribe", (subs, client) => {
     for (const [topic, set] of watched)
       for (const s of subs) if (topicMatches(s.topic, topic)) set.add(`${client.id}\n${s.topic}`);
@@ -111,17 +103,20 @@ export function brokerLink(
   aedes.on("clientDisconnect", (client) => {
     const mine = `${client.id}\n`;
     for (const set of watched.values()) for (const k of set) if (k.startsWith(mine)) set.delete(k);
+    // A session taken over: the new connection of that id is still there.
+    const now = (aedes as unknown as { clients: Record<string, Subscriber> }).clients[client.id];
+    if (now && now !== (client as unknown)) for (const topic of watched.keys()) lookUp(topic, [now]);
   });
   aedes.on("clientReady", (client) => {
-    for (const topic of watched.keys()) void lookUp(topic, client.id);
+    for (const topic of watched.keys()) lookUp(topic, [client as unknown as Subscriber]);
   });
   return {
     subscribed: (topic) => {
       if (!watched.has(topic)) {
         watched.set(topic, new Set());
-        void lookUp(topic);
+        lookUp(topic, connected());
       }
-      return !known.has(topic) || watched.get(topic)!.size > 0;
+      return watched.get(topic)!.size > 0;
     },
     tap: (deliver) => {
       // First the retained DeviceStates (devices that connected before the controller started,

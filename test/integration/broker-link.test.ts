@@ -91,6 +91,21 @@ describe("broker link", () => {
       expect(link.subscribed(topic)).toBe(false);
       await Promise.all(devices.map((d) => d.endAsync()));
       await other.endAsync();
+      // Subscribed (QoS 0, which aedes' persistence does not keep) before the topic is first
+      // asked about: found at once.
+      const early = await mqtt.connectAsync(url, { clientId: "w4" });
+      await early.subscribeAsync(topic, { qos: 0 });
+      const later = brokerLink(aedes, {
+        prefix: "fleet/v1",
+        log: pino({ level: "silent" }),
+        fromDevice: () => false,
+      });
+      expect(later.subscribed(topic)).toBe(true);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(later.subscribed(topic)).toBe(true); // and still, once any lookup has answered
+      await early.endAsync();
+      await new Promise((r) => setTimeout(r, 50));
+      expect(later.subscribed(topic)).toBe(false);
     } finally {
       server.close();
       await new Promise<void>((r) => aedes.close(() => r()));
