@@ -246,7 +246,6 @@ export class Agent {
       publish: (payload) => this.publish("status", payload, 1),
       maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
       busy: () => this.scheduler.busy,
-      committing: () => this.scheduler.writing,
     });
     this.connection.start();
     this.timers.push(

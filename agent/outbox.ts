@@ -42,8 +42,6 @@ export interface OutboxSending {
   maxBatchBytes: number;
   /** The agent is in the middle of something (a task runs, a commit is on its way). */
   busy?: () => boolean;
-  /** A commit is on its way to disk (it lands soon, with statuses that may replace these). */
-  committing?: () => boolean;
 }
 
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
@@ -78,6 +76,10 @@ export class Outbox {
   private readonly jobTail = new Map<string, number>();
   /** Seqs being overwritten by a write not yet on disk: nothing from the lowest one on is sent. */
   private readonly rewriting = new Map<number, number>();
+  /** Appends on their way to disk, by number; and the last one past the longest window waits for. */
+  private appends = 0;
+  private readonly appending = new Set<number>();
+  private holdFor: number | undefined;
   /** Acknowledged entries may still be on disk after this seq (see `release`). */
   private clearedUpTo = 0;
   private clearing: Promise<void> | undefined;
@@ -166,7 +168,10 @@ export class Outbox {
         key: seqKey(s.seq!),
         value: pb.TaskStatus.encode(s).finish(),
       });
+    const id = ++this.appends;
+    this.appending.add(id);
     const settled = () => {
+      this.appending.delete(id);
       for (const seq of overwritten) {
         const n = (this.rewriting.get(seq) ?? 1) - 1;
         if (n > 0) this.rewriting.set(seq, n);
@@ -211,20 +216,26 @@ export class Outbox {
       const waited = Date.now() - this.windowFrom;
       // A full batch is waiting: nothing to gain from holding it (a long queue of jobs).
       const full = this.lastSeq - this.sentUpTo >= MAX_BATCH_COUNT;
-      // Past the longest window, still wait for a commit already on its way (it lands, and it
-      // usually carries the successor of what is waiting: a slow disk, or thousands of
+      // Past the longest window, still wait for the commits then on their way to disk (they
+      // land, and usually carry the successor of what waits: a slow disk, or thousands of
       // simulated devices on one, would otherwise split a job's statuses over two batches) —
-      // but not past ten windows' worth.
-      const max = MAX_WINDOWS * this.flushDelayMs;
-      const hold =
-        (waited < max && this.sending?.busy?.()) || (waited < 10 * max && this.sending?.committing?.());
-      if (!full && hold) {
+      // those only, not the ones after them.
+      const busy = waited < MAX_WINDOWS * this.flushDelayMs ? this.sending?.busy?.() : this.landing();
+      if (!full && busy) {
         this.flushTimer = setTimeout(check, this.flushDelayMs);
         return;
       }
+      this.holdFor = undefined;
       this.flush();
     };
     this.flushTimer = setTimeout(check, this.flushDelayMs);
+  }
+
+  /** Whether a commit that was on its way when the longest window ended is still on its way. */
+  private landing(): boolean {
+    this.holdFor ??= this.appends;
+    for (const id of this.appending) if (id <= this.holdFor) return true;
+    return false;
   }
 
   private forgetRecent(): void {

@@ -154,11 +154,6 @@ export class Scheduler {
     return this.running.size > 0 || this.scheduled || this.committing > 0;
   }
 
-  /** A commit is on its way to disk. */
-  get writing(): boolean {
-    return this.committing > 0;
-  }
-
   /** The job-level status used to re-acknowledge an identical re-delivery. */
   currentJobStatus(jobId: string): TaskStatus {
     const e = this.table.latest.get(jobId);
