@@ -1,5 +1,5 @@
 // `fleet simulate`: N instances of the real agent code in one process, each with its own MQTT
-// connection, sharing one LevelDB per thread (a sublevel per device, not N databases), to
+// connection, sharing one LevelDB per thread (sublevels per device, not N databases), to
 // load-test a fleet server with thousands of devices from one laptop. The devices run in worker
 // threads (`--workers`, default one) so that the simulator is not what a benchmark measures.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -198,7 +198,7 @@ function deviceSpace(db: ClassicLevel<string, unknown>, id: string) {
 
 /**
  * The devices of one group: the real agent code, one MQTT connection each, one LevelDB for
- * the group (a sublevel per device) with one group commit, and signatures verified once.
+ * the group (`deviceSpace`) with one group commit, and signatures verified once.
  */
 async function runGroup(g: Group, onConnected: (n: number) => void): Promise<Part> {
   mkdirSync(g.dir, { recursive: true });
