@@ -95,7 +95,9 @@ export function brokerLink(
     Object.values((aedes as unknown as { clients: Record<string, Subscriber> }).clients);
   aedes.on("subscribe", (subs, client) => {
     for (const [topic, set] of watched)
-      for (const s of subs) if (topicMatches(s.topic, topic)) set.add(`${client.id}\n${s.topic}`);
+      // Refused ones are in the list too (granted 128): they do not count.
+      for (const s of subs)
+        if (s.qos <= 2 && topicMatches(s.topic, topic)) set.add(`${client.id}\n${s.topic}`);
   });
   aedes.on("unsubscribe", (filters, client) => {
     for (const set of watched.values()) for (const f of filters) set.delete(`${client.id}\n${f}`);

@@ -91,6 +91,15 @@ describe("broker link", () => {
       expect(link.subscribed(topic)).toBe(false);
       await Promise.all(devices.map((d) => d.endAsync()));
       await other.endAsync();
+      // A subscription the ACL refuses (aedes still lists it in its "subscribe" event, granted
+      // 128) does not count: a device cannot make the controller build events for nobody.
+      aedes.authorizeSubscribe = (client, sub, done) =>
+        done(null, client?.id === "refused" && sub.topic === topic ? (null as never) : sub);
+      const refused = await mqtt.connectAsync(url, { clientId: "refused" });
+      await refused.subscribeAsync(topic).catch(() => {});
+      await new Promise((r) => setTimeout(r, 50));
+      expect(link.subscribed(topic)).toBe(false);
+      await refused.endAsync();
       // Subscribed (QoS 0, which aedes' persistence does not keep) before the topic is first
       // asked about: found at once.
       const early = await mqtt.connectAsync(url, { clientId: "w4" });
