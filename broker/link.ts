@@ -94,8 +94,8 @@ export function brokerLink(
   const connected = () =>
     Object.values((aedes as unknown as { clients: Record<string, Subscriber> }).clients);
   aedes.on("subscribe", (subs, client) => {
+    // Refused ones are in the list too (granted 128): they do not count.
     for (const [topic, set] of watched)
-      // Refused ones are in the list too (granted 128): they do not count.
       for (const s of subs)
         if (s.qos <= 2 && topicMatches(s.topic, topic)) set.add(`${client.id}\n${s.topic}`);
   });
