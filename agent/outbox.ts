@@ -210,7 +210,10 @@ export class Outbox {
       return;
     }
     if (this.flushTimer) clearTimeout(this.flushTimer);
-    else this.windowFrom = Date.now();
+    else {
+      this.windowFrom = Date.now();
+      this.holdFor = undefined; // a new window: nothing to wait for yet
+    }
     const check = () => {
       this.flushTimer = undefined;
       const waited = Date.now() - this.windowFrom;
@@ -225,7 +228,6 @@ export class Outbox {
         this.flushTimer = setTimeout(check, this.flushDelayMs);
         return;
       }
-      this.holdFor = undefined;
       this.flush();
     };
     this.flushTimer = setTimeout(check, this.flushDelayMs);

@@ -19,10 +19,7 @@ afterEach(async () => {
 });
 
 /** An outbox on a real LevelDB whose writes can be held back, and what it published. */
-async function outbox(
-  flushDelayMs: number,
-  signals: { busy?: () => boolean; committing?: () => boolean } = {},
-) {
+async function outbox(flushDelayMs: number, signals: { busy?: () => boolean; log?: pino.Logger } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "fleet-outbox-"));
   const db = new ClassicLevel<string, unknown>(dir);
   await db.open();
@@ -205,5 +202,27 @@ describe("outbox acknowledgements", () => {
     expect(again.lastAckedSeq).toBe(80);
     expect(await again.pending(0, 100)).toHaveLength(20);
     expect((await again.append([st("a", TaskState.SUCCEEDED, "jz")], [], true))[0]!.seq).toBe(101);
+  });
+
+  it("a clear that fails is logged and done again at the next ack; nothing pending is touched", async () => {
+    const warned: string[] = [];
+    const log = { warn: (_o: unknown, msg: string) => warned.push(msg) } as unknown as pino.Logger;
+    const { box, entries } = await outbox(0, { log });
+    box.onConnected();
+    for (let i = 0; i < 80; i++) await box.append([st("a", TaskState.SUCCEEDED, `j${i}`)], [], true);
+    const clear = entries.clear.bind(entries) as (o: object) => Promise<void>;
+    let fail = true;
+    (entries as unknown as { clear: (o: object) => Promise<void> }).clear = (o) =>
+      fail ? Promise.reject(new Error("disk full")) : clear(o);
+    await box.onAck(70);
+    await box.settled();
+    expect(warned).toEqual(["cannot clear acknowledged statuses (retried later)"]);
+    expect(await entries.keys().all()).toHaveLength(80); // still there, dead
+    expect(await box.pendingCount()).toBe(10);
+    fail = false;
+    await box.onAck(71);
+    await box.settled();
+    expect(await entries.keys().all()).toHaveLength(9);
+    expect((await box.pending(0, 100)).map((s) => s.seq)).toEqual([72, 73, 74, 75, 76, 77, 78, 79, 80]);
   });
 });
