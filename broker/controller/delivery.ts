@@ -417,7 +417,10 @@ export class Delivery {
     if (ack) ack(statusAck);
     else if (!more || last - (this.ackedUpTo.get(deviceId) ?? 0) >= ACK_AT_LEAST) {
       this.ackedUpTo.set(deviceId, last);
-      this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 1);
+      // QoS 0: an ack is cumulative and idempotent, so a lost one (the connection dropped) is
+      // repaired by the next, by the agent's re-send of a stalled outbox (acknowledged again) or
+      // by the sync on reconnect; at QoS 1 it cost a PUBACK and the broker's in-flight record.
+      this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 0);
     } else this.ctx.counters.inc("status_acks_coalesced");
     for (const s of fresh) {
       // Where devices' update bytes came from (DESIGN.md §11), for /metrics.

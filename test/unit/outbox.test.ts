@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ClassicLevel } from "classic-level";
 import pino from "pino";
-import { afterEach, describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { type Op, Outbox } from "../../agent/outbox.js";
 import type { GroupCommit } from "../../common/group-commit.js";
 import { decodeEnvelope } from "../../proto/envelope.js";
@@ -202,6 +202,35 @@ describe("outbox acknowledgements", () => {
     expect(again.lastAckedSeq).toBe(80);
     expect(await again.pending(0, 100)).toHaveLength(20);
     expect((await again.append([st("a", TaskState.SUCCEEDED, "jz")], [], true))[0]!.seq).toBe(101);
+  });
+
+  it("a lost ack (acks go at QoS 0) is repaired: a stalled outbox is sent again and the next ack releases it", async () => {
+    vi.useFakeTimers({ toFake: ["setInterval", "clearInterval", "Date"] });
+    try {
+      const warned: string[] = [];
+      const log = { warn: (_o: unknown, msg: string) => warned.push(msg) } as unknown as pino.Logger;
+      const { box, shown } = await outbox(0, { log });
+      box.onConnected();
+      await box.append([st("a", TaskState.SUCCEEDED, "j1")], [], true);
+      await box.append([st("a", TaskState.SUCCEEDED, "j2")], [], true);
+      await until(() => shown().flat().length === 2);
+      // The controller's ack never arrives. Within the re-send time nothing is sent again ...
+      vi.advanceTimersByTime(10_000);
+      await settle(20);
+      expect(shown().flat()).toHaveLength(2);
+      // ... after it, everything unacknowledged is.
+      vi.advanceTimersByTime(10_000);
+      await until(() => shown().flat().length === 4);
+      expect(shown().slice(-1)).toEqual([["1:a:SUCCEEDED", "2:a:SUCCEEDED"]]);
+      expect(warned).toEqual(["no status ack; re-sending the outbox"]);
+      await box.onAck(2); // the controller acknowledges the re-sent (already applied) batch
+      expect(await box.pendingCount()).toBe(0);
+      vi.advanceTimersByTime(60_000);
+      await settle(20);
+      expect(shown().flat()).toHaveLength(4); // and nothing more goes out
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it("a clear that fails is logged and done again at the next ack; nothing pending is touched", async () => {
