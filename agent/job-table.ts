@@ -36,6 +36,11 @@ const execKey = (jobId: string, execId: string) => `${jobId}!${execId}`;
 
 export class JobTable {
   readonly plans = new Map<string, JobPlan>();
+  /**
+   * The plans with a schedule: the scheduler's tick looks at these every second, not at every
+   * job kept until it expires (thousands on a busy device).
+   */
+  readonly recurring = new Map<string, JobPlan>();
   /** Executions not yet done. */
   readonly active = new Map<string, ExecutionRecord>();
   /** The latest execution of every job. */
@@ -54,11 +59,14 @@ export class JobTable {
     if (spec.window?.cron) plan.window = new CronMatcher(spec.window.cron, spec.window.timezone);
     if (spec.schedule?.cron) plan.schedule = new CronMatcher(spec.schedule.cron, spec.schedule.timezone);
     this.plans.set(record.jobId, plan);
+    if (plan.schedule) this.recurring.set(record.jobId, plan);
+    else this.recurring.delete(record.jobId);
     return plan;
   }
 
   remove(jobId: string): void {
     this.plans.delete(jobId);
+    this.recurring.delete(jobId);
     this.latest.delete(jobId);
     this.occurrences.delete(jobId);
   }

@@ -494,7 +494,7 @@ export class Scheduler {
   /** Starts at most one occurrence per job per tick, whatever the clock did (see cron.ts). */
   private fireRecurring(): void {
     const now = this.now();
-    for (const plan of this.table.plans.values()) {
+    for (const plan of this.table.recurring.values()) {
       const due = this.table.occurrence(plan, now, TICK_MS, RECURRING_LOOKBACK_MS);
       if (due.kind === "overlap") {
         this.opts.counters.inc("occurrence_skipped_overlap");

@@ -160,6 +160,21 @@ describe("job-state rules (JobTable)", () => {
     return { table, plan, e };
   };
 
+  it("only scheduled jobs are in the tick's list of recurring plans, and leave it with their job", () => {
+    const table = new JobTable();
+    table.add(record(), spec([{}]), new Map(), NOW);
+    table.add(
+      { ...record(), jobId: "r" },
+      spec([{}], { jobId: "r", schedule: { cron: "* * * * *" } } as never),
+      new Map(),
+      NOW,
+    );
+    expect([...table.plans.keys()]).toEqual(["j", "r"]);
+    expect([...table.recurring.keys()]).toEqual(["r"]);
+    table.remove("r");
+    expect([...table.recurring.keys()]).toEqual([]);
+  });
+
   it("a failed attempt waits for its retry, the last one ends the task and the execution", () => {
     const { table, e } = setup([{ retry: { maxAttempts: 2, backoffS: 5 } }]);
     table.start(e, "t0", NOW);
