@@ -11,12 +11,19 @@
 // the window costs one record, and the controller still gets every seq, in order, and every
 // terminal state (a terminal status is never overwritten). Only the latest status of its job
 // is overwritten: a job's statuses keep their order.
+//
+// A write that fails (disk full, I/O error) has used its seqs, and later writes may already
+// have the next ones: a hole the controller would wait at for ever (it applies seqs only in
+// order). Such a seq is filled with a "lost" record (`lostStatus`: state unspecified, reason
+// `lost_write`, naming the job and task whose status was lost), written as soon as the disk
+// takes it; nothing from the lowest hole on is sent meanwhile. A hole left on disk by an
+// earlier run is filled at start.
 import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "abstract-level";
 import type { Logger } from "pino";
 import type { GroupCommit } from "../common/group-commit.js";
 import { boundStatus } from "../common/output.js";
 import { encodeEnvelope } from "../proto/envelope.js";
-import { pb, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
+import { LOST_WRITE, pb, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 
 const MAX_BATCH_COUNT = 500;
 const WINDOW = 2000;
@@ -45,6 +52,22 @@ export interface OutboxSending {
 }
 
 const seqKey = (seq: number) => seq.toString(16).padStart(16, "0");
+/** The first retry of a failed fill; then doubled up to FILL_RETRY_MAX_MS. */
+const FILL_RETRY_MS = 200;
+const FILL_RETRY_MAX_MS = 30_000;
+
+/** What fills the seq of a status that never reached the disk (see the top of this file). */
+export function lostStatus(seq: number, lost?: TaskStatus): TaskStatus {
+  return {
+    seq,
+    jobId: lost?.jobId ?? "",
+    executionId: lost?.executionId ?? "",
+    taskId: lost?.taskId ?? "",
+    state: 0,
+    reason: LOST_WRITE,
+    message: "this status was lost: the agent could not write it (disk full or I/O error)",
+  };
+}
 
 export class Outbox {
   private nextSeq = 1;
@@ -76,6 +99,10 @@ export class Outbox {
   private readonly jobTail = new Map<string, number>();
   /** Seqs being overwritten by a write not yet on disk: nothing from the lowest one on is sent. */
   private readonly rewriting = new Map<number, number>();
+  /** Seqs used by a failed write (with the status that was lost), until their fill is on disk. */
+  private readonly holes = new Map<number, TaskStatus | undefined>();
+  private fillTimer: NodeJS.Timeout | undefined;
+  private fillRetryMs = FILL_RETRY_MS;
   /** Appends on their way to disk, by number; and the last one past the longest window waits for. */
   private appends = 0;
   private readonly appending = new Set<number>();
@@ -110,6 +137,15 @@ export class Outbox {
     const stored = ((await this.meta.get("seq")) as number | undefined) ?? 0;
     this.nextSeq = Math.max(last, stored) + 1;
     this.recentFrom = this.nextSeq;
+    // Holes a failed write left and the last run did not fill (the un-acknowledged keys only).
+    let expect = this.ackedSeq + 1;
+    const fills: Op[] = [];
+    for await (const key of this.entries.keys({ gt: seqKey(this.ackedSeq) })) {
+      const seq = Number.parseInt(key, 16);
+      for (; expect < seq; expect++) fills.push(this.fillOp(lostStatus(expect)));
+      expect = seq + 1;
+    }
+    if (fills.length) await this.writer.write(fills, true);
     if (this.ackedSeq) this.clearAcked(); // what the last run acknowledged and left
   }
 
@@ -191,7 +227,10 @@ export class Outbox {
       },
       (err) => {
         settled();
-        this.forgetRecent(); // a gap: read from disk until new statuses follow
+        const over = new Set(overwritten); // an overwritten seq keeps its earlier record on disk
+        for (const st of numbered) if (!over.has(st.seq!)) this.holes.set(st.seq!, st);
+        this.forgetRecent(); // read from disk until new statuses follow
+        this.fillHoles();
         throw err;
       },
     );
@@ -238,6 +277,47 @@ export class Outbox {
     this.holdFor ??= this.appends;
     for (const id of this.appending) if (id <= this.holdFor) return true;
     return false;
+  }
+
+  private fillOp(st: TaskStatus): Op {
+    return {
+      type: "put",
+      sublevel: this.entries,
+      key: seqKey(st.seq!),
+      value: pb.TaskStatus.encode(st).finish(),
+    };
+  }
+
+  /** Writes the fills of the holes (soon; again, later and later, while the disk refuses). */
+  private fillHoles(delayMs = 0): void {
+    if (this.fillTimer || !this.holes.size) return;
+    this.fillTimer = setTimeout(() => {
+      const filling = [...this.holes].map(([seq, lost]) => lostStatus(seq, lost));
+      this.writer
+        .write(
+          filling.map((st) => this.fillOp(st)),
+          true,
+        )
+        .then(
+          () => {
+            this.fillTimer = undefined;
+            this.fillRetryMs = FILL_RETRY_MS;
+            for (const st of filling) this.holes.delete(st.seq!);
+            this.flushSoon();
+            this.fillHoles();
+          },
+          (err) => {
+            this.fillTimer = undefined;
+            this.sending?.log.warn(
+              { err, seqs: filling.length },
+              "cannot fill the seqs of lost statuses (retried)",
+            );
+            this.fillRetryMs = Math.min(this.fillRetryMs * 2, FILL_RETRY_MAX_MS);
+            this.fillHoles(this.fillRetryMs);
+          },
+        );
+    }, delayMs);
+    this.fillTimer.unref?.();
   }
 
   private forgetRecent(): void {
@@ -289,7 +369,10 @@ export class Outbox {
   async pending(after: number, limit: number): Promise<TaskStatus[]> {
     const from = Math.max(after, this.ackedSeq);
     const out: TaskStatus[] = [];
-    const held = this.rewriting.size ? Math.min(...this.rewriting.keys()) : Number.POSITIVE_INFINITY;
+    const held = Math.min(
+      this.rewriting.size ? Math.min(...this.rewriting.keys()) : Number.POSITIVE_INFINITY,
+      this.holes.size ? Math.min(...this.holes.keys()) : Number.POSITIVE_INFINITY,
+    );
     if (from + 1 >= this.recentFrom) {
       for (const [seq, st] of this.recent) {
         if (seq <= from) continue;
@@ -323,6 +406,8 @@ export class Outbox {
   stop(): void {
     if (this.timer) clearInterval(this.timer);
     if (this.flushTimer) clearTimeout(this.flushTimer);
+    if (this.fillTimer) clearTimeout(this.fillTimer);
+    this.fillTimer = undefined;
     this.connected = false;
   }
 

@@ -38,6 +38,16 @@ export const TERMINAL_STATES: ReadonlySet<TaskState> = new Set([
   TaskState.SKIPPED,
 ]);
 
+/**
+ * Reason of the record an agent writes in place of a status whose write failed (state
+ * unspecified): it fills that seq so that the controller, which applies seqs in order, goes on.
+ */
+export const LOST_WRITE = "lost_write";
+
+/** A status that only fills the seq of a lost one (see LOST_WRITE). */
+export const isLostWrite = (s: { state?: TaskState | null; reason?: string | null }): boolean =>
+  !s.state && s.reason === LOST_WRITE;
+
 /** States that count as a failure for `all_success` / `one_failed` triggers. */
 export const UPSTREAM_FAILED_STATES: ReadonlySet<TaskState> = new Set([
   TaskState.FAILED,

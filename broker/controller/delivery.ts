@@ -6,6 +6,7 @@ import type { Counters } from "../../common/counters.js";
 import { boundStatus } from "../../common/output.js";
 import { encodeEnvelope } from "../../proto/envelope.js";
 import {
+  isLostWrite,
   type SignedJob,
   type StatusAck,
   stateName,
@@ -367,6 +368,15 @@ export class Delivery {
         break;
       }
       last = seq;
+      if (isLostWrite(s)) {
+        // The agent could not write this status (disk full): the record only fills its seq.
+        this.ctx.counters.inc("statuses_lost_write");
+        this.ctx.log.warn(
+          { deviceId, seq, jobId: s.jobId || undefined, taskId: s.taskId || undefined },
+          "the device lost a status (it could not write it)",
+        );
+        continue;
+      }
       fresh.push(s);
       const key = s.jobId ?? "";
       const a = touched.get(key) ?? (await this.ctx.jobs.assignment(deviceId, key));

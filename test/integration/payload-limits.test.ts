@@ -9,7 +9,7 @@ import { boundedFacts, Registry } from "../../broker/controller/registry.js";
 import { asgKey, ControllerStore, type JobRecord } from "../../broker/controller/store.js";
 import { Counters } from "../../common/counters.js";
 import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
-import { pb, TaskState } from "../../proto/index.js";
+import { LOST_WRITE, pb, TaskState } from "../../proto/index.js";
 import { signRpcCall, verifyRpcRequest } from "../../proto/rpc.js";
 import { specDigest } from "../../proto/signing.js";
 import { tempDir } from "../helpers/keys.js";
@@ -219,6 +219,26 @@ describe("payload limits", () => {
     ]);
     expect(Number(ack().upToSeq)).toBe(s3);
     expect((await store.assignments.get(asgKey("dev-1", job.id)))!.tasks.t?.state).toBe(TaskState.SUCCEEDED);
+  });
+
+  it("a lost-write record fills its seq: counted, not applied to the job, and the statuses after it are", async () => {
+    const { record: job, signed } = bigJob("01JOBKKKKKKKKKKKKKKKKKKKKK", 100);
+    await delivery.submit({ record: job, signed });
+    sent.length = 0;
+    const s1 = nextSeq();
+    const s2 = nextSeq();
+    const s3 = nextSeq();
+    await delivery.onStatusBatch("dev-1", [
+      { seq: s1, jobId: job.id, taskId: "t", state: TaskState.RUNNING },
+      // the agent could not write this one (disk full): only its seq reaches the controller
+      { seq: s2, jobId: job.id, taskId: "t", state: 0, reason: LOST_WRITE },
+      { seq: s3, jobId: job.id, taskId: "", state: TaskState.QUEUED },
+    ]);
+    expect(counters.get("statuses_lost_write")).toBe(1);
+    const a = (await store.assignments.get(asgKey("dev-1", job.id)))!;
+    expect(a.tasks.t?.state).toBe(TaskState.RUNNING); // not overwritten by the filler
+    const acks = sent.map((m) => decodeEnvelope(m.payload).statusAck).filter(Boolean);
+    expect(Number(acks.at(-1)!.upToSeq)).toBe(s3);
   });
 
   it("fast-forwards to what the agent says it no longer has (its acked seq)", async () => {

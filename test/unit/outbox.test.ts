@@ -24,9 +24,16 @@ async function outbox(flushDelayMs: number, signals: { busy?: () => boolean; log
   const db = new ClassicLevel<string, unknown>(dir);
   await db.open();
   let gate: Promise<void> = Promise.resolve();
+  /** Writes to refuse (as a full disk would), of those `refusing` picks. */
+  let refuse = 0;
+  let refusing = (_ops: Op[]) => true;
   const writer = {
     write: async (ops: Op[]) => {
       await gate;
+      if (refuse > 0 && refusing(ops)) {
+        refuse--;
+        throw new Error("disk full");
+      }
       await db.batch(ops as never);
     },
   } as unknown as GroupCommit<Op>;
@@ -57,7 +64,11 @@ async function outbox(flushDelayMs: number, signals: { busy?: () => boolean; log
     return open;
   };
   const shown = () => batches.map((b) => b.map((s) => `${s.seq}:${s.taskId}:${TaskState[s.state!]}`));
-  return { box, batches, hold, shown, entries, meta, writer };
+  const failWrites = (n: number, which = (_ops: Op[]) => true) => {
+    refuse = n;
+    refusing = which;
+  };
+  return { box, batches, hold, shown, entries, meta, writer, failWrites };
 }
 
 const st = (taskId: string, state: TaskState, jobId = "j1"): TaskStatus => ({
@@ -173,6 +184,48 @@ describe("outbox flush window while a commit is on its way", () => {
     await idle.box.append([st("c", TaskState.RUNNING)], [], true);
     await until(() => idle.shown().length > 0);
     expect(idle.shown()).toEqual([["1:c:RUNNING"]]);
+  });
+});
+
+describe("outbox after a failed write", () => {
+  const lost = (s: TaskStatus) => `${s.seq}:${s.taskId}:${s.state ? TaskState[s.state] : s.reason}`;
+
+  it("fills the seqs of a failed write, so the statuses after it still reach the controller in order", async () => {
+    const { box, batches, failWrites, entries } = await outbox(0);
+    box.onConnected();
+    await box.append([st("a", TaskState.RUNNING, "j1")], [], true); // seq 1
+    await until(() => batches.length === 1);
+    failWrites(1); // the write of seq 2
+    await expect(box.append([st("a", TaskState.SUCCEEDED, "j1")], [], true)).rejects.toThrow("disk full");
+    const key2 = (2).toString(16).padStart(16, "0");
+    failWrites(1, (ops) => ops.some((o) => o.key === key2)); // and the first try to fill it
+    await box.append([st("b", TaskState.SUCCEEDED, "j2")], [], true); // seq 3: on disk, held back
+    await settle(50);
+    expect(batches.flat().map(lost)).toEqual(["1:a:RUNNING"]);
+    // The disk takes the fill on a retry: seq 2 says what was lost, then seq 3 goes out.
+    await until(() => batches.flat().length === 3);
+    expect(batches.flat().map(lost)).toEqual(["1:a:RUNNING", "2:a:lost_write", "3:b:SUCCEEDED"]);
+    expect(batches.flat()[1]).toMatchObject({ jobId: "j1", taskId: "a", state: 0 });
+    expect((await entries.keys().all()).length).toBe(3);
+  });
+
+  it("fills at start a hole an earlier run left on disk", async () => {
+    const { box, entries, meta, writer } = await outbox(0);
+    await box.append([st("a", TaskState.SUCCEEDED, "j1")], [], true); // 1
+    await box.append([st("a", TaskState.SUCCEEDED, "j2")], [], true); // 2
+    await box.append([st("a", TaskState.SUCCEEDED, "j3")], [], true); // 3
+    await box.append([st("a", TaskState.SUCCEEDED, "j4")], [], true); // 4
+    box.stop();
+    await entries.del((2).toString(16).padStart(16, "0")); // as a failed write of an older agent left it
+    const again = new Outbox(entries as never, meta as never, writer, 64 * 1024, 0);
+    await again.open(() => "epoch");
+    expect((await again.pending(0, 10)).map(lost)).toEqual([
+      "1:a:SUCCEEDED",
+      "2::lost_write",
+      "3:a:SUCCEEDED",
+      "4:a:SUCCEEDED",
+    ]);
+    expect((await again.append([st("a", TaskState.SUCCEEDED, "j5")], [], true))[0]!.seq).toBe(5);
   });
 });
 
