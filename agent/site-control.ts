@@ -30,7 +30,14 @@ import {
   RpcErrorCode,
 } from "../proto/api.js";
 import { encodeEnvelope } from "../proto/envelope.js";
-import { pb, type SiteJob, type StatusBatch, stateName, TERMINAL_STATES } from "../proto/index.js";
+import {
+  isLostWrite,
+  pb,
+  type SiteJob,
+  type StatusBatch,
+  stateName,
+  TERMINAL_STATES,
+} from "../proto/index.js";
 import { matchesSelector, parseSelector, SelectorError } from "../proto/selector.js";
 import { deviceTopic, eventsTopic } from "../proto/topics.js";
 import type { Db } from "./store.js";
@@ -163,7 +170,7 @@ export class SiteControl {
       const jobId = s.jobId ?? "";
       const job = this.jobs.get(jobId);
       const a = job && this.views.get(jobId)?.get(deviceId);
-      if (!job || !a) continue;
+      if (!job || !a || isLostWrite(s)) continue; // a lost-write record only fills its seq
       applyStatus(a, s, now);
       this.event({ kind: "task.status", deviceId, jobId, status: s, atMs: now });
     }
