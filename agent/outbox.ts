@@ -103,6 +103,8 @@ export class Outbox {
   private readonly holes = new Map<number, TaskStatus | undefined>();
   private fillTimer: NodeJS.Timeout | undefined;
   private fillRetryMs = FILL_RETRY_MS;
+  /** Stopped (the agent is closing its store): no more fills are written. */
+  private stopped = false;
   /** Appends on their way to disk, by number; and the last one past the longest window waits for. */
   private appends = 0;
   private readonly appending = new Set<number>();
@@ -290,7 +292,7 @@ export class Outbox {
 
   /** Writes the fills of the holes (soon; again, later and later, while the disk refuses). */
   private fillHoles(delayMs = 0): void {
-    if (this.fillTimer || !this.holes.size) return;
+    if (this.fillTimer || !this.holes.size || this.stopped) return; // stopped: the next start fills
     this.fillTimer = setTimeout(() => {
       const filling = [...this.holes].map(([seq, lost]) => lostStatus(seq, lost));
       this.writer
@@ -400,6 +402,7 @@ export class Outbox {
 
   start(sending: OutboxSending): void {
     this.sending = sending;
+    this.stopped = false;
     this.timer = setInterval(() => this.checkStalled(), 5000);
   }
 
@@ -408,6 +411,7 @@ export class Outbox {
     if (this.flushTimer) clearTimeout(this.flushTimer);
     if (this.fillTimer) clearTimeout(this.fillTimer);
     this.fillTimer = undefined;
+    this.stopped = true;
     this.connected = false;
   }
 
