@@ -34,6 +34,17 @@ async function raw(db: ClassicLevel<string, unknown>): Promise<Array<[string, st
   return out;
 }
 
+/** Counts the calls of `db.batch()` (the path the native one replaces). */
+function countBatchCalls(db: ClassicLevel<string, unknown>): { n: number } {
+  const calls = { n: 0 };
+  const batch = db.batch.bind(db);
+  db.batch = ((...a: Parameters<typeof batch>) => {
+    calls.n++;
+    return batch(...a);
+  }) as typeof db.batch;
+  return calls;
+}
+
 /** The same mixed operations (as the agent's store and the controller's write them) on a db. */
 function ops(db: ClassicLevel<string, unknown>, round: number) {
   const job = db.sublevel<string, unknown>("dev-1:job", { valueEncoding: "json" });
@@ -61,12 +72,7 @@ describe("GroupCommit", () => {
   it("writes, through the native batch, the very bytes batch() writes", async () => {
     const viaBatch = await level();
     const viaGroup = await level();
-    let batchCalls = 0;
-    const batch = viaGroup.batch.bind(viaGroup);
-    viaGroup.batch = ((...a: Parameters<typeof batch>) => {
-      batchCalls++;
-      return batch(...a);
-    }) as typeof viaGroup.batch;
+    const batchCalls = countBatchCalls(viaGroup);
     const group = new GroupCommit(viaGroup as never);
     for (let round = 1; round <= 3; round++) {
       await viaBatch.batch(ops(viaBatch, round));
@@ -76,7 +82,7 @@ describe("GroupCommit", () => {
         group.write(ops(viaGroup, round).slice(4), false),
       ]);
     }
-    expect(batchCalls).toBe(0); // the native path was taken
+    expect(batchCalls.n).toBe(0); // the native path was taken
     const stored = await raw(viaGroup);
     expect(stored).toEqual(await raw(viaBatch));
     expect(stored.length).toBe(8);
@@ -94,12 +100,7 @@ describe("GroupCommit", () => {
     const db = await level();
     const other = await level();
     const group = new GroupCommit(db as never);
-    let batchCalls = 0;
-    const batch = db.batch.bind(db);
-    db.batch = ((...a: Parameters<typeof batch>) => {
-      batchCalls++;
-      return batch(...a);
-    }) as typeof db.batch;
+    const batchCalls = countBatchCalls(db);
     const seen: string[] = [];
     const hook = (op: { key: string }) => seen.push(`hook ${op.key}`);
     db.hooks.prewrite.add(hook as never);
@@ -111,10 +112,10 @@ describe("GroupCommit", () => {
     db.off("write", listener);
     expect(seen).toEqual(["hook a", "event b"]);
 
-    expect(batchCalls).toBe(2);
+    expect(batchCalls.n).toBe(2);
     const foreign = other.sublevel<string, unknown>("x", { valueEncoding: "json" });
     await group.write([{ type: "put", sublevel: foreign, key: "k", value: 3 }] as never[], false);
-    expect(batchCalls).toBe(3); // whatever batch() makes of it, the native path does not guess
+    expect(batchCalls.n).toBe(3); // whatever batch() makes of it, the native path does not guess
 
     await expect(
       group.write([{ type: "put", key: "v", value: undefined }] as never[], false),
@@ -125,9 +126,9 @@ describe("GroupCommit", () => {
     await expect(group.write([{ type: "put", key: null, value: 1 }] as never[], false)).rejects.toThrow(
       /key cannot be/i,
     );
-    expect(batchCalls).toBe(6);
+    expect(batchCalls.n).toBe(6);
     await group.write([{ type: "put", key: "c", value: 4 }] as never[], false);
-    expect(batchCalls).toBe(6); // and back on the native path
+    expect(batchCalls.n).toBe(6); // and back on the native path
     expect(await db.get("c")).toBe(4);
   });
 
