@@ -45,9 +45,17 @@ export function brokerLink(
   // A FIFO, a bounded number in flight and per tick: aedes' emitter queues what is over its
   // concurrency and releases that queue recursively when publishes complete synchronously —
   // 10,000 assignments published in one go overflowed the stack (found by B1 at 10,000 devices).
+  //
+  // A QoS 0 publish waits until the QoS 1 ones before it have completed. aedes numbers every
+  // publish as it enters and a client drops a packet numbered below one it already got (its
+  // `dedupe`), but a QoS 1 publish takes one more asynchronous step (the offline queue) before
+  // it reaches the clients than a QoS 0 one: a QoS 0 event published just after a QoS 1 RPC
+  // reply overtook it and the operator's CLI lost the reply ("no answer ... within 15s"), and a
+  // QoS 0 StatusAck could make a device lose the job published just before it.
   const queue: Array<Packet | undefined> = [];
   let head = 0;
   let inFlight = 0;
+  let inFlightQos1 = 0;
   let pumping = false;
   const schedule = () => {
     if (pumping) return;
@@ -59,10 +67,13 @@ export function brokerLink(
     let n = 0;
     while (head < queue.length && inFlight < IN_FLIGHT && n++ < PER_TICK) {
       const packet = queue[head]!;
+      if (packet.qos === 0 && inFlightQos1 > 0) return; // resumed when they complete
       queue[head++] = undefined;
       inFlight++;
+      if (packet.qos) inFlightQos1++;
       aedes.publish(packet as never, (err) => {
         inFlight--;
+        if (packet.qos) inFlightQos1--;
         if (err) log.debug({ err: err.message, topic: packet.topic }, "publish not completed");
         if (head < queue.length) schedule();
       });

@@ -126,6 +126,7 @@ export class Controller {
       log: this.log.child({ component: "delivery" }),
       counters: this.counters,
       publish: (topic, payload, qos) => this.publish(topic, payload, qos),
+      ackQos: opts.link ? 0 : 1,
       maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
       onFinished: () => this.stepSoon(),

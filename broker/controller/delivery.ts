@@ -31,6 +31,11 @@ export interface DeliveryContext {
   log: Logger;
   counters: Counters;
   publish(topic: string, payload: Uint8Array, qos: 0 | 1): void;
+  /**
+   * QoS of StatusAcks: 0 where the publishes keep their order (the embedded broker's link),
+   * else 1 (the default).
+   */
+  ackQos?: 0 | 1;
   /** The broker's payload limit: nothing larger is published. */
   maxPayloadBytes: number;
   now(): number;
@@ -427,10 +432,16 @@ export class Delivery {
     if (ack) ack(statusAck);
     else if (!more || last - (this.ackedUpTo.get(deviceId) ?? 0) >= ACK_AT_LEAST) {
       this.ackedUpTo.set(deviceId, last);
-      // QoS 0: an ack is cumulative and idempotent, so a lost one (the connection dropped) is
-      // repaired by the next, by the agent's re-send of a stalled outbox (acknowledged again) or
-      // by the sync on reconnect; at QoS 1 it cost a PUBACK and the broker's in-flight record.
-      this.ctx.publish(deviceTopic(this.ctx.prefix, deviceId, "ctl"), encodeEnvelope({ statusAck }), 0);
+      // QoS 0 through the embedded broker: an ack is cumulative and idempotent, so a lost one
+      // (the connection dropped) is repaired by the next, by the agent's re-send of a stalled
+      // outbox (acknowledged again) or by the sync on reconnect; at QoS 1 it cost a PUBACK and
+      // the broker's in-flight record. Elsewhere QoS 1 (`ackQos`): aedes may let a QoS 0
+      // message overtake the QoS 1 job published before it and then drop the job (link.ts).
+      this.ctx.publish(
+        deviceTopic(this.ctx.prefix, deviceId, "ctl"),
+        encodeEnvelope({ statusAck }),
+        this.ctx.ackQos ?? 1,
+      );
     } else this.ctx.counters.inc("status_acks_coalesced");
     for (const s of fresh) {
       // Where devices' update bytes came from (DESIGN.md §11), for /metrics.

@@ -444,7 +444,8 @@ describe("site gateway", () => {
     ]);
     try {
       const r = await cli(["run", "noop", "--selector", "pool=simsite", "--wait", "--json"], env);
-      expect(r.code).toBe(0);
+      if (r.code !== 0) console.error("DEBUG server stderr:\n" + server.stderr().slice(-6000));
+      expect(r.code, r.stderr).toBe(0);
       expect(cliJson<JobJson>(r).counts).toMatchObject({ total: SITE_SIM, succeeded: SITE_SIM });
       await cli(["run", "noop", "--device", "gw-1", "--wait"], env); // it reports its counters with its state
       const text = await waitUntil("gateway counters in /metrics", async () => {

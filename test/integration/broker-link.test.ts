@@ -38,6 +38,43 @@ describe("broker link", () => {
     }
   });
 
+  it("QoS 0 and QoS 1 publishes to one client all arrive: a QoS 0 one never overtakes (and so drops) an earlier QoS 1", async () => {
+    // aedes numbers publishes as they enter and a client drops one numbered below one it got;
+    // a QoS 1 publish takes an extra asynchronous step, so an unordered QoS 0 one overtook it
+    // (an operator's RPC reply lost behind events; a device's job behind a QoS 0 StatusAck).
+    const aedes = await Aedes.createBroker();
+    const server = createServer(aedes.handle);
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const link = brokerLink(aedes, {
+      prefix: "fleet/v1",
+      log: pino({ level: "silent" }),
+      fromDevice: () => false,
+    });
+    const client = await mqtt.connectAsync(url, { clientId: "op-1" });
+    try {
+      await client.subscribeAsync(["reply", "events"], { qos: 1 });
+      const got = { reply: [] as number[], events: [] as number[] };
+      client.on("message", (topic, payload) =>
+        got[topic as "reply" | "events"].push(Number(payload.toString())),
+      );
+      const N = 2000;
+      for (let i = 0; i < N; i++)
+        if (i % 3 === 0) link.publish("reply", Buffer.from(String(i)), 1, false);
+        else link.publish("events", Buffer.from(String(i)), 0, false);
+      const want = { reply: Math.ceil(N / 3), events: N - Math.ceil(N / 3) };
+      for (let i = 0; i < 500 && got.reply.length + got.events.length < N; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      expect(got.reply).toHaveLength(want.reply);
+      expect(got.events).toHaveLength(want.events);
+      expect(got.reply.every((v, i) => v === i * 3)).toBe(true);
+    } finally {
+      await client.endAsync(true);
+      await new Promise<void>((r) => aedes.close(() => r()));
+      server.close();
+    }
+  });
+
   it("knows whether anyone may be subscribed to a topic: at once on subscribe, again after unsubscribe and disconnect", async () => {
     const aedes = await Aedes.createBroker();
     const server = createServer(aedes.handle);
