@@ -16,6 +16,8 @@ const DEVICE_UPLINK = new Set(["status", "sync", "state", "telemetry"]);
  */
 const IN_FLIGHT = 256;
 const PER_TICK = 512;
+/** How long a QoS 0 publish waits, at most, for the QoS 1 ones before it (see brokerLink). */
+const ORDER_GRACE_MS = 200;
 
 interface Packet {
   cmd: "publish";
@@ -51,11 +53,17 @@ export function brokerLink(
   // `dedupe`), but a QoS 1 publish takes one more asynchronous step (the offline queue) before
   // it reaches the clients than a QoS 0 one: a QoS 0 event published just after a QoS 1 RPC
   // reply overtook it and the operator's CLI lost the reply ("no answer ... within 15s"), and a
-  // QoS 0 StatusAck could make a device lose the job published just before it.
+  // QoS 0 StatusAck could make a device lose the job published just before it. That extra
+  // step is an in-memory lookup: a QoS 1 publish still not complete ORDER_GRACE_MS after it
+  // entered waits for a socket to drain, past the numbering check — so a QoS 0 one waits no
+  // longer than that (one frozen client must not hold every device's ack until aedes'
+  // drainTimeout cuts it off).
   const queue: Array<Packet | undefined> = [];
   let head = 0;
   let inFlight = 0;
   let inFlightQos1 = 0;
+  let lastQos1At = 0;
+  let graceTimer: NodeJS.Timeout | undefined;
   let pumping = false;
   const schedule = () => {
     if (pumping) return;
@@ -67,10 +75,23 @@ export function brokerLink(
     let n = 0;
     while (head < queue.length && inFlight < IN_FLIGHT && n++ < PER_TICK) {
       const packet = queue[head]!;
-      if (packet.qos === 0 && inFlightQos1 > 0) return; // resumed when they complete
+      if (packet.qos === 0 && inFlightQos1 > 0) {
+        const left = ORDER_GRACE_MS - (performance.now() - lastQos1At);
+        if (left > 0) {
+          // resumed when they complete, or when the grace is over
+          graceTimer ??= setTimeout(() => {
+            graceTimer = undefined;
+            schedule();
+          }, left + 1).unref();
+          return;
+        }
+      }
       queue[head++] = undefined;
       inFlight++;
-      if (packet.qos) inFlightQos1++;
+      if (packet.qos) {
+        inFlightQos1++;
+        lastQos1At = performance.now();
+      }
       aedes.publish(packet as never, (err) => {
         inFlight--;
         if (packet.qos) inFlightQos1--;

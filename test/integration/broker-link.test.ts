@@ -75,6 +75,40 @@ describe("broker link", () => {
     }
   });
 
+  it("a client that stops reading holds back the QoS 0 publishes after its QoS 1 ones only briefly, not until aedes cuts it off", async () => {
+    const aedes = await Aedes.createBroker(); // drainTimeout: 60 s
+    const server = createServer(aedes.handle);
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const link = brokerLink(aedes, {
+      prefix: "fleet/v1",
+      log: pino({ level: "silent" }),
+      fromDevice: () => false,
+    });
+    const frozen = await mqtt.connectAsync(url, { clientId: "frozen", keepalive: 0 });
+    const other = await mqtt.connectAsync(url, { clientId: "other" });
+    try {
+      await frozen.subscribeAsync("big", { qos: 1 });
+      await other.subscribeAsync("ack", { qos: 1 });
+      (frozen.stream as unknown as { pause(): void }).pause(); // reads nothing more
+      const big = Buffer.alloc(256 * 1024);
+      for (let i = 0; i < 100; i++) link.publish("big", big, 1, false); // more than the socket takes
+      let got = false;
+      other.on("message", () => {
+        got = true;
+      });
+      link.publish("ack", Buffer.from("a"), 0, false);
+      // It arrives while the frozen client's publishes still wait for a drain (60 s at most).
+      for (let i = 0; i < 1000 && !got; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(got).toBe(true);
+    } finally {
+      frozen.end(true);
+      await other.endAsync(true);
+      await new Promise<void>((r) => aedes.close(() => r()));
+      server.close();
+    }
+  });
+
   it("knows whether anyone may be subscribed to a topic: at once on subscribe, again after unsubscribe and disconnect", async () => {
     const aedes = await Aedes.createBroker();
     const server = createServer(aedes.handle);
