@@ -57,7 +57,7 @@ const FILL_RETRY_MS = 200;
 const FILL_RETRY_MAX_MS = 30_000;
 
 /** What fills the seq of a status that never reached the disk (see the top of this file). */
-export function lostStatus(seq: number, lost?: TaskStatus): TaskStatus {
+function lostStatus(seq: number, lost?: TaskStatus): TaskStatus {
   return {
     seq,
     jobId: lost?.jobId ?? "",

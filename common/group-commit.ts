@@ -90,7 +90,7 @@ export class GroupCommit<Op> {
   private readonly native: NativeRoot | undefined;
 
   constructor(private readonly db: Writer<Op>) {
-    const d = db as unknown as Partial<NativeRoot> & { parent?: unknown };
+    const d = db as unknown as Partial<NativeRoot>;
     this.native =
       typeof d._batch === "function" && d.parent === null && typeof d.keyEncoding === "function"
         ? (d as NativeRoot)

@@ -362,6 +362,8 @@ export class Delivery {
     /** Assignments of this batch that were not terminal before it. */
     const open = new Set<string>();
     const fresh: TaskStatus[] = [];
+    /** Lost-write records of this batch (logged once per batch, not once each). */
+    const lost: string[] = [];
     for (const s of statuses) {
       const seq = s.seq ?? 0;
       if (seq <= last) {
@@ -376,10 +378,7 @@ export class Delivery {
       if (isLostWrite(s)) {
         // The agent could not write this status (disk full): the record only fills its seq.
         this.ctx.counters.inc("statuses_lost_write");
-        this.ctx.log.warn(
-          { deviceId, seq, jobId: s.jobId || undefined, taskId: s.taskId || undefined },
-          "the device lost a status (it could not write it)",
-        );
+        lost.push(`${s.jobId ?? ""}/${s.taskId ?? ""}@${seq}`);
         continue;
       }
       fresh.push(s);
@@ -411,6 +410,11 @@ export class Delivery {
       applyStatus(a, boundStatus(s, STATUS_BYTES), this.ctx.now());
       touched.set(key, a);
     }
+    if (lost.length)
+      this.ctx.log.warn(
+        { deviceId, lost: lost.length, first: lost.slice(0, 5) },
+        "the device lost statuses (it could not write them)",
+      );
     const applied = { epoch: newEpoch ? epoch : known.epoch, seq: last };
     if (last !== start || newEpoch) {
       const ops: Op[] = [...touched.values()].map((a) => this.ctx.jobs.putAssignment(a));

@@ -8,6 +8,24 @@ import pino from "pino";
 import { describe, expect, it } from "vitest";
 import { brokerLink, topicMatches } from "../../broker/link.js";
 
+/** An aedes on a loopback port with the controller's link to it. */
+async function linkedBroker() {
+  const aedes = await Aedes.createBroker();
+  const server = createServer(aedes.handle);
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const link = brokerLink(aedes, {
+    prefix: "fleet/v1",
+    log: pino({ level: "silent" }),
+    fromDevice: () => false,
+  });
+  const close = async () => {
+    server.close();
+    await new Promise<void>((r) => aedes.close(() => r()));
+  };
+  return { aedes, url, link, close };
+}
+
 describe("broker link", () => {
   it("20,000 publishes in one go all arrive, in order", async () => {
     const aedes = await Aedes.createBroker();
@@ -42,15 +60,7 @@ describe("broker link", () => {
     // aedes numbers publishes as they enter and a client drops one numbered below one it got;
     // a QoS 1 publish takes an extra asynchronous step, so an unordered QoS 0 one overtook it
     // (an operator's RPC reply lost behind events; a device's job behind a QoS 0 StatusAck).
-    const aedes = await Aedes.createBroker();
-    const server = createServer(aedes.handle);
-    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const link = brokerLink(aedes, {
-      prefix: "fleet/v1",
-      log: pino({ level: "silent" }),
-      fromDevice: () => false,
-    });
+    const { url, link, close } = await linkedBroker();
     const client = await mqtt.connectAsync(url, { clientId: "op-1" });
     try {
       await client.subscribeAsync(["reply", "events"], { qos: 1 });
@@ -70,21 +80,12 @@ describe("broker link", () => {
       expect(got.reply.every((v, i) => v === i * 3)).toBe(true);
     } finally {
       await client.endAsync(true);
-      await new Promise<void>((r) => aedes.close(() => r()));
-      server.close();
+      await close();
     }
   });
 
   it("a client that stops reading holds back the QoS 0 publishes after its QoS 1 ones only briefly, not until aedes cuts it off", async () => {
-    const aedes = await Aedes.createBroker(); // drainTimeout: 60 s
-    const server = createServer(aedes.handle);
-    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const link = brokerLink(aedes, {
-      prefix: "fleet/v1",
-      log: pino({ level: "silent" }),
-      fromDevice: () => false,
-    });
+    const { url, link, close } = await linkedBroker(); // aedes drainTimeout: 60 s
     const frozen = await mqtt.connectAsync(url, { clientId: "frozen", keepalive: 0 });
     const other = await mqtt.connectAsync(url, { clientId: "other" });
     try {
@@ -104,21 +105,12 @@ describe("broker link", () => {
     } finally {
       frozen.end(true);
       await other.endAsync(true);
-      await new Promise<void>((r) => aedes.close(() => r()));
-      server.close();
+      await close();
     }
   });
 
   it("knows whether anyone may be subscribed to a topic: at once on subscribe, again after unsubscribe and disconnect", async () => {
-    const aedes = await Aedes.createBroker();
-    const server = createServer(aedes.handle);
-    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const link = brokerLink(aedes, {
-      prefix: "fleet/v1",
-      log: pino({ level: "silent" }),
-      fromDevice: () => false,
-    });
+    const { aedes, url, link, close } = await linkedBroker();
     const topic = "fleet/v1/events";
     const until = async (want: boolean) => {
       for (let i = 0; i < 200 && link.subscribed(topic) !== want; i++)
@@ -187,8 +179,7 @@ describe("broker link", () => {
       await new Promise((r) => setTimeout(r, 50));
       expect(later.subscribed(topic)).toBe(false);
     } finally {
-      server.close();
-      await new Promise<void>((r) => aedes.close(() => r()));
+      await close();
     }
   });
 
