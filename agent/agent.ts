@@ -104,6 +104,14 @@ export class Agent {
   private stateTimer: NodeJS.Timeout | undefined;
   private syncTimer: NodeJS.Timeout | undefined;
   private syncRetryMs = SYNC_RETRY_MIN_MS;
+  /**
+   * The QoS of the status topic: the one the controller acknowledges statuses with. It sends
+   * StatusAck at QoS 0 only through the embedded broker, which hands what a device publishes to
+   * the controller in-process — there the outbox's own seq and StatusAck protocol (DESIGN.md
+   * §4.3) is all the delivery guarantee, and MQTT's PUBACK only a packet more each way. QoS 1
+   * again with every new connection, until the first ack says otherwise.
+   */
+  private statusQos: 0 | 1 = 1;
   private lastStateAt = 0;
   /** The last report's `stateShown()`, and whether counters changed since without a report. */
   private lastStateShown = "";
@@ -194,7 +202,7 @@ export class Agent {
       log: this.log.child({ component: "connection" }),
       counters: this.counters,
       countPacketKinds: opts.countPacketKinds,
-      onMessage: (topic, payload) => this.onMessage(topic, payload),
+      onMessage: (topic, payload, qos) => this.onMessage(topic, payload, qos),
     });
     this.connection.on("up", (client) => {
       this.onUp(client).catch((err) => this.log.error({ err }, "session setup failed"));
@@ -243,7 +251,7 @@ export class Agent {
     await this.gateway?.start();
     this.outbox.start({
       log: this.log.child({ component: "outbox" }),
-      publish: (payload) => this.publish("status", payload, 1),
+      publish: (payload) => this.publish("status", payload, this.statusQos),
       maxBatchBytes: Math.floor(this.cfg.maxPayloadBytes * 0.75),
       busy: () => this.scheduler.busy,
     });
@@ -325,6 +333,7 @@ export class Agent {
     this.gateway?.onUpstream();
     this.publishState();
     this.syncRetryMs = SYNC_RETRY_MIN_MS;
+    this.statusQos = 1;
     this.sendSync();
     this.outbox.onConnected();
     void this.sendTelemetry();
@@ -366,7 +375,7 @@ export class Agent {
     this.syncRetryMs = Math.min(this.syncRetryMs * 2, SYNC_RETRY_MAX_MS);
   }
 
-  private async onMessage(topic: string, payload: Buffer): Promise<void> {
+  private async onMessage(topic: string, payload: Buffer, qos = 1): Promise<void> {
     const t = parseDeviceTopic(this.cfg.topicPrefix, topic);
     if (t && t.deviceId !== this.cfg.deviceId && this.gateway?.fromUpstream(topic, payload)) return;
     if (!t || t.deviceId !== this.cfg.deviceId || (t.channel !== "job" && t.channel !== "ctl")) {
@@ -397,6 +406,7 @@ export class Agent {
         // An ack for another epoch (of this device's previous database) is not ours.
         const epoch = env.statusAck!.epoch ?? "";
         if (epoch && epoch !== this.outbox.epoch) return this.drop("other_epoch", `ack for epoch ${epoch}`);
+        this.statusQos = qos === 0 ? 0 : 1;
         await this.outbox.onAck(env.statusAck!.upToSeq ?? 0);
         return;
       }

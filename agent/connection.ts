@@ -30,7 +30,7 @@ export interface ConnectionOptions {
   /** Count packets by kind too (`packets`; the simulator's `--packet-kinds`, for the cost table). */
   countPacketKinds?: boolean;
   /** Called for every incoming PUBLISH; the PUBACK is sent when the promise settles. */
-  onMessage: (topic: string, payload: Buffer) => Promise<void>;
+  onMessage: (topic: string, payload: Buffer, qos: number) => Promise<void>;
 }
 
 const MQTT_TRACE = /mqttjs/.test(process.env.DEBUG ?? "");
@@ -138,6 +138,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         .onMessage(
           packet.topic,
           Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
+          packet.qos,
         )
         .then(
           () => true,

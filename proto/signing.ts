@@ -57,18 +57,24 @@ export type SignatureCheck =
  * key id and signature, and the signed bytes must be identical. A real device has none.
  */
 export class VerifiedSignatures {
-  private readonly good = new Map<string, Uint8Array>();
+  private readonly good = new Map<string, Buffer>();
   constructor(private readonly max = 1000) {}
 
   has(keyId: string, signature: Uint8Array, spec: Uint8Array): boolean {
-    const bytes = this.good.get(`${keyId}:${Buffer.from(signature).toString("base64")}`);
-    return bytes !== undefined && Buffer.from(bytes).equals(spec);
+    const bytes = this.good.get(`${keyId}:${view(signature).toString("base64")}`);
+    return bytes !== undefined && bytes.equals(spec);
   }
 
   add(keyId: string, signature: Uint8Array, spec: Uint8Array): void {
     if (this.good.size >= this.max) this.good.delete(this.good.keys().next().value!);
-    this.good.set(`${keyId}:${Buffer.from(signature).toString("base64")}`, spec);
+    // A copy: `spec` may be a view into the packet that carried it.
+    this.good.set(`${keyId}:${view(signature).toString("base64")}`, Buffer.from(spec));
   }
+}
+
+/** The same bytes as a Buffer, not copied (Buffer.from of a Uint8Array copies). */
+function view(b: Uint8Array): Buffer {
+  return Buffer.isBuffer(b) ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength);
 }
 
 export function verifySignedJob(

@@ -27,6 +27,8 @@ export class TestController {
   readonly syncs = new Map<string, number>();
   readonly counters = new Counters();
   ackStatuses = true;
+  /** The QoS of StatusAck (the real controller: 0 through the embedded broker, else 1). */
+  ackQos: 0 | 1 = 1;
   answerSync = true;
   private client!: MqttClient;
   private readonly tmp = tempDir("fleet-testctl-");
@@ -203,7 +205,7 @@ export class TestController {
     if (env.statusAck && !this.ackStatuses) return true;
     if (env.jobAssignment && this.withheld.has(env.jobAssignment.job ? jobIdOf(env.jobAssignment) : ""))
       return true;
-    this.client.publish(topic, Buffer.from(payload), { qos });
+    this.client.publish(topic, Buffer.from(payload), { qos: env.statusAck ? this.ackQos : qos });
     return true;
   }
 

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { aedesClient, destroyConnection } from "../../common/internals.js";
 import { TaskState } from "../../proto/index.js";
 import { type Harness, harness } from "../helpers/harness.js";
 import { jobSpec } from "../helpers/keys.js";
@@ -49,5 +50,65 @@ describe("agent basics", () => {
     // The seq protocol is unchanged: contiguous from 1.
     expect(mine.map((s) => s.seq)).toEqual([1, 2, 3, 4, 5]);
     await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+  });
+});
+
+describe("the QoS of the status topic follows the StatusAck's", () => {
+  /** The QoS of each status batch the device published, as the broker got them. */
+  const statusQos = (deviceId: string) => {
+    const seen: number[] = [];
+    h.broker.aedes.on("publish", (packet, client) => {
+      if (client?.id === deviceId && packet.topic.endsWith("/status")) seen.push(packet.qos);
+    });
+    return seen;
+  };
+  const runJob = async (deviceId: string) => {
+    const jobId = await h.ctl.assign(deviceId, jobSpec([{ id: "a", type: "noop" }]));
+    expect((await h.ctl.waitJob(deviceId, jobId)).state).toBe(TaskState.SUCCEEDED);
+  };
+
+  it("QoS 1 while the controller acknowledges at QoS 1 (an external or clustered broker)", async () => {
+    const seen = statusQos("dev-qos1");
+    const a = await h.newAgent("dev-qos1", { statusFlushMs: 0 });
+    for (let i = 0; i < 2; i++) await runJob("dev-qos1");
+    await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+    expect(seen.length).toBeGreaterThanOrEqual(2);
+    expect(new Set(seen)).toEqual(new Set([1]));
+  });
+
+  it("QoS 0 once acknowledged at QoS 0 (the embedded broker); QoS 1 again on a new connection until the next ack", async () => {
+    h.ctl.ackQos = 0;
+    try {
+      const seen = statusQos("dev-qos0");
+      const a = await h.newAgent("dev-qos0", { statusFlushMs: 0 });
+      await runJob("dev-qos0");
+      await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+      // Before the first ack of the connection: QoS 1; once acknowledged at QoS 0: QoS 0.
+      expect(seen[0]).toBe(1);
+      const first = seen.length;
+      await runJob("dev-qos0");
+      expect(seen.length).toBeGreaterThan(first);
+      expect(new Set(seen.slice(first))).toEqual(new Set([0]));
+
+      // A new connection: its first status batch goes at QoS 1 again.
+      const syncs = h.ctl.syncs.get("dev-qos0") ?? 0;
+      h.ctl.ackStatuses = false; // hold the acks: the batch after the reconnect stays QoS 1
+      destroyConnection(aedesClient(h.broker.aedes, "dev-qos0")!);
+      await h.waitSynced(a, syncs);
+      seen.length = 0;
+      await h.ctl.assign("dev-qos0", jobSpec([{ id: "a", type: "noop" }]));
+      await h.ctl.waitFor("the job's statuses", () => seen.length >= 2 && seen);
+      expect(new Set(seen)).toEqual(new Set([1]));
+      // Acknowledged at QoS 0 again (cumulatively, with the next job's): QoS 0 from then on.
+      h.ctl.ackStatuses = true;
+      await runJob("dev-qos0");
+      await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+      seen.length = 0;
+      await runJob("dev-qos0");
+      expect(new Set(seen)).toEqual(new Set([0]));
+    } finally {
+      h.ctl.ackQos = 1;
+      h.ctl.ackStatuses = true;
+    }
   });
 });

@@ -1,9 +1,11 @@
 import { execFileSync } from "node:child_process";
+import { createPublicKey } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { decodeEnvelope, encodeEnvelope, PayloadError, PROTOCOL_VERSION } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
+import { generateSigningKey, signJob, VerifiedSignatures, verifySignedJob } from "../../proto/signing.js";
 import { tempDir } from "../helpers/keys.js";
 
 const status = {
@@ -147,5 +149,26 @@ describe("wire schema", () => {
     } finally {
       cleanup();
     }
+  });
+});
+
+describe("VerifiedSignatures (the simulator's devices verify a job once)", () => {
+  it("knows a signature only for the identical bytes, wherever they lie, and keeps its own copy", () => {
+    const k = generateSigningKey();
+    const keys = new Map([[k.keyId, createPublicKey(k.publicKeyPem)]]);
+    const signed = signJob({ jobId: "01JQ", name: "n", issuedAtMs: 1 }, k.privateKeyPem, k.keyId);
+    const verified = new VerifiedSignatures();
+    // The spec as a view into a larger packet buffer, as protobufjs decodes it.
+    const packet = Buffer.concat([Buffer.from("head"), Buffer.from(signed.spec!), Buffer.from("tail")]);
+    const view = new Uint8Array(packet.buffer, packet.byteOffset + 4, signed.spec!.length);
+    expect(verifySignedJob({ ...signed, spec: view }, keys, verified).ok).toBe(true);
+    expect(verified.has(k.keyId, signed.signature!, signed.spec!)).toBe(true);
+    packet.fill(0); // the packet's buffer is reused: the remembered bytes are not
+    expect(verified.has(k.keyId, signed.signature!, signed.spec!)).toBe(true);
+    const other = Uint8Array.from(signed.spec!);
+    other[0] = other[0]! ^ 1;
+    expect(verified.has(k.keyId, signed.signature!, other)).toBe(false);
+    expect(verifySignedJob({ ...signed, spec: other }, keys, verified).ok).toBe(false);
+    expect(verified.has("other-key", signed.signature!, signed.spec!)).toBe(false);
   });
 });
