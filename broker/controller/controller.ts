@@ -129,7 +129,11 @@ export class Controller {
       ackQos: opts.link ? 0 : 1,
       maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
-      onFinished: () => this.stepSoon(),
+      onFinished: (jobId, last) => {
+        // A job's last device: its rollout steps now (the wave or rollout is done now).
+        if (last) void this.rollouts.jobSettled(jobId);
+        this.stepSoon();
+      },
       // Events are built only when someone may get them: the dashboard's tap, a subscriber
       // of the events topic (asked of the embedded broker), or any with an external broker.
       wantsEvents: () =>

@@ -39,8 +39,11 @@ export interface DeliveryContext {
   /** The broker's payload limit: nothing larger is published. */
   maxPayloadBytes: number;
   now(): number;
-  /** A device finished a job (terminal job-level status applied). */
-  onFinished?(jobId: string): void;
+  /**
+   * A device finished a job (terminal job-level status applied); `last`: as far as this
+   * process knows, no device of the job is left (see `unsettled`).
+   */
+  onFinished?(jobId: string, last: boolean): void;
   /**
    * A job (not a rollout's: its rollout reports) ended — every device terminal, SUCCEEDED or
    * FAILED — with the statuses of this batch: ops to write in the same batch, before the
@@ -68,6 +71,14 @@ export class Delivery {
   private readonly openCount = new Map<string, number>();
   private readonly endedHere = new Map<string, Map<string, Assignment>>();
   private endings: Promise<unknown> = Promise.resolve();
+  /**
+   * Per job assigned by this process: how many of those assignments are not terminal yet, kept
+   * by decrement as statuses apply. Only a hint, so that a rollout steps the moment its last
+   * device ends instead of at its next rate-limited step (up to 50 ms later): after a restart
+   * or once the controller ended assignments itself there is none (the rollout steps on its
+   * timer, as before), and devices added after a restart make it early (one step too many).
+   */
+  private readonly unsettled = new Map<string, number>();
   /** Each device's last applied seq and epoch, as on disk (read once, then kept). */
   private readonly seqs = new Map<string, { epoch: string; seq: number }>();
   /** Batches waiting per device: only the last of a run is acknowledged (acks are cumulative). */
@@ -124,6 +135,8 @@ export class Delivery {
     this.forgetCount(job.id);
     const known = new Set(job.devices);
     const fresh = [...new Set(deviceIds)].filter((d) => !known.has(d));
+    if (!opts.delivered && fresh.length)
+      this.unsettled.set(job.id, (this.unsettled.get(job.id) ?? 0) + fresh.length);
     job.devices.push(...fresh);
     const ops: Op[] = [this.ctx.jobs.put(job), ...extra];
     for (const d of fresh) {
@@ -197,6 +210,7 @@ export class Delivery {
   ): Promise<void> {
     if (!asgs.length) return;
     this.forgetCount(job.id);
+    this.unsettled.delete(job.id);
     const now = this.ctx.now();
     const ops: Op[] = [];
     for (const a of asgs) {
@@ -431,6 +445,12 @@ export class Delivery {
     }
     this.seqs.set(deviceId, applied);
     this.ctx.registry.seen(deviceId, this.ctx.now());
+    /** Jobs whose last open assignment (as far as `unsettled` knows) this batch ended. */
+    let settledJobs: Set<string> | undefined;
+    for (const key of open) {
+      const a = touched.get(key);
+      if (a && TERMINAL_STATES.has(a.state) && this.settled(a)) (settledJobs ??= new Set()).add(a.jobId);
+    }
     // Persisted (or nothing new): acknowledge cumulatively — once for a run of batches.
     const statusAck = { upToSeq: last, epoch: applied.epoch };
     if (ack) ack(statusAck);
@@ -463,7 +483,8 @@ export class Delivery {
         });
       }
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
-      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) this.ctx.onFinished?.(s.jobId ?? "");
+      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0))
+        this.ctx.onFinished?.(s.jobId ?? "", settledJobs?.has(s.jobId ?? "") ?? false);
     }
     // A job the controller already ended here (withdrawn by an aborted rollout, timed out)
     // that reaches the device anyway — a copy the broker queued for it while it was offline —
@@ -528,6 +549,18 @@ export class Delivery {
     this.endedHere.delete(jobId);
   }
 
+  /** Whether the terminal assignment `a` (open before) was the last one of its job here. */
+  private settled(a: Assignment): boolean {
+    const left = this.unsettled.get(a.jobId);
+    if (left === undefined) return false;
+    if (left > 1) {
+      this.unsettled.set(a.jobId, left - 1);
+      return false;
+    }
+    this.unsettled.delete(a.jobId);
+    return true;
+  }
+
   /** Cancels a job: withdraws what was not delivered, tells devices to cancel the rest. */
   async cancel(jobId: string, reason: string): Promise<JobRecord | undefined> {
     const job = await this.job(jobId);
@@ -577,6 +610,7 @@ export class Delivery {
       if (asgs.some((a) => !TERMINAL_STATES.has(a.state)) && job.expiresAt > this.ctx.now()) continue;
       await this.ctx.jobs.batch(this.ctx.jobs.remove(job), false);
       this.forgetCount(job.id);
+      this.unsettled.delete(job.id);
       n++;
     }
     return n;

@@ -245,8 +245,17 @@ export class Rollouts {
 
   /** Advances every live rollout; called once a second. */
   tick(): Promise<void> {
+    return this.stepEach(this.active.values());
+  }
+
+  /** Steps the live rollouts of one job at once (its last device just ended); not during a tick. */
+  jobSettled(jobId: string): Promise<void> {
+    return this.stepEach([...this.active.values()].filter((r) => r.jobId === jobId));
+  }
+
+  private stepEach(rollouts: Iterable<RolloutRecord>): Promise<void> {
     return this.ticker.run(
-      this.active.values(),
+      rollouts,
       (r) => this.step(r),
       (r, err) => this.ctx.log.error({ err, rolloutId: r.id }, "rollout step failed"),
     );

@@ -21,6 +21,8 @@ const registry = new Registry(store);
 const sent: Array<{ topic: string; payload: Uint8Array }> = [];
 const counters = new Counters();
 const jobs = new JobStore(store);
+/** onFinished's calls: job id and whether it was the job's last device. */
+const finished: Array<[string, boolean]> = [];
 const delivery = new Delivery({
   store,
   jobs,
@@ -33,6 +35,7 @@ const delivery = new Delivery({
   },
   maxPayloadBytes: LIMIT,
   now: () => Date.now(),
+  onFinished: (jobId, last) => finished.push([jobId, last]),
 });
 
 beforeAll(async () => {
@@ -48,7 +51,7 @@ afterAll(async () => {
 let seq = 0;
 const nextSeq = () => ++seq;
 
-function bigJob(id: string, bytes: number): NewJob {
+function bigJob(id: string, bytes: number, devices = ["dev-1"]): NewJob {
   const signed = pb.SignedJob.encode({
     spec: Buffer.alloc(bytes, 7),
     signature: Buffer.alloc(64),
@@ -61,8 +64,8 @@ function bigJob(id: string, bytes: number): NewJob {
     expiresAt: Date.now() + 3600_000,
     recurring: false,
     tasks: [{ id: "t", type: "shell" }],
-    target: { deviceIds: ["dev-1"], selector: "" },
-    devices: ["dev-1"],
+    target: { deviceIds: devices, selector: "" },
+    devices,
     createdBy: "admin",
   };
   return { record, signed };
@@ -253,5 +256,50 @@ describe("payload limits", () => {
     );
     expect((await store.assignments.get(asgKey("dev-1", job.id)))!.acked).toBe(true);
     expect(counters.get("seq_fast_forward")).toBe(1);
+  });
+});
+
+describe("a job's last device", () => {
+  const devices = ["last-1", "last-2", "last-3"];
+  const seqs = new Map<string, number>();
+  const end = (deviceId: string, jobId: string, state: TaskState) => {
+    const seq = (seqs.get(deviceId) ?? 0) + 1;
+    seqs.set(deviceId, seq);
+    return delivery.onStatusBatch(deviceId, [{ seq, jobId, state }]);
+  };
+  beforeAll(async () => {
+    for (const d of devices) await registry.add(d, {});
+  });
+
+  it("is told to onFinished (a rollout steps then, not at its next rate-limited step)", async () => {
+    const { record: job, signed } = bigJob("01JOBLASTAAAAAAAAAAAAAAAAA", 100, devices);
+    await delivery.submit({ record: job, signed });
+    finished.length = 0;
+    await end("last-1", job.id, TaskState.SUCCEEDED);
+    await end("last-2", job.id, TaskState.FAILED);
+    // The same status again (a re-send after a lost ack): not applied twice, not counted twice.
+    await delivery.onStatusBatch("last-2", [
+      { seq: seqs.get("last-2")!, jobId: job.id, state: TaskState.FAILED },
+    ]);
+    await end("last-3", job.id, TaskState.SUCCEEDED);
+    expect(finished).toEqual([
+      [job.id, false],
+      [job.id, false],
+      [job.id, true],
+    ]);
+  });
+
+  it("is not claimed once the controller ended assignments itself (the rollout's timer steps it)", async () => {
+    const { record: job, signed } = bigJob("01JOBLASTBBBBBBBBBBBBBBBBB", 100, devices);
+    await delivery.submit({ record: job, signed });
+    finished.length = 0;
+    const late = (await jobs.ofJob(job)).filter((a) => a.deviceId === "last-3");
+    await delivery.close(job, late, TaskState.TIMED_OUT, "timeout", "no result");
+    await end("last-1", job.id, TaskState.SUCCEEDED);
+    await end("last-2", job.id, TaskState.SUCCEEDED);
+    expect(finished).toEqual([
+      [job.id, false],
+      [job.id, false],
+    ]);
   });
 });
