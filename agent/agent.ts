@@ -479,8 +479,7 @@ export class Agent {
     const sig = checkSignature(a, { trustedKeys: this.trustedKeys }, this.opts.verifiedSignatures);
     if (!sig.ok)
       return this.reject(unverifiedJobId(a), sig.reason, sig.message, a.job ? specDigest(a.job) : "");
-    const spec = sig.spec;
-    const digest = specDigest(a.job!);
+    const { spec, digest } = sig;
     const existing = this.scheduler.job(spec.jobId);
     if (existing) {
       if (existing.digest !== digest) {

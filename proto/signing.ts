@@ -48,7 +48,8 @@ export function signJob(spec: JobSpec, privateKey: KeyObject | string, keyId: st
 }
 
 export type SignatureCheck =
-  | { ok: true; spec: DecodedJobSpec }
+  /** `digest`: specDigest of what was verified (the job's identity for de-duplication). */
+  | { ok: true; spec: DecodedJobSpec; digest: string }
   | { ok: false; reason: "unsigned" | "unknown_key" | "bad_signature" | "malformed"; message: string };
 
 /**
@@ -57,18 +58,19 @@ export type SignatureCheck =
  * key id and signature, and the signed bytes must be identical. A real device has none.
  */
 export class VerifiedSignatures {
-  private readonly good = new Map<string, Buffer>();
+  private readonly good = new Map<string, { spec: Buffer; digest: string }>();
   constructor(private readonly max = 1000) {}
 
-  has(keyId: string, signature: Uint8Array, spec: Uint8Array): boolean {
-    const bytes = this.good.get(`${keyId}:${view(signature).toString("base64")}`);
-    return bytes !== undefined && bytes.equals(spec);
+  /** The spec's digest, if this key's signature over exactly these bytes was found good. */
+  digestOf(keyId: string, signature: Uint8Array, spec: Uint8Array): string | undefined {
+    const hit = this.good.get(`${keyId}:${view(signature).toString("base64")}`);
+    return hit?.spec.equals(spec) ? hit.digest : undefined;
   }
 
-  add(keyId: string, signature: Uint8Array, spec: Uint8Array): void {
+  add(keyId: string, signature: Uint8Array, spec: Uint8Array, digest: string): void {
     if (this.good.size >= this.max) this.good.delete(this.good.keys().next().value!);
     // A copy: `spec` may be a view into the packet that carried it.
-    this.good.set(`${keyId}:${view(signature).toString("base64")}`, Buffer.from(spec));
+    this.good.set(`${keyId}:${view(signature).toString("base64")}`, { spec: Buffer.from(spec), digest });
   }
 }
 
@@ -88,18 +90,20 @@ export function verifySignedJob(
   }
   const key = trustedKeys.get(signed.keyId);
   if (!key) return { ok: false, reason: "unknown_key", message: `signed by unknown key ${signed.keyId}` };
-  if (verified?.has(signed.keyId, signed.signature, specBytes)) {
-    // verified before, by the same trusted key: only the decoding remains
-  } else if (verifies(specBytes, key, signed.signature))
-    verified?.add(signed.keyId, signed.signature, specBytes);
-  else
-    return {
-      ok: false,
-      reason: "bad_signature",
-      message: `signature does not verify with key ${signed.keyId}`,
-    };
+  let digest = verified?.digestOf(signed.keyId, signed.signature, specBytes);
+  if (digest === undefined) {
+    // not verified before by the same trusted key
+    if (!verifies(specBytes, key, signed.signature))
+      return {
+        ok: false,
+        reason: "bad_signature",
+        message: `signature does not verify with key ${signed.keyId}`,
+      };
+    digest = specDigest(signed);
+    verified?.add(signed.keyId, signed.signature, specBytes, digest);
+  }
   try {
-    return { ok: true, spec: decodeJobSpec(specBytes) };
+    return { ok: true, spec: decodeJobSpec(specBytes), digest };
   } catch (err) {
     return { ok: false, reason: "malformed", message: `spec does not decode: ${(err as Error).message}` };
   }

@@ -446,10 +446,10 @@ export class Delivery {
     this.seqs.set(deviceId, applied);
     this.ctx.registry.seen(deviceId, this.ctx.now());
     /** Jobs whose last open assignment (as far as `unsettled` knows) this batch ended. */
-    let settledJobs: Set<string> | undefined;
+    const settledJobs = new Set<string>();
     for (const key of open) {
       const a = touched.get(key);
-      if (a && TERMINAL_STATES.has(a.state) && this.settled(a)) (settledJobs ??= new Set()).add(a.jobId);
+      if (a && TERMINAL_STATES.has(a.state) && this.settled(a)) settledJobs.add(a.jobId);
     }
     // Persisted (or nothing new): acknowledge cumulatively — once for a run of batches.
     const statusAck = { upToSeq: last, epoch: applied.epoch };
@@ -484,7 +484,7 @@ export class Delivery {
       }
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
       if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0))
-        this.ctx.onFinished?.(s.jobId ?? "", settledJobs?.has(s.jobId ?? "") ?? false);
+        this.ctx.onFinished?.(s.jobId ?? "", settledJobs.has(s.jobId ?? ""));
     }
     // A job the controller already ended here (withdrawn by an aborted rollout, timed out)
     // that reaches the device anyway — a copy the broker queued for it while it was offline —

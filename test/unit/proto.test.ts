@@ -5,7 +5,13 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { decodeEnvelope, encodeEnvelope, PayloadError, PROTOCOL_VERSION } from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
-import { generateSigningKey, signJob, VerifiedSignatures, verifySignedJob } from "../../proto/signing.js";
+import {
+  generateSigningKey,
+  signJob,
+  specDigest,
+  VerifiedSignatures,
+  verifySignedJob,
+} from "../../proto/signing.js";
 import { tempDir } from "../helpers/keys.js";
 
 const status = {
@@ -161,14 +167,16 @@ describe("VerifiedSignatures (the simulator's devices verify a job once)", () =>
     // The spec as a view into a larger packet buffer, as protobufjs decodes it.
     const packet = Buffer.concat([Buffer.from("head"), Buffer.from(signed.spec!), Buffer.from("tail")]);
     const view = new Uint8Array(packet.buffer, packet.byteOffset + 4, signed.spec!.length);
-    expect(verifySignedJob({ ...signed, spec: view }, keys, verified).ok).toBe(true);
-    expect(verified.has(k.keyId, signed.signature!, signed.spec!)).toBe(true);
+    const digest = specDigest(signed);
+    expect(verifySignedJob({ ...signed, spec: view }, keys, verified)).toMatchObject({ ok: true, digest });
+    expect(verified.digestOf(k.keyId, signed.signature!, signed.spec!)).toBe(digest);
     packet.fill(0); // the packet's buffer is reused: the remembered bytes are not
-    expect(verified.has(k.keyId, signed.signature!, signed.spec!)).toBe(true);
+    expect(verified.digestOf(k.keyId, signed.signature!, signed.spec!)).toBe(digest);
+    expect(verifySignedJob(signed, keys, verified)).toMatchObject({ ok: true, digest }); // from memory
     const other = Uint8Array.from(signed.spec!);
     other[0] = other[0]! ^ 1;
-    expect(verified.has(k.keyId, signed.signature!, other)).toBe(false);
+    expect(verified.digestOf(k.keyId, signed.signature!, other)).toBeUndefined();
     expect(verifySignedJob({ ...signed, spec: other }, keys, verified).ok).toBe(false);
-    expect(verified.has("other-key", signed.signature!, signed.spec!)).toBe(false);
+    expect(verified.digestOf("other-key", signed.signature!, signed.spec!)).toBeUndefined();
   });
 });
