@@ -157,6 +157,7 @@ export class Agent {
       maxConcurrency: this.cfg.maxConcurrency,
       typeConcurrency: this.cfg.typeConcurrency,
       onChange: () => this.publishStateSoon(),
+      onIdle: () => this.outbox.onIdle(),
     });
     this.outbox = this.store.outbox;
     const gw = this.cfg.gateway;

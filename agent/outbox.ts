@@ -4,8 +4,9 @@
 // un-acknowledged statuses in flight; re-sent from the last ack on every reconnect and when
 // acks stop arriving.
 //
-// Coalescing (issue 17): statuses committed within one flush window (until no commit came for
-// `flushDelayMs` and the agent is idle; at most 1 s by default) go out together, and a task's
+// Coalescing (issue 17): statuses committed within one flush window (until the agent is idle
+// — at once, or once no commit came for `flushDelayMs` and it is not busy; at most 1 s by
+// default) go out together, and a task's
 // non-terminal status that was never sent is overwritten in place — same seq, same key, in the
 // batch that commits its successor — so a task that goes QUEUED -> RUNNING -> SUCCEEDED within
 // the window costs one record, and the controller still gets every seq, in order, and every
@@ -243,7 +244,7 @@ export class Outbox {
    * of something (a task running, a pass or a commit pending: `busy`) — so that a job's
    * transitions, each its own commit, go out together — but at the latest `MAX_WINDOWS`
    * windows after the first unsent commit (or once a commit then on its way has landed): a
-   * long task's RUNNING is not held back for long.
+   * long task's RUNNING is not held back for long. Sooner when the agent goes idle (`onIdle`).
    */
   private flushSoon(): void {
     if (!this.flushDelayMs) {
@@ -272,6 +273,18 @@ export class Outbox {
       this.flush();
     };
     this.flushTimer = setTimeout(check, this.flushDelayMs);
+  }
+
+  /**
+   * The agent has nothing running, scheduled or being written: the transitions a window waits
+   * for are all in, so what waits goes out now rather than `flushDelayMs` after the last commit
+   * (a job's final status reached the controller 20 ms late).
+   */
+  onIdle(): void {
+    if (!this.flushTimer) return;
+    clearTimeout(this.flushTimer);
+    this.flushTimer = undefined;
+    this.flush();
   }
 
   /** Whether a commit that was on its way when the longest window ended is still on its way. */

@@ -52,6 +52,8 @@ export interface SchedulerOptions {
   typeConcurrency: Readonly<Record<string, number>>;
   /** Called after task states changed on disk (the device's state is published soon after). */
   onChange?: () => void;
+  /** After a pass that left nothing running, scheduled or being written (`busy` false). */
+  onIdle?: () => void;
 }
 
 interface Running {
@@ -250,7 +252,11 @@ export class Scheduler {
     this.scheduled = true;
     setImmediate(() => {
       this.scheduled = false;
-      this.evaluate().catch((err) => this.opts.log.error({ err }, "scheduler pass failed"));
+      this.evaluate()
+        .then(() => {
+          if (!this.busy) this.opts.onIdle?.();
+        })
+        .catch((err) => this.opts.log.error({ err }, "scheduler pass failed"));
     });
   }
 

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { aedesClient, destroyConnection } from "../../common/internals.js";
 import { TaskState } from "../../proto/index.js";
 import { type Harness, harness } from "../helpers/harness.js";
@@ -50,6 +50,33 @@ describe("agent basics", () => {
     // The seq protocol is unchanged: contiguous from 1.
     expect(mine.map((s) => s.seq)).toEqual([1, 2, 3, 4, 5]);
     await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
+  });
+});
+
+describe("the flush window ends when the agent goes idle", () => {
+  it("a job's statuses go out together as soon as nothing is left running, not a window after the last commit", async () => {
+    // The longest window there is (1 s, up to 50 of them while busy): the idle flush ends it.
+    const a = await h.newAgent("dev-idle", { statusFlushMs: 1000 });
+    const idle = vi.spyOn(a.store.outbox, "onIdle");
+    const jobId = await h.ctl.assign(
+      "dev-idle",
+      jobSpec([
+        { id: "a", type: "noop" },
+        { id: "b", type: "noop", dependsOn: ["a"] },
+      ]),
+    );
+    expect((await h.ctl.waitJob("dev-idle", jobId)).state).toBe(TaskState.SUCCEEDED);
+    // Still one record per task: b's pass started before the agent was idle.
+    const mine = h.ctl.statuses("dev-idle").filter((s) => s.jobId === jobId);
+    expect(mine.map((s) => `${s.taskId}:${TaskState[s.state!]}`)).toEqual([
+      ":QUEUED",
+      "b:WAITING",
+      "a:SUCCEEDED",
+      "b:SUCCEEDED",
+      ":SUCCEEDED",
+    ]);
+    expect(a.counters.get("jobs_accepted")).toBe(1);
+    expect(idle).toHaveBeenCalled(); // by the scheduler, after the pass that found nothing to do
   });
 });
 

@@ -107,6 +107,19 @@ describe("outbox flush window", () => {
     expect(shown()).toEqual([["1:a:FAILED"]]);
   });
 
+  it("sends at once when the agent goes idle, not a window after the last commit", async () => {
+    const { box, shown } = await outbox(1000);
+    box.onConnected();
+    box.onIdle(); // nothing waits: nothing to send
+    await box.append([st("", TaskState.QUEUED), st("a", TaskState.RUNNING)], [], true);
+    await box.append([st("a", TaskState.SUCCEEDED), st("", TaskState.SUCCEEDED)], [], true);
+    await settle(20);
+    expect(shown()).toEqual([]); // the window (1 s) is open
+    box.onIdle();
+    await settle(20);
+    expect(shown()).toEqual([["1::QUEUED", "2:a:SUCCEEDED", "3::SUCCEEDED"]]);
+  });
+
   it("keeps a job's statuses in order: only the job's latest status is overwritten", async () => {
     const { box, shown } = await outbox(1000);
     box.onConnected();
