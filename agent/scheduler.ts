@@ -34,6 +34,9 @@ const TICK_MS = 1000;
 const PROGRESS_EVERY_MS = 1000;
 const RECURRING_LOOKBACK_MS = 60_000;
 const COMPACT_GRACE_MS = 60 * 60_000;
+/** The first retry of a task's start or result that could not be written; then doubled up to the max. */
+const PERSIST_RETRY_MS = 200;
+const PERSIST_RETRY_MAX_MS = 30_000;
 
 export interface SchedulerOptions {
   store: AgentStore;
@@ -291,12 +294,34 @@ export class Scheduler {
       const executions = c.executions && [...new Set(c.executions)];
       if ((await this.opts.store.commit({ ...c, executions }, sync)).length) this.opts.onChange?.();
     } catch (err) {
-      // Disk full or I/O error: state stays in memory and is re-persisted with the next change.
+      // Disk full or I/O error: state stays in memory and is written with the next change (a
+      // task's start and result are written again until they land: commitDurably).
       this.opts.counters.inc("store_write_failed");
       this.opts.log.error({ err }, "cannot persist task state");
       throw err;
     } finally {
       this.committing--;
+    }
+  }
+
+  /**
+   * A task's own transitions must reach the disk: its start before it acts (after a crash that
+   * is what says it was interrupted), its result so that the controller learns it and a restart
+   * does not take a finished task for an interrupted one. A write that fails (disk full, I/O
+   * error) is tried again, with the execution as it is then, at a growing interval until it
+   * lands or the agent stops; the task holds its slot meanwhile. The outbox fills the seqs of
+   * the failed write with lost-write records; the statuses get new ones.
+   */
+  private async commitDurably(c: Commit): Promise<void> {
+    for (let wait = PERSIST_RETRY_MS; ; wait = Math.min(wait * 2, PERSIST_RETRY_MAX_MS)) {
+      try {
+        return await this.commit(c, true);
+      } catch (err) {
+        if (this.stopped) throw err;
+        this.opts.log.warn({ retryInMs: wait }, "task state not written; writing it again");
+        await new Promise((r) => setTimeout(r, wait).unref());
+        if (this.stopped) throw err;
+      }
     }
   }
 
@@ -424,7 +449,7 @@ export class Scheduler {
     // (A task started with its job's acceptance is on disk already: the same write.)
     if (!started) {
       const status = this.table.start(e, taskId, startedAt);
-      await this.commit({ executions: [e], statuses: [status] }, true);
+      await this.commitDurably({ executions: [e], statuses: [status] });
     }
     const signal = entry.controller.signal;
     if (signal.aborted) {
@@ -474,7 +499,7 @@ export class Scheduler {
   }
 
   private finish(e: ExecutionRecord, statuses: TaskStatus[]): Promise<void> {
-    return this.commit({ executions: [e], statuses }, true);
+    return this.commitDurably({ executions: [e], statuses });
   }
 
   private progress(

@@ -97,3 +97,76 @@ describe("delivery", () => {
     }
   });
 });
+
+describe("a task's start and result are written again until the disk takes them", () => {
+  type Writer = { write: (ops: unknown[], sync: boolean) => Promise<void> };
+  /** Refuses (as a full disk would) the next `times` writes that record `taskId` in `state`. */
+  const refuse = (
+    agent: { store: unknown },
+    jobId: () => string,
+    taskId: string,
+    state: S,
+    times: number,
+  ) => {
+    const w = (agent.store as { writer: Writer }).writer;
+    const write = w.write.bind(w);
+    let left = times;
+    w.write = (ops, sync) => {
+      const hit = ops.some((op) => {
+        const v = (op as { value?: { jobId?: string; tasks?: Record<string, { state?: number }> } }).value;
+        return v?.jobId === jobId() && v.tasks?.[taskId]?.state === state;
+      });
+      if (hit && left > 0) {
+        left--;
+        return Promise.reject(new Error("disk full"));
+      }
+      return write(ops, sync);
+    };
+    return () => left;
+  };
+
+  /** Every seq arrived once: applied, or as the lost-write record of a refused write. */
+  const expectAllSeqs = (deviceId: string, lostBefore: number) => {
+    const seqs = h.ctl.statuses(deviceId).map((s) => s.seq!);
+    const lost = h.ctl.counters.get("statuses_lost_write") - lostBefore;
+    expect(lost).toBeGreaterThan(0);
+    expect(new Set(seqs).size).toBe(seqs.length);
+    expect(seqs.length + lost).toBe(Math.max(...seqs));
+  };
+
+  it("a result the disk refused twice reaches the controller, and a restart does not take it for an interruption", async () => {
+    const lostBefore = h.ctl.counters.get("statuses_lost_write");
+    const agent = await h.newAgent("dlv-result");
+    let jobId = "";
+    const left = refuse(agent, () => jobId, "a", S.SUCCEEDED, 2);
+    jobId = await h.ctl.assign("dlv-result", jobSpec([{ id: "a", type: "noop" }]));
+    expect((await h.ctl.waitJob("dlv-result", jobId)).state).toBe(S.SUCCEEDED);
+    expect(left()).toBe(0);
+    expect(agent.counters.get("store_write_failed")).toBe(2);
+    // The failed writes' seqs came as lost-write records; nothing is missing in between.
+    expectAllSeqs("dlv-result", lostBefore);
+    const again = await h.restartAgent(agent);
+    await h.ctl.waitFor("outbox drained", async () => (await again.store.outbox.pendingCount()) === 0);
+    const task = h.ctl.statuses("dlv-result").filter((s) => s.jobId === jobId && s.taskId === "a");
+    expect(task.map((s) => S[s.state!])).not.toContain("FAILED");
+    expect(h.ctl.latest("dlv-result", jobId, "a")?.state).toBe(S.SUCCEEDED);
+  });
+
+  it("a start the disk refused is written again, then the task runs", async () => {
+    const lostBefore = h.ctl.counters.get("statuses_lost_write");
+    const agent = await h.newAgent("dlv-start");
+    let jobId = "";
+    const left = refuse(agent, () => jobId, "b", S.RUNNING, 1);
+    jobId = await h.ctl.assign(
+      "dlv-start",
+      jobSpec([
+        { id: "a", type: "noop" },
+        { id: "b", type: "noop", dependsOn: ["a"] },
+      ]),
+    );
+    expect((await h.ctl.waitJob("dlv-start", jobId)).state).toBe(S.SUCCEEDED);
+    expect(left()).toBe(0);
+    expect(h.ctl.latest("dlv-start", jobId, "b")?.state).toBe(S.SUCCEEDED);
+    expectAllSeqs("dlv-start", lostBefore);
+  });
+});
