@@ -4,14 +4,14 @@
 // un-acknowledged statuses in flight; re-sent from the last ack on every reconnect and when
 // acks stop arriving.
 //
-// Coalescing (issue 17): statuses committed within one flush window (until the agent is idle
-// — at once, or once no commit came for `flushDelayMs` and it is not busy; at most 1 s by
-// default) go out together, and a task's
-// non-terminal status that was never sent is overwritten in place — same seq, same key, in the
-// batch that commits its successor — so a task that goes QUEUED -> RUNNING -> SUCCEEDED within
-// the window costs one record, and the controller still gets every seq, in order, and every
-// terminal state (a terminal status is never overwritten). Only the latest status of its job
-// is overwritten: a job's statuses keep their order.
+// Coalescing (issue 17): statuses committed within one flush window (until the agent goes
+// idle, or no commit came for `flushDelayMs` and it is not busy; at most 1 s by default) go
+// out together, and a task's non-terminal status that was never sent is overwritten in place
+// — same seq, same key, in the batch that commits its successor — so a task that goes
+// QUEUED -> RUNNING -> SUCCEEDED within the window costs one record, and the controller still
+// gets every seq, in order, and every terminal state (a terminal status is never
+// overwritten). Only the latest status of its job is overwritten: a job's statuses keep their
+// order.
 //
 // A write that fails (disk full, I/O error) has used its seqs, and later writes may already
 // have the next ones: a hole the controller would wait at for ever (it applies seqs only in

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import type { Agent } from "../../agent/agent.js";
 import { aedesClient, destroyConnection } from "../../common/internals.js";
 import { TaskState } from "../../proto/index.js";
 import { type Harness, harness } from "../helpers/harness.js";
@@ -27,56 +28,49 @@ describe("agent basics", () => {
   });
 
   it("with the flush window, a job's transitions reach the controller as one batch: one record per task, every terminal state", async () => {
-    const a = await h.newAgent("dev-window", { statusFlushMs: 200 });
-    const jobId = await h.ctl.assign(
-      "dev-window",
-      jobSpec([
-        { id: "a", type: "noop" },
-        { id: "b", type: "noop", dependsOn: ["a"] },
-      ]),
-    );
-    const done = await h.ctl.waitJob("dev-window", jobId);
-    expect(done.state).toBe(TaskState.SUCCEEDED);
-    const mine = h.ctl.statuses("dev-window").filter((s) => s.jobId === jobId);
-    // b waited for a (WAITING, then a RUNNING after it): b's later statuses do not jump ahead of
-    // a's; a's RUNNING and b's RUNNING are each replaced by their SUCCEEDED.
-    expect(mine.map((s) => `${s.taskId}:${TaskState[s.state!]}`)).toEqual([
-      ":QUEUED",
-      "b:WAITING",
-      "a:SUCCEEDED",
-      "b:SUCCEEDED",
-      ":SUCCEEDED",
-    ]);
+    const { a, mine } = await twoTaskJob("dev-window", 200);
     // The seq protocol is unchanged: contiguous from 1.
     expect(mine.map((s) => s.seq)).toEqual([1, 2, 3, 4, 5]);
     await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
   });
 });
 
+/**
+ * Runs a job of two noop tasks, b after a, with the given flush window; checks that its
+ * statuses came one record per task: b waited for a (WAITING, then a RUNNING after it), b's
+ * later statuses do not jump ahead of a's, a's and b's RUNNING are replaced by their SUCCEEDED.
+ */
+async function twoTaskJob(deviceId: string, statusFlushMs: number, before?: (a: Agent) => void) {
+  const a = await h.newAgent(deviceId, { statusFlushMs });
+  before?.(a);
+  const jobId = await h.ctl.assign(
+    deviceId,
+    jobSpec([
+      { id: "a", type: "noop" },
+      { id: "b", type: "noop", dependsOn: ["a"] },
+    ]),
+  );
+  expect((await h.ctl.waitJob(deviceId, jobId)).state).toBe(TaskState.SUCCEEDED);
+  const mine = h.ctl.statuses(deviceId).filter((s) => s.jobId === jobId);
+  expect(mine.map((s) => `${s.taskId}:${TaskState[s.state!]}`)).toEqual([
+    ":QUEUED",
+    "b:WAITING",
+    "a:SUCCEEDED",
+    "b:SUCCEEDED",
+    ":SUCCEEDED",
+  ]);
+  return { a, mine };
+}
+
 describe("the flush window ends when the agent goes idle", () => {
   it("a job's statuses go out together as soon as nothing is left running, not a window after the last commit", async () => {
-    // The longest window there is (1 s, up to 50 of them while busy): the idle flush ends it.
-    const a = await h.newAgent("dev-idle", { statusFlushMs: 1000 });
-    const idle = vi.spyOn(a.store.outbox, "onIdle");
-    const jobId = await h.ctl.assign(
-      "dev-idle",
-      jobSpec([
-        { id: "a", type: "noop" },
-        { id: "b", type: "noop", dependsOn: ["a"] },
-      ]),
-    );
-    expect((await h.ctl.waitJob("dev-idle", jobId)).state).toBe(TaskState.SUCCEEDED);
-    // Still one record per task: b's pass started before the agent was idle.
-    const mine = h.ctl.statuses("dev-idle").filter((s) => s.jobId === jobId);
-    expect(mine.map((s) => `${s.taskId}:${TaskState[s.state!]}`)).toEqual([
-      ":QUEUED",
-      "b:WAITING",
-      "a:SUCCEEDED",
-      "b:SUCCEEDED",
-      ":SUCCEEDED",
-    ]);
-    expect(a.counters.get("jobs_accepted")).toBe(1);
-    expect(idle).toHaveBeenCalled(); // by the scheduler, after the pass that found nothing to do
+    // The longest window there is (1 s, up to 50 of them while busy): the idle flush ends it,
+    // and still one record per task (b's pass started before the agent was idle).
+    let idle: { mock: { calls: unknown[] } } | undefined;
+    await twoTaskJob("dev-idle", 1000, (a) => {
+      idle = vi.spyOn(a.store.outbox, "onIdle");
+    });
+    expect(idle!.mock.calls.length).toBeGreaterThan(0); // by the scheduler, after a pass that found nothing to do
   });
 });
 
