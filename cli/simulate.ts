@@ -21,10 +21,9 @@ import { contextTrust, loadContext, type OperatorOptions, operatorOptions } from
 import { CliError } from "./exit.js";
 import { collect, parseKv } from "./format.js";
 import { withRpc } from "./rpc.js";
+import { YOUNG_GENERATION_MB } from "./young-generation.js";
 
 const BATCH = 500;
-/** Young generation of a simulator thread: 3 semi-spaces of 64 MiB (see `inWorker`). */
-const YOUNG_GENERATION_MB = 192;
 
 /** Built-in handlers that take `latencyMs` longer and fail a share `failRate` of runs. */
 export function simulatedHandlers(failRate: number, latencyMs: number): TaskHandler[] {
