@@ -3,6 +3,7 @@
 // controller (a lease in Redis). An agent on node A, the CLI on node B; node A is SIGKILLed
 // while the agent runs a job: the agent moves to node B (its second broker URL), node B takes
 // the lease over, and the job converges.
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -101,4 +102,13 @@ describe("fleet server --cluster", () => {
     const again = await cli(["run", "noop", "--device", "dev-c", "--wait", "--json"], env);
     expect(cliJson<JobJson>(again).state).toBe("SUCCEEDED");
   }, 90_000);
+
+  it("a leader whose lease another node holds stops at once: the process exits 1 and says why (fail-stop)", async () => {
+    // Another holder, as after a pause longer than the lease: node B's next renewal finds it.
+    const port = new URL(redis.url).port;
+    execFileSync("redis-cli", ["-p", port, "SET", "edgefleet:fleet/v1:controller-lease", "Z", "PX", "60000"]);
+    expect(await nodes.B!.exited).toBe(1);
+    expect(nodes.B!.stderr()).toMatch(/the controller lease is held by another node or expired/);
+    expect(nodes.B!.stderr()).toContain("fleet: the server stopped (exit code 1)");
+  }, 30_000);
 });
