@@ -117,8 +117,14 @@ async function serveInThread(args: ThreadArgs): Promise<void> {
 async function serve(args: ThreadArgs, port: MessagePort): Promise<void> {
   const send = (m: FromThread) => port.postMessage(m);
   const log = createLogger();
+  // The thread's log is written asynchronously: what says why it ends goes out before it does
+  // (bounded: a stuck stderr does not keep a failed server alive).
+  const exit = (code: number) => {
+    setTimeout(() => process.exit(code), 2000);
+    log.flush(() => process.exit(code));
+  };
   // Fail-stop: the supervisor (systemd) restarts the process as a standby.
-  const server = new FleetServer({ ...args, log, onFatal: () => process.exit(EXIT.FAILED) });
+  const server = new FleetServer({ ...args, log, onFatal: () => exit(EXIT.FAILED) });
   let l: Listening;
   try {
     l = await server.start();
@@ -133,7 +139,7 @@ async function serve(args: ThreadArgs, port: MessagePort): Promise<void> {
     // acknowledged are synced already).
     setTimeout(() => {
       log.error("shutdown did not finish within 10 s; exiting");
-      process.exit(EXIT.FAILED);
+      exit(EXIT.FAILED);
     }, 10_000).unref();
     server
       .stop()
