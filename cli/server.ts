@@ -2,7 +2,7 @@ import { hostname } from "node:os";
 import { resolve } from "node:path";
 import { isMainThread, type MessagePort, parentPort, Worker, workerData } from "node:worker_threads";
 import type { Command } from "commander";
-import { createLogger } from "../agent/log.js";
+import { createLogger, logDrained } from "../agent/log.js";
 import { BadConfigError } from "../broker/config.js";
 import { FleetServer, type Listening, type ServerOptions } from "../broker/server.js";
 import { CliError, EXIT } from "./exit.js";
@@ -74,7 +74,11 @@ export function registerServer(program: Command): void {
 }
 
 type ThreadArgs = Omit<ServerOptions, "log" | "onFatal">;
-type FromThread = { listening: string } | { failed: string; exitCode: number } | { stopped: true };
+type FromThread =
+  | { listening: string }
+  | { failed: string; exitCode: number }
+  | { fatal: string }
+  | { stopped: true };
 
 /**
  * Runs the server in a worker thread of this process, for its young generation
@@ -89,6 +93,9 @@ async function serveInThread(args: ThreadArgs): Promise<void> {
     resourceLimits: { maxYoungGenerationSizeMb: SERVER_YOUNG_GENERATION_MB },
   });
   const stop = () => worker.postMessage("stop");
+  // Why the thread is about to end by itself. Its messages are drained before "exit" is
+  // emitted; its last log lines, written asynchronously, may not be (seen in CI).
+  let fatal: string | undefined;
   try {
     await new Promise<void>((resolve, reject) => {
       worker.on("message", (m: FromThread) => {
@@ -98,12 +105,15 @@ async function serveInThread(args: ThreadArgs): Promise<void> {
           process.once("SIGTERM", stop);
           process.once("SIGINT", stop);
         } else if ("failed" in m) reject(new CliError(m.failed, m.exitCode));
+        else if ("fatal" in m) fatal = m.fatal;
         else resolve();
       });
       worker.on("error", reject);
       // The thread ended by itself: fail-stop (lost the controller lease) or the shutdown bound.
       worker.on("exit", (code) =>
-        code === 0 ? resolve() : reject(new CliError(`the server stopped (exit code ${code})`, code)),
+        code === 0
+          ? resolve()
+          : reject(new CliError(`the server stopped (exit code ${code})${fatal ? `: ${fatal}` : ""}`, code)),
       );
     });
   } finally {
@@ -121,10 +131,17 @@ async function serve(args: ThreadArgs, port: MessagePort): Promise<void> {
   // (bounded: a stuck stderr does not keep a failed server alive).
   const exit = (code: number) => {
     setTimeout(() => process.exit(code), 2000);
-    log.flush(() => process.exit(code));
+    void logDrained(log).then(() => process.exit(code));
   };
   // Fail-stop: the supervisor (systemd) restarts the process as a standby.
-  const server = new FleetServer({ ...args, log, onFatal: () => exit(EXIT.FAILED) });
+  const server = new FleetServer({
+    ...args,
+    log,
+    onFatal: (why) => {
+      send({ fatal: why });
+      exit(EXIT.FAILED);
+    },
+  });
   let l: Listening;
   try {
     l = await server.start();
@@ -139,12 +156,13 @@ async function serve(args: ThreadArgs, port: MessagePort): Promise<void> {
     // acknowledged are synced already).
     setTimeout(() => {
       log.error("shutdown did not finish within 10 s; exiting");
+      send({ fatal: "shutdown did not finish within 10 s" });
       exit(EXIT.FAILED);
     }, 10_000).unref();
     server
       .stop()
       .catch((err) => log.error({ err }, "shutdown failed"))
-      .then(() => new Promise<void>((r) => log.flush(() => r())))
+      .then(() => logDrained(log))
       .then(() => send({ stopped: true }));
   });
 }

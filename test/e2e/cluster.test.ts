@@ -109,6 +109,8 @@ describe("fleet server --cluster", () => {
     execFileSync("redis-cli", ["-p", port, "SET", "edgefleet:fleet/v1:controller-lease", "Z", "PX", "60000"]);
     expect(await nodes.B!.exited).toBe(1);
     expect(nodes.B!.stderr()).toMatch(/the controller lease is held by another node or expired/);
-    expect(nodes.B!.stderr()).toContain("fleet: the server stopped (exit code 1)");
+    expect(nodes.B!.stderr()).toContain(
+      "fleet: the server stopped (exit code 1): the controller lease is held by another node or expired",
+    );
   }, 30_000);
 });
