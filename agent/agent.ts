@@ -5,7 +5,7 @@
 // time) plus the device-state and telemetry publishing, all over the same connection, store
 // and clock. The decisions live elsewhere (verify.ts, scheduler.ts, outbox.ts); what stays
 // here is the wiring, read top to bottom as the protocol.
-import { createHash, createPublicKey, type KeyObject } from "node:crypto";
+import { createHash, createPublicKey, type KeyObject, randomInt } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type { AbstractLevel } from "abstract-level";
@@ -104,6 +104,15 @@ export class Agent {
   private stateTimer: NodeJS.Timeout | undefined;
   private syncTimer: NodeJS.Timeout | undefined;
   private syncRetryMs = SYNC_RETRY_MIN_MS;
+  /**
+   * The last SyncRequest's id, and the first of this session's: a SyncResponse answers only
+   * if it echoes one of this session's. The broker can hand over late an answer to a request
+   * of the last session (the controller's publish held over a broker restart); taken as the
+   * answer, it would stop the re-sends of a request the controller never saw. A random start:
+   * nor can an answer to the last process's requests pass for one.
+   */
+  private syncRequestId = randomInt(1, 2 ** 47);
+  private sessionSyncFrom = Number.POSITIVE_INFINITY;
   /**
    * The QoS of the status topic: the one the controller acknowledges statuses with. It sends
    * StatusAck at QoS 0 only through the embedded broker, which hands what a device publishes to
@@ -335,6 +344,7 @@ export class Agent {
     this.publishState();
     this.syncRetryMs = SYNC_RETRY_MIN_MS;
     this.statusQos = 1;
+    this.sessionSyncFrom = this.syncRequestId + 1;
     this.sendSync();
     this.outbox.onConnected();
     void this.sendTelemetry();
@@ -367,6 +377,7 @@ export class Agent {
       knownJobCount: ids.length,
       agentVersion: AGENT_VERSION,
       ...(siteJobs.length ? { siteJobs } : {}),
+      requestId: ++this.syncRequestId,
     };
     this.publish("sync", encodeEnvelope({ syncRequest: body }), 1);
     this.syncTimer = setTimeout(() => {
@@ -415,16 +426,21 @@ export class Agent {
         if (env.timeHint!.nowMs) this.clock.hint(env.timeHint!.nowMs);
         return;
       case "syncResponse": {
-        if (this.syncTimer) clearTimeout(this.syncTimer);
-        this.syncTimer = undefined;
-        // The controller is listening now: anything not yet acknowledged goes out again.
-        this.outbox.onConnected();
         const r = env.syncResponse!;
-        if (r.nowMs) this.clock.hint(r.nowMs);
+        const id = Number(r.requestId ?? 0);
+        const answer = id >= this.sessionSyncFrom && id <= this.syncRequestId;
+        if (answer) {
+          if (this.syncTimer) clearTimeout(this.syncTimer);
+          this.syncTimer = undefined;
+          // The controller is listening now: anything not yet acknowledged goes out again.
+          this.outbox.onConnected();
+          if (r.nowMs) this.clock.hint(r.nowMs);
+        } else this.counters.inc(id ? "sync_responses_stale" : "sync_responses_unasked");
+        // Assignments and cancels are signed and idempotent: whatever carries them, they apply.
         for (const a of r.assignments ?? []) await this.accept(a);
         for (const c of r.cancels ?? [])
           await this.scheduler.cancel(c.jobId ?? "", c.reason || "canceled by operator");
-        await this.gateway?.onSynced(this.syncedSiteJobs);
+        if (answer) await this.gateway?.onSynced(this.syncedSiteJobs);
         return;
       }
       case "siteAck":

@@ -204,7 +204,7 @@ export class SiteGateway {
       if (client && who?.id !== t.deviceId) return;
       if (t.channel === "state" && this.collectState(t.deviceId, payload)) return;
       if (t.channel === "status" && this.collect(t.deviceId, payload)) return;
-      if (t.channel === "sync" && !this.ready) return this.answerSync(t.deviceId);
+      if (t.channel === "sync" && !this.ready) return this.answerSync(t.deviceId, payload);
       const kind = t.channel === "status" ? "status" : t.channel === "telemetry" ? "telemetry" : undefined;
       if (this.up(packet.topic, payload, packet.qos === 0 ? 0 : 1, packet.retain, kind))
         o.counters.inc("gateway_relayed_up");
@@ -456,10 +456,18 @@ export class SiteGateway {
    * here it should hold (so a device that restarted meanwhile gets them, and sends again what
    * it has not had acknowledged — into the queue).
    */
-  private answerSync(deviceId: string): void {
+  private answerSync(deviceId: string, request: Buffer): void {
+    let requestId = 0;
+    try {
+      requestId = Number(decodeEnvelope(request, this.opts.maxPayloadBytes).syncRequest?.requestId ?? 0);
+    } catch {
+      // Not a SyncRequest: the center, once back, tells the device what it is missing.
+    }
     this.local(
       deviceTopic(this.opts.prefix, deviceId, "ctl"),
-      encodeEnvelope({ syncResponse: { assignments: this.control.assignmentsFor(deviceId) } }),
+      encodeEnvelope({
+        syncResponse: { assignments: this.control.assignmentsFor(deviceId), requestId },
+      }),
     );
     this.opts.counters.inc("gateway_syncs_answered");
   }

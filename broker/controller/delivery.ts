@@ -240,11 +240,12 @@ export class Delivery {
   }
 
   /**
-   * Re-sends every assignment the device has not acknowledged, pending cancels, and the time.
+   * Re-sends every assignment the device has not acknowledged, pending cancels, and the time,
+   * as the answer to the device's SyncRequest `requestId` (0: a re-send of the controller's own).
    * The SyncResponse carries as many assignments as fit the payload limit; the rest go as
    * ordinary JobAssignments on the device's job topic (each fits: checked at submit).
    */
-  async onSync(deviceId: string): Promise<void> {
+  async onSync(deviceId: string, requestId = 0): Promise<void> {
     const inSync: Array<{ job: SignedJob; deviceId: string }> = [];
     const overflow: JobRecord[] = [];
     const cancels: Array<{ jobId: string; reason: string }> = [];
@@ -281,7 +282,7 @@ export class Delivery {
     }
     this.ctx.publish(
       deviceTopic(this.ctx.prefix, deviceId, "ctl"),
-      encodeEnvelope({ syncResponse: { assignments: inSync, cancels, nowMs: this.ctx.now() } }),
+      encodeEnvelope({ syncResponse: { assignments: inSync, cancels, nowMs: this.ctx.now(), requestId } }),
       1,
     );
     for (const job of overflow)

@@ -104,7 +104,7 @@ export function deviceInbox(c: InboxContext): (topic: string, payload: Buffer) =
         // A gateway's jobs run at its site are recorded before its sync is answered: only then
         // does it send its site's statuses for them (DESIGN.md §11).
         if (env.syncRequest!.siteJobs?.length) await c.onSiteJobs?.(t.deviceId, env.syncRequest!.siteJobs);
-        await c.delivery.onSync(t.deviceId);
+        await c.delivery.onSync(t.deviceId, Number(env.syncRequest!.requestId ?? 0));
         return c.onSync?.(t.deviceId);
       case "telemetry":
         return c.onTelemetry(t.deviceId, env.telemetry!);

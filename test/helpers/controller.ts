@@ -25,6 +25,8 @@ export class TestController {
   /** Every assignment made, as sent (raw ones included). */
   readonly assignments = new Map<string, Map<string, JobAssignment>>();
   readonly syncs = new Map<string, number>();
+  /** The ids of every SyncRequest seen, per device, in order. */
+  readonly syncRequestIds = new Map<string, number[]>();
   readonly counters = new Counters();
   ackStatuses = true;
   /** The QoS of StatusAck (the real controller: 0 through the embedded broker, else 1). */
@@ -184,6 +186,9 @@ export class TestController {
     await this.ensureDevice(t.deviceId);
     if (t.channel === "sync") {
       this.syncs.set(t.deviceId, (this.syncs.get(t.deviceId) ?? 0) + 1);
+      const ids = this.syncRequestIds.get(t.deviceId) ?? [];
+      this.syncRequestIds.set(t.deviceId, ids);
+      ids.push(Number(decodeEnvelope(payload).syncRequest?.requestId ?? 0));
       if (!this.answerSync) return;
     }
     await this.inbox(topic, payload);

@@ -56,12 +56,15 @@ export async function harness(brokerHooks: Parameters<typeof startBroker>[1] = {
       return launch(options.get(agent)!, waitSync);
     },
     async waitSynced(agent, syncsBefore) {
-      await ctl.waitFor(
-        `${agent.deviceId} synced`,
-        () =>
-          agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore && ctl.online(agent.deviceId),
-        60_000,
-      );
+      const synced = () =>
+        agent.connected && (ctl.syncs.get(agent.deviceId) ?? 0) > syncsBefore && ctl.online(agent.deviceId);
+      await ctl.waitFor(`${agent.deviceId} synced`, synced, 60_000).catch((err: Error) => {
+        // Which part never came: the connection, the SyncRequest, or the DeviceState.
+        const syncs = ctl.syncs.get(agent.deviceId) ?? 0;
+        throw new Error(
+          `${err.message} (agent connected: ${agent.connected}; SyncRequests seen: ${syncs}, ${syncsBefore} before; registry online: ${ctl.online(agent.deviceId)}; connection attempts: ${agent.connectAttemptTimes.length})`,
+        );
+      });
     },
     async close() {
       for (const a of h.agents) await a.stop().catch(() => {});
