@@ -214,10 +214,15 @@ export class TestController {
     return true;
   }
 
-  async waitFor<T>(what: string, fn: () => T | undefined | false, timeoutMs = 20_000): Promise<T> {
+  /** Polls `fn` (awaited: an async condition is a promise, which is always truthy) until truthy. */
+  async waitFor<T>(
+    what: string,
+    fn: () => T | undefined | false | Promise<T | undefined | false>,
+    timeoutMs = 20_000,
+  ): Promise<T> {
     const start = Date.now();
     for (;;) {
-      const v = fn();
+      const v = await fn();
       if (v) return v;
       if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for ${what}`);
       await new Promise((r) => setTimeout(r, 20));

@@ -110,6 +110,8 @@ describe("the QoS of the status topic follows the StatusAck's", () => {
       await runJob("dev-qos0");
       expect(seen.length).toBeGreaterThan(first);
       expect(new Set(seen.slice(first))).toEqual(new Set([0]));
+      // No ack in flight (one handed over after the reconnect would rightly switch to QoS 0).
+      await h.ctl.waitFor("outbox drained", async () => (await a.store.outbox.pendingCount()) === 0);
 
       // A new connection: its first status batch goes at QoS 1 again.
       const syncs = h.ctl.syncs.get("dev-qos0") ?? 0;
