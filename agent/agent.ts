@@ -43,6 +43,23 @@ const STATE_MIN_INTERVAL_MS = 2000;
 /** A change is reported this long after it, so that a burst of changes is one DeviceState. */
 const STATE_SETTLE_MS = 1000;
 const FACTS_REFRESH_MS = 60_000;
+/**
+ * Counters of ordinary work: they ride along with the next DeviceState and never call for one.
+ * The controller knows the jobs a device took; a rollout to 10,000 devices was followed, within
+ * the minute, by 10,000 retained reports that said only that (issue 17).
+ */
+const ACTIVITY_COUNTERS = new Set([
+  "jobs_accepted",
+  "jobs_compacted",
+  "duplicate_deliveries",
+  "connect_attempts",
+  "sync_retries",
+  "sync_responses_unasked",
+  "chunk_cache_bytes",
+  "peer_bytes_served",
+]);
+/** Facts that differ between any two readings: they ride along with the next report too. */
+const VOLATILE_FACTS = ["mem.available", "disk.free", "battery.percent"];
 const SYNC_RETRY_MIN_MS = 3000;
 const SUBACK_TIMEOUT_MS = 10_000;
 const SYNC_RETRY_MAX_MS = 60_000;
@@ -73,6 +90,8 @@ export interface AgentOptions {
   countPacketKinds?: boolean;
   /** A session whose SUBSCRIBE is not answered within this time is dropped and made anew. */
   subackTimeoutMs?: number;
+  /** How often facts are measured again and changed counters reported (default 60 s; tests). */
+  refreshMs?: number;
   /**
    * Good signatures shared by the simulator's devices (one process, the same trusted keys): a
    * job is verified once, not once per simulated device. A real agent verifies its own copy.
@@ -124,7 +143,8 @@ export class Agent {
   private lastStateAt = 0;
   /** The last report's `stateShown()`, and whether counters changed since without a report. */
   private lastStateShown = "";
-  private statePending = false;
+  /** The counters that call for a report, as last reported. */
+  private lastCountersShown = "";
   private readonly startedAt = Date.now();
 
   constructor(private readonly opts: AgentOptions) {
@@ -269,12 +289,10 @@ export class Agent {
     this.timers.push(
       setInterval(() => {
         void this.refreshFacts();
-        // Counters that changed without a report since (see publishStateSoon) go out now.
-        if (this.statePending && this.connection.connected) {
-          this.statePending = false;
-          this.publishState();
-        }
-      }, FACTS_REFRESH_MS),
+        // Counters that tell of trouble (drops, rejections, failed writes) and changed since the
+        // last report go out now, whatever changed them; ordinary work rides along (see above).
+        if (this.connection.connected && this.countersShown() !== this.lastCountersShown) this.publishState();
+      }, this.opts.refreshMs ?? FACTS_REFRESH_MS),
     );
     if (this.cfg.telemetryIntervalS > 0) {
       this.timers.push(setInterval(() => void this.sendTelemetry(), this.cfg.telemetryIntervalS * 1000));
@@ -659,31 +677,41 @@ export class Agent {
   private publishState(): void {
     this.lastStateAt = Date.now();
     this.lastStateShown = this.stateShown();
-    this.statePending = false;
+    this.lastCountersShown = this.countersShown();
     this.publish("state", this.stateEnvelope(true), 1, true);
   }
 
-  /** What a DeviceState shows besides the counters (these alone do not call for a report). */
+  /**
+   * What calls for a DeviceState besides the counters: the queue, the chunks held, the facts
+   * but those that differ at every reading (on a real device `mem.available` alone made every
+   * job that came and went a report).
+   */
   private stateShown(): string {
     const held = this.chunks?.held() ?? [];
-    return JSON.stringify([this.scheduler.queueDepth, this.scheduler.runningCount, held, this.facts]);
+    const facts = { ...this.facts };
+    for (const k of VOLATILE_FACTS) delete facts[k];
+    return JSON.stringify([this.scheduler.queueDepth, this.scheduler.runningCount, held, facts]);
+  }
+
+  /** The counters that call for a report (reported within the refresh interval). */
+  private countersShown(): string {
+    return JSON.stringify(
+      Object.entries(this.counters.toObject()).filter(([k]) => !ACTIVITY_COUNTERS.has(k)),
+    );
   }
 
   /**
    * Queue depth changes are reported 1 s after they happen, at most every 2 s — unless the
    * device looks as it did in its last report (a job that came and went meanwhile): then only
-   * the counters changed, and they ride along with the next report or the minute's refresh.
-   * A gateway's counters are its site's gauges: it always reports.
+   * counters changed, which the minute's refresh reports if they call for it. A gateway's
+   * counters are its site's gauges: it always reports.
    */
   private publishStateSoon(): void {
     if (this.stateTimer) return;
     const wait = Math.max(STATE_SETTLE_MS, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
     this.stateTimer = setTimeout(() => {
       this.stateTimer = undefined;
-      if (!this.gateway && this.stateShown() === this.lastStateShown) {
-        this.statePending = true;
-        return;
-      }
+      if (!this.gateway && this.stateShown() === this.lastStateShown) return;
       this.publishState();
     }, wait);
   }
