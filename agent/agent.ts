@@ -141,7 +141,7 @@ export class Agent {
    */
   private statusQos: 0 | 1 = 1;
   private lastStateAt = 0;
-  /** The last report's `stateShown()`, and whether counters changed since without a report. */
+  /** The last report's `stateShown()`. */
   private lastStateShown = "";
   /** The counters that call for a report, as last reported. */
   private lastCountersShown = "";
