@@ -16,6 +16,7 @@ import { decodeEnvelope, encodeEnvelope } from "../../proto/envelope.js";
 import { type JobAssignment, type JobSpec, pb, TaskState, type TaskStatus } from "../../proto/index.js";
 import { deviceTopic, eventsTopic, parseDeviceTopic } from "../../proto/topics.js";
 import { sign, tempDir } from "./keys.js";
+import { waitUntil } from "./wait.js";
 
 const MAX_PAYLOAD = 256 * 1024;
 
@@ -214,19 +215,13 @@ export class TestController {
     return true;
   }
 
-  /** Polls `fn` (awaited: an async condition is a promise, which is always truthy) until truthy. */
-  async waitFor<T>(
+  /** Polls `fn` every 20 ms until truthy (waitUntil, at the pace of in-process agents). */
+  waitFor<T>(
     what: string,
     fn: () => T | undefined | false | Promise<T | undefined | false>,
     timeoutMs = 20_000,
   ): Promise<T> {
-    const start = Date.now();
-    for (;;) {
-      const v = await fn();
-      if (v) return v;
-      if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    return waitUntil(what, fn, timeoutMs, 20);
   }
 
   /** Waits until the job (execution "") reaches a terminal job-level state. */

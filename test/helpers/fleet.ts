@@ -5,6 +5,7 @@ import { join, resolve } from "node:path";
 import { hashPassword, mosquittoHash } from "../../broker/credentials.js";
 import { generateSigningKey } from "../../proto/signing.js";
 import { tempDir } from "./keys.js";
+import { waitUntil } from "./wait.js";
 
 export const FLEET = resolve(import.meta.dirname, "..", "..", "bin", "fleet");
 
@@ -144,19 +145,7 @@ export function startAgent(root: string, extraEnv: Record<string, string> = {}):
   return { proc, exited: new Promise((r) => proc.on("exit", (code) => r(code))), stderr: () => err };
 }
 
-export async function waitUntil<T>(
-  what: string,
-  fn: () => Promise<T | undefined | false> | T | undefined | false,
-  timeoutMs = 30_000,
-): Promise<T> {
-  const start = Date.now();
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+export { waitUntil };
 
 /** Waits until `fleet device ls` shows the device online (or offline). */
 export async function waitOnline(env: Record<string, string>, id: string, want = true): Promise<void> {
