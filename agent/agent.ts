@@ -42,6 +42,13 @@ import { checkSignature, checkSpec, type Spec, type VerifyContext } from "./veri
 const STATE_MIN_INTERVAL_MS = 2000;
 /** A change is reported this long after it, so that a burst of changes is one DeviceState. */
 const STATE_SETTLE_MS = 1000;
+/**
+ * A report of nothing but the queue gauges (queue depth, tasks running) waits while the agent is
+ * busy, up to this many settle intervals: a job that comes and goes while others still run is no
+ * report. On a loaded device a `noop` job lasts longer than the settle interval, and 10,000
+ * simulated devices sent one to two retained DeviceStates per job (issue 17).
+ */
+const STATE_BUSY_WAITS = 10;
 const FACTS_REFRESH_MS = 60_000;
 /**
  * Counters of ordinary work: they ride along with the next DeviceState and never call for one.
@@ -143,6 +150,8 @@ export class Agent {
   private lastStateAt = 0;
   /** The last report's `stateShown()`. */
   private lastStateShown = "";
+  /** The last report's `stateCore()`. */
+  private lastStateCore = "";
   /** The counters that call for a report, as last reported. */
   private lastCountersShown = "";
   private readonly startedAt = Date.now();
@@ -677,6 +686,7 @@ export class Agent {
   private publishState(): void {
     this.lastStateAt = Date.now();
     this.lastStateShown = this.stateShown();
+    this.lastStateCore = this.stateCore();
     this.lastCountersShown = this.countersShown();
     this.publish("state", this.stateEnvelope(true), 1, true);
   }
@@ -687,10 +697,15 @@ export class Agent {
    * job that came and went a report).
    */
   private stateShown(): string {
+    return JSON.stringify([this.scheduler.queueDepth, this.scheduler.runningCount, this.stateCore()]);
+  }
+
+  /** `stateShown()` without the queue gauges. */
+  private stateCore(): string {
     const held = this.chunks?.held() ?? [];
     const facts = { ...this.facts };
     for (const k of VOLATILE_FACTS) delete facts[k];
-    return JSON.stringify([this.scheduler.queueDepth, this.scheduler.runningCount, held, facts]);
+    return JSON.stringify([held, facts]);
   }
 
   /** The counters that call for a report (reported within the refresh interval). */
@@ -703,17 +718,28 @@ export class Agent {
   /**
    * Queue depth changes are reported 1 s after they happen, at most every 2 s — unless the
    * device looks as it did in its last report (a job that came and went meanwhile): then only
-   * counters changed, which the minute's refresh reports if they call for it. A gateway's
+   * counters changed, which the minute's refresh reports if they call for it. While only the
+   * queue gauges moved and the agent is busy, the report waits (STATE_BUSY_WAITS). A gateway's
    * counters are its site's gauges: it always reports.
    */
   private publishStateSoon(): void {
     if (this.stateTimer) return;
     const wait = Math.max(STATE_SETTLE_MS, this.lastStateAt + STATE_MIN_INTERVAL_MS - Date.now());
-    this.stateTimer = setTimeout(() => {
+    let waits = 0;
+    const check = () => {
       this.stateTimer = undefined;
-      if (!this.gateway && this.stateShown() === this.lastStateShown) return;
+      if (!this.gateway) {
+        if (this.stateShown() === this.lastStateShown) return;
+        // Only the gauges moved and more is under way: they may be back where they were soon.
+        const gaugesOnly = this.stateCore() === this.lastStateCore;
+        if (gaugesOnly && this.scheduler.busy && ++waits < STATE_BUSY_WAITS) {
+          this.stateTimer = setTimeout(check, STATE_SETTLE_MS);
+          return;
+        }
+      }
       this.publishState();
-    }, wait);
+    };
+    this.stateTimer = setTimeout(check, wait);
   }
 
   private async sendTelemetry(): Promise<void> {

@@ -5,13 +5,13 @@
 // acks stop arriving.
 //
 // Coalescing (issue 17): statuses committed within one flush window (until the agent goes
-// idle, or no commit came for `flushDelayMs` and it is not busy; at most 1 s by default) go
-// out together, and a task's non-terminal status that was never sent is overwritten in place
-// — same seq, same key, in the batch that commits its successor — so a task that goes
-// QUEUED -> RUNNING -> SUCCEEDED within the window costs one record, and the controller still
-// gets every seq, in order, and every terminal state (a terminal status is never
-// overwritten). Only the latest status of its job is overwritten: a job's statuses keep their
-// order.
+// idle, or no commit came for `flushDelayMs` and it is not busy; at most 50 windows: 1 s by
+// default where timers fire on time) go out together, and a task's non-terminal status that
+// was never sent is overwritten in place — same seq, same key, in the batch that commits its
+// successor — so a task that goes QUEUED -> RUNNING -> SUCCEEDED within the window costs one
+// record, and the controller still gets every seq, in order, and every terminal state (a
+// terminal status is never overwritten). Only the latest status of its job is overwritten: a
+// job's statuses keep their order.
 //
 // A write that fails (disk full, I/O error) has used its seqs, and later writes may already
 // have the next ones: a hole the controller would wait at for ever (it applies seqs only in
@@ -33,7 +33,7 @@ const RESEND_AFTER_MS = 15_000;
 const RECENT_MAX = 5000;
 /** Statuses committed within this long of each other go out in one batch. */
 export const FLUSH_DELAY_MS = 20;
-/** ... but none waits longer than this many windows (1 s by default). */
+/** ... but none waits longer than this many windows (1 s by default, while timers fire on time). */
 const MAX_WINDOWS = 50;
 /** Acknowledged entries are cleared from disk in bulk, once this many have gathered. */
 const CLEAR_EVERY = 64;
@@ -91,7 +91,8 @@ export class Outbox {
   private lastProgressAt = Date.now();
   private timer: NodeJS.Timeout | undefined;
   private flushTimer: NodeJS.Timeout | undefined;
-  private windowFrom = 0;
+  /** Checks made in the current window (the longest window is counted in checks, not ms). */
+  private windowChecks = 0;
   /** The highest seq ever published: nothing at or below it is overwritten. */
   private everSent = 0;
   /** Per task (job, execution, task), the seq of its latest status if never sent and not terminal. */
@@ -245,6 +246,12 @@ export class Outbox {
    * transitions, each its own commit, go out together — but at the latest `MAX_WINDOWS`
    * windows after the first unsent commit (or once a commit then on its way has landed): a
    * long task's RUNNING is not held back for long. Sooner when the agent goes idle (`onIdle`).
+   *
+   * The longest window is counted in checks, not in ms: 1 s on an agent with time to spare,
+   * longer on one whose event loop is saturated (its timers fire late). There the successor
+   * of what waits is queued behind the same backlog; 10,000 simulated devices on two loaded
+   * cores had a job's statuses split over two batches by a wall-clock bound, which cost each
+   * job a third message each way, and more load again (issue 17).
    */
   private flushSoon(): void {
     if (!this.flushDelayMs) {
@@ -253,19 +260,18 @@ export class Outbox {
     }
     if (this.flushTimer) clearTimeout(this.flushTimer);
     else {
-      this.windowFrom = Date.now();
+      this.windowChecks = 0;
       this.holdFor = undefined; // a new window: nothing to wait for yet
     }
     const check = () => {
       this.flushTimer = undefined;
-      const waited = Date.now() - this.windowFrom;
       // A full batch is waiting: nothing to gain from holding it (a long queue of jobs).
       const full = this.lastSeq - this.sentUpTo >= MAX_BATCH_COUNT;
       // Past the longest window, still wait for the commits then on their way to disk (they
       // land, and usually carry the successor of what waits: a slow disk, or thousands of
       // simulated devices on one, would otherwise split a job's statuses over two batches) —
       // those only, not the ones after them.
-      const busy = waited < MAX_WINDOWS * this.flushDelayMs ? this.sending?.busy?.() : this.landing();
+      const busy = ++this.windowChecks < MAX_WINDOWS ? this.sending?.busy?.() : this.landing();
       if (!full && busy) {
         this.flushTimer = setTimeout(check, this.flushDelayMs);
         return;

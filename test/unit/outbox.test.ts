@@ -198,6 +198,26 @@ describe("outbox flush window while a commit is on its way", () => {
     await until(() => idle.shown().length > 0);
     expect(idle.shown()).toEqual([["1:c:RUNNING"]]);
   });
+
+  it("counts the longest window in checks: a saturated event loop holds a batch longer", async () => {
+    // flushDelayMs 10: 50 windows are 500 ms where timers fire on time. Here every turn of the
+    // loop takes 25 ms (a saturated agent), so 50 checks take well over a second.
+    const { box, shown } = await outbox(10, { busy: () => true });
+    box.onConnected();
+    const saturate = setInterval(() => {
+      const t = Date.now();
+      while (Date.now() - t < 25);
+    }, 0);
+    try {
+      await box.append([st("c", TaskState.RUNNING)], [], true);
+      await settle(700);
+      expect(shown()).toEqual([]); // a wall-clock bound (500 ms) would have sent it by now
+    } finally {
+      clearInterval(saturate);
+    }
+    await until(() => shown().length > 0);
+    expect(shown()).toEqual([["1:c:RUNNING"]]);
+  });
 });
 
 describe("outbox after a failed write", () => {
