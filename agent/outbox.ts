@@ -494,6 +494,8 @@ export class Outbox {
       }
       const body = { statuses: batch, epoch: this.epoch, ackedSeq: this.ackedSeq };
       if (!publish(encodeEnvelope({ statusBatch: body }))) return;
+      // Nothing was out: the wait for an ack starts now, not at the last ack (maybe an hour ago).
+      if (this.sentUpTo <= this.ackedSeq) this.lastProgressAt = Date.now();
       this.sentUpTo = batch[batch.length - 1]!.seq!;
       if (this.sentUpTo > this.everSent) {
         this.everSent = this.sentUpTo;

@@ -319,6 +319,30 @@ describe("outbox acknowledgements", () => {
     }
   });
 
+  it("the wait for an ack starts when a batch goes out, not at the last ack before an idle hour", async () => {
+    vi.useFakeTimers({ toFake: ["setInterval", "clearInterval", "Date"] });
+    try {
+      const { box, shown } = await outbox(0);
+      box.onConnected();
+      await box.append([st("a", TaskState.SUCCEEDED, "j1")], [], true);
+      await until(() => shown().flat().length === 1);
+      await box.onAck(1);
+      vi.advanceTimersByTime(3_600_000); // an idle hour: nothing outstanding
+      await box.append([st("a", TaskState.SUCCEEDED, "j2")], [], true);
+      await until(() => shown().flat().length === 2);
+      // The next stall check comes within 5 s, the ack has not (a loaded controller): not
+      // a stall yet. (It was: the last progress was an hour ago, so 27% of the jobs of a
+      // 10,000-device rollout went out twice.)
+      vi.advanceTimersByTime(6_000);
+      await settle(20);
+      expect(shown().flat()).toHaveLength(2);
+      vi.advanceTimersByTime(15_000); // now it is one
+      await until(() => shown().flat().length === 3);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it("a clear that fails is logged and done again at the next ack; nothing pending is touched", async () => {
     const warned: string[] = [];
     const log = { warn: (_o: unknown, msg: string) => warned.push(msg) } as unknown as pino.Logger;
