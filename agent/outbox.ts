@@ -23,7 +23,7 @@ import type { AbstractBatchOperation, AbstractLevel, AbstractSublevel } from "ab
 import type { Logger } from "pino";
 import type { GroupCommit } from "../common/group-commit.js";
 import { boundStatus } from "../common/output.js";
-import { encodeEnvelope } from "../proto/envelope.js";
+import { delimitedSize, encodeStatusBatch } from "../proto/envelope.js";
 import { LOST_WRITE, pb, type TaskStatus, TERMINAL_STATES } from "../proto/index.js";
 
 const MAX_BATCH_COUNT = 500;
@@ -74,11 +74,11 @@ export class Outbox {
   private nextSeq = 1;
   private ackedSeq = 0;
   /**
-   * The un-acknowledged statuses committed since `recentFrom`, in seq order: they are sent
-   * from memory instead of read back. Older ones (after a restart, a write failure or more
-   * than RECENT_MAX) come from LevelDB.
+   * The un-acknowledged statuses committed since `recentFrom`, in seq order, as written to
+   * disk: they are sent from memory instead of read back, and not encoded again. Older ones
+   * (after a restart, a write failure or more than RECENT_MAX) come from LevelDB.
    */
-  private readonly recent = new Map<number, TaskStatus>();
+  private readonly recent = new Map<number, Uint8Array>();
   private recentFrom = 1;
   /** This database's epoch (random, made with it): the controller's seq for it starts at 0. */
   epoch = "";
@@ -201,13 +201,9 @@ export class Outbox {
       this.jobTail.set(job, s.seq);
       numbered.push(s);
     }
-    for (const s of numbered)
-      ops.push({
-        type: "put",
-        sublevel: this.entries,
-        key: seqKey(s.seq!),
-        value: pb.TaskStatus.encode(s).finish(),
-      });
+    const encoded = numbered.map((s) => pb.TaskStatus.encode(s).finish());
+    for (let i = 0; i < numbered.length; i++)
+      ops.push({ type: "put", sublevel: this.entries, key: seqKey(numbered[i]!.seq!), value: encoded[i]! });
     const id = ++this.appends;
     this.appending.add(id);
     const settled = () => {
@@ -223,8 +219,10 @@ export class Outbox {
         settled();
         const over = new Set(overwritten);
         // An overwritten one keeps its place in `recent` (seq order) — if still there.
-        for (const st of numbered)
-          if (!over.has(st.seq!) || this.recent.has(st.seq!)) this.recent.set(st.seq!, st);
+        for (let i = 0; i < numbered.length; i++) {
+          const seq = numbered[i]!.seq!;
+          if (!over.has(seq) || this.recent.has(seq)) this.recent.set(seq, encoded[i]!);
+        }
         if (this.recent.size > RECENT_MAX) this.forgetRecent();
         if (numbered.length) this.flushSoon();
         return numbered;
@@ -388,24 +386,33 @@ export class Outbox {
 
   /** Un-acked statuses with seq > `after`, oldest first. */
   async pending(after: number, limit: number): Promise<TaskStatus[]> {
+    return (await this.pendingEncoded(after, limit)).map((e) => pb.TaskStatus.decode(e.bytes));
+  }
+
+  /** `pending` as stored: each status's seq and bytes. */
+  private async pendingEncoded(
+    after: number,
+    limit: number,
+  ): Promise<Array<{ seq: number; bytes: Uint8Array }>> {
     const from = Math.max(after, this.ackedSeq);
-    const out: TaskStatus[] = [];
+    const out: Array<{ seq: number; bytes: Uint8Array }> = [];
     const held = Math.min(
       this.rewriting.size ? Math.min(...this.rewriting.keys()) : Number.POSITIVE_INFINITY,
       this.holes.size ? Math.min(...this.holes.keys()) : Number.POSITIVE_INFINITY,
     );
     if (from + 1 >= this.recentFrom) {
-      for (const [seq, st] of this.recent) {
+      for (const [seq, bytes] of this.recent) {
         if (seq <= from) continue;
         if (seq >= held) break;
-        out.push(st);
+        out.push({ seq, bytes });
         if (out.length >= limit) break;
       }
       return out;
     }
-    for await (const [key, value] of this.entries.iterator({ gt: seqKey(from), limit })) {
-      if (Number.parseInt(key, 16) >= held) break;
-      out.push(pb.TaskStatus.decode(value));
+    for await (const [key, bytes] of this.entries.iterator({ gt: seqKey(from), limit })) {
+      const seq = Number.parseInt(key, 16);
+      if (seq >= held) break;
+      out.push({ seq, bytes });
     }
     return out;
   }
@@ -482,21 +489,20 @@ export class Outbox {
     const { publish, maxBatchBytes } = this.sending!;
     while (this.connected && this.sentUpTo - this.ackedSeq < WINDOW) {
       const room = WINDOW - (this.sentUpTo - this.ackedSeq);
-      const pending = await this.pending(this.sentUpTo, Math.min(MAX_BATCH_COUNT, room));
+      const pending = await this.pendingEncoded(this.sentUpTo, Math.min(MAX_BATCH_COUNT, room));
       if (!pending.length) return;
-      const batch: TaskStatus[] = [];
+      const batch: Uint8Array[] = [];
       let bytes = 0;
       for (const s of pending) {
-        const size = pb.TaskStatus.encodeDelimited(s).len;
+        const size = delimitedSize(s.bytes.length);
         if (batch.length && bytes + size > maxBatchBytes) break;
-        batch.push(s);
+        batch.push(s.bytes);
         bytes += size;
       }
-      const body = { statuses: batch, epoch: this.epoch, ackedSeq: this.ackedSeq };
-      if (!publish(encodeEnvelope({ statusBatch: body }))) return;
+      if (!publish(encodeStatusBatch(batch, this.epoch, this.ackedSeq))) return;
       // Nothing was out: the wait for an ack starts now, not at the last ack (maybe an hour ago).
       if (this.sentUpTo <= this.ackedSeq) this.lastProgressAt = Date.now();
-      this.sentUpTo = batch[batch.length - 1]!.seq!;
+      this.sentUpTo = pending[batch.length - 1]!.seq;
       if (this.sentUpTo > this.everSent) {
         this.everSent = this.sentUpTo;
         for (const [key, seq] of this.unsent) if (seq <= this.everSent) this.unsent.delete(key);

@@ -49,18 +49,25 @@ export function truncateOutput(s: string, limit: number): string {
 const MAX_MESSAGE_BYTES = 4096;
 const MAX_REASON_BYTES = 256;
 
+/** Whether a string takes at most `limit` bytes as UTF-8 (at most 3 per UTF-16 unit). */
+const fits = (v: string | null | undefined, limit: number) =>
+  !v || v.length * 3 <= limit || Buffer.byteLength(v) <= limit;
+
 /**
  * Every status the agent reports is bounded (M1): its message, reason and output are cut (the
  * tail of the output kept, the head of a message), so that whatever a task or a rejected job
  * produced, the status fits a batch and the batch the broker's payload limit.
  */
 export function boundStatus(s: TaskStatus, maxBytes: number): TaskStatus {
+  const outputLimit = Math.max(1024, maxBytes - MAX_MESSAGE_BYTES - 1024);
+  // Nearly every status fits: then it is returned as it is, not copied (issue 17).
+  if (fits(s.message, MAX_MESSAGE_BYTES) && fits(s.reason, MAX_REASON_BYTES) && fits(s.output, outputLimit))
+    return s;
   const head = (v: string | null | undefined, limit: number) => {
     if (!v || Buffer.byteLength(v) <= limit) return v ?? "";
     const cut = Buffer.from(v).subarray(0, limit - 16).toString("utf8").replace(/\uFFFD$/, "");
     return `${cut} [… truncated]`;
   };
-  const outputLimit = Math.max(1024, maxBytes - MAX_MESSAGE_BYTES - 1024);
   const out = { ...s, message: head(s.message, MAX_MESSAGE_BYTES), reason: head(s.reason, MAX_REASON_BYTES) };
   if (s.output && Buffer.byteLength(s.output) > outputLimit) out.output = truncateOutput(s.output, outputLimit);
   return out;

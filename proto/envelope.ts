@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import protobuf from "protobufjs/minimal.js";
 import { type Envelope, pb } from "./index.js";
 
 export const PROTOCOL_VERSION = 1;
@@ -40,6 +41,38 @@ export function encodeEnvelope(
     sentAtMs: nowMs,
     ...body,
   }).finish();
+}
+
+/** Field keys (number << 3 | wire type) of fleet.proto, for `encodeStatusBatch`. */
+const STATUS_BATCH_STATUSES = (1 << 3) | 2;
+const STATUS_BATCH_EPOCH = (2 << 3) | 2;
+const STATUS_BATCH_ACKED_SEQ = (3 << 3) | 0;
+const ENVELOPE_STATUS_BATCH = (15 << 3) | 2;
+
+/**
+ * A StatusBatch envelope from statuses already encoded — the outbox keeps each status as the
+ * bytes it wrote to disk — so that none is encoded again to be sent (issue 17). The same bytes
+ * as `encodeEnvelope({ statusBatch })` (test/unit/proto.test.ts).
+ */
+export function encodeStatusBatch(
+  statuses: readonly Uint8Array[],
+  epoch: string,
+  ackedSeq: number,
+  nowMs = Date.now(),
+): Uint8Array {
+  const batch = protobuf.Writer.create();
+  for (const s of statuses) batch.uint32(STATUS_BATCH_STATUSES).bytes(s);
+  if (epoch) batch.uint32(STATUS_BATCH_EPOCH).string(epoch);
+  if (ackedSeq) batch.uint32(STATUS_BATCH_ACKED_SEQ).uint64(ackedSeq);
+  return pb.Envelope.encode({ protocolVersion: PROTOCOL_VERSION, msgId: newMsgId(), sentAtMs: nowMs })
+    .uint32(ENVELOPE_STATUS_BATCH)
+    .bytes(batch.finish())
+    .finish();
+}
+
+/** The bytes a message of `n` bytes takes inside another (its length prefix and itself). */
+export function delimitedSize(n: number): number {
+  return n + (n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x200000 ? 3 : n < 0x10000000 ? 4 : 5);
 }
 
 /**

@@ -2,7 +2,7 @@
 // what a job's state is across its devices, and which outcomes count as failures. Unit-tested
 // without a broker (test/unit/job-state.test.ts).
 import { TaskState, type TaskStatus, TERMINAL_STATES } from "../../proto/index.js";
-import type { Assignment, JobRecord } from "./store.js";
+import type { Assignment, JobRecord, TaskView } from "./store.js";
 
 /** A job's state across its devices. */
 export function jobState(job: JobRecord, asgs: readonly Assignment[]): string {
@@ -75,23 +75,21 @@ export function applyStatus(a: Assignment, s: TaskStatus, now: number): void {
     return;
   }
   a.acked = true;
-  a.tasks[s.taskId] = {
+  // Built field by field, not with conditional spreads: this runs for every status (issue 17).
+  const task: TaskView = {
     type: s.taskType ?? a.tasks[s.taskId]?.type ?? "",
     state,
     attempt: s.attempt ?? 0,
     message: s.message ?? "",
     reason: s.reason ?? "",
-    ...(s.output ? { output: s.output } : {}),
-    ...(s.bytesBySource && Object.keys(s.bytesBySource).length
-      ? {
-          bytesBySource: Object.fromEntries(
-            Object.entries(s.bytesBySource)
-              .slice(0, 8)
-              .map(([k, v]) => [k.slice(0, 16), Number(v) || 0]),
-          ),
-        }
-      : {}),
   };
+  if (s.output) task.output = s.output;
+  const bySource = s.bytesBySource && Object.entries(s.bytesBySource);
+  if (bySource?.length)
+    task.bytesBySource = Object.fromEntries(
+      bySource.slice(0, 8).map(([k, v]) => [k.slice(0, 16), Number(v) || 0]),
+    );
+  a.tasks[s.taskId] = task;
   if (!a.closed && !TERMINAL_STATES.has(a.state) && state === TaskState.RUNNING) a.state = TaskState.RUNNING;
 }
 

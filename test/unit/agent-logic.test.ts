@@ -266,7 +266,9 @@ describe("status bounds (M1)", () => {
     expect(Buffer.byteLength(s.output!)).toBeLessThanOrEqual(128 * 1024);
     expect(s.output).toMatch(/^\[\.\.\. \d+ bytes truncated\]/);
     const small = { jobId: "j", message: "fine", output: "ok" };
-    expect(boundStatus(small, 128 * 1024)).toMatchObject(small);
+    expect(boundStatus(small, 128 * 1024)).toBe(small); // nothing to cut: not copied
+    const wide = { jobId: "j", message: "é".repeat(3000) }; // 3,000 units, 6,000 bytes
+    expect(Buffer.byteLength(boundStatus(wide, 128 * 1024).message!)).toBeLessThanOrEqual(4096);
   });
 });
 

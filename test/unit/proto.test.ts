@@ -3,7 +3,14 @@ import { createPublicKey } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { decodeEnvelope, encodeEnvelope, PayloadError, PROTOCOL_VERSION } from "../../proto/envelope.js";
+import {
+  decodeEnvelope,
+  delimitedSize,
+  encodeEnvelope,
+  encodeStatusBatch,
+  PayloadError,
+  PROTOCOL_VERSION,
+} from "../../proto/envelope.js";
 import { pb, TaskState } from "../../proto/index.js";
 import {
   generateSigningKey,
@@ -141,6 +148,35 @@ describe("wire schema", () => {
     );
     expect(reasons(pb.Envelope.encode({ protocolVersion: 1 }).finish())).toBe("empty_body");
     expect(reasons(encodeEnvelope({ timeHint: { nowMs: 1 } }).subarray(0, 5))).toBe("undecodable");
+  });
+
+  it("a StatusBatch from statuses already encoded is the envelope protobufjs makes", () => {
+    const statuses = [status, { ...status, seq: 8, message: "x".repeat(300), output: "" }];
+    const encoded = statuses.map((s) => pb.TaskStatus.encode(s).finish());
+    for (const [epoch, ackedSeq] of [
+      ["e1", 6],
+      ["", 0],
+      ["e2", 2 ** 40],
+    ] as const) {
+      const bytes = encodeStatusBatch(encoded, epoch, ackedSeq, 1234);
+      const env = decodeEnvelope(bytes);
+      expect(env.body).toBe("statusBatch");
+      expect(env.sentAtMs).toBe(1234);
+      expect(env.statusBatch!.epoch).toBe(epoch);
+      expect(Number(env.statusBatch!.ackedSeq)).toBe(ackedSeq);
+      expect(env.statusBatch!.statuses!.map((s) => pb.TaskStatus.toObject(s as never))).toEqual(
+        encoded.map((e) => pb.TaskStatus.toObject(pb.TaskStatus.decode(e))),
+      );
+      // Byte for byte what the generic encoder makes of the same message.
+      const generic = encodeEnvelope({ statusBatch: { statuses, epoch, ackedSeq } }, 1234);
+      expect(Buffer.from(bytes).subarray(env.msgId!.length + 4)).toEqual(
+        Buffer.from(generic).subarray(env.msgId!.length + 4),
+      );
+    }
+    for (const e of encoded)
+      expect(delimitedSize(e.length)).toBe(
+        pb.TaskStatus.encodeDelimited(pb.TaskStatus.decode(e)).finish().length,
+      );
   });
 
   it("generated code is up to date with fleet.proto", () => {
