@@ -50,7 +50,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   private isUp = false;
   readonly attemptTimes: number[] = [];
   /** MQTT packets each way over every session so far (what the cost benchmark counts). */
-  readonly wire = { packetsIn: 0, packetsOut: 0, bytesIn: 0, bytesOut: 0 };
+  readonly wire = { packetsIn: 0, packetsOut: 0, bytesIn: 0, bytesOut: 0, pingsIn: 0, pingsOut: 0 };
   /**
    * Packets by direction, kind and (publishes) channel: "in publish job", "out puback", ...
    * (only with `countPacketKinds`: a string per packet).
@@ -122,10 +122,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       : undefined;
     client.on("packetreceive", (p) => {
       wire.packetsIn++;
+      if (p.cmd === "pingresp") wire.pingsIn++;
       count?.("in", p as { cmd: string; topic?: string });
     });
     client.on("packetsend", (p) => {
       wire.packetsOut++;
+      if (p.cmd === "pingreq") wire.pingsOut++;
       count?.("out", p as { cmd: string; topic?: string });
     });
     client.on("close", () => {
