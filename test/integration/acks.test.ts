@@ -42,3 +42,56 @@ it("holds each PUBACK until the message is stored, in arrival order, and none fo
   await pub.endAsync();
   await sub.endAsync(true);
 });
+
+it("a PUBACK that may go leaves with the client's next packet, in one socket write, or alone soon after", async () => {
+  const acks: string[] = [];
+  broker.aedes.on("ack", (packet, client) => {
+    if (client?.id === "sharer" && packet && "topic" in packet) acks.push(String(packet.payload));
+  });
+  const stats = { acksShared: 0 };
+  const sub = mqtt.connect(broker.url, { clientId: "sharer", clean: false, reconnectPeriod: 0 });
+  let followUp = true;
+  pipelineAcks(
+    sub,
+    async () => {
+      // Stored at once; a status follows 5 ms later (as a short job's does) — or nothing does.
+      if (followUp) setTimeout(() => sub.publish("t/status", "s", { qos: 0 }), 5);
+      return true;
+    },
+    200,
+    stats,
+  );
+  await new Promise<void>((r) => sub.once("connect", () => r()));
+  await sub.subscribeAsync("t/share", { qos: 1 });
+  const socket = sub.stream as unknown as {
+    _writev: (...a: unknown[]) => unknown;
+    _write: (...a: unknown[]) => unknown;
+  };
+  let writes = 0;
+  for (const m of ["_writev", "_write"] as const) {
+    const inner = socket[m].bind(socket);
+    socket[m] = (...a: unknown[]) => {
+      writes++;
+      return inner(...a);
+    };
+  }
+  const statuses: string[] = [];
+  broker.aedes.on("publish", (packet, client) => {
+    if (client?.id === "sharer" && packet.topic === "t/status") statuses.push(String(packet.payload));
+  });
+  const pub = await mqtt.connectAsync(broker.url, { clientId: "share-pub" });
+  await pub.publishAsync("t/share", "m1", { qos: 1 });
+  await expect.poll(() => acks.length + statuses.length, { timeout: 5000 }).toBe(2);
+  expect(acks).toEqual(["m1"]);
+  expect(stats.acksShared).toBe(1);
+  expect(writes).toBe(1); // the PUBACK and the status: one write
+
+  // Nothing follows: the PUBACK goes alone once the hold (200 ms here) is over.
+  followUp = false;
+  await pub.publishAsync("t/share", "m2", { qos: 1 });
+  await expect.poll(() => acks, { timeout: 5000 }).toEqual(["m1", "m2"]);
+  expect(stats.acksShared).toBe(1);
+  expect(writes).toBe(2);
+  await pub.endAsync();
+  await sub.endAsync(true);
+});
