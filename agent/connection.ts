@@ -6,7 +6,7 @@ import { readFileSync } from "node:fs";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import type { Logger } from "pino";
 import type { Counters } from "../common/counters.js";
-import { type SendPacket, wrapSendPacket } from "../common/internals.js";
+import { wrapSendPacket } from "../common/internals.js";
 import { settlesWithin } from "../common/timeout.js";
 import { type BackoffOptions, backoffDelay } from "./retry.js";
 
@@ -50,15 +50,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   private isUp = false;
   readonly attemptTimes: number[] = [];
   /** MQTT packets each way over every session so far (what the cost benchmark counts). */
-  readonly wire = {
-    packetsIn: 0,
-    packetsOut: 0,
-    bytesIn: 0,
-    bytesOut: 0,
-    pingsIn: 0,
-    pingsOut: 0,
-    acksShared: 0,
-  };
+  readonly wire = { packetsIn: 0, packetsOut: 0, bytesIn: 0, bytesOut: 0, pingsIn: 0, pingsOut: 0 };
   /**
    * Packets by direction, kind and (publishes) channel: "in publish job", "out puback", ...
    * (only with `countPacketKinds`: a string per packet).
@@ -143,29 +135,25 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       wire.bytesIn += socket?.bytesRead ?? 0;
       wire.bytesOut += socket?.bytesWritten ?? 0;
     });
-    pipelineAcks(
-      client,
-      (packet) =>
-        this.opts
-          .onMessage(
-            packet.topic,
-            Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
-            packet.qos,
-          )
-          .then(
-            () => true,
-            (err: Error) => {
-              // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
-              this.opts.counters.inc("message_not_acked");
-              this.opts.log.error(
-                { err, topic: packet.topic },
-                "could not handle message; not acknowledging it",
-              );
-              return false;
-            },
-          ),
-      ACK_HOLD_MS,
-      wire,
+    pipelineAcks(client, (packet) =>
+      this.opts
+        .onMessage(
+          packet.topic,
+          Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload),
+          packet.qos,
+        )
+        .then(
+          () => true,
+          (err: Error) => {
+            // Not acknowledged: the broker re-delivers it, and sync re-sends it anyway.
+            this.opts.counters.inc("message_not_acked");
+            this.opts.log.error(
+              { err, topic: packet.topic },
+              "could not handle message; not acknowledging it",
+            );
+            return false;
+          },
+        ),
     );
     client.on("connect", (connack) => {
       this.attempt = 0;
@@ -228,11 +216,6 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 /** MQTT keepalive: a PINGREQ after this long without a packet sent. */
 export const KEEPALIVE_S = 30;
 
-/** A PUBACK that may go waits this long for another packet to share its socket write. */
-export const ACK_HOLD_MS = 20;
-/** ... unless this many wait (a queue of messages is being drained: keep the broker sending). */
-const ACK_HOLD_MAX = 8;
-
 /**
  * A QoS 1 message is acknowledged only after `handle` has stored it (DESIGN.md §4.2), but
  * without waiting for one message's fsync before reading the next: MQTT.js reads the next
@@ -241,54 +224,21 @@ const ACK_HOLD_MAX = 8;
  * and released in the order the messages arrived (MQTT 3.1.1 §4.6). The agent's store then
  * writes many messages with one fsync (group commit). A message that could not be stored gets
  * no PUBACK: the broker delivers it again.
- *
- * A PUBACK that may go then waits up to `holdMs` for the next packet the client sends — a job's
- * status batch follows its PUBACK within milliseconds when the job is short — and leaves with
- * it, in one socket write (MQTT.js corks the stream for a tick): one write and one read fewer a
- * job on each side (issue 17). Never longer, and never more than ACK_HOLD_MAX of them: a broker
- * may cap the messages in flight (Mosquitto's default is 20).
  */
-export function pipelineAcks(
-  client: MqttClient,
-  handle: (packet: IPublishPacket) => Promise<boolean>,
-  holdMs = ACK_HOLD_MS,
-  stats?: { acksShared: number },
-): void {
+export function pipelineAcks(client: MqttClient, handle: (packet: IPublishPacket) => Promise<boolean>): void {
   const held = new Map<number, Promise<boolean>>();
   let order: Promise<unknown> = Promise.resolve();
-  /** Stored messages' PUBACKs, in arrival order, waiting for company. */
-  let ready: Parameters<SendPacket>[0][] = [];
-  let timer: NodeJS.Timeout | undefined;
-  wrapSendPacket(client, (send) => {
-    const release = () => {
-      if (timer) clearTimeout(timer);
-      timer = undefined;
-      const out = ready;
-      ready = [];
-      for (const p of out) if (client.connected) send(p);
-    };
-    return (packet, cb, ...rest) => {
-      const stored =
-        packet.cmd === "puback" && packet.messageId !== undefined ? held.get(packet.messageId) : undefined;
-      if (!stored) {
-        // Another packet leaves now: the waiting PUBACKs go first, in the same write.
-        if (ready.length) {
-          if (stats) stats.acksShared += ready.length;
-          release();
-        }
-        return send(packet, cb, ...rest);
-      }
-      held.delete(packet.messageId!);
-      order = order
-        .then(() => stored)
-        .then((ok) => {
-          if (!ok || !client.connected) return;
-          ready.push(packet);
-          if (!holdMs || ready.length >= ACK_HOLD_MAX) release();
-          else timer ??= setTimeout(release, holdMs);
-        });
-      cb?.(); // read the next message now
-    };
+  wrapSendPacket(client, (send) => (packet, cb, ...rest) => {
+    const stored =
+      packet.cmd === "puback" && packet.messageId !== undefined ? held.get(packet.messageId) : undefined;
+    if (!stored) return send(packet, cb, ...rest);
+    held.delete(packet.messageId!);
+    order = order
+      .then(() => stored)
+      .then((ok) => {
+        if (ok && client.connected) send(packet);
+      });
+    cb?.(); // read the next message now
   });
   client.handleMessage = (packet: IPublishPacket, done: (err?: Error) => void) => {
     const stored = handle(packet);
