@@ -14,7 +14,6 @@ import { join } from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
 import mqtt, { type MqttClient } from "mqtt";
 import { it } from "vitest";
-import { KEEPALIVE_S } from "../../agent/connection.js";
 import { cli, cliJson, FLEET, setContextServer, startServer } from "../helpers/fleet.js";
 import { tempDir } from "../helpers/keys.js";
 import { bareAedes, cpuMsOf } from "./bare.js";
@@ -190,17 +189,9 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     });
     const job = join(data.dir, "noop.yaml");
     writeFileSync(job, "name: bench\ntasks:\n  - { id: a, type: noop }\n");
-    /** When the last rollout ended (the devices' last packets were sent about then). */
-    let lastEnd = performance.now();
     for (let round = 0; round < WARMUP + ROUNDS; round++) {
       const echo = await bareEcho(N);
       await delay(2500); // the devices' state reports of the previous round are out
-      // The simulated devices sent their last packets together, so their keepalive pings come
-      // together, KEEPALIVE_S later: 10,000 PINGREQs within a few seconds. A real fleet's are
-      // spread out (333 a second for 10,000 devices). Rounds that met the burst had a ping a
-      // device in their window (and its CPU): wait for it to pass before measuring.
-      const quiet = lastEnd + (KEEPALIVE_S + 5) * 1000 - performance.now();
-      if (quiet > 0) await delay(quiet);
       // What the idle fleet costs per ms (agents' timers, keepalives): subtracted below.
       const idle0 = {
         at: performance.now(),
@@ -227,7 +218,6 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
         ),
       );
       if (r.counts.succeeded !== N) throw new Error(`only ${r.counts.succeeded} of ${N} succeeded`);
-      lastEnd = performance.now();
       if (process.env.BENCH_WINDOW)
         writeFileSync(process.env.BENCH_WINDOW, `${w0} ${process.hrtime.bigint() / 1000n}`);
       // Everything a job causes, also what follows the last SUCCEEDED (acks, state reports),
