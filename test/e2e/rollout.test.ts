@@ -23,6 +23,8 @@ let env: Record<string, string>;
 const sims: ChildProcess[] = [];
 const noop = join(data.dir, "noop.yaml");
 const nap = join(data.dir, "nap.yaml");
+/** Long enough that a `rollout pause` from a second CLI process lands inside the first wave. */
+const longNap = join(data.dir, "long-nap.yaml");
 
 async function simulate(args: string[]): Promise<ChildProcess> {
   const p = await simulateFleet(env, args);
@@ -41,6 +43,7 @@ beforeAll(async () => {
   }));
   writeFileSync(noop, "name: noop-rollout\ntasks:\n  - { id: a, type: noop }\n");
   writeFileSync(nap, "name: nap-rollout\ntasks:\n  - { id: a, type: sleep, params: { seconds: 0.5 } }\n");
+  writeFileSync(longNap, "name: long-nap\ntasks:\n  - { id: a, type: sleep, params: { seconds: 4 } }\n");
   await simulate(["--devices", "200", "--prefix", "ok-", "--label", "pool=ok"]);
   await simulate(["--devices", "100", "--prefix", "bad-", "--label", "pool=bad", "--fail-rate", "0.5"]);
 }, 120_000);
@@ -130,7 +133,9 @@ describe("rollouts", () => {
   it("pause holds, resume completes", async () => {
     const created = cliJson<RolloutJson>(
       await cli(
-        ["rollout", "create", "-f", nap, "--selector", "pool=ok", "--waves", "10%,100%", "--json"],
+        // A wave of 0.5 s naps could end before the pause (a CLI start away) arrived, and the
+        // second wave start: seen once on a slow machine.
+        ["rollout", "create", "-f", longNap, "--selector", "pool=ok", "--waves", "10%,100%", "--json"],
         env,
       ),
     );
