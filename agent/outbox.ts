@@ -247,9 +247,9 @@ export class Outbox {
    *
    * The longest window is counted in checks, not in ms: 1 s on an agent with time to spare,
    * longer on one whose event loop is saturated (its timers fire late). There the successor
-   * of what waits is queued behind the same backlog; 10,000 simulated devices on two loaded
-   * cores had a job's statuses split over two batches by a wall-clock bound, which cost each
-   * job a third message each way, and more load again (issue 17).
+   * of what waits is queued behind the same backlog, and a wall-clock bound would split a
+   * job's statuses over two batches just when the agent can least afford a third message each
+   * way (issue 17).
    */
   private flushSoon(): void {
     if (!this.flushDelayMs) {
