@@ -214,7 +214,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 }
 
 /** MQTT keepalive: a PINGREQ after this long without a packet sent. */
-export const KEEPALIVE_S = 30;
+const KEEPALIVE_S = 30;
 
 /**
  * A QoS 1 message is acknowledged only after `handle` has stored it (DESIGN.md §4.2), but
