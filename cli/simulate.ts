@@ -25,12 +25,28 @@ import { YOUNG_GENERATION_MB } from "./young-generation.js";
 
 const BATCH = 500;
 
-/** Built-in handlers that take `latencyMs` longer and fail a share `failRate` of runs. */
-export function simulatedHandlers(failRate: number, latencyMs: number): TaskHandler[] {
+/** Extra time a task run takes: `min` ms, or uniformly between `min` and `max`. */
+export interface Latency {
+  min: number;
+  max: number;
+}
+
+/** `--latency`: "ms" or "min-max" (ms). */
+export function parseLatency(s: string): Latency | undefined {
+  const m = /^(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?$/.exec(s.trim());
+  if (!m) return undefined;
+  const min = Number(m[1]);
+  const max = m[2] === undefined ? min : Number(m[2]);
+  return max >= min ? { min, max } : undefined;
+}
+
+/** Built-in handlers that take `latency` longer and fail a share `failRate` of runs. */
+export function simulatedHandlers(failRate: number, latency: Latency): TaskHandler[] {
   return builtinHandlers.map((h) => ({
     ...h,
     async run(ctx, params, signal) {
-      if (latencyMs) await delay(latencyMs, undefined, { signal });
+      const ms = latency.min + Math.random() * (latency.max - latency.min);
+      if (ms) await delay(ms, undefined, { signal });
       if (Math.random() < failRate) throw new TaskFailedError("simulated failure", { reason: "simulated" });
       return h.run(ctx, params, signal);
     },
@@ -59,7 +75,7 @@ export function registerSimulate(program: Command): void {
     .option("--prefix <p>", "device ids are <prefix>0001, <prefix>0002, ...", "sim-")
     .option("--label <k=v>", "a label for every device (repeatable)", collect, [])
     .option("--fail-rate <p>", "share of task runs that fail (0..1)", "0")
-    .option("--latency <ms>", "extra time every task run takes", "0")
+    .option("--latency <ms>", 'extra time every task run takes: "ms", or "min-max" (uniform)', "0")
     .option("--connect-rate <n>", "connections opened per second", "40")
     .option("--telemetry <s>", "telemetry interval in seconds (synthetic values; 0 = off)", "0")
     .option("--broker <url>", "broker URL for the devices (default: the context's server)")
@@ -70,10 +86,12 @@ export function registerSimulate(program: Command): void {
     .action(async (o: SimOptions) => {
       const n = Number.parseInt(o.devices, 10);
       const failRate = Number(o.failRate);
-      const latency = Number(o.latency);
+      const latency = parseLatency(o.latency);
       const rate = Number(o.connectRate);
-      if (!(n >= 1) || !(failRate >= 0 && failRate <= 1) || !(latency >= 0) || !(rate > 0)) {
-        throw new CliError("--devices >= 1, --fail-rate in 0..1, --latency >= 0, --connect-rate > 0");
+      if (!(n >= 1) || !(failRate >= 0 && failRate <= 1) || !latency || !(rate > 0)) {
+        throw new CliError(
+          "--devices >= 1, --fail-rate in 0..1, --latency ms or min-max (ms, min <= max), --connect-rate > 0",
+        );
       }
       const labels = parseKv(o.label, "--label") as Record<string, string>;
       // `\r` progress only on a terminal; a log file gets the final lines only.
@@ -163,7 +181,7 @@ interface Group {
   labels: Record<string, string>;
   prefix: string;
   failRate: number;
-  latency: number;
+  latency: Latency;
   telemetryS: number;
   rate: number;
   packetKinds: boolean;

@@ -8,7 +8,7 @@ import { Counters } from "../../common/counters.js";
 import { settlesWithin } from "../../common/timeout.js";
 import { ApiError, api, formatIssues, type Method } from "../../proto/api.js";
 import { decodeEnvelope, encodeEnvelope, PayloadError } from "../../proto/envelope.js";
-import { pb, type SiteJob, stateName } from "../../proto/index.js";
+import { pb, type SiteJob, stateName, TaskState } from "../../proto/index.js";
 import { deviceTopic, eventsTopic, rpcRequestTopic, rpcResponseTopic } from "../../proto/topics.js";
 import type { ServerConfig } from "../config.js";
 import type { CertPair } from "../pki.js";
@@ -95,6 +95,8 @@ export class Controller {
   private readonly api: Handlers;
   private timers: NodeJS.Timeout[] = [];
   private soon: NodeJS.Timeout | undefined;
+  /** Whether the step `soon` runs includes the rollouts (see stepSoon). */
+  private soonRollouts = false;
   /** Nonces being recorded right now (the LevelDB check alone races with itself). */
   private readonly nonces = new Set<string>();
   private lastStep = 0;
@@ -129,10 +131,14 @@ export class Controller {
       ackQos: opts.link ? 0 : 1,
       maxPayloadBytes: opts.config.limits.maxPayloadBytes,
       now: () => Date.now(),
-      onFinished: (jobId, last) => {
+      onFinished: (jobId, f) => {
         // A job's last device: its rollout steps now (the wave or rollout is done now).
-        if (last) void this.rollouts.jobSettled(jobId);
-        this.stepSoon();
+        if (f.last) void this.rollouts.jobSettled(jobId);
+        // Any other device that did not succeed may abort a rollout (its failure rate) soon. A
+        // success may not: the rollouts wait for the last device (or for the 1 s tick, when
+        // nobody will say which is last) — each step goes over all of a rollout's assignments,
+        // and 20 a second of those cost a 10,000-device rollout 12% of the server's CPU.
+        this.stepSoon(!f.last && (f.state !== TaskState.SUCCEEDED || !f.lastKnown));
       },
       // Events are built only when someone may get them: the dashboard's tap, a subscriber
       // of the events topic (asked of the embedded broker), or any with an external broker.
@@ -159,6 +165,7 @@ export class Controller {
       jobs,
       registry: opts.registry,
       delivery: this.delivery,
+      counters: this.counters,
       now: () => Date.now(),
     };
     this.rollouts = new Rollouts({
@@ -324,24 +331,28 @@ export class Controller {
     this.log.info("controller started");
   }
 
-  private step(): void {
+  private step(rollouts = true): void {
     this.lastStep = Date.now();
-    void this.rollouts.tick();
+    if (rollouts) void this.rollouts.tick();
     void this.workQueue.tick();
   }
 
   /**
-   * Rollouts and work queues also step shortly after devices finish, not only on the 1 s tick:
-   * a wave (or a whole rollout) is done as soon as its last device is. One timer for all.
+   * Work queues (and, with `rollouts`, rollouts) also step shortly after devices finish, not
+   * only on the 1 s tick: a failed device is re-dispatched, a rollout past its failure limit is
+   * aborted, soon. One timer for all.
    */
-  private stepSoon(): void {
+  private stepSoon(rollouts: boolean): void {
+    this.soonRollouts ||= rollouts;
     if (this.soon) return;
     // Soon, but not more than 20 times a second: a step goes over the rollout's assignments
     // (in memory: JobStore caches them).
     const wait = Math.max(20, this.lastStep + 50 - Date.now());
     this.soon = setTimeout(() => {
       this.soon = undefined;
-      this.step();
+      const withRollouts = this.soonRollouts;
+      this.soonRollouts = false;
+      this.step(withRollouts);
     }, wait);
   }
 

@@ -40,10 +40,11 @@ export interface DeliveryContext {
   maxPayloadBytes: number;
   now(): number;
   /**
-   * A device finished a job (terminal job-level status applied); `last`: as far as this
-   * process knows, no device of the job is left (see `unsettled`).
+   * A device finished a job (terminal job-level status applied) in `state`; `last`: as far as
+   * this process knows, no device of the job is left; `lastKnown`: whether this process will
+   * say so when it happens (see `unsettled`).
    */
-  onFinished?(jobId: string, last: boolean): void;
+  onFinished?(jobId: string, f: { state: TaskState; last: boolean; lastKnown: boolean }): void;
   /**
    * A job (not a rollout's: its rollout reports) ended — every device terminal, SUCCEEDED or
    * FAILED — with the statuses of this batch: ops to write in the same batch, before the
@@ -484,8 +485,14 @@ export class Delivery {
         });
       }
       this.event({ kind: "task.status", deviceId, jobId: s.jobId ?? "", status: s });
-      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0))
-        this.ctx.onFinished?.(s.jobId ?? "", settledJobs.has(s.jobId ?? ""));
+      if (!s.taskId && TERMINAL_STATES.has(s.state ?? 0)) {
+        const last = settledJobs.has(s.jobId ?? "");
+        this.ctx.onFinished?.(s.jobId ?? "", {
+          state: s.state!,
+          last,
+          lastKnown: last || this.unsettled.has(s.jobId ?? ""),
+        });
+      }
     }
     // A job the controller already ended here (withdrawn by an aborted rollout, timed out)
     // that reaches the device anyway — a copy the broker queued for it while it was offline —

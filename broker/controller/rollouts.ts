@@ -8,6 +8,7 @@
 // (unit-tested in test/unit/rollouts.test.ts); the class is the one step function and its
 // persistence, kept together so that "persist, then act" can be read in one place.
 import type { Logger } from "pino";
+import type { Counters } from "../../common/counters.js";
 import { ApiError, RpcErrorCode } from "../../proto/api.js";
 import { TaskState, TERMINAL_STATES } from "../../proto/index.js";
 import { matchesSelector, parseSelector } from "../../proto/selector.js";
@@ -30,6 +31,8 @@ export interface RolloutContext {
   registry: Registry;
   delivery: Delivery;
   log: Logger;
+  /** `rollout_steps`: each pass over a live rollout's assignments. */
+  counters: Counters;
   now(): number;
   telemetry(deviceId: string): TelemetrySample | undefined;
   /** Ops queueing notifications of a rollout event, written with the rollout's new state. */
@@ -262,6 +265,7 @@ export class Rollouts {
   }
 
   private async step(r: RolloutRecord): Promise<void> {
+    this.ctx.counters.inc("rollout_steps");
     const job = await this.ctx.delivery.job(r.jobId);
     if (!job) return;
     const now = this.ctx.now();

@@ -35,7 +35,7 @@ const delivery = new Delivery({
   },
   maxPayloadBytes: LIMIT,
   now: () => Date.now(),
-  onFinished: (jobId, last) => finished.push([jobId, last]),
+  onFinished: (jobId, f) => finished.push([jobId, f.last]),
 });
 
 beforeAll(async () => {
