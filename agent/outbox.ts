@@ -187,7 +187,10 @@ export class Outbox {
         prior > this.everSent &&
         this.recent.has(prior) &&
         this.jobTail.get(job) === prior;
-      const s = { ...boundStatus(status, this.maxStatusBytes), seq: inPlace ? prior : this.nextSeq++ };
+      // A copy (the caller's object may be committed again) — not by spread: protobufjs encoded
+      // a `{ ...status, seq }` 4-8x slower than this (its property loads met a fresh map each time).
+      const s: TaskStatus = Object.assign({}, boundStatus(status, this.maxStatusBytes));
+      s.seq = inPlace ? prior : this.nextSeq++;
       if (inPlace) {
         overwritten.push(prior);
         this.rewriting.set(prior, (this.rewriting.get(prior) ?? 0) + 1);
