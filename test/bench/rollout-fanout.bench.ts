@@ -43,11 +43,27 @@ type Costs = Record<string, number>;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-/** The echo's time and, per round trip, its broker's and clients' CPU and the clients' wire. */
-async function bareEcho(n: number): Promise<{ ms: number; costs: Costs }> {
+interface Echo {
+  /** One round's echo: its time and, per round trip, its broker's and clients' CPU and wire. */
+  measure(): Promise<{ ms: number; costs: Costs }>;
+  close(): Promise<void>;
+}
+
+/**
+ * The bare echo, set up once for the whole run as the fleet is: a bare aedes process and N
+ * MQTT.js clients, warmed by ECHO_WARMUP fan-outs. (Set up afresh every round, as it was, a
+ * round took about 30 s — the simulated devices' keepalive: each round's rollout met the
+ * PINGREQs of all 10,000 devices, 30 s after their previous rollout, in the same second.)
+ */
+async function openEcho(n: number): Promise<Echo> {
   const broker = await bareAedes();
   const clients: MqttClient[] = [];
+  let ctl: MqttClient | undefined;
   const wire = { packetsIn: 0, packetsOut: 0 };
+  const close = async () => {
+    await Promise.all([...clients, ...(ctl ? [ctl] : [])].map((c) => c.endAsync(true)));
+    broker.stop();
+  };
   try {
     for (let i = 0; i < n; i++) {
       const c = await mqtt.connectAsync(broker.url, { clientId: `echo-${i}`, reconnectPeriod: 0 });
@@ -67,60 +83,63 @@ async function bareEcho(n: number): Promise<{ ms: number; costs: Costs }> {
       }
       return { bytesIn, bytesOut };
     };
-    const ctl = await mqtt.connectAsync(broker.url, { clientId: "echo-ctl" });
-    await ctl.subscribeAsync("echo/+/out", { qos: 1 });
+    const control = await mqtt.connectAsync(broker.url, { clientId: "echo-ctl", reconnectPeriod: 0 });
+    ctl = control;
+    await control.subscribeAsync("echo/+/out", { qos: 1 });
     /** One fan-out: a QoS 1 publish to every client, each echoes it back. */
     const fanOut = () => {
       let got = 0;
       const done = new Promise<void>((r) => {
         const onMessage = () => {
           if (++got < n) return;
-          ctl.off("message", onMessage);
+          control.off("message", onMessage);
           r();
         };
-        ctl.on("message", onMessage);
+        control.on("message", onMessage);
       });
-      for (let i = 0; i < n; i++) ctl.publish(`echo/${i}/in`, Buffer.alloc(200), { qos: 1 });
+      for (let i = 0; i < n; i++) control.publish(`echo/${i}/in`, Buffer.alloc(200), { qos: 1 });
       return done;
     };
     // Warm, as the fleet server is (it ran the warm-up round): the first fan-out of a fresh
     // broker process runs aedes' code cold and takes about twice as long as the next ones.
     for (let k = 0; k < ECHO_WARMUP; k++) await fanOut();
-    const before = { ...wire, ...socketBytes() };
-    const brokerBefore = cpuMsOf(broker.pid);
-    const clientBefore = process.cpuUsage();
-    const times: number[] = [];
-    for (let k = 0; k < ECHO_SAMPLES; k++) {
-      const t = performance.now();
-      await fanOut();
-      times.push(performance.now() - t);
-    }
-    const client = process.cpuUsage(clientBefore);
-    const brokerCpuMs = cpuMsOf(broker.pid) - brokerBefore;
-    await delay(200); // the last PUBACKs
-    const after = { ...wire, ...socketBytes() };
-    await ctl.endAsync();
-    const trips = n * ECHO_SAMPLES; // the costs below: per round trip
-    return {
-      ms: median(times),
-      costs: {
-        serverCpuUs: (brokerCpuMs * 1000) / trips,
-        deviceCpuUs: (client.user + client.system) / trips, // µs per round trip
-        packetsUp: (after.packetsOut - before.packetsOut) / trips,
-        packetsDown: (after.packetsIn - before.packetsIn) / trips,
-        pings: 0,
-        bytesUp: (after.bytesOut - before.bytesOut) / trips,
-        bytesDown: (after.bytesIn - before.bytesIn) / trips,
-        serverWrites: 0,
-        serverBatches: 0,
-        serverFsyncs: 0,
-        deviceWrites: 0,
-        deviceFsyncWrites: 0,
-      },
+    const measure = async () => {
+      const before = { ...wire, ...socketBytes() };
+      const brokerBefore = cpuMsOf(broker.pid);
+      const clientBefore = process.cpuUsage();
+      const times: number[] = [];
+      for (let k = 0; k < ECHO_SAMPLES; k++) {
+        const t = performance.now();
+        await fanOut();
+        times.push(performance.now() - t);
+      }
+      const client = process.cpuUsage(clientBefore);
+      const brokerCpuMs = cpuMsOf(broker.pid) - brokerBefore;
+      await delay(200); // the last PUBACKs
+      const after = { ...wire, ...socketBytes() };
+      const trips = n * ECHO_SAMPLES; // the costs below: per round trip
+      return {
+        ms: median(times),
+        costs: {
+          serverCpuUs: (brokerCpuMs * 1000) / trips,
+          deviceCpuUs: (client.user + client.system) / trips, // µs per round trip
+          packetsUp: (after.packetsOut - before.packetsOut) / trips,
+          packetsDown: (after.packetsIn - before.packetsIn) / trips,
+          pings: 0,
+          bytesUp: (after.bytesOut - before.bytesOut) / trips,
+          bytesDown: (after.bytesIn - before.bytesIn) / trips,
+          serverWrites: 0,
+          serverBatches: 0,
+          serverFsyncs: 0,
+          deviceWrites: 0,
+          deviceFsyncWrites: 0,
+        },
+      };
     };
-  } finally {
-    await Promise.all(clients.map((c) => c.endAsync(true)));
-    broker.stop();
+    return { measure, close };
+  } catch (err) {
+    await close();
+    throw err;
   }
 }
 
@@ -154,6 +173,7 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
   const server = await startServer(data.dir);
   const statsFile = join(data.dir, "sim-stats.json");
   const rounds: Array<{ ms: number; echoMs: number; costs: Costs; echo: Costs }> = [];
+  let bare: Echo | undefined;
   try {
     const env = { FLEET_CONTEXT: setContextServer(data.dir, server.urls.mqtt) };
     const simulated = spawn(
@@ -189,8 +209,9 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     });
     const job = join(data.dir, "noop.yaml");
     writeFileSync(job, "name: bench\ntasks:\n  - { id: a, type: noop }\n");
+    bare = await openEcho(N);
     for (let round = 0; round < WARMUP + ROUNDS; round++) {
-      const echo = await bareEcho(N);
+      const echo = await bare.measure();
       await delay(2500); // the devices' state reports of the previous round are out
       // What the idle fleet costs per ms (agents' timers, keepalives): subtracted below.
       const idle0 = {
@@ -263,6 +284,7 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
     console.error(`server log (tail):\n${server.stderr().slice(-4000)}`);
     throw err;
   } finally {
+    await bare?.close();
     // Graceful stops, so that FLEET_SERVER_NODE_ARGS="--cpu-prof ..." leaves profiles behind.
     sim?.kill("SIGTERM");
     if (sim && sim.exitCode === null) await new Promise((r) => sim!.once("exit", r));
