@@ -257,6 +257,12 @@ it(`B1: rollout of a noop job to ${N} simulated devices vs ${N} bare MQTT round 
         );
       const dbAfter = await serverLevelDb(server.urls.http);
       const per = (a: Costs, b: Costs, k: string) => ((a[k] ?? 0) - (b[k] ?? 0)) / N;
+      // Each round's figures as it ends (the table below has the medians).
+      console.log(
+        `round ${round + 1}${round < WARMUP ? " (warm-up)" : ""}: ${r.durationMs} / ${echo.ms.toFixed(0)} ms = ${(r.durationMs / echo.ms).toFixed(2)}x; ` +
+          `µs a job: server ${((serverCpu * 1000) / N).toFixed(0)}, devices ${((simCpu * 1000) / N).toFixed(0)}; ` +
+          `echo: server ${echo.costs.serverCpuUs!.toFixed(0)}, clients ${echo.costs.deviceCpuUs!.toFixed(0)}`,
+      );
       if (round < WARMUP) continue;
       rounds.push({
         ms: r.durationMs,
