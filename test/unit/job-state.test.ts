@@ -123,4 +123,48 @@ describe("job store", () => {
     await store.close();
     tmp.cleanup();
   });
+
+  it("lists a job's assignments in device order, as they change, from disk again once forgotten", async () => {
+    const tmp = tempDir("fleet-jobstore-");
+    const store = new ControllerStore(tmp.dir);
+    await store.open();
+    const jobs = new JobStore(store);
+    const j = job({ id: "L", devices: ["a", "b", "c"] });
+    const put = (a: Assignment) => jobs.batch([jobs.putAssignment(a)]);
+    for (const d of j.devices) await put(asg({ jobId: "L", deviceId: d }));
+    const ids = async () => (await jobs.ofJob(j)).map((a) => `${a.deviceId}:${S[a.state]}`);
+    expect(await ids()).toEqual([
+      "a:TASK_STATE_UNSPECIFIED",
+      "b:TASK_STATE_UNSPECIFIED",
+      "c:TASK_STATE_UNSPECIFIED",
+    ]);
+    // A copy: a caller sorting or cutting it does not change the next answer.
+    (await jobs.ofJob(j)).reverse();
+    // Changed in place (as Delivery does) and written: seen.
+    const b = (await jobs.assignment("b", "L"))!;
+    b.state = S.SUCCEEDED;
+    await put(b);
+    expect(await ids()).toEqual(["a:TASK_STATE_UNSPECIFIED", "b:SUCCEEDED", "c:TASK_STATE_UNSPECIFIED"]);
+    // A device added (the same devices array, longer).
+    j.devices.push("d");
+    await put(asg({ jobId: "L", deviceId: "d", state: S.QUEUED }));
+    expect(await ids()).toEqual([
+      "a:TASK_STATE_UNSPECIFIED",
+      "b:SUCCEEDED",
+      "c:TASK_STATE_UNSPECIFIED",
+      "d:QUEUED",
+    ]);
+    // Changed in memory, its write failed and it was forgotten: the disk's version again.
+    const c = (await jobs.assignment("c", "L"))!;
+    c.state = S.FAILED;
+    expect((await ids())[2]).toBe("c:FAILED");
+    jobs.forget([c]);
+    expect((await ids())[2]).toBe("c:TASK_STATE_UNSPECIFIED");
+    // A new object for a device (read back from disk) replaces the old one in the list.
+    const again = (await jobs.ofJob(j))[2]!;
+    expect(again).not.toBe(c);
+    expect(await jobs.assignment("c", "L")).toBe(again);
+    await store.close();
+    tmp.cleanup();
+  });
 });
