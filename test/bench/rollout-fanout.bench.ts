@@ -21,13 +21,8 @@ import { report } from "./report.js";
 
 const N = Number(process.env.BENCH_DEVICES ?? 2000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
-/**
- * Rounds run first and not counted (JIT warm-up of the server and the simulator; the echo has
- * its own). Two below 10,000 devices: at 2,000 the first counted round was the slowest or near
- * it in five runs of five (2.7–4.6x against medians of 2.3–3.1x) — one round of 2,000 jobs
- * leaves code cold that one of 10,000 does not (at 10,000 the second round was 1.8–2.7x).
- */
-const WARMUP = Number(process.env.BENCH_WARMUP ?? (N < 10_000 ? 2 : 1));
+/** Rounds run first and not counted (JIT warm-up of the server, the simulator and the echo). */
+const WARMUP = Number(process.env.BENCH_WARMUP ?? 1);
 /** Fan-outs through the bare broker before the ones measured (its code warm, as the server's is). */
 const ECHO_WARMUP = Number(process.env.BENCH_ECHO_WARMUP ?? 2);
 /**
