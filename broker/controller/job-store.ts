@@ -185,22 +185,13 @@ export class JobStore {
    * A job's assignments in device order (a copy: callers may sort it). From the job's list
    * while that is current — the same `devices` array, as long, and none of its assignments
    * replaced, evicted or forgotten since — else looked up device by device (and from disk where
-   * not in memory). A rollout's step and every `rollout show` ask for all of them: at 10,000
+   * not in memory; a list is kept only once all are in memory). A rollout's step and every `rollout show` ask for all of them: at 10,000
    * devices the lookups (a key built and hashed per device) were 4–9 ms a call.
    */
   async ofJob(job: JobRecord): Promise<Assignment[]> {
     const list = this.lists.get(job.id);
     if (list && list.devices === job.devices && list.asgs.length === job.devices.length)
       return list.asgs.slice();
-    const asgs = await this.lookUp(job);
-    if (asgs.length === job.devices.length) {
-      if (this.lists.size >= LISTS_MAX) this.lists.delete(this.lists.keys().next().value!);
-      this.lists.set(job.id, { devices: job.devices, asgs });
-    }
-    return asgs.slice();
-  }
-
-  private async lookUp(job: JobRecord): Promise<Assignment[]> {
     const out: Array<Assignment | undefined> = [];
     const missing: number[] = [];
     for (const d of job.devices) {
@@ -208,13 +199,18 @@ export class JobStore {
       if (!hit) missing.push(out.length);
       out.push(hit);
     }
-    if (missing.length) {
-      const got = await this.store.assignments.getMany(missing.map((i) => asgKey(job.devices[i]!, job.id)));
-      missing.forEach((i, k) => {
-        const a = got[k];
-        if (a) out[i] = this.asgs.get(asgKey(a.deviceId, a.jobId)) ?? this.cacheAsg(a);
-      });
+    if (!missing.length) {
+      // All in memory, read without waiting (nothing was forgotten or replaced meanwhile).
+      const asgs = out as Assignment[];
+      if (this.lists.size >= LISTS_MAX) this.lists.delete(this.lists.keys().next().value!);
+      this.lists.set(job.id, { devices: job.devices, asgs });
+      return asgs.slice();
     }
+    const got = await this.store.assignments.getMany(missing.map((i) => asgKey(job.devices[i]!, job.id)));
+    missing.forEach((i, k) => {
+      const a = got[k];
+      if (a) out[i] = this.asgs.get(asgKey(a.deviceId, a.jobId)) ?? this.cacheAsg(a);
+    });
     return out.filter((a): a is Assignment => a !== undefined);
   }
 
