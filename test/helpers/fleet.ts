@@ -131,6 +131,15 @@ export interface AgentProc {
   stderr: () => string;
 }
 
+/**
+ * Agents started here and still running: killed when the test process exits, so that one a
+ * test did not stop does not outlive the run (two did, reconnecting to a server long gone).
+ */
+const agents = new Set<ChildProcess>();
+process.once("exit", () => {
+  for (const p of agents) p.kill("SIGKILL");
+});
+
 /** Starts a flashed agent the way a device does: ROOT/opt/fleet-agent/run --root ROOT, from `/`. */
 export function startAgent(root: string, extraEnv: Record<string, string> = {}): AgentProc {
   const proc = spawn(join(root, "opt", "fleet-agent", "run"), ["--root", root], {
@@ -138,6 +147,8 @@ export function startAgent(root: string, extraEnv: Record<string, string> = {}):
     env: { PATH: process.env.PATH ?? "/usr/bin:/bin", FLEET_LOG_LEVEL: "info", ...extraEnv },
     stdio: ["ignore", "ignore", "pipe"],
   });
+  agents.add(proc);
+  proc.once("exit", () => agents.delete(proc));
   let err = "";
   proc.stderr!.on("data", (d: Buffer) => {
     err += d.toString();
