@@ -31,13 +31,16 @@ export interface Latency {
   max: number;
 }
 
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** `--latency`: "ms" or "min-max" (ms). */
 export function parseLatency(s: string): Latency | undefined {
   const m = /^(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?$/.exec(s.trim());
   if (!m) return undefined;
   const min = Number(m[1]);
   const max = m[2] === undefined ? min : Number(m[2]);
-  return max >= min ? { min, max } : undefined;
+  // Beyond a timer's longest delay (about 24.8 days) Node fires it after 1 ms instead.
+  return max >= min && max <= MAX_TIMER_MS ? { min, max } : undefined;
 }
 
 /** Built-in handlers that take `latency` longer and fail a share `failRate` of runs. */

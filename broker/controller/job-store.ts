@@ -185,8 +185,9 @@ export class JobStore {
    * A job's assignments in device order (a copy: callers may sort it). From the job's list
    * while that is current — the same `devices` array, as long, and none of its assignments
    * replaced, evicted or forgotten since — else looked up device by device (and from disk where
-   * not in memory; a list is kept only once all are in memory). A rollout's step and every `rollout show` ask for all of them: at 10,000
-   * devices the lookups (a key built and hashed per device) were 4–9 ms a call.
+   * not in memory; a list is kept only once all are in memory). A rollout's step and every
+   * `rollout show` ask for all of them: at 10,000 devices the lookups (a key built and hashed
+   * per device) were 4–9 ms a call.
    */
   async ofJob(job: JobRecord): Promise<Assignment[]> {
     const list = this.lists.get(job.id);

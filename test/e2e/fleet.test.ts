@@ -147,6 +147,9 @@ describe("fleet end to end", () => {
     expect(r4.code).toBe(2);
     const r5 = await cli(["device", "ls", "--bogus"], env);
     expect(r5.code).toBe(2);
+    const r7 = await cli(["simulate", "--devices", "1", "--latency", "3000-0"], env);
+    expect(r7.code).toBe(2);
+    expect(r7.stderr).toContain("--latency ms or min-max (ms, min <= max)");
     const r6 = await cli(["device", "ls", "--server", "mqtt://127.0.0.1:1"], env);
     expect(r6.code).toBe(3);
     expect(r6.stderr.trim().split("\n")).toHaveLength(1);
