@@ -201,20 +201,47 @@ describe("fleet end to end", () => {
 
   it("the server SIGKILLed mid-job: the job converges after a restart", async () => {
     await online("gw-berlin");
+    // The tasks run until a gate file appears, so both are RUNNING however slow the machine is,
+    // and they finish (each touches a file in its device root) while the server is down.
+    const gate = join(data.dir, "server-down.gate");
+    const script = `while [ ! -e '${gate}' ]; do sleep 0.1; done; touch "$FLEET_ROOT/server-down.done"`;
     const sent = cliJson<JobJson>(
       await cli(
-        ["run", "sleep", "--param", "seconds=2", "--device", "gw-berlin", "--device", "gw-paris", "--json"],
+        [
+          "run",
+          "shell",
+          "--param",
+          "command=/bin/sh",
+          "--param",
+          `args=${JSON.stringify(["-c", script])}`,
+          "--device",
+          "gw-berlin",
+          "--device",
+          "gw-paris",
+          "--json",
+        ],
         env,
       ),
     );
-    await waitUntil("running", async () =>
-      cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env)).devices.every(
-        (d) => d.state === "RUNNING",
-      ),
-    );
+    let seen = "";
+    try {
+      await waitUntil("running", async () => {
+        const states = cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env)).devices.map(
+          (d) => d.state,
+        );
+        seen = states.join(",");
+        return states.every((s) => s === "RUNNING");
+      });
+    } catch (e) {
+      throw new Error(`${(e as Error).message}; the devices' states last seen: ${seen}`);
+    }
     server.proc.kill("SIGKILL");
     await server.exited;
-    await new Promise((r) => setTimeout(r, 2500)); // the tasks finish while the server is down
+    writeFileSync(gate, "");
+    await waitUntil("the tasks done while the server is down", () =>
+      ["gw-berlin", "gw-paris"].every((id) => existsSync(join(roots.get(id)!, "server-down.done"))),
+    );
+    await new Promise((r) => setTimeout(r, 500)); // the agents record the outcome
     server = await startServer(data.dir, server.ports);
     const done = await waitUntil(
       "converged",
