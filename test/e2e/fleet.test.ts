@@ -15,6 +15,7 @@ import {
   startAgent,
   startFleet,
   startServer,
+  startWatch,
   stopAll,
   waitOnline,
   waitUntil,
@@ -339,16 +340,14 @@ describe("fleet end to end", () => {
   });
 
   it("watch --json streams parseable NDJSON events", async () => {
-    const w = cli(["watch", "--json"], env, 6000);
-    await new Promise((r) => setTimeout(r, 1000));
-    await cli(["run", "noop", "--device", "gw-paris", "--wait"], env);
-    const r = await w;
-    const events = r.stdout
-      .trim()
-      .split("\n")
-      .map((l) => JSON.parse(l) as { kind: string; state?: string });
+    const w = await startWatch(env);
+    const job = cliJson<JobJson>(await cli(["run", "noop", "--device", "gw-paris", "--wait", "--json"], env));
+    await w.until("the job's outcome in watch", (es) =>
+      es.some((e) => e.jobId === job.id && e.kind === "task.status" && !e.taskId && e.state === "SUCCEEDED"),
+    );
+    const events = (await w.stop()).filter((e) => e.jobId === job.id);
     expect(events.some((e) => e.kind === "job.created")).toBe(true);
-    expect(events.some((e) => e.kind === "task.status" && e.state === "SUCCEEDED")).toBe(true);
+    expect(events.some((e) => e.kind === "task.status" && e.taskId && e.state === "SUCCEEDED")).toBe(true);
   });
 
   it("a reader that stops early (| head, | true) ends the command quietly", async () => {

@@ -20,6 +20,7 @@ import {
   startAgent,
   startFleet,
   startServer,
+  startWatch,
   stopAll,
   waitOnline,
   waitUntil,
@@ -348,7 +349,15 @@ describe("site gateway", () => {
       "dev-1",
     );
     expect((await dashboard("/static/uPlot.iife.min.js")).status).toBe(200);
-    await new Promise((r) => setTimeout(r, 2500)); // the first job ends while the center is gone
+    // The first job ends while the center is gone (the noop before it, the LAN sleep, and it).
+    await waitUntil(
+      "the first job done",
+      () =>
+        (agents
+          .get("dev-1")!
+          .stderr()
+          .match(/"msg":"task succeeded"/g)?.length ?? 0) >= 3,
+    );
     server = await startServer(data.dir, server.ports);
     const done = await converged(id);
     expect(done.task).toMatchObject({ state: "SUCCEEDED", attempt: 1 });
@@ -435,7 +444,7 @@ describe("site gateway", () => {
   }, 60_000);
 
   it("simulated devices behind the gateway (simulate --via); the gateway's figures reach /metrics and watch", async () => {
-    const watch = cli(["watch", "--json"], env, 8000);
+    const watch = await startWatch(env);
     const sim = await simulate(env, [
       "--devices",
       String(SITE_SIM),
@@ -480,15 +489,15 @@ describe("site gateway", () => {
       expect(metrics).not.toMatch(/name="gateway_site_status_too_large"/);
       expect(metrics).not.toMatch(/fleet_events_total\{name="dropped_[a-z_]*too_large"\}/);
       expect(gauges).toMatchObject({ queued: 0, uplink: 1 });
-      const events = (await watch).stdout
-        .trim()
-        .split("\n")
-        .map((l) => JSON.parse(l) as { kind: string; deviceId?: string; gateway?: { uplink: boolean } });
+      const events = await watch.until("gw-1's figures in watch", (es) =>
+        es.some((e) => e.kind === "gateway.state" && e.deviceId === "gw-1"),
+      );
       expect(events.find((e) => e.kind === "gateway.state" && e.deviceId === "gw-1")?.gateway).toMatchObject({
         uplink: true,
       });
     } finally {
       sim.kill("SIGKILL");
+      await watch.stop();
     }
   }, 120_000);
 

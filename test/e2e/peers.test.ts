@@ -23,6 +23,7 @@ import {
   type ServerProcess,
   startAgent,
   startFleet,
+  startWatch,
   stopAll,
   waitOnline,
   waitUntil,
@@ -172,8 +173,7 @@ describe("updates at a site: peers and deltas", () => {
     await flash("p-9", "shop");
     agents.set("p-9", startAgent(roots.get("p-9")!));
     await waitOnline(env, "p-9");
-    const watch = cli(["watch", "--json"], env, 15_000);
-    await new Promise((r) => setTimeout(r, 1000));
+    const watch = await startWatch(env);
     const r = await cli(
       [
         "run",
@@ -198,10 +198,8 @@ describe("updates at a site: peers and deltas", () => {
     expect(installed("p-9", "data.bin").equals(readFileSync(join(src, "data.bin")))).toBe(true);
     expect(agents.get("p-9")!.stderr()).toMatch(/"peer":"p-1".*does not match the signed manifest/);
     // Operators see it live.
-    const events = (await watch).stdout
-      .trim()
-      .split("\n")
-      .map((l) => JSON.parse(l) as { kind: string; deviceId?: string; detail?: { peer?: string } });
+    await watch.until("peer.bad_chunk in watch", (es) => es.some((e) => e.kind === "peer.bad_chunk"));
+    const events = await watch.stop();
     expect(events.find((e) => e.kind === "peer.bad_chunk")).toMatchObject({
       deviceId: "p-9",
       detail: { peer: "p-1" },

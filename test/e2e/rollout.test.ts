@@ -12,6 +12,7 @@ import {
   simulate as simulateFleet,
   startFleet,
   startServer,
+  startWatch,
   stopAll,
   waitUntil,
 } from "../helpers/fleet.js";
@@ -60,8 +61,7 @@ afterAll(() => stopAll(sims, server, data.cleanup));
 
 describe("rollouts", () => {
   it("rolls out to 200 devices in waves 10%,50%,100%, in order, while watch --json streams NDJSON", async () => {
-    const watch = cli(["watch", "--json"], env, 9000);
-    await new Promise((r) => setTimeout(r, 800));
+    const watch = await startWatch(env);
     const r = await cli(
       [
         "rollout",
@@ -85,17 +85,10 @@ describe("rollouts", () => {
       [80, "DONE", 80],
       [100, "DONE", 100],
     ]);
-    const lines = (await watch).stdout.trim().split("\n");
-    const events = lines.map(
-      (l) =>
-        JSON.parse(l) as {
-          kind: string;
-          jobId?: string;
-          state?: string;
-          taskId?: string;
-          detail?: { wave?: number };
-        },
+    await watch.until("the rollout's end in watch", (es) =>
+      es.some((e) => e.kind === "rollout.succeeded" && e.jobId === done.jobId),
     );
+    const events = await watch.stop();
     const mine = events.filter((e) => e.jobId === done.jobId);
     const starts = mine.filter((e) => e.kind === "rollout.wave_started").map((e) => e.detail?.wave);
     expect(starts).toEqual([1, 2, 3]);

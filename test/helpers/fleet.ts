@@ -132,8 +132,9 @@ export interface AgentProc {
 }
 
 /**
- * Agents started here and still running: killed when the test process exits, so that one a
- * test did not stop does not outlive the run (two did, reconnecting to a server long gone).
+ * Agents (and watchers) started here and still running: killed when the test process exits, so
+ * that one a test did not stop does not outlive the run (two did, reconnecting to a server long
+ * gone).
  */
 const agents = new Set<ChildProcess>();
 process.once("exit", () => {
@@ -157,6 +158,68 @@ export function startAgent(root: string, extraEnv: Record<string, string> = {}):
 }
 
 export { waitUntil };
+
+/** One line of `fleet watch --json`. */
+export interface WatchEvent {
+  kind: string;
+  deviceId?: string;
+  jobId?: string;
+  taskId?: string;
+  state?: string;
+  message?: string;
+  detail?: { wave?: number; peer?: string; rolloutId?: string };
+  gateway?: { uplink: boolean };
+}
+
+/**
+ * `fleet watch --json`, running until `stop()`. It resolves once the watcher is subscribed (its
+ * first line: the retained state of an online device, so the fleet must have one), not after a
+ * guessed delay; a test then waits for the events it needs instead of a fixed lifetime.
+ */
+export async function startWatch(env: Record<string, string>, args: string[] = []) {
+  const proc = spawn(process.execPath, [FLEET, "watch", "--json", ...args], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  agents.add(proc);
+  let out = "";
+  let err = "";
+  let code: number | null | undefined;
+  proc.stdout!.on("data", (d: Buffer) => {
+    out += d.toString();
+  });
+  proc.stderr!.on("data", (d: Buffer) => {
+    err += d.toString();
+  });
+  const exited = new Promise<void>((r) =>
+    proc.once("exit", (c) => {
+      code = c;
+      agents.delete(proc);
+      r();
+    }),
+  );
+  const events = (): WatchEvent[] =>
+    out
+      .slice(0, out.lastIndexOf("\n") + 1)
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as WatchEvent);
+  await waitUntil("fleet watch subscribed (its first event)", () => {
+    if (code !== undefined) throw new Error(`fleet watch exited ${code}: ${err}`);
+    return out.includes("\n");
+  });
+  return {
+    events,
+    /** Waits until `pred` holds for the events so far, and returns them. */
+    until: (what: string, pred: (events: WatchEvent[]) => boolean, timeoutMs?: number) =>
+      waitUntil(what, () => (pred(events()) ? events() : undefined), timeoutMs),
+    stop: async (): Promise<WatchEvent[]> => {
+      proc.kill("SIGTERM");
+      await exited;
+      return events();
+    },
+  };
+}
 
 /** Waits until `fleet device ls` shows the device online (or offline). */
 export async function waitOnline(env: Record<string, string>, id: string, want = true): Promise<void> {
