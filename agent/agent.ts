@@ -7,6 +7,8 @@
 // here is the wiring, read top to bottom as the protocol.
 import { createHash, createPublicKey, type KeyObject, randomInt } from "node:crypto";
 import { mkdirSync } from "node:fs";
+import { readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { AbstractLevel } from "abstract-level";
 import { ClassicLevel } from "classic-level";
@@ -155,12 +157,16 @@ export class Agent {
   /** The counters that call for a report, as last reported. */
   private lastCountersShown = "";
   private readonly startedAt = Date.now();
+  /** Where tasks get their scratch directories. */
+  private readonly scratchRoot: string;
 
   constructor(private readonly opts: AgentOptions) {
     this.cfg = opts.config;
     this.log = (opts.log ?? createLogger()).child({ component: "agent", deviceId: opts.config.deviceId });
     const dataDir = rootPath(this.cfg, this.cfg.dataDir);
     if (!opts.db) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    // The agent's own (emptied at start); simulated devices, without a data directory, share one.
+    this.scratchRoot = opts.db ? join(tmpdir(), "fleet-simulated-scratch") : join(dataDir, "scratch");
     this.store = new AgentStore(
       opts.db ?? (new ClassicLevel(join(dataDir, "db")) as unknown as Db),
       opts.writer,
@@ -184,6 +190,7 @@ export class Agent {
       policy: this.policy,
       root: this.cfg.root,
       dataDir: rootPath(this.cfg, this.cfg.dataDir),
+      scratchRoot: this.scratchRoot,
       log: this.log.child({ component: "scheduler" }),
       counters: this.counters,
       facts: () => this.facts,
@@ -285,6 +292,7 @@ export class Agent {
         this.log.error({ err: (err as Error).message }, "cannot serve chunks to peers; downloading only"),
       );
     await this.scheduler.load((r) => this.decodeRecord(r));
+    if (!this.opts.db) await this.clearScratch();
     await this.refreshFacts();
     this.scheduler.start();
     await this.gateway?.start();
@@ -307,6 +315,28 @@ export class Agent {
       this.timers.push(setInterval(() => void this.sendTelemetry(), this.cfg.telemetryIntervalS * 1000));
     }
     this.log.info({ version: AGENT_VERSION, jobs: this.scheduler.jobIds().length }, "agent started");
+  }
+
+  /**
+   * Scratch directories that an earlier process left (killed mid-task, power lost) are removed
+   * before any task runs: a crash loop must not fill the disk. No run outlives its process (a
+   * resumed task gets a new one), so all of them are stale.
+   */
+  private async clearScratch(): Promise<void> {
+    const left = await readdir(this.scratchRoot).catch(() => [] as string[]);
+    if (!left.length) return;
+    try {
+      await rm(this.scratchRoot, { recursive: true, force: true });
+      this.log.info(
+        { count: left.length, dir: this.scratchRoot },
+        "removed scratch directories an earlier run left",
+      );
+    } catch (err) {
+      this.log.warn(
+        { err: (err as Error).message, dir: this.scratchRoot },
+        "cannot remove old scratch directories",
+      );
+    }
   }
 
   async stop(): Promise<void> {

@@ -45,6 +45,8 @@ export interface SchedulerOptions {
   policy: TaskPolicy;
   root: string;
   dataDir: string;
+  /** Where each run's scratch directory is made. */
+  scratchRoot: string;
   log: Logger;
   counters: Counters;
   facts: () => Facts;
@@ -460,6 +462,7 @@ export class Scheduler {
     }
     const outcome = await runTask({
       handler: o.handlers.get(spec.type)!,
+      scratchRoot: o.scratchRoot,
       context: {
         jobId: e.jobId,
         taskId,

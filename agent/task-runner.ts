@@ -1,8 +1,7 @@
 // Runs one attempt of a task and says how it ended: the handler raced against its abort signal
 // (cancel, timeout, agent stop), a scratch directory made and removed around it, the output cut
 // to the policy's limit. It writes no state: the scheduler turns the outcome into a transition.
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { truncateOutput } from "../common/output.js";
 import {
@@ -27,8 +26,10 @@ export type Outcome =
 
 export interface RunRequest {
   handler: TaskHandler;
-  /** The context without its scratch directory (made here). */
+  /** The context without its scratch directory (made here, under `scratchRoot`). */
   context: Omit<TaskContext, "scratchDir">;
+  /** Where scratch directories are made (the agent's own: it empties it when it starts). */
+  scratchRoot: string;
   params: unknown;
   /** Aborted with a TaskCanceledError to cancel; the runner aborts it on timeout. */
   controller: AbortController;
@@ -49,8 +50,9 @@ export async function runTask(r: RunRequest): Promise<Outcome> {
     signal.addEventListener("abort", () => reject(signal.reason), { once: true });
   });
   aborted.catch(() => {});
-  const scratchDir = r.handler.scratch === false ? "" : await mkdtemp(join(tmpdir(), "fleet-task-"));
+  let scratchDir = "";
   try {
+    if (r.handler.scratch !== false) scratchDir = await makeScratch(r.scratchRoot);
     const result = await Promise.race([
       // Added in place, not spread: the context's `log` is a getter made on first use.
       r.handler.run(Object.assign(r.context, { scratchDir }) as TaskContext, r.params, signal),
@@ -68,6 +70,16 @@ export async function runTask(r: RunRequest): Promise<Outcome> {
   } finally {
     if (timer) clearTimeout(timer);
     if (scratchDir) await rm(scratchDir, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/** A directory for one run; its root is made again if something removed it. */
+async function makeScratch(root: string): Promise<string> {
+  try {
+    await mkdir(root, { recursive: true, mode: 0o700 });
+    return await mkdtemp(join(root, "task-"));
+  } catch (err) {
+    throw new Error(`cannot make a scratch directory under ${root}: ${(err as Error).message}`);
   }
 }
 

@@ -1,7 +1,7 @@
 // The whole loop with real processes: fleet init, fleet server, two flashed agents moved away
 // from where they were flashed, and the CLI.
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { JobJson } from "../../proto/api.js";
@@ -192,12 +192,16 @@ describe("fleet end to end", () => {
         "RUNNING",
     );
     await stopAgent("gw-berlin", "SIGKILL");
+    // The killed run's scratch directory is left behind; the next start removes it.
+    const scratch = join(roots.get("gw-berlin")!, "var", "lib", "fleet-agent", "scratch");
+    expect(readdirSync(scratch)).toHaveLength(1);
     start("gw-berlin");
     const done = await waitUntil("final", async () => {
       const j = cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env));
       return j.state === "FAILED" ? j : undefined;
     });
     expect(done.devices[0]!.tasks[0]).toMatchObject({ state: "FAILED", reason: "interrupted" });
+    expect(existsSync(scratch) ? readdirSync(scratch) : []).toEqual([]);
   });
 
   it("the server SIGKILLed mid-job: the job converges after a restart", async () => {

@@ -1,5 +1,7 @@
 // Table-driven scheduler tests through a real agent, a real aedes broker and real LevelDB.
 import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { AgentConfigInput } from "../../agent/config.js";
 import { type JobSpec, OnUnmet, TaskState as S, type TaskStatus } from "../../proto/index.js";
@@ -364,5 +366,39 @@ describe("scheduler", () => {
       state: S.WAITING,
       reason: "dependencies",
     });
+  });
+
+  it("a task's scratch directory is the agent's own and goes with the run; what a killed run left goes at the next start", async () => {
+    const deviceId = `sched-${++n}`;
+    let agent = await h.newAgent(deviceId, { allowShell: ["/bin/sh"], statusFlushMs: 0 });
+    const shell = async (script: string) => {
+      const jobId = await h.ctl.assign(
+        deviceId,
+        jobSpec([{ id: "sh", type: "shell", params: { command: "/bin/sh", args: ["-c", script] } }]),
+      );
+      await h.ctl.waitJob(deviceId, jobId);
+      return h.ctl.latest(deviceId, jobId, "sh")!;
+    };
+    const ran = await shell("pwd; head -c 4096 /dev/zero > big.bin");
+    expect(S[ran.state!]).toBe("SUCCEEDED");
+    const dir = ran.output!.trim();
+    expect(dir).toMatch(/\/var\/lib\/fleet-agent\/scratch\/task-[^/]+$/);
+    expect(existsSync(dir)).toBe(false);
+    // As a process killed mid-task leaves it: found and removed before the next start runs anything.
+    const root = dirname(dir);
+    const stale = join(root, "task-killed");
+    mkdirSync(stale);
+    writeFileSync(join(stale, "big.bin"), "x".repeat(4096));
+    agent = await h.restartAgent(agent);
+    expect(existsSync(stale)).toBe(false);
+    // A scratch root that cannot be made is the task's failure, with the reason, not the agent's.
+    rmSync(root, { recursive: true, force: true });
+    writeFileSync(root, "not a directory");
+    const refused = await shell("pwd");
+    expect(S[refused.state!]).toBe("FAILED");
+    expect(refused.message).toMatch(/cannot make a scratch directory under .*scratch: (ENOTDIR|EEXIST)/);
+    rmSync(root);
+    expect(S[(await shell("pwd")).state!]).toBe("SUCCEEDED");
+    expect(agent.connected).toBe(true);
   });
 });
