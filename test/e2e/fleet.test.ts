@@ -191,9 +191,14 @@ describe("fleet end to end", () => {
         cliJson<JobJson>(await cli(["jobs", "show", sent.id, "--json"], env)).devices[0]!.tasks[0]!.state ===
         "RUNNING",
     );
-    await stopAgent("gw-berlin", "SIGKILL");
-    // The killed run's scratch directory is left behind; the next start removes it.
+    // The run's scratch directory (made just after RUNNING is written) is left behind by the
+    // kill; the next start removes it.
     const scratch = join(roots.get("gw-berlin")!, "var", "lib", "fleet-agent", "scratch");
+    await waitUntil(
+      "the run's scratch directory",
+      () => existsSync(scratch) && readdirSync(scratch).length === 1,
+    );
+    await stopAgent("gw-berlin", "SIGKILL");
     expect(readdirSync(scratch)).toHaveLength(1);
     start("gw-berlin");
     const done = await waitUntil("final", async () => {

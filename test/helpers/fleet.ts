@@ -136,9 +136,9 @@ export interface AgentProc {
  * that one a test did not stop does not outlive the run (two did, reconnecting to a server long
  * gone).
  */
-const agents = new Set<ChildProcess>();
+const children = new Set<ChildProcess>();
 process.once("exit", () => {
-  for (const p of agents) p.kill("SIGKILL");
+  for (const p of children) p.kill("SIGKILL");
 });
 
 /** Starts a flashed agent the way a device does: ROOT/opt/fleet-agent/run --root ROOT, from `/`. */
@@ -148,8 +148,8 @@ export function startAgent(root: string, extraEnv: Record<string, string> = {}):
     env: { PATH: process.env.PATH ?? "/usr/bin:/bin", FLEET_LOG_LEVEL: "info", ...extraEnv },
     stdio: ["ignore", "ignore", "pipe"],
   });
-  agents.add(proc);
-  proc.once("exit", () => agents.delete(proc));
+  children.add(proc);
+  proc.once("exit", () => children.delete(proc));
   let err = "";
   proc.stderr!.on("data", (d: Buffer) => {
     err += d.toString();
@@ -181,7 +181,7 @@ export async function startWatch(env: Record<string, string>, args: string[] = [
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
-  agents.add(proc);
+  children.add(proc);
   let out = "";
   let err = "";
   let code: number | null | undefined;
@@ -194,7 +194,7 @@ export async function startWatch(env: Record<string, string>, args: string[] = [
   const exited = new Promise<void>((r) =>
     proc.once("exit", (c) => {
       code = c;
-      agents.delete(proc);
+      children.delete(proc);
       r();
     }),
   );
