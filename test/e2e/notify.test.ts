@@ -36,14 +36,21 @@ interface Received {
   body: Record<string, unknown> & { id: string; event: string };
 }
 
-/** A webhook receiver on a fixed port that can go down and come back, or answer 500. */
+/**
+ * A webhook receiver that can go down and come back, or answer 500. While down it keeps its
+ * port and drops every connection at once: closing the port instead let another test's server,
+ * started meanwhile, take it and answer (a 404, which is not retried) — seen once in CI.
+ */
 class Receiver {
   readonly got: Received[] = [];
   status = 200;
   private server: Server | undefined;
+  private isDown = false;
   port = 0;
 
   async up(): Promise<void> {
+    this.isDown = false;
+    if (this.server) return;
     this.server = createServer((req, res) => {
       let raw = "";
       req.on("data", (d: Buffer) => {
@@ -55,13 +62,23 @@ class Receiver {
         res.writeHead(this.status).end();
       });
     });
-    this.server.listen(this.port, "127.0.0.1");
+    this.server.on("connection", (socket) => {
+      if (this.isDown) socket.destroy();
+    });
+    this.server.listen(0, "127.0.0.1");
     await once(this.server, "listening");
     this.port = (this.server.address() as AddressInfo).port;
   }
 
-  async down(): Promise<void> {
-    const s = this.server!;
+  /** Down: connections kept alive are closed, new ones are dropped as they come. */
+  down(): void {
+    this.isDown = true;
+    this.server?.closeAllConnections();
+  }
+
+  async close(): Promise<void> {
+    const s = this.server;
+    if (!s) return;
     s.closeAllConnections();
     await new Promise((r) => s.close(r));
   }
@@ -92,7 +109,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   stopAll(sims, server, data.cleanup);
-  await hook.down().catch(() => {});
+  await hook.close().catch(() => {});
 });
 
 describe("notifications", () => {
@@ -138,7 +155,7 @@ describe("notifications", () => {
   }, 60_000);
 
   it("a receiver that is down, or answers 500, gets the event once it is back", async () => {
-    await hook.down();
+    hook.down();
     const run = await cli(["run", "noop", "--selector", "pool=bad", "--wait", "--json"], env);
     const jobId = cliJson<{ id: string }>(run).id;
     await waitUntil(
@@ -169,7 +186,7 @@ describe("notifications", () => {
   }, 120_000);
 
   it("notifications queued when the server is SIGKILLed are delivered after the restart", async () => {
-    await hook.down();
+    hook.down();
     const run = await cli(["run", "noop", "--selector", "pool=bad", "--wait", "--json"], env);
     const jobId = cliJson<{ id: string }>(run).id;
     await waitUntil(
@@ -202,13 +219,9 @@ describe("notifications", () => {
     const seen = hook.got.find((g) => g.path === "/basic" && g.body.event === "notify.test")!;
     expect(seen.headers.authorization).toBe(`Basic ${Buffer.from("alice:pa55word").toString("base64")}`);
     expect(server.stderr()).not.toContain("pa55word");
-    // Nobody listens there: a clear error, exit 1.
-    const closed = createServer();
-    closed.listen(0, "127.0.0.1");
-    await once(closed, "listening");
-    const nobody = (closed.address() as AddressInfo).port;
-    await new Promise((r) => closed.close(r));
-    const voidUrl = `http://127.0.0.1:${nobody}/x`;
+    // Nobody listens there: a clear error, exit 1. A privileged port, so no test's listen(0)
+    // can hold it (a port just closed could be another test's by now); not 1, which fetch bars.
+    const voidUrl = "http://127.0.0.1:2/x";
     expect((await cli(["notify", "add", "void", "--url", voidUrl, "--on", "job.failed"], env)).code).toBe(0);
     const dead = await cli(["notify", "test", "void"], env);
     expect(dead.code).toBe(1);
